@@ -1,0 +1,148 @@
+"""`MemVPConfig`: the documented dataclass that describes one MemVP adapter.
+
+Every field carries a `metadata={"help": ...}` like peft's own tuner configs, and the defaults are the values of the
+authors' released LLaMA-7B recipe (see `docs/index.md` for the paper value of each field). Validation happens here,
+at construction, so a typo fails before any model is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from .registration import MEMVP_PEFT_TYPE
+
+#: Activation names accepted by `MemVPConfig.activation` (besides `None`, which means "the FFN's own activation").
+SUPPORTED_ACTIVATIONS = (
+    "silu",
+    "swish",
+    "gelu",
+    "gelu_new",
+    "gelu_fast",
+    "gelu_pytorch_tanh",
+    "quick_gelu",
+    "relu",
+    "relu2",
+    "tanh",
+    "sigmoid",
+)
+
+
+@dataclass
+class MemVPConfig(PeftConfig):
+    """Configuration of a MemVP (Memory-Space Visual Prompting, ICML 2024) adapter.
+
+    MemVP projects visual features with a small projector and appends them, plus learned position embeddings, to the
+    key-value memory of every FFN block of a frozen language model: `out = FFN(x) + s * Dropout(act(x K^T)) V` with
+    `K = lambda * f(z) + p_k` and `V = lambda * f(z) + p_v`. The sequence length never grows.
+    """
+
+    visual_dim: int = field(
+        default=1024,
+        metadata={"help": "Width D_v of the incoming visual features (CLIP ViT-L/14 patch features: 1024)."},
+    )
+    num_memory_slots: int = field(
+        default=256,
+        metadata={
+            "help": (
+                "Number n of memory slots appended to every FFN. Must be >= the number of visual tokens per sample; "
+                "the slots beyond them are pure learned memory (only position embeddings). The authors use 320 for "
+                "256 CLIP patches on LLaMA-7B and 400 on LLaMA-13B."
+            )
+        },
+    )
+    projector_hidden_dim: int = field(
+        default=128,
+        metadata={"help": "Hidden width h of the projector Linear(D_v, h) -> SiLU -> Linear(h, d) (paper: 128)."},
+    )
+    visual_scale: float = field(
+        default=0.01,
+        metadata={"help": "lambda: scale applied to the projected visual features before they enter the memory."},
+    )
+    memory_scale: float = field(
+        default=0.1,
+        metadata={"help": "s: scale of the memory read-out added to the FFN output (paper: 0.1)."},
+    )
+    memory_dropout: float = field(
+        default=0.1,
+        metadata={"help": "Dropout probability applied to the memory activations act(x K^T) (paper: 0.1)."},
+    )
+    key_init_std: float = field(
+        default=0.02,
+        metadata={"help": "Standard deviation of the normal init of the key position embedding p_k (p_v starts at 0)."},
+    )
+    activation: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Activation of the memory branch. None (default, as in the paper) uses the FFN's own activation; a "
+                f"name from {SUPPORTED_ACTIVATIONS} overrides it for whole-FFN wrappers."
+            )
+        },
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "FFN modules to wrap (names, suffixes or a regex). None finds every FFN block of the language model "
+                "automatically for the supported architectures; after injection it holds the resolved module names."
+            )
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Module names or a regex that must not be wrapped, even if they match `target_modules`."},
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None,
+        metadata={"help": "Only wrap the FFNs of these decoder layer indices (default: every layer)."},
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Name of the layer stack used with `layers_to_transform` when it is ambiguous ('layers', 'h')."},
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Extra base-model modules to train and save with the adapter (peft's usual meaning)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = MEMVP_PEFT_TYPE
+        self._validate()
+        if isinstance(self.target_modules, list):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.exclude_modules, set):
+            self.exclude_modules = sorted(self.exclude_modules)
+
+    def _validate(self) -> None:
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"MemVPConfig.{name} must be a positive integer, got {value!r}.")
+
+        for name in ("visual_dim", "num_memory_slots", "projector_hidden_dim"):
+            positive_int(name)
+        for name in ("visual_scale", "memory_scale", "key_init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+                raise ValueError(f"MemVPConfig.{name} must be a finite number >= 0, got {value!r}.")
+        if not isinstance(self.memory_dropout, (int, float)) or not 0.0 <= self.memory_dropout < 1.0:
+            raise ValueError(f"MemVPConfig.memory_dropout must be in [0, 1), got {self.memory_dropout!r}.")
+        if self.activation is not None and self.activation not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(
+                f"MemVPConfig.activation must be None (the FFN's own activation) or one of {SUPPORTED_ACTIVATIONS}, "
+                f"got {self.activation!r}."
+            )
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("MemVPConfig.layers_pattern only makes sense together with layers_to_transform.")
+        if self.layers_to_transform is not None:
+            indices = (
+                [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+            )
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices):
+                raise ValueError(
+                    f"MemVPConfig.layers_to_transform must hold non-negative layer indices, got {self.layers_to_transform!r}."
+                )

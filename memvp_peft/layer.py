@@ -1,0 +1,137 @@
+"""The MemVP tuner layers: where the visual memory is read inside each FFN block.
+
+Two shapes of FFN exist in the wild, and the paper's formula maps onto both exactly:
+
+* `FFNMemoryLayer` wraps a whole FFN module (GLU FFNs such as LLaMA's SwiGLU, or any FFN given by name):
+  `out = FFN(x) + s * Dropout(act(x K^T)) V` -- the visual branch has no gate.
+* `KeyMemoryLayer` + `ValueMemoryLayer` wrap the two linears of a plain FFN (GPT-2's `c_fc/c_proj`, OPT's
+  `fc1/fc2`): the key layer appends `x K^T` to the output of W1, the FFN's own activation runs over both, and the
+  value layer splits the memory activations off and reads `s * Dropout(.) V`. This is literally "K appended to W1,
+  V appended to W2".
+
+The layers own no parameters: keys and values come from the shared `MemoryContext` (one memory per forward, shared
+by all layers). The memory depends on the image, so nothing can be merged into the base weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .memory_context import MemoryContext
+
+MERGE_ERROR = (
+    "MemVP cannot be merged into the base weights: its keys and values are computed from each input's image, so "
+    "there is no static weight delta. Keep the PeftModel for inference, or call `unload()` to get the untouched base "
+    "model back."
+)
+
+
+class MemVPLayer(nn.Module, BaseTunerLayer):
+    """Common bookkeeping of the three MemVP layer kinds (adapter registry, dropout, scale, merge refusal)."""
+
+    adapter_layer_names = ("memvp_dropout",)
+    other_param_names = ("memvp_scale", "memvp_num_slots")
+
+    def __init__(self, base_layer: nn.Module, context: MemoryContext) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.memvp_dropout = nn.ModuleDict({})
+        self.memvp_scale: dict[str, float] = {}
+        self.memvp_num_slots: dict[str, int] = {}
+        self._memvp_context = context
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    def update_layer(self, adapter_name: str, config: Any, activation: Optional[Callable] = None) -> None:
+        self.memvp_dropout[adapter_name] = (
+            nn.Dropout(p=config.memory_dropout) if config.memory_dropout > 0 else nn.Identity()
+        )
+        self.memvp_scale[adapter_name] = float(config.memory_scale)
+        self.memvp_num_slots[adapter_name] = int(config.num_memory_slots)
+        self.set_adapter(self.active_adapters)
+
+    def _memories(self, x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(adapter, keys, values) for every active adapter of this layer, cast to `x`'s dtype and batch."""
+        if self.disable_adapters:
+            return
+        for name in self.active_adapters:
+            if name not in self.memvp_scale:
+                continue
+            keys, values = self._memvp_context.state_for(name).for_input(x.shape[0], x.dtype, x.device)
+            yield name, keys, values
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def unmerge(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "memvp." + super().__repr__()
+
+
+class FFNMemoryLayer(MemVPLayer):
+    """A whole FFN module plus the visual memory branch `s * Dropout(act(x K^T)) V` (no gate)."""
+
+    other_param_names = MemVPLayer.other_param_names + ("memvp_activation",)
+
+    def __init__(self, base_layer: nn.Module, context: MemoryContext) -> None:
+        super().__init__(base_layer, context)
+        self.memvp_activation: dict[str, Callable] = {}
+
+    def update_layer(self, adapter_name: str, config: Any, activation: Optional[Callable] = None) -> None:
+        if activation is None:
+            raise ValueError("FFNMemoryLayer needs the FFN's activation function.")
+        self.memvp_activation[adapter_name] = activation
+        super().update_layer(adapter_name, config)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name, keys, values in self._memories(x):
+            scores = self.memvp_activation[name](torch.matmul(x, keys.transpose(-1, -2)))
+            read = torch.matmul(self.memvp_dropout[name](scores), values)
+            result = result + (read * self.memvp_scale[name]).to(result.dtype)
+        return result
+
+
+class KeyMemoryLayer(MemVPLayer):
+    """W1 of a plain FFN with the memory keys appended: returns `[x W1^T + b, x K_1^T, x K_2^T, ...]`."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        scores = [torch.matmul(x, keys.transpose(-1, -2)).to(result.dtype) for _, keys, _ in self._memories(x)]
+        if not scores:
+            return result
+        return torch.cat([result, *scores], dim=-1)
+
+
+class ValueMemoryLayer(MemVPLayer):
+    """W2 of a plain FFN with the memory values appended: splits off the memory activations and reads them."""
+
+    def __init__(self, base_layer: nn.Module, context: MemoryContext) -> None:
+        super().__init__(base_layer, context)
+        in_features = getattr(base_layer, "in_features", None) or getattr(base_layer, "nx", None)
+        if in_features is None:
+            raise ValueError(f"Cannot read the input width of {type(base_layer).__name__} for MemVP.")
+        self.in_features = int(in_features)
+
+    def forward(self, h: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        memories = list(self._memories(h))
+        expected = self.in_features + sum(self.memvp_num_slots[name] for name, _, _ in memories)
+        if h.shape[-1] != expected:
+            raise RuntimeError(
+                f"MemVP value layer expected {expected} input features (FFN width {self.in_features} + memory slots), "
+                f"got {h.shape[-1]}: the matching key layer (W1 of the same FFN) must be wrapped and active too."
+            )
+        result = self.base_layer(h[..., : self.in_features], *args, **kwargs)
+        offset = self.in_features
+        for name, _, values in memories:
+            scores = h[..., offset : offset + self.memvp_num_slots[name]]
+            offset += self.memvp_num_slots[name]
+            read = torch.matmul(self.memvp_dropout[name](scores).to(values.dtype), values)
+            result = result + (read * self.memvp_scale[name]).to(result.dtype)
+        return result

@@ -1,0 +1,274 @@
+"""`MemVPModel`: injection and plumbing of MemVP as a peft tuner (the math lives in `layer.py`/`visual_memory.py`).
+
+What this class adds on top of peft's `BaseTuner`:
+
+* one `VisualMemory` per adapter in the `memvp_memory` ModuleDict (projector + p_k + p_v, shared by all layers),
+  with its own trainability handling (peft's generic code only walks the wrapped model);
+* a forward entry point on the base model that accepts `image_features`/`image_mask` (so the HF `Trainer` keeps those
+  dataset columns) and computes the memory once per forward;
+* `generate()` that computes the memory once per call and keeps it for every decode step;
+* gradient checkpointing support (`checkpointing.py`), merge refusal, and `unload()` that restores the base model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .architectures import find_ffn_targets, model_hidden_size, partner_name, resolve_activation, role_of_target
+from .checkpointing import make_checkpoint_pre_hook, unwrap_checkpoint_function
+from .config import MemVPConfig
+from .layer import MERGE_ERROR, FFNMemoryLayer, KeyMemoryLayer, MemVPLayer, ValueMemoryLayer
+from .memory_context import MemoryContext
+from .visual_inputs import VISUAL_INPUT_NAMES, infer_batch_size
+from .visual_memory import VisualMemory
+
+_LAYER_CLASSES = {"ffn": FFNMemoryLayer, "key": KeyMemoryLayer, "value": ValueMemoryLayer}
+
+
+def _visual_forward(self, *args: Any, image_features=None, image_mask=None, **kwargs: Any):
+    """Forward of a MemVP-adapted base model: compute the visual memory once, then run the model's own forward."""
+    context: MemoryContext = self._memvp_context
+    base_forward = type(self).forward
+    if not context.enabled:
+        return base_forward(self, *args, **kwargs)
+    if image_features is None and image_mask is None and context.states is not None:
+        # inside generate(): the memory of this call is already pinned (and follows beam expansion)
+        return base_forward(self, *args, **kwargs)
+    states = context.compute(context.active_adapters, image_features, image_mask, infer_batch_size(args, kwargs))
+    with context.use(states):
+        return base_forward(self, *args, **kwargs)
+
+
+def _signature_with_visual_inputs(forward: Any) -> inspect.Signature:
+    signature = inspect.signature(forward)
+    params = [p for p in signature.parameters.values() if p.name not in VISUAL_INPUT_NAMES]
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in VISUAL_INPUT_NAMES
+    ]
+    var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    return signature.replace(parameters=params + extra + var_kw)
+
+
+class MemVPModel(BaseTuner):
+    """Memory-Space Visual Prompting as a peft tuner. Use through `get_peft_model(model, MemVPConfig(...))`."""
+
+    prefix: str = "memvp_"
+    tuner_layer_cls = MemVPLayer
+    target_module_mapping: dict = {}
+    uses_shared_state = True
+
+    # ------------------------------------------------------------------------------------------- set-up and injection
+
+    def _ensure_memvp_state(self) -> None:
+        if "memvp_memory" in self._modules:
+            return
+        self.memvp_memory = nn.ModuleDict({})
+        self._memvp_context = MemoryContext(self.memvp_memory, self.peft_config)
+        self._memvp_hook_handles: list = []
+
+    def _pre_injection_hook(self, model: nn.Module, config: MemVPConfig, adapter_name: str) -> None:
+        self._ensure_memvp_state()
+
+    def _prepare_adapter_config(self, peft_config: MemVPConfig, model_config: dict) -> MemVPConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = find_ffn_targets(self.model, peft_config.layers_to_transform)
+        return peft_config
+
+    def _create_memory(self, adapter_name: str, config: MemVPConfig) -> None:
+        memory = VisualMemory(
+            visual_dim=config.visual_dim,
+            hidden_dim=config.projector_hidden_dim,
+            model_dim=model_hidden_size(self.model),
+            num_slots=config.num_memory_slots,
+            visual_scale=config.visual_scale,
+            key_init_std=config.key_init_std,
+        )
+        device = next((p.device for p in self.model.parameters() if p.device.type != "meta"), None)
+        if device is not None:
+            memory.to(device)
+        self.memvp_memory[adapter_name] = memory
+
+    def _create_and_replace(
+        self,
+        peft_config: MemVPConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        self._ensure_memvp_state()
+        if adapter_name not in self.memvp_memory:
+            self._create_memory(adapter_name, peft_config)
+        if isinstance(target, MemVPLayer):
+            layer = target
+        else:
+            role = role_of_target(target_name)
+            base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+            layer = _LAYER_CLASSES[role](base, self._memvp_context)
+            layer.set_adapter([adapter_name])
+        activation = None
+        if isinstance(layer, FFNMemoryLayer):
+            activation = resolve_activation(layer.get_base_layer(), peft_config.activation)
+        elif peft_config.activation is not None:
+            raise ValueError(
+                f"MemVP: `activation` cannot be overridden for the plain FFN linear {current_key!r}: its memory "
+                "activations pass through the FFN's own activation (K is appended to W1). Leave activation=None."
+            )
+        layer.update_layer(adapter_name, peft_config, activation)
+        if layer is not target:
+            self._replace_module(parent, target_name, layer, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # MemVP wraps whole modules; there is no single `.weight` to rebind as LoRA does.
+        setattr(parent, child_name, new_module)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._check_plain_ffn_pairs(model, adapter_name)
+        self._install_runtime_hooks()
+        self._sync_memory_trainability()
+
+    def _check_plain_ffn_pairs(self, model: nn.Module, adapter_name: str) -> None:
+        for name, module in model.named_modules():
+            if not isinstance(module, (KeyMemoryLayer, ValueMemoryLayer)) or adapter_name not in module.memvp_scale:
+                continue
+            parent_name, _, child_name = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            partner = getattr(parent, partner_name(child_name), None)
+            if not isinstance(partner, MemVPLayer) or adapter_name not in partner.memvp_scale:
+                raise ValueError(
+                    f"MemVP: {name} was wrapped but its partner {parent_name}.{partner_name(child_name)} was not; the "
+                    "two linears of a plain FFN (W1 holds the keys, W2 the values) must be targeted together."
+                )
+
+    def _install_runtime_hooks(self) -> None:
+        """Forward entry point, context bookkeeping and checkpoint hooks (idempotent; re-run for every new adapter)."""
+        model = self.model
+        context = self._memvp_context
+        context.active_adapters = self.active_adapters
+        model._memvp_context = context
+        if not getattr(model.__dict__.get("forward"), "_memvp_forward", False):
+            function = types.FunctionType(
+                _visual_forward.__code__, _visual_forward.__globals__, "forward", None, _visual_forward.__closure__
+            )
+            function.__kwdefaults__ = dict(_visual_forward.__kwdefaults__)
+            function.__signature__ = _signature_with_visual_inputs(type(model).forward)
+            function.__doc__ = _visual_forward.__doc__
+            function._memvp_forward = True
+            model.forward = types.MethodType(function, model)
+        for handle in self._memvp_hook_handles:
+            handle.remove()
+        self._memvp_hook_handles = []
+        pre_hook = make_checkpoint_pre_hook(context)
+        for module in model.modules():
+            if isinstance(module, GradientCheckpointingLayer) and any(
+                isinstance(m, MemVPLayer) for m in module.modules()
+            ):
+                self._memvp_hook_handles.append(module.register_forward_pre_hook(pre_hook))
+
+    def _remove_runtime_hooks(self) -> None:
+        for handle in getattr(self, "_memvp_hook_handles", []):
+            handle.remove()
+        self._memvp_hook_handles = []
+        model = self.model
+        for module in model.modules():
+            unwrap_checkpoint_function(module)
+        if getattr(model.__dict__.get("forward"), "_memvp_forward", False):
+            del model.__dict__["forward"]
+        model.__dict__.pop("_memvp_context", None)
+
+    # ---------------------------------------------------------------------------------------------------- trainability
+
+    def _sync_memory_trainability(self, inference_mode: bool = False) -> None:
+        for name, memory in self.memvp_memory.items():
+            trainable = (
+                name in self.active_adapters and not inference_mode and not self.peft_config[name].inference_mode
+            )
+            memory.requires_grad_(trainable)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        if "memvp_memory" in self._modules:
+            self._sync_memory_trainability()
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self._memvp_context.active_adapters = self.active_adapters
+        self._sync_memory_trainability(inference_mode=inference_mode)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        self._memvp_context.enabled = enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if adapter_name in self.memvp_memory:
+            del self.memvp_memory[adapter_name]
+        self._memvp_context.active_adapters = self.active_adapters
+
+    # -------------------------------------------------------------------------------------------------- state dict keys
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # `memvp_memory.<adapter>.projector.0.weight` keeps the adapter name in the middle; peft's generic rule only
+        # strips it at the end, so an adapter saved as "default" could not be loaded under another name.
+        marker = f"memvp_memory.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, "memvp_memory.")
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    # ------------------------------------------------------------------------------------------- forward and generate
+
+    def generate(self, *args: Any, **kwargs: Any):
+        """`generate()` with `image_features`/`image_mask`: the memory is computed once and kept for every step.
+
+        Beam search and `num_return_sequences` expand the batch with `repeat_interleave`; the layers expand the
+        memory the same way (see `MemoryState.for_input`).
+        """
+        image_features = kwargs.pop("image_features", None)
+        image_mask = kwargs.pop("image_mask", None)
+        context = self._memvp_context
+        states = None
+        if context.enabled:
+            states = context.compute(
+                context.active_adapters, image_features, image_mask, infer_batch_size(args, kwargs)
+            )
+        with context.use(states):
+            return self.model.generate(*args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------- merge and unload
+
+    def _check_merge_allowed(self) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+    ) -> nn.Module:
+        if merge:
+            self._check_merge_allowed()
+        self._remove_runtime_hooks()
+        return super()._unload_and_optionally_merge(
+            merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+
+def memvp_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable MemVP parameters of a (Peft) model by name -- handy for optimiser groups and tests."""
+    return {n: p for n, p in model.named_parameters() if "memvp" in n}

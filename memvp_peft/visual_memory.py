@@ -1,0 +1,104 @@
+"""The visual memory of one MemVP adapter: projector, position embeddings and the per-forward keys/values.
+
+Why a separate module: the memory is computed *once per forward* (and once per `generate()` call) and then read by
+every wrapped FFN block. Keeping the parameters here, on the tuner, makes them one set per adapter (not one per
+layer), and `MemoryState` is the small immutable value that the layers read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class VisualMemory(nn.Module):
+    """Projector f and position embeddings (p_k, p_v) of one adapter.
+
+    `forward(z, ind)` returns `K = lambda * pad_n(f(z) * ind) + p_k` and `V = lambda * pad_n(f(z) * ind) + p_v`
+    (MEMVP_SPEC steps 1-5). Without features it returns the image-independent memory `K = p_k, V = p_v` (step 7),
+    without a batch dimension so that it broadcasts over any batch.
+    """
+
+    def __init__(
+        self,
+        visual_dim: int,
+        hidden_dim: int,
+        model_dim: int,
+        num_slots: int,
+        visual_scale: float,
+        key_init_std: float,
+    ) -> None:
+        super().__init__()
+        self.visual_dim = visual_dim
+        self.num_slots = num_slots
+        self.visual_scale = visual_scale
+        self.projector = nn.Sequential(nn.Linear(visual_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, model_dim))
+        self.key_pos = nn.Parameter(torch.empty(num_slots, model_dim))
+        self.value_pos = nn.Parameter(torch.empty(num_slots, model_dim))
+        self.key_init_std = key_init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for layer in (self.projector[0], self.projector[2]):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        nn.init.normal_(self.key_pos, mean=0.0, std=self.key_init_std)
+        nn.init.zeros_(self.value_pos)
+
+    def forward(
+        self, image_features: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None
+    ) -> "MemoryState":
+        if image_features is None:
+            return MemoryState(self.key_pos, self.value_pos)
+        weight = self.projector[0].weight
+        projected = self.projector(image_features.to(weight.dtype)) * self.visual_scale
+        if image_mask is not None:
+            projected = projected * image_mask.to(device=projected.device, dtype=projected.dtype)[:, None, None]
+        padded = F.pad(projected, (0, 0, 0, self.num_slots - projected.shape[1]))
+        return MemoryState(padded + self.key_pos, padded + self.value_pos)
+
+
+@dataclass
+class MemoryState:
+    """Keys and values of one forward: `(B, n, d)` with images, `(n, d)` for the shared text-only memory.
+
+    Layers ask for `for_input(batch, dtype)`: the memory is cast to the compute dtype and, when generation has
+    expanded the batch (beam search, `num_return_sequences`), repeated per sample exactly like HF expands its inputs
+    (`repeat_interleave`). Both are cached, so twenty layers pay for them once.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def batch_size(self) -> Optional[int]:
+        return self.keys.shape[0] if self.keys.dim() == 3 else None
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys, self.values
+
+    def for_input(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (batch_size, dtype, device)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        keys, values = self.keys, self.values
+        own = self.batch_size
+        if own is not None and own != batch_size:
+            if batch_size % own != 0:
+                raise ValueError(
+                    f"MemVP: the visual memory was computed for a batch of {own} samples but a layer received a batch "
+                    f"of {batch_size}; the batch can only grow by a whole factor (beam search, num_return_sequences)."
+                )
+            repeats = batch_size // own
+            keys = keys.repeat_interleave(repeats, dim=0)
+            values = values.repeat_interleave(repeats, dim=0)
+        keys = keys.to(device=device, dtype=dtype)
+        values = values.to(device=device, dtype=dtype)
+        self._cache[key] = (keys, values)
+        return keys, values
