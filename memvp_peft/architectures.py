@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -69,6 +70,8 @@ def find_decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _ffn_targets_of_layer(layer_name: str, layer: nn.Module) -> Optional[list[str]]:
     mlp = getattr(layer, "mlp", None)
+    if isinstance(mlp, BaseTunerLayer):  # already wrapped by another adapter: inspect the FFN itself
+        mlp = mlp.get_base_layer()
     if isinstance(mlp, nn.Module):
         if hasattr(mlp, "experts"):
             return None  # mixture of experts: not a single key-value memory

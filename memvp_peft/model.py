@@ -46,6 +46,31 @@ def _visual_forward(self, *args: Any, image_features=None, image_mask=None, **kw
         return base_forward(self, *args, **kwargs)
 
 
+def _visual_generate(self, *args: Any, image_features=None, image_mask=None, **kwargs: Any):
+    """`generate()` of a MemVP-adapted model: the memory is computed once per call and kept for every decode step.
+
+    Beam search and `num_return_sequences` expand the batch with `repeat_interleave`; the layers expand the memory the
+    same way (`MemoryState.for_input`), so it follows every hypothesis.
+    """
+    context: MemoryContext = self._memvp_context
+    states = None
+    if context.enabled:
+        states = context.compute(context.active_adapters, image_features, image_mask, infer_batch_size(args, kwargs))
+    with context.use(states):
+        return type(self).generate(self, *args, **kwargs)
+
+
+def _bind_copy(function: Any, model: nn.Module, name: str, signature: Optional[inspect.Signature] = None) -> Any:
+    """Bind a copy of `function` to `model` as its instance attribute `name` (deepcopy-safe, marked as ours)."""
+    copy = types.FunctionType(function.__code__, function.__globals__, name, None, function.__closure__)
+    copy.__kwdefaults__ = dict(function.__kwdefaults__)
+    copy.__doc__ = function.__doc__
+    if signature is not None:
+        copy.__signature__ = signature
+    copy._memvp_wrapper = True
+    return types.MethodType(copy, model)
+
+
 def _signature_with_visual_inputs(forward: Any) -> inspect.Signature:
     signature = inspect.signature(forward)
     params = [p for p in signature.parameters.values() if p.name not in VISUAL_INPUT_NAMES]
@@ -157,15 +182,11 @@ class MemVPModel(BaseTuner):
         context = self._memvp_context
         context.active_adapters = self.active_adapters
         model._memvp_context = context
-        if not getattr(model.__dict__.get("forward"), "_memvp_forward", False):
-            function = types.FunctionType(
-                _visual_forward.__code__, _visual_forward.__globals__, "forward", None, _visual_forward.__closure__
-            )
-            function.__kwdefaults__ = dict(_visual_forward.__kwdefaults__)
-            function.__signature__ = _signature_with_visual_inputs(type(model).forward)
-            function.__doc__ = _visual_forward.__doc__
-            function._memvp_forward = True
-            model.forward = types.MethodType(function, model)
+        if not getattr(model.__dict__.get("forward"), "_memvp_wrapper", False):
+            signature = _signature_with_visual_inputs(type(model).forward)
+            model.forward = _bind_copy(_visual_forward, model, "forward", signature)
+        if hasattr(type(model), "generate") and not getattr(model.__dict__.get("generate"), "_memvp_wrapper", False):
+            model.generate = _bind_copy(_visual_generate, model, "generate")
         for handle in self._memvp_hook_handles:
             handle.remove()
         self._memvp_hook_handles = []
@@ -183,8 +204,9 @@ class MemVPModel(BaseTuner):
         model = self.model
         for module in model.modules():
             unwrap_checkpoint_function(module)
-        if getattr(model.__dict__.get("forward"), "_memvp_forward", False):
-            del model.__dict__["forward"]
+        for name in ("forward", "generate"):
+            if getattr(model.__dict__.get(name), "_memvp_wrapper", False):
+                del model.__dict__[name]
         model.__dict__.pop("_memvp_context", None)
 
     # ---------------------------------------------------------------------------------------------------- trainability
@@ -226,25 +248,6 @@ class MemVPModel(BaseTuner):
         if marker in key:
             return key.replace(marker, "memvp_memory.")
         return super()._remove_adapter_name_from_key(key, adapter_name)
-
-    # ------------------------------------------------------------------------------------------- forward and generate
-
-    def generate(self, *args: Any, **kwargs: Any):
-        """`generate()` with `image_features`/`image_mask`: the memory is computed once and kept for every step.
-
-        Beam search and `num_return_sequences` expand the batch with `repeat_interleave`; the layers expand the
-        memory the same way (see `MemoryState.for_input`).
-        """
-        image_features = kwargs.pop("image_features", None)
-        image_mask = kwargs.pop("image_mask", None)
-        context = self._memvp_context
-        states = None
-        if context.enabled:
-            states = context.compute(
-                context.active_adapters, image_features, image_mask, infer_batch_size(args, kwargs)
-            )
-        with context.use(states):
-            return self.model.generate(*args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- merge and unload
 

@@ -1,0 +1,69 @@
+"""Shared builders of tiny, randomly initialised models (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import memvp_peft  # noqa: E402,F401  (registers the MEMVP peft type)
+
+VOCAB = 64
+HIDDEN = 32
+VISUAL_DIM = 16
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+def memvp_config(**overrides):
+    from memvp_peft import MemVPConfig
+
+    kwargs = dict(visual_dim=VISUAL_DIM, num_memory_slots=8, projector_hidden_dim=8, memory_dropout=0.0)
+    kwargs.update(overrides)
+    return MemVPConfig(**kwargs)
+
+
+def randomize_memory(peft_model, seed: int = 1, scale: float = 0.5) -> None:
+    """Give the adapter non-trivial weights (p_v starts at zero, which would hide a broken value path)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "memvp" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def batch():
+    torch.manual_seed(123)
+    input_ids = torch.randint(3, VOCAB, (3, 7))
+    attention_mask = torch.ones_like(input_ids)
+    features = torch.randn(3, 5, VISUAL_DIM)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "image_features": features}
