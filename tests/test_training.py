@@ -1,0 +1,143 @@
+"""Training details users hit: gradient checkpointing, mixed precision, the HF Trainer."""
+
+import pytest
+import torch
+from conftest import memvp_config, randomize_memory, tiny_llama
+from peft import get_peft_model
+
+
+def _grads(pm, batch, checkpointing=None, steps=1):
+    pm.train()
+    if checkpointing is not None:
+        pm.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+    pm.zero_grad()
+    for _ in range(steps):
+        out = pm(**batch, labels=batch["input_ids"])
+        out.loss.backward()
+    return {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+
+
+def _fresh(seed=0):
+    pm = get_peft_model(tiny_llama(), memvp_config())
+    randomize_memory(pm, seed=seed)
+    return pm
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients(batch, use_reentrant):
+    expected = _grads(_fresh(), batch)
+    got = _grads(_fresh(), batch, checkpointing=use_reentrant)
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_two_forwards_before_one_backward_under_checkpointing(batch, use_reentrant):
+    """The second forward replaces the memory; the first forward's recomputation must still see its own."""
+    other = dict(batch, image_features=torch.randn_like(batch["image_features"]) * 2)
+
+    def run(pm, checkpointing):
+        pm.train()
+        if checkpointing is not None:
+            pm.base_model.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": checkpointing}
+            )
+        loss = pm(**batch, labels=batch["input_ids"]).loss + 0.5 * pm(**other, labels=other["input_ids"]).loss
+        loss.backward()
+        return {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+
+    expected = run(_fresh(), None)
+    got = run(_fresh(), use_reentrant)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_base_model_gets_no_gradients(batch):
+    pm = _fresh()
+    _grads(pm, batch)
+    assert all(p.grad is None for n, p in pm.named_parameters() if "memvp" not in n)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_keeps_fp32_adapter(batch, dtype):
+    model = tiny_llama().to(dtype)
+    pm = get_peft_model(model, memvp_config())
+    assert all(p.dtype == torch.float32 for n, p in pm.named_parameters() if "memvp" in n)
+    out = pm(**batch, labels=batch["input_ids"])
+    assert out.logits.dtype == dtype
+    out.loss.backward()
+    grads = [p.grad for n, p in pm.named_parameters() if "memvp" in n]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_autocast_bf16_forward_and_backward(batch):
+    pm = get_peft_model(tiny_llama(), memvp_config())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pm(**batch, labels=batch["input_ids"])
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for n, p in pm.named_parameters() if "memvp" in n)
+
+
+def test_dropout_is_active_in_training_and_off_in_eval(batch):
+    pm = get_peft_model(tiny_llama(), memvp_config(memory_dropout=0.5))
+    randomize_memory(pm)
+    pm.train()
+    a = pm(**batch).logits
+    b = pm(**batch).logits
+    assert not torch.allclose(a, b)
+    pm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(**batch).logits, pm(**batch).logits)
+
+
+def test_optimizer_steps_reduce_the_loss(batch):
+    pm = get_peft_model(tiny_llama(), memvp_config())
+    optimizer = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    pm.train()
+    losses = []
+    for _ in range(30):
+        loss = pm(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.9
+
+
+def test_trainer_keeps_image_features_and_trains(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    rows = [
+        {"input_ids": torch.randint(3, 64, (6,)), "image_features": torch.randn(4, 16)} for _ in range(16)
+    ]
+    dataset = [dict(r, labels=r["input_ids"].clone(), attention_mask=torch.ones(6, dtype=torch.long)) for r in rows]
+
+    class ListDataset(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(dataset)
+
+        def __getitem__(self, i):
+            return dataset[i]
+
+    seen = []
+    pm = get_peft_model(tiny_llama(), memvp_config(task_type="CAUSAL_LM"))
+    pm.base_model.memvp_memory["default"].register_forward_pre_hook(lambda m, args: seen.append(args))
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        remove_unused_columns=True,
+    )
+    trainer = Trainer(model=pm, args=args, train_dataset=ListDataset())
+    before = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert seen and all(a and a[0] is not None and a[0].shape == (4, 4, 16) for a in seen)
+    changed = [n for n, p in pm.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert any("projector" in n for n in changed)
