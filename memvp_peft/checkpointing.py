@@ -27,7 +27,7 @@ _WRAPPED_MARK = "_memvp_checkpoint_wrapper"
 
 def _wrap_checkpoint_function(original: Callable, context: MemoryContext) -> Callable:
     def checkpoint_with_memory(function: Callable, *args: Any) -> Any:
-        states = context.states
+        states, batch_size = context.states, context.batch_size
         if not states:
             return original(function, *args)
         names = list(states)
@@ -37,7 +37,7 @@ def _wrap_checkpoint_function(original: Callable, context: MemoryContext) -> Cal
             layer_args = all_args[: len(all_args) - len(tensors)]
             memory = all_args[len(all_args) - len(tensors) :]
             replay = {name: MemoryState(memory[2 * i], memory[2 * i + 1]) for i, name in enumerate(names)}
-            with context.use(replay):
+            with context.use(replay, batch_size):
                 return function(*layer_args)
 
         return original(run, *args, *tensors)

@@ -15,7 +15,7 @@ by all layers). The memory depends on the image, so nothing can be merged into t
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -54,15 +54,32 @@ class MemVPLayer(nn.Module, BaseTunerLayer):
         self.memvp_num_slots[adapter_name] = int(config.num_memory_slots)
         self.set_adapter(self.active_adapters)
 
-    def _memories(self, x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        """(adapter, keys, values) for every active adapter of this layer, cast to `x`'s dtype and batch."""
+    def _memories(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(adapter, keys, values) for every active adapter of this layer, cast to `x`'s dtype and batch.
+
+        `x` must be batched as `(B, T, ...)`; see `_batched` for FFNs that flatten the tokens.
+        """
         if self.disable_adapters:
-            return
+            return []
+        found = []
         for name in self.active_adapters:
             if name not in self.memvp_scale:
                 continue
             keys, values = self._memvp_context.state_for(name).for_input(x.shape[0], x.dtype, x.device)
-            yield name, keys, values
+            found.append((name, keys, values))
+        return found
+
+    def _batched(self, x: torch.Tensor) -> torch.Tensor:
+        """View `x` as `(B, T, width)`: OPT flattens the tokens of all samples to `(B*T, width)` before its FFN."""
+        if x.dim() >= 3:
+            return x
+        batch = self._memvp_context.batch_size
+        if batch is None or x.shape[0] % batch != 0:
+            raise RuntimeError(
+                f"MemVP: the FFN received a flattened input of shape {tuple(x.shape)} but the batch size of the running "
+                f"forward is unknown ({batch}); call the model through the PeftModel (forward/generate)."
+            )
+        return x.reshape(batch, -1, x.shape[-1])
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise ValueError(MERGE_ERROR)
@@ -91,10 +108,13 @@ class FFNMemoryLayer(MemVPLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        for name, keys, values in self._memories(x):
-            scores = self.memvp_activation[name](torch.matmul(x, keys.transpose(-1, -2)))
-            read = torch.matmul(self.memvp_dropout[name](scores), values)
-            result = result + (read * self.memvp_scale[name]).to(result.dtype)
+        if self.disable_adapters:
+            return result
+        xb = self._batched(x)
+        for name, keys, values in self._memories(xb):
+            scores = self.memvp_activation[name](torch.matmul(xb, keys.transpose(-1, -2)))
+            read = torch.matmul(self.memvp_dropout[name](scores), values) * self.memvp_scale[name]
+            result = result + read.reshape(result.shape).to(result.dtype)
         return result
 
 
@@ -103,7 +123,13 @@ class KeyMemoryLayer(MemVPLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        scores = [torch.matmul(x, keys.transpose(-1, -2)).to(result.dtype) for _, keys, _ in self._memories(x)]
+        if self.disable_adapters:
+            return result
+        xb = self._batched(x)
+        scores = [
+            torch.matmul(xb, keys.transpose(-1, -2)).reshape(*result.shape[:-1], -1).to(result.dtype)
+            for _, keys, _ in self._memories(xb)
+        ]
         if not scores:
             return result
         return torch.cat([result, *scores], dim=-1)
@@ -120,7 +146,7 @@ class ValueMemoryLayer(MemVPLayer):
         self.in_features = int(in_features)
 
     def forward(self, h: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        memories = list(self._memories(h))
+        memories = self._memories(self._batched(h)) if not self.disable_adapters else []
         expected = self.in_features + sum(self.memvp_num_slots[name] for name, _, _ in memories)
         if h.shape[-1] != expected:
             raise RuntimeError(
@@ -130,8 +156,8 @@ class ValueMemoryLayer(MemVPLayer):
         result = self.base_layer(h[..., : self.in_features], *args, **kwargs)
         offset = self.in_features
         for name, _, values in memories:
-            scores = h[..., offset : offset + self.memvp_num_slots[name]]
+            scores = self._batched(h[..., offset : offset + self.memvp_num_slots[name]])
             offset += self.memvp_num_slots[name]
-            read = torch.matmul(self.memvp_dropout[name](scores).to(values.dtype), values)
-            result = result + (read * self.memvp_scale[name]).to(result.dtype)
+            read = torch.matmul(self.memvp_dropout[name](scores).to(values.dtype), values) * self.memvp_scale[name]
+            result = result + read.reshape(result.shape).to(result.dtype)
         return result

@@ -24,6 +24,9 @@ class MemoryContext:
         self.memories = memories
         self.configs = configs
         self.states: Optional[dict[str, MemoryState]] = None
+        # Batch size of the running forward: some FFNs (OPT) see tokens flattened to (B*T, d) and need it to find
+        # which sample a token row belongs to.
+        self.batch_size: Optional[int] = None
         self.active_adapters: list[str] = []
         self.enabled = True
 
@@ -55,10 +58,11 @@ class MemoryContext:
         return states
 
     @contextmanager
-    def use(self, states: Optional[dict[str, MemoryState]]) -> Iterator[None]:
-        previous = self.states
+    def use(self, states: Optional[dict[str, MemoryState]], batch_size: Optional[int] = None) -> Iterator[None]:
+        previous = self.states, self.batch_size
         self.states = states
+        self.batch_size = batch_size
         try:
             yield
         finally:
-            self.states = previous
+            self.states, self.batch_size = previous

@@ -38,11 +38,13 @@ def _visual_forward(self, *args: Any, image_features=None, image_mask=None, **kw
     base_forward = type(self).forward
     if not context.enabled:
         return base_forward(self, *args, **kwargs)
+    batch_size = infer_batch_size(args, kwargs)
     if image_features is None and image_mask is None and context.states is not None:
         # inside generate(): the memory of this call is already pinned (and follows beam expansion)
-        return base_forward(self, *args, **kwargs)
-    states = context.compute(context.active_adapters, image_features, image_mask, infer_batch_size(args, kwargs))
-    with context.use(states):
+        states = context.states
+    else:
+        states = context.compute(context.active_adapters, image_features, image_mask, batch_size)
+    with context.use(states, batch_size):
         return base_forward(self, *args, **kwargs)
 
 
@@ -56,7 +58,7 @@ def _visual_generate(self, *args: Any, image_features=None, image_mask=None, **k
     states = None
     if context.enabled:
         states = context.compute(context.active_adapters, image_features, image_mask, infer_batch_size(args, kwargs))
-    with context.use(states):
+    with context.use(states, infer_batch_size(args, kwargs)):
         return type(self).generate(self, *args, **kwargs)
 
 
