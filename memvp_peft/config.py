@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from peft import LoraConfig
 from peft.config import PeftConfig
 
 from .registration import MEMVP_PEFT_TYPE
@@ -103,6 +104,17 @@ class MemVPConfig(PeftConfig):
         default=None,
         metadata={"help": "Name of the layer stack used with `layers_to_transform` when it is ambiguous ('layers', 'h')."},
     )
+    lora_config: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Train LoRA together with the visual memory as ONE adapter: a `peft.LoraConfig` or its dict. LoRA is "
+                "injected first (it may target linears inside the FFNs that MemVP wraps), saved in the same "
+                "adapter_model.safetensors and restored by `PeftModel.from_pretrained`. Default None: MemVP only, as "
+                "in the paper."
+            )
+        },
+    )
     modules_to_save: Optional[list[str]] = field(
         default=None,
         metadata={"help": "Extra base-model modules to train and save with the adapter (peft's usual meaning)."},
@@ -112,10 +124,18 @@ class MemVPConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = MEMVP_PEFT_TYPE
         self._validate()
+        if self.lora_config is not None:
+            self.lora_config = normalise_lora_config(self.lora_config)
         if isinstance(self.target_modules, list):
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, set):
             self.exclude_modules = sorted(self.exclude_modules)
+
+    def lora_peft_config(self) -> Optional[LoraConfig]:
+        """The LoRA part as a `LoraConfig` (None when this adapter is MemVP only)."""
+        if self.lora_config is None:
+            return None
+        return LoraConfig(**{**self.lora_config, "inference_mode": self.inference_mode})
 
     def _validate(self) -> None:
         def positive_int(name: str) -> None:
@@ -146,3 +166,23 @@ class MemVPConfig(PeftConfig):
                 raise ValueError(
                     f"MemVPConfig.layers_to_transform must hold non-negative layer indices, got {self.layers_to_transform!r}."
                 )
+
+
+# LoraConfig fields that belong to the surrounding MemVP adapter, not to its LoRA part.
+_LORA_FIELDS_OWNED_BY_MEMVP = ("peft_type", "task_type", "inference_mode", "base_model_name_or_path", "revision")
+
+
+def normalise_lora_config(value: object) -> dict:
+    """A JSON-serialisable dict of a `LoraConfig` (or of its dict), validated by building the `LoraConfig`."""
+    if isinstance(value, LoraConfig):
+        value = value.to_dict()
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"MemVPConfig.lora_config must be a peft.LoraConfig or a dict of its fields, got {type(value).__name__}."
+        )
+    fields = {k: v for k, v in value.items() if k not in _LORA_FIELDS_OWNED_BY_MEMVP}
+    try:
+        LoraConfig(**fields)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"MemVPConfig.lora_config is not a valid LoraConfig: {error}") from error
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in fields.items()}

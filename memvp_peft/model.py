@@ -88,7 +88,9 @@ class MemVPModel(BaseTuner):
     """Memory-Space Visual Prompting as a peft tuner. Use through `get_peft_model(model, MemVPConfig(...))`."""
 
     prefix: str = "memvp_"
-    tuner_layer_cls = MemVPLayer
+    # Every peft tuner layer in the model belongs to this adapter: MemVP layers, and the LoRA layers of
+    # `MemVPConfig.lora_config`. peft's generic set/delete/trainability code then switches both together.
+    tuner_layer_cls = BaseTunerLayer
     target_module_mapping: dict = {}
     uses_shared_state = True
 
@@ -160,10 +162,35 @@ class MemVPModel(BaseTuner):
         setattr(parent, child_name, new_module)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        lora_config = self.peft_config[adapter_name].lora_peft_config()
+        if lora_config is not None:
+            self._inject_lora(model, adapter_name, lora_config, kwargs.get("low_cpu_mem_usage", False))
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         self._check_plain_ffn_pairs(model, adapter_name)
         self._install_runtime_hooks()
         self._sync_memory_trainability()
+
+    def _inject_lora(self, model: nn.Module, adapter_name: str, lora_config: Any, low_cpu_mem_usage: bool) -> None:
+        """Inject the LoRA part of this adapter with peft's own LoRA machinery, before MemVP wraps the FFNs.
+
+        LoRA first, so that it can target linears inside an FFN (`mlp.gate_proj`); MemVP then wraps the FFN whole and
+        the LoRA keys become `mlp.base_layer.gate_proj.lora_A...`. The temporary LoraModel overwrites
+        `model.peft_config`; we put ours back.
+        """
+        from peft.tuners.lora import LoraLayer, LoraModel
+
+        previous = model.__dict__.pop("peft_config", None)  # else LoraModel would add its config to ours
+        try:
+            LoraModel(model, lora_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+        finally:
+            model.__dict__.pop("peft_config", None)
+            if previous is not None:
+                model.peft_config = previous
+        if not any(isinstance(m, LoraLayer) and adapter_name in m.lora_A for m in model.modules()):
+            raise ValueError(
+                f"MemVP: lora_config.target_modules={lora_config.target_modules} matched no module for adapter "
+                f"{adapter_name!r} (modules inside an FFN that another adapter already wraps cannot take a new LoRA)."
+            )
 
     def _check_plain_ffn_pairs(self, model: nn.Module, adapter_name: str) -> None:
         for name, module in model.named_modules():
@@ -254,10 +281,39 @@ class MemVPModel(BaseTuner):
     # ----------------------------------------------------------------------------------------------- merge and unload
 
     def _check_merge_allowed(self) -> None:
+        if any(config.lora_config is not None for config in self.peft_config.values()):
+            raise ValueError(
+                MERGE_ERROR + " The LoRA part of this adapter can be merged: `peft_model.merge_lora()` folds it into "
+                "the base weights and keeps the visual memory working."
+            )
         raise ValueError(MERGE_ERROR)
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        raise ValueError(MERGE_ERROR)
+        self._check_merge_allowed()
+
+    def merge_lora(self, safe_merge: bool = False) -> None:
+        """Fold the LoRA part of the active adapter into the base weights; the visual memory keeps working.
+
+        This is how MemVP+LoRA is deployed: afterwards the model has plain linears where LoRA was, and the adapter
+        saved from it holds the visual memory only (its `lora_config` is cleared), to be loaded onto the *merged*
+        base.
+        """
+        from peft.tuners.lora import LoraLayer
+        from peft.utils import _get_submodules
+
+        inactive = [n for n, c in self.peft_config.items() if c.lora_config and n not in self.active_adapters]
+        if inactive:
+            raise ValueError(
+                f"MemVP: merge_lora() merges the active adapter's LoRA, but the inactive adapters {inactive} also hold "
+                "LoRA weights that would be lost; delete them (delete_adapter) or activate them first."
+            )
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, LoraLayer):
+                module.merge(safe_merge=safe_merge)
+                parent, _, child_name = _get_submodules(self.model, name)
+                setattr(parent, child_name, module.get_base_layer())
+        for config in self.peft_config.values():
+            config.lora_config = None
 
     def _unload_and_optionally_merge(
         self,
@@ -269,9 +325,11 @@ class MemVPModel(BaseTuner):
         if merge:
             self._check_merge_allowed()
         self._remove_runtime_hooks()
-        return super()._unload_and_optionally_merge(
-            merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
-        )
+        model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+        if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+            # LoRA layers nested inside a wrapped FFN are only reachable once the MemVP wrapper is gone
+            model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+        return model
 
 
 def memvp_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
