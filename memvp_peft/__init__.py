@@ -12,12 +12,14 @@ Loading a saved MemVP adapter requires this import first; without it peft raises
 """
 
 from .registration import MEMVP_PEFT_TYPE, register_memvp
+from . import checkpoint_io
 from .config import MemVPConfig
 from .layer import FFNMemoryLayer, KeyMemoryLayer, MemVPLayer, ValueMemoryLayer
 from .model import MemVPModel, memvp_parameters
 from .visual_memory import MemoryState, VisualMemory
 
 register_memvp()
+checkpoint_io.install()
 
 __version__ = "0.1.0"
 

@@ -278,6 +278,37 @@ class MemVPModel(BaseTuner):
             return key.replace(marker, "memvp_memory.")
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Map checkpoint keys to this model and insist that every adapter tensor is present with the right shape.
+
+        peft only warns about missing keys; for MemVP a missing projector or position embedding would silently leave
+        random weights in place, so we fail instead and say which tensor does not fit.
+        """
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
+
+        expected = _filter_state_dict_by_key_prefixes(
+            model.state_dict(), _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        )
+        missing = sorted(k for k in expected if k not in remapped and "dropout" not in k)
+        if missing:
+            raise ValueError(
+                f"the adapter checkpoint lacks {len(missing)} tensor(s) this model needs, e.g. "
+                f"{[cls._remove_adapter_name_from_key(k, adapter_name) for k in missing[:3]]}"
+            )
+        for key, tensor in remapped.items():
+            want = expected.get(key)
+            if want is not None and tuple(want.shape) != tuple(tensor.shape) and want.numel() != 0:
+                raise ValueError(
+                    f"tensor {cls._remove_adapter_name_from_key(key, adapter_name)} has shape {tuple(tensor.shape)} "
+                    f"in the checkpoint but the model expects {tuple(want.shape)} (adapter trained for another base "
+                    "model or config?)"
+                )
+        return remapped
+
     # ----------------------------------------------------------------------------------------------- merge and unload
 
     def _check_merge_allowed(self) -> None:
