@@ -9,11 +9,10 @@ import torch
 import transformers as T
 from conftest import VISUAL_DIM, VOCAB, randomize_memory, tiny_llama
 from peft import get_peft_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 from reference_memvp import adapter_state, reference_logits
 from torch import nn
 
-from memvp_peft import MemVPConfig
+from memvp_peft import MemVPConfig, MemVPLayer
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 TOKEN_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -67,16 +66,7 @@ EXPECTED_TARGETS = {
     "opt": lambda i: [f"model.decoder.layers.{i}.fc1", f"model.decoder.layers.{i}.fc2"],
 }
 
-OPT_IMAGE_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason=(
-        "memvp_peft bug: OPT flattens tokens to (B*T, d) before fc1; KeyMemoryLayer matmuls the 2-D input with the "
-        "per-sample (B*T, n, d) keys and torch.cat fails ('Tensors must have same number of dimensions')"
-    ),
-)
 ARCH_PARAMS = list(ARCHITECTURES)
-ARCH_PARAMS_IMAGES = [pytest.param(a, marks=OPT_IMAGE_BUG) if a == "opt" else a for a in ARCHITECTURES]
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
@@ -100,7 +90,7 @@ def adapt(base: nn.Module, config: MemVPConfig):
 
 
 def wrapped_names(peft_model) -> list[str]:
-    return sorted(n for n, m in peft_model.base_model.model.named_modules() if isinstance(m, BaseTunerLayer))
+    return sorted(n for n, m in peft_model.base_model.model.named_modules() if isinstance(m, MemVPLayer))
 
 
 def inputs(seed: int = 5):
@@ -130,14 +120,14 @@ def test_auto_targeting_wraps_every_layer_ffn(arch):
     assert wrapped_names(peft_model) == expected
 
 
-@pytest.mark.parametrize("arch", ARCH_PARAMS_IMAGES)
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
 def test_image_batch_logits_match_reference(arch):
     base = build(arch)
     config = memvp()
     compare(adapt(base, config), base, config, image_features=inputs()[2])
 
 
-@pytest.mark.parametrize("arch", ARCH_PARAMS_IMAGES)
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
 def test_mixed_batch_logits_match_reference(arch):
     base = build(arch)
     config = memvp()
@@ -205,6 +195,40 @@ def test_layers_to_transform_logits_match_reference_restricted_to_that_layer():
     compare(peft_model, base, config, image_features=inputs()[2], layers=[1])
     with pytest.raises(AssertionError):  # and not the all-layer formula
         compare(peft_model, base, config, image_features=inputs()[2], layers=[0, 1])
+
+
+def test_manual_target_modules_with_layers_to_transform_wraps_only_that_layer():
+    peft_model = get_peft_model(tiny_llama(), memvp(target_modules=["mlp"], layers_to_transform=[1]))
+    assert wrapped_names(peft_model) == ["model.layers.1.mlp"]
+
+
+def test_manual_target_modules_mlp_on_gpt2_matches_reference():
+    """Wrapping GPT-2's whole `mlp` computes the same memory read-out as appending K/V to c_fc/c_proj."""
+    base = build("gpt2")
+    config = memvp(target_modules=["mlp"])
+    peft_model = adapt(base, config)
+    assert wrapped_names(peft_model) == ["transformer.h.0.mlp", "transformer.h.1.mlp"]
+    compare(peft_model, base, config, image_features=inputs()[2])
+
+
+def test_layers_to_transform_on_opt_matches_reference_restricted_to_that_layer():
+    base = build("opt")
+    config = memvp(layers_to_transform=[1])
+    peft_model = adapt(base, config)
+    assert wrapped_names(peft_model) == ["model.decoder.layers.1.fc1", "model.decoder.layers.1.fc2"]
+    compare(peft_model, base, config, image_features=inputs()[2], layers=[1])
+
+
+def test_opt_single_sample_image_batch_matches_reference():
+    """OPT flattens tokens to (B*T, d) before fc1; B=1 must not be mistaken for a batch of T samples."""
+    base = build("opt")
+    config = memvp()
+    peft_model = adapt(base, config)
+    ids, mask, feats = inputs()
+    with torch.no_grad():
+        got = peft_model(input_ids=ids[:1], attention_mask=mask[:1], image_features=feats[:1]).logits
+    want = reference_logits(base, adapter_state(peft_model), config, ids[:1], mask[:1], feats[:1])
+    torch.testing.assert_close(got, want, **TOL)
 
 
 def test_layers_to_transform_on_gpt2_wraps_only_that_layers_linears():
