@@ -15,7 +15,7 @@ from .registration import MEMVP_PEFT_TYPE, register_memvp
 from . import checkpoint_io
 from .config import MemVPConfig
 from .layer import FFNMemoryLayer, KeyMemoryLayer, MemVPLayer, ValueMemoryLayer
-from .model import MemVPModel, memvp_parameters
+from .model import MemVPModel, attach_vision_encoder, memvp_parameters
 from .visual_memory import MemoryState, VisualMemory
 
 register_memvp()
@@ -33,5 +33,6 @@ __all__ = [
     "MemoryState",
     "ValueMemoryLayer",
     "VisualMemory",
+    "attach_vision_encoder",
     "memvp_parameters",
 ]

@@ -13,7 +13,10 @@ from typing import Optional, Union
 from peft import LoraConfig
 from peft.config import PeftConfig
 
+from torch import nn
+
 from .registration import MEMVP_PEFT_TYPE
+from .vision import SharedModuleRef, describe_encoder
 
 #: Activation names accepted by `MemVPConfig.activation` (besides `None`, which means "the FFN's own activation").
 SUPPORTED_ACTIVATIONS = (
@@ -104,6 +107,47 @@ class MemVPConfig(PeftConfig):
         default=None,
         metadata={"help": "Name of the layer stack used with `layers_to_transform` when it is ambiguous ('layers', 'h')."},
     )
+    vision_encoder: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Vision encoder that turns `pixel_values` into features: a local CLIP/SigLIP folder, or an already "
+                "built CLIPVisionModel/SiglipVisionModel (recorded here by its name). It is frozen and never saved in "
+                "the adapter. None: pass `image_features` yourself, or use a VLM base (its own vision tower is used)."
+            )
+        },
+    )
+    vision_feature_layer: int = field(
+        default=-2,
+        metadata={"help": "Hidden-state index of the encoder whose patch features enter the memory (paper: -2)."},
+    )
+    vision_feature_select_strategy: str = field(
+        default="default",
+        metadata={"help": "'default' drops the CLS token (paper), 'full' keeps it. Encoders without CLS keep all."},
+    )
+    vision_feature_layernorm: bool = field(
+        default=True,
+        metadata={"help": "Apply the encoder's post-layernorm to the selected features (as the authors do)."},
+    )
+    vision_adapter_dim: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "Bottleneck width of the authors' adapters inside every vision-encoder block (paper code: 12); 0 "
+                "disables them. They train and save with the MemVP adapter."
+            )
+        },
+    )
+    vision_adapter_scale: float = field(
+        default=0.1, metadata={"help": "Scale of the vision-encoder adapters' output (paper code: 0.1)."}
+    )
+    vision_adapter_dropout: float = field(
+        default=0.1, metadata={"help": "Dropout inside the vision-encoder adapters (paper code: 0.1)."}
+    )
+    vision_num_layers: Optional[int] = field(
+        default=None,
+        metadata={"help": "Filled in when an encoder is attached: its block count (sizes the vision adapters)."},
+    )
     lora_config: Optional[dict] = field(
         default=None,
         metadata={
@@ -123,6 +167,10 @@ class MemVPConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = MEMVP_PEFT_TYPE
+        if isinstance(self.vision_encoder, nn.Module):
+            # keep the built encoder for injection (without copying it), record its name in the config
+            self._vision_encoder_module = SharedModuleRef(self.vision_encoder)
+            self.vision_encoder = describe_encoder(self.vision_encoder)
         self._validate()
         if self.lora_config is not None:
             self.lora_config = normalise_lora_config(self.lora_config)
@@ -145,7 +193,7 @@ class MemVPConfig(PeftConfig):
 
         for name in ("visual_dim", "num_memory_slots", "projector_hidden_dim"):
             positive_int(name)
-        for name in ("visual_scale", "memory_scale", "key_init_std"):
+        for name in ("visual_scale", "memory_scale", "key_init_std", "vision_adapter_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
                 raise ValueError(f"MemVPConfig.{name} must be a finite number >= 0, got {value!r}.")
@@ -155,6 +203,20 @@ class MemVPConfig(PeftConfig):
             raise ValueError(
                 f"MemVPConfig.activation must be None (the FFN's own activation) or one of {SUPPORTED_ACTIVATIONS}, "
                 f"got {self.activation!r}."
+            )
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(
+                "MemVPConfig.vision_feature_select_strategy must be 'default' (drop CLS) or 'full', got "
+                f"{self.vision_feature_select_strategy!r}."
+            )
+        if isinstance(self.vision_adapter_dim, bool) or not isinstance(self.vision_adapter_dim, int) or self.vision_adapter_dim < 0:
+            raise ValueError(f"MemVPConfig.vision_adapter_dim must be an integer >= 0, got {self.vision_adapter_dim!r}.")
+        if not isinstance(self.vision_adapter_dropout, (int, float)) or not 0.0 <= self.vision_adapter_dropout < 1.0:
+            raise ValueError(f"MemVPConfig.vision_adapter_dropout must be in [0, 1), got {self.vision_adapter_dropout!r}.")
+        if self.vision_encoder is not None and not isinstance(self.vision_encoder, str):
+            raise ValueError(
+                "MemVPConfig.vision_encoder must be a local path or a built vision model, got "
+                f"{type(self.vision_encoder).__name__}."
             )
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("MemVPConfig.layers_pattern only makes sense together with layers_to_transform.")

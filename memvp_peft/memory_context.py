@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .visual_inputs import validate_visual_inputs
+from .visual_inputs import validate_pixel_values, validate_visual_inputs
 from .visual_memory import MemoryState
 
 
@@ -29,6 +29,8 @@ class MemoryContext:
         self.batch_size: Optional[int] = None
         self.active_adapters: list[str] = []
         self.enabled = True
+        self.vision = None  # VisionEncoder turning pixel_values into features, when one is attached
+        self.image_token_id: Optional[int] = None  # VLM bases: placeholder tokens that must not be in the text
 
     def state_for(self, adapter_name: str) -> MemoryState:
         """The memory a layer must read now: the scoped one, else the image-independent learned memory."""
@@ -44,18 +46,45 @@ class MemoryContext:
         image_features: Optional[torch.Tensor],
         image_mask: Optional[torch.Tensor],
         batch_size: Optional[int],
+        pixel_values: Optional[torch.Tensor] = None,
     ) -> dict[str, MemoryState]:
         """Validate the visual inputs and compute K/V once for every active adapter."""
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("MemVP: pass either `pixel_values` or `image_features`, not both.")
+        shared_features = None
         states = {}
         for name in adapter_names:
             if name not in self.memories:
                 continue
-            config = self.configs[name]
-            mask = validate_visual_inputs(
-                image_features, image_mask, batch_size, config.visual_dim, config.num_memory_slots
+            config, memory = self.configs[name], self.memories[name]
+            features = image_features
+            if pixel_values is not None:
+                if memory.vision_adapters is not None:
+                    features = self._encode(pixel_values, batch_size, memory.vision_adapters, config.vision_adapter_scale)
+                else:
+                    if shared_features is None:
+                        shared_features = self._encode(pixel_values, batch_size, None, 0.0)
+                    features = shared_features
+            features, mask = validate_visual_inputs(
+                features, image_mask, batch_size, config.visual_dim, config.num_memory_slots
             )
-            states[name] = self.memories[name](image_features, mask)
+            states[name] = memory(features, mask)
         return states
+
+    def _encode(
+        self, pixel_values: torch.Tensor, batch_size: Optional[int], adapters: Optional[nn.ModuleList], scale: float
+    ) -> torch.Tensor:
+        if self.vision is None:
+            raise ValueError(
+                "MemVP: `pixel_values` were given but no vision encoder is attached. Set "
+                "`MemVPConfig(vision_encoder=<CLIP/SigLIP model or local path>)`, call "
+                "`memvp_peft.attach_vision_encoder(peft_model, encoder)`, or pass `image_features`."
+            )
+        pixels, images = validate_pixel_values(pixel_values, batch_size)
+        features = self.vision.features(pixels, adapters, scale)
+        if pixel_values.dim() == 5:
+            features = features.reshape(pixel_values.shape[0], images, *features.shape[1:])
+        return features
 
     @contextmanager
     def use(self, states: Optional[dict[str, MemoryState]], batch_size: Optional[int] = None) -> Iterator[None]:

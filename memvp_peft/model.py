@@ -13,6 +13,7 @@ What this class adds on top of peft's `BaseTuner`:
 from __future__ import annotations
 
 import inspect
+import os
 import types
 from typing import Any, Optional
 
@@ -27,28 +28,48 @@ from .config import MemVPConfig
 from .layer import MERGE_ERROR, FFNMemoryLayer, KeyMemoryLayer, MemVPLayer, ValueMemoryLayer
 from .memory_context import MemoryContext
 from .visual_inputs import VISUAL_INPUT_NAMES, infer_batch_size
+from .vision import VisionEncoder, describe_encoder, is_vlm, load_vision_encoder, vlm_vision_tower
 from .visual_memory import VisualMemory
 
 _LAYER_CLASSES = {"ffn": FFNMemoryLayer, "key": KeyMemoryLayer, "value": ValueMemoryLayer}
 
 
-def _visual_forward(self, *args: Any, image_features=None, image_mask=None, **kwargs: Any):
-    """Forward of a MemVP-adapted base model: compute the visual memory once, then run the model's own forward."""
+def _reject_image_placeholders(context: MemoryContext, args: tuple, kwargs: dict) -> None:
+    token = context.image_token_id
+    input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    if token is None or not isinstance(input_ids, torch.Tensor) or not bool((input_ids == token).any()):
+        return
+    raise ValueError(
+        f"MemVP: `input_ids` contain the VLM's image placeholder token (id {token}). MemVP puts the image into the FFN "
+        "memory, not the sequence: build the text without `<image>` placeholders (memvp_peft.data.MemVPDataCollator "
+        "does this) and pass the image as `pixel_values`."
+    )
+
+
+def _visual_forward(self, *args: Any, image_features=None, image_mask=None, pixel_values=None, **kwargs: Any):
+    """Forward of a MemVP-adapted base model: compute the visual memory once, then run the model's own forward.
+
+    `pixel_values` never reach the base model: on a VLM base the language model runs on the text alone.
+    """
     context: MemoryContext = self._memvp_context
     base_forward = type(self).forward
     if not context.enabled:
+        if pixel_values is not None and context.image_token_id is not None:
+            kwargs["pixel_values"] = pixel_values  # adapter disabled: the VLM behaves exactly as without MemVP
         return base_forward(self, *args, **kwargs)
+    _reject_image_placeholders(context, args, kwargs)
     batch_size = infer_batch_size(args, kwargs)
-    if image_features is None and image_mask is None and context.states is not None:
+    no_visual_input = image_features is None and image_mask is None and pixel_values is None
+    if no_visual_input and context.states is not None:
         # inside generate(): the memory of this call is already pinned (and follows beam expansion)
         states = context.states
     else:
-        states = context.compute(context.active_adapters, image_features, image_mask, batch_size)
+        states = context.compute(context.active_adapters, image_features, image_mask, batch_size, pixel_values)
     with context.use(states, batch_size):
         return base_forward(self, *args, **kwargs)
 
 
-def _visual_generate(self, *args: Any, image_features=None, image_mask=None, **kwargs: Any):
+def _visual_generate(self, *args: Any, image_features=None, image_mask=None, pixel_values=None, **kwargs: Any):
     """`generate()` of a MemVP-adapted model: the memory is computed once per call and kept for every decode step.
 
     Beam search and `num_return_sequences` expand the batch with `repeat_interleave`; the layers expand the memory the
@@ -57,7 +78,12 @@ def _visual_generate(self, *args: Any, image_features=None, image_mask=None, **k
     context: MemoryContext = self._memvp_context
     states = None
     if context.enabled:
-        states = context.compute(context.active_adapters, image_features, image_mask, infer_batch_size(args, kwargs))
+        _reject_image_placeholders(context, args, kwargs)
+        states = context.compute(
+            context.active_adapters, image_features, image_mask, infer_batch_size(args, kwargs), pixel_values
+        )
+    elif pixel_values is not None and context.image_token_id is not None:
+        kwargs["pixel_values"] = pixel_values
     with context.use(states, infer_batch_size(args, kwargs)):
         return type(self).generate(self, *args, **kwargs)
 
@@ -119,6 +145,9 @@ class MemVPModel(BaseTuner):
             num_slots=config.num_memory_slots,
             visual_scale=config.visual_scale,
             key_init_std=config.key_init_std,
+            vision_layers=config.vision_num_layers or 0,
+            vision_adapter_dim=config.vision_adapter_dim,
+            vision_adapter_dropout=config.vision_adapter_dropout,
         )
         device = next((p.device for p in self.model.parameters() if p.device.type != "meta"), None)
         if device is not None:
@@ -162,6 +191,8 @@ class MemVPModel(BaseTuner):
         setattr(parent, child_name, new_module)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        self._ensure_memvp_state()
+        self._attach_configured_encoder(self.peft_config[adapter_name])
         lora_config = self.peft_config[adapter_name].lora_peft_config()
         if lora_config is not None:
             self._inject_lora(model, adapter_name, lora_config, kwargs.get("low_cpu_mem_usage", False))
@@ -169,6 +200,63 @@ class MemVPModel(BaseTuner):
         self._check_plain_ffn_pairs(model, adapter_name)
         self._install_runtime_hooks()
         self._sync_memory_trainability()
+
+    # ------------------------------------------------------------------------------------------------- vision encoder
+
+    def _attach_configured_encoder(self, config: MemVPConfig) -> None:
+        """Attach the encoder this adapter names: a built module, a local folder, or the VLM base's own tower."""
+        reference = getattr(config, "_vision_encoder_module", None)
+        if reference is not None:
+            self.attach_vision_encoder(reference.module, configs=[config])
+        elif config.vision_encoder is not None and os.path.exists(config.vision_encoder):
+            current = self._memvp_context.vision
+            if current is None or describe_encoder(current.model) != config.vision_encoder:
+                self.attach_vision_encoder(load_vision_encoder(config.vision_encoder), configs=[config])
+            else:
+                self.attach_vision_encoder(current.model, configs=[config])
+        elif is_vlm(self.model):
+            self._memvp_context.image_token_id = _image_token_id(self.model)
+            self.attach_vision_encoder(vlm_vision_tower(self.model), configs=[config])
+        elif self._memvp_context.vision is not None:
+            self.attach_vision_encoder(self._memvp_context.vision.model, configs=[config])
+        if config.vision_adapter_dim and not config.vision_num_layers:
+            raise ValueError(
+                "MemVP: vision_adapter_dim > 0 needs a vision encoder at injection time (to size one adapter per "
+                "encoder block): pass `vision_encoder=` a built CLIP/SigLIP model or a local folder."
+            )
+
+    def attach_vision_encoder(self, encoder: nn.Module, configs: Optional[list[MemVPConfig]] = None) -> None:
+        """Use `encoder` (CLIP/SigLIP vision model, frozen, not saved) to turn `pixel_values` into features.
+
+        Checks that its width matches `visual_dim` (and its depth the saved vision adapters) of every adapter.
+        """
+        configs = list(self.peft_config.values()) if configs is None else configs
+        current = self._memvp_context.vision
+        if current is not None and current.model is not encoder:
+            current.detach()
+            current = None
+        for config in configs:
+            vision = current or VisionEncoder(
+                encoder, config.vision_feature_layer, config.vision_feature_select_strategy, config.vision_feature_layernorm
+            )
+            if vision.hidden_size != config.visual_dim:
+                raise ValueError(
+                    f"MemVP: the vision encoder {describe_encoder(encoder)!r} outputs features of width "
+                    f"{vision.hidden_size} but MemVPConfig.visual_dim={config.visual_dim}; set visual_dim to the "
+                    "encoder's hidden size."
+                )
+            if config.vision_num_layers is not None and config.vision_num_layers != vision.num_layers:
+                raise ValueError(
+                    f"MemVP: the adapter was trained with a {config.vision_num_layers}-block vision encoder but "
+                    f"{describe_encoder(encoder)!r} has {vision.num_layers} blocks."
+                )
+            config.vision_num_layers = vision.num_layers
+            if config.vision_encoder is None:
+                config.vision_encoder = describe_encoder(encoder)
+            current = vision
+        self._memvp_context.vision = current
+
+    # ----------------------------------------------------------------------------------------------------- LoRA part
 
     def _inject_lora(self, model: nn.Module, adapter_name: str, lora_config: Any, low_cpu_mem_usage: bool) -> None:
         """Inject the LoRA part of this adapter with peft's own LoRA machinery, before MemVP wraps the FFNs.
@@ -237,6 +325,8 @@ class MemVPModel(BaseTuner):
             if getattr(model.__dict__.get(name), "_memvp_wrapper", False):
                 del model.__dict__[name]
         model.__dict__.pop("_memvp_context", None)
+        if self._memvp_context.vision is not None:
+            self._memvp_context.vision.detach()
 
     # ---------------------------------------------------------------------------------------------------- trainability
 
@@ -361,6 +451,26 @@ class MemVPModel(BaseTuner):
             # LoRA layers nested inside a wrapped FFN are only reachable once the MemVP wrapper is gone
             model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
         return model
+
+
+def _image_token_id(model: nn.Module) -> Optional[int]:
+    config = getattr(model, "config", None)
+    for attr in ("image_token_id", "image_token_index"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def attach_vision_encoder(peft_model: nn.Module, encoder: nn.Module) -> None:
+    """Attach a frozen CLIP/SigLIP vision model to a MemVP PeftModel so that it accepts `pixel_values`.
+
+    Use it after `PeftModel.from_pretrained` when the adapter recorded an in-memory encoder, or to swap encoders.
+    """
+    tuner = getattr(peft_model, "base_model", peft_model)
+    if not isinstance(tuner, MemVPModel):
+        raise ValueError(f"attach_vision_encoder expects a MemVP PeftModel, got {type(peft_model).__name__}.")
+    tuner.attach_vision_encoder(encoder)
 
 
 def memvp_parameters(model: nn.Module) -> dict[str, torch.Tensor]:

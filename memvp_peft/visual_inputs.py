@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-VISUAL_INPUT_NAMES = ("image_features", "image_mask")
+VISUAL_INPUT_NAMES = ("image_features", "image_mask", "pixel_values")
 
 
 def infer_batch_size(args: tuple, kwargs: dict[str, Any]) -> Optional[int]:
@@ -24,58 +24,18 @@ def infer_batch_size(args: tuple, kwargs: dict[str, Any]) -> Optional[int]:
     return None
 
 
-def validate_visual_inputs(
-    image_features: Any,
-    image_mask: Any,
-    batch_size: Optional[int],
-    visual_dim: int,
-    num_memory_slots: int,
-) -> Optional[torch.Tensor]:
-    """Check the visual inputs; return `image_mask` as a `(B,)` bool tensor (or None)."""
-    if image_features is None:
-        if image_mask is not None:
-            raise ValueError(
-                "MemVP: `image_mask` was given without `image_features`; pass the features (B, N, visual_dim) "
-                "together with the mask, or drop the mask for a text-only batch."
-            )
-        return None
-    if not isinstance(image_features, torch.Tensor):
-        raise ValueError(
-            f"MemVP: `image_features` must be a torch.Tensor of shape (batch, tokens, {visual_dim}), "
-            f"got {type(image_features).__name__}."
-        )
-    if image_features.dim() != 3:
-        raise ValueError(
-            f"MemVP: `image_features` must be 3-D (batch, tokens, {visual_dim}), got shape {tuple(image_features.shape)}."
-        )
-    if not image_features.is_floating_point():
-        raise ValueError(f"MemVP: `image_features` must be a floating point tensor, got dtype {image_features.dtype}.")
-    batch, tokens, width = image_features.shape
-    if width != visual_dim:
-        raise ValueError(
-            f"MemVP: `image_features` width must equal MemVPConfig.visual_dim={visual_dim}, got {width} "
-            f"(shape {tuple(image_features.shape)})."
-        )
-    if batch_size is not None and batch != batch_size:
-        raise ValueError(
-            f"MemVP: `image_features` batch ({batch}) must equal the input batch ({batch_size})."
-        )
-    if tokens > num_memory_slots:
-        raise ValueError(
-            f"MemVP: got {tokens} visual tokens per sample but MemVPConfig.num_memory_slots={num_memory_slots}; "
-            f"num_memory_slots must be >= the number of visual tokens."
-        )
-    if tokens == 0:
-        raise ValueError("MemVP: `image_features` has 0 visual tokens; pass at least one token or omit the features.")
-    if not bool(torch.isfinite(image_features).all()):
-        raise ValueError("MemVP: `image_features` contains NaN or inf values.")
+def _check_mask(image_mask: Any, batch: int, images: int) -> Optional[torch.Tensor]:
+    """`image_mask` as a (B, images) bool tensor; accepts (B,) (one flag per sample) and, for several images, (B, I)."""
     if image_mask is None:
         return None
+    allowed = f"({batch},)" if images == 1 else f"({batch},) or ({batch}, {images})"
     if not isinstance(image_mask, torch.Tensor):
-        raise ValueError(f"MemVP: `image_mask` must be a torch.Tensor of shape ({batch},), got {type(image_mask).__name__}.")
-    if tuple(image_mask.shape) != (batch,):
+        raise ValueError(f"MemVP: `image_mask` must be a torch.Tensor of shape {allowed}, got {type(image_mask).__name__}.")
+    shape = tuple(image_mask.shape)
+    if shape not in {(batch,), (batch, images)}:
         raise ValueError(
-            f"MemVP: `image_mask` must have shape ({batch},) (one flag per sample), got {tuple(image_mask.shape)}."
+            f"MemVP: `image_mask` must have shape {allowed} (one flag per sample{'' if images == 1 else ' or image'}), "
+            f"got {shape}."
         )
     if image_mask.dtype != torch.bool:
         if image_mask.is_floating_point() or image_mask.is_complex():
@@ -83,4 +43,84 @@ def validate_visual_inputs(
         if bool(((image_mask != 0) & (image_mask != 1)).any()):
             raise ValueError("MemVP: an integer `image_mask` may only contain 0 and 1.")
         image_mask = image_mask != 0
+    if image_mask.dim() == 1:
+        image_mask = image_mask[:, None].expand(batch, images)
     return image_mask
+
+
+def validate_pixel_values(pixel_values: Any, batch_size: Optional[int]) -> tuple[torch.Tensor, int]:
+    """(B, C, H, W) or (B, I, C, H, W) -> (B*I, C, H, W) and I."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"MemVP: `pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}.")
+    if pixel_values.dim() not in (4, 5):
+        raise ValueError(
+            "MemVP: `pixel_values` must be (batch, channels, height, width) or (batch, images, channels, height, "
+            f"width), got shape {tuple(pixel_values.shape)}."
+        )
+    if not pixel_values.is_floating_point():
+        raise ValueError(f"MemVP: `pixel_values` must be a floating point tensor, got dtype {pixel_values.dtype}.")
+    if batch_size is not None and pixel_values.shape[0] != batch_size:
+        raise ValueError(f"MemVP: `pixel_values` batch ({pixel_values.shape[0]}) must equal the input batch ({batch_size}).")
+    if not bool(torch.isfinite(pixel_values).all()):
+        raise ValueError("MemVP: `pixel_values` contains NaN or inf values.")
+    if pixel_values.dim() == 4:
+        return pixel_values, 1
+    batch, images = pixel_values.shape[:2]
+    return pixel_values.reshape(batch * images, *pixel_values.shape[2:]), images
+
+
+def validate_visual_inputs(
+    image_features: Any,
+    image_mask: Any,
+    batch_size: Optional[int],
+    visual_dim: int,
+    num_memory_slots: int,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Check the visual inputs; return features as (B, T, visual_dim) and a (B, T) bool token mask (or None).
+
+    Several images per sample come as (B, I, N, visual_dim): their tokens are concatenated in order (T = I*N), and a
+    (B, I) mask switches single images off (a (B,) mask switches whole samples off).
+    """
+    if image_features is None:
+        if image_mask is not None:
+            raise ValueError(
+                "MemVP: `image_mask` was given without `image_features`/`pixel_values`; pass the images together with "
+                "the mask, or drop the mask for a text-only batch."
+            )
+        return None, None
+    if not isinstance(image_features, torch.Tensor):
+        raise ValueError(
+            f"MemVP: `image_features` must be a torch.Tensor of shape (batch, tokens, {visual_dim}), "
+            f"got {type(image_features).__name__}."
+        )
+    if image_features.dim() not in (3, 4):
+        raise ValueError(
+            f"MemVP: `image_features` must be 3-D (batch, tokens, {visual_dim}) or 4-D (batch, images, tokens, "
+            f"{visual_dim}), got shape {tuple(image_features.shape)}."
+        )
+    if not image_features.is_floating_point():
+        raise ValueError(f"MemVP: `image_features` must be a floating point tensor, got dtype {image_features.dtype}.")
+    batch, width = image_features.shape[0], image_features.shape[-1]
+    images = image_features.shape[1] if image_features.dim() == 4 else 1
+    tokens = image_features.shape[-2]
+    if width != visual_dim:
+        raise ValueError(
+            f"MemVP: `image_features` width must equal MemVPConfig.visual_dim={visual_dim}, got {width} "
+            f"(shape {tuple(image_features.shape)})."
+        )
+    if batch_size is not None and batch != batch_size:
+        raise ValueError(f"MemVP: `image_features` batch ({batch}) must equal the input batch ({batch_size}).")
+    if images * tokens > num_memory_slots:
+        raise ValueError(
+            f"MemVP: got {images * tokens} visual tokens per sample ({images} image(s) x {tokens}) but "
+            f"MemVPConfig.num_memory_slots={num_memory_slots}; num_memory_slots must be >= the number of visual tokens."
+        )
+    if tokens == 0:
+        raise ValueError("MemVP: `image_features` has 0 visual tokens; pass at least one token or omit the features.")
+    if not bool(torch.isfinite(image_features).all()):
+        raise ValueError("MemVP: `image_features` contains NaN or inf values.")
+    mask = _check_mask(image_mask, batch, images)
+    features = image_features.reshape(batch, images * tokens, width)
+    if mask is not None:
+        mask = mask.repeat_interleave(tokens, dim=1)
+    return features, mask

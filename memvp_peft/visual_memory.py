@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .vision import VisionBottleneck
+
 
 class VisualMemory(nn.Module):
     """Projector f and position embeddings (p_k, p_v) of one adapter.
@@ -31,6 +33,9 @@ class VisualMemory(nn.Module):
         num_slots: int,
         visual_scale: float,
         key_init_std: float,
+        vision_layers: int = 0,
+        vision_adapter_dim: int = 0,
+        vision_adapter_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.visual_dim = visual_dim
@@ -41,6 +46,14 @@ class VisualMemory(nn.Module):
         self.value_pos = nn.Parameter(torch.empty(num_slots, model_dim))
         self.key_init_std = key_init_std
         self.reset_parameters()
+        # The authors' bottleneck adapters inside the vision encoder blocks (optional; see vision.py).
+        self.vision_adapters = (
+            nn.ModuleList(
+                VisionBottleneck(visual_dim, vision_adapter_dim, vision_adapter_dropout) for _ in range(vision_layers)
+            )
+            if vision_adapter_dim > 0 and vision_layers > 0
+            else None
+        )
 
     def reset_parameters(self) -> None:
         for layer in (self.projector[0], self.projector[2]):
@@ -56,8 +69,9 @@ class VisualMemory(nn.Module):
             return MemoryState(self.key_pos, self.value_pos)
         weight = self.projector[0].weight
         projected = self.projector(image_features.to(weight.dtype)) * self.visual_scale
-        if image_mask is not None:
-            projected = projected * image_mask.to(device=projected.device, dtype=projected.dtype)[:, None, None]
+        if image_mask is not None:  # (B,) per sample or (B, N) per visual token
+            mask = image_mask.to(device=projected.device, dtype=projected.dtype)
+            projected = projected * (mask[:, None, None] if mask.dim() == 1 else mask[..., None])
         padded = F.pad(projected, (0, 0, 0, self.num_slots - projected.shape[1]))
         return MemoryState(padded + self.key_pos, padded + self.value_pos)
 

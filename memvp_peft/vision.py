@@ -1,0 +1,168 @@
+"""From pixels to visual memory: a frozen vision encoder (CLIP / SigLIP, or a VLM's own tower) and its optional
+bottleneck adapters.
+
+Conventions follow the MemVP authors (MEMVP_SPEC.md): patch features of the encoder's penultimate block
+(`feature_layer=-2`), the CLS token dropped (`select_strategy="default"`; "full" keeps it; encoders without CLS such
+as SigLIP keep every patch), then the encoder's post-layernorm. The encoder is frozen and is *not* part of the adapter
+file: it is held outside the module tree (so it is neither saved nor handed to the optimiser) and the adapter config
+records which encoder, layer and width it expects.
+
+The authors also train small bottleneck adapters inside every encoder block (dim 12, GELU, scale 0.1, zero-initialised
+up-projection). `VisionBottleneck` is that adapter; they live in the MemVP adapter's `VisualMemory` (and so are saved
+with it) and are added in parallel to each encoder MLP by forward hooks while that adapter computes its features.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+class VisionBottleneck(nn.Module):
+    """`fc2(Dropout(GELU(fc1(x))))`, no biases, `fc2` zero-initialised so training starts from the frozen encoder."""
+
+    def __init__(self, width: int, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, dim, bias=False)
+        self.fc2 = nn.Linear(dim, width, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        nn.init.xavier_uniform_(self.fc1.weight)
+        nn.init.zeros_(self.fc2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(nn.functional.gelu(self.fc1(x))))
+
+
+class SharedModuleRef:
+    """Holds a module on a config without copying it: peft deep-copies configs on every save."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __deepcopy__(self, memo: dict) -> "SharedModuleRef":
+        return self
+
+
+def _vision_root(model: nn.Module) -> nn.Module:
+    """The module that owns `embeddings`/`encoder` (transformers 5 flattens CLIPVisionModel; older nests vision_model)."""
+    inner = getattr(model, "vision_model", None)
+    return inner if isinstance(inner, nn.Module) and hasattr(inner, "encoder") else model
+
+
+def _encoder_layers(model: nn.Module) -> nn.ModuleList:
+    encoder = getattr(_vision_root(model), "encoder", None)
+    layers = getattr(encoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"MemVP: {type(model).__name__} is not a supported vision encoder (expected a CLIP/SigLIP-style model with "
+            "`encoder.layers`)."
+        )
+    return layers
+
+
+def load_vision_encoder(name_or_path: str) -> nn.Module:
+    """Load a CLIP/SigLIP vision tower from a local folder (a full CLIP/SigLIP checkpoint works too)."""
+    from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
+
+    if not os.path.exists(name_or_path):
+        raise ValueError(
+            f"MemVP: vision encoder {name_or_path!r} is not a local folder. Download it first, or build it and call "
+            "`memvp_peft.attach_vision_encoder(peft_model, encoder)`."
+        )
+    model_type = AutoConfig.from_pretrained(name_or_path).model_type
+    if model_type == "clip":
+        return CLIPVisionModel.from_pretrained(name_or_path)
+    if model_type == "siglip":
+        return SiglipVisionModel.from_pretrained(name_or_path)
+    return AutoModel.from_pretrained(name_or_path)
+
+
+class VisionEncoder:
+    """A frozen vision tower plus the feature-selection rules; deliberately not an `nn.Module` (never saved/trained)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        feature_layer: int = -2,
+        select_strategy: str = "default",
+        layernorm: bool = True,
+    ) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.feature_layer = feature_layer
+        self.select_strategy = select_strategy
+        self.layernorm = layernorm
+        root = _vision_root(model)
+        self.hidden_size = int(model.config.hidden_size)
+        self.has_cls = hasattr(getattr(root, "embeddings", None), "class_embedding")
+        self.post_layernorm = getattr(root, "post_layernorm", None) if layernorm else None
+        self.layers = _encoder_layers(model)
+        self._bottlenecks: Optional[nn.ModuleList] = None
+        self._bottleneck_scale = 0.0
+        self._hooks = [
+            layer.mlp.register_forward_hook(self._make_bottleneck_hook(index)) for index, layer in enumerate(self.layers)
+        ]
+
+    def detach(self) -> None:
+        """Remove the adapter hooks from the encoder (on `unload()`)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def _make_bottleneck_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
+            if self._bottlenecks is None:
+                return None
+            return output + self._bottleneck_scale * self._bottlenecks[index](args[0])
+
+        return hook
+
+    def tokens_per_image(self) -> int:
+        config = self.model.config
+        patches = (config.image_size // config.patch_size) ** 2
+        return patches + (1 if self.has_cls and self.select_strategy == "full" else 0)
+
+    def features(
+        self, pixel_values: torch.Tensor, bottlenecks: Optional[nn.ModuleList] = None, scale: float = 0.0
+    ) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, hidden); gradients flow only into `bottlenecks` (the encoder stays frozen)."""
+        reference = next(self.model.parameters())
+        if reference.device != pixel_values.device:
+            self.model.to(pixel_values.device)
+        pixel_values = pixel_values.to(reference.dtype)
+        self._bottlenecks, self._bottleneck_scale = bottlenecks, scale
+        try:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and bottlenecks is not None):
+                outputs = self.model(pixel_values=pixel_values, output_hidden_states=True)
+                hidden = outputs.hidden_states[self.feature_layer]
+                if self.has_cls and self.select_strategy == "default":
+                    hidden = hidden[:, 1:]
+                if self.post_layernorm is not None:
+                    hidden = self.post_layernorm(hidden)
+        finally:
+            self._bottlenecks = None
+        return hidden
+
+
+def describe_encoder(model: nn.Module) -> str:
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return name if name else f"<in-memory {type(model).__name__}>"
+
+
+def vlm_vision_tower(model: nn.Module) -> Optional[nn.Module]:
+    """The vision tower of a Llava-layout VLM (`model.model.vision_tower` / `model.vision_tower`), else None."""
+    for owner in (getattr(model, "model", None), model):
+        tower = getattr(owner, "vision_tower", None)
+        if isinstance(tower, nn.Module):
+            return tower
+    return None
+
+
+def is_vlm(model: Any) -> bool:
+    return vlm_vision_tower(model) is not None and hasattr(model, "get_image_features")
