@@ -200,3 +200,69 @@ def test_multi_image_pixel_values(text):
 def test_too_many_images_for_the_memory_is_rejected(multi_pm, text):
     with pytest.raises(ValueError, match=r"16 visual tokens per sample \(4 image\(s\) x 4\)"):
         _multi(multi_pm, text, torch.randn(2, 4, 4, 16))
+
+
+# ------------------------------------------------------------------------------------------------ VLM bases
+
+
+def tiny_llava(seed=0):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**VISION),
+        text_config=LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, pad_token_id=0,
+        ),
+        image_token_id=63,
+    )
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def llava_features(model, pixels):
+    with torch.no_grad():
+        hidden = model.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        return model.model.vision_tower.post_layernorm(hidden)
+
+
+def test_vlm_base_targets_only_language_model_ffns():
+    pm = get_peft_model(tiny_llava(), memvp_config(num_memory_slots=20))
+    targets = pm.peft_config["default"].target_modules
+    assert sorted(targets) == ["model.language_model.layers.0.mlp", "model.language_model.layers.1.mlp"]
+    from memvp_peft.layer import MemVPLayer
+
+    assert not any(isinstance(m, MemVPLayer) for m in pm.base_model.model.model.vision_tower.modules())
+
+
+def test_vlm_base_runs_language_model_on_text_alone(text, pixels):
+    model = tiny_llava()
+    pm = get_peft_model(model, memvp_config(num_memory_slots=20))
+    randomize_memory(pm)
+    pm.eval()
+    with torch.no_grad():
+        out = pm(**text, pixel_values=pixels).logits
+        want = pm(**text, image_features=llava_features(model, pixels)).logits
+    assert out.shape == (2, 6, 64)  # the sequence did not grow by the 16 patch tokens
+    torch.testing.assert_close(out, want)
+
+
+def test_vlm_image_placeholder_tokens_are_rejected_with_guidance(text, pixels):
+    pm = get_peft_model(tiny_llava(), memvp_config(num_memory_slots=20))
+    ids = text["input_ids"].clone()
+    ids[:, 0] = 63
+    with pytest.raises(ValueError, match="placeholder token.*pixel_values"):
+        pm(input_ids=ids, attention_mask=text["attention_mask"], pixel_values=pixels)
+
+
+def test_vlm_generate_and_train_from_pixels(text, pixels, tmp_path):
+    pm = get_peft_model(tiny_llava(), memvp_config(num_memory_slots=20))
+    pm.train()
+    pm(**text, pixel_values=pixels, labels=text["input_ids"]).loss.backward()
+    assert all(p.grad is not None for n, p in pm.named_parameters() if p.requires_grad)
+    pm.eval()
+    with torch.no_grad():
+        out = pm.generate(**text, pixel_values=pixels, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 10)
+    pm.save_pretrained(tmp_path)
+    assert all("vision_tower" not in k for k in load_file(tmp_path / "adapter_model.safetensors"))
