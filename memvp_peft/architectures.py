@@ -30,15 +30,19 @@ SUPPORTED_ARCHITECTURES = (
     "phi3",
     "gpt2",
     "opt",
+    "t5",
+    "mt5",
+    "bart",
 )
 
 #: (W1 name, W2 name) pairs of plain FFNs whose linears are wrapped as key/value memory.
-PLAIN_FFN_PAIRS = (("c_fc", "c_proj"), ("fc1", "fc2"))
+PLAIN_FFN_PAIRS = (("c_fc", "c_proj"), ("fc1", "fc2"), ("wi", "wo"))
 KEY_NAMES = {key for key, _ in PLAIN_FFN_PAIRS}
 VALUE_NAMES = {value for _, value in PLAIN_FFN_PAIRS}
 ACTIVATION_ATTRIBUTES = ("act_fn", "activation_fn", "act", "activation")
 _VISION_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder")
-_LAYER_STACK_NAMES = ("layers", "h")
+_LAYER_STACK_NAMES = ("layers", "h", "block")
+MEMORY_SIDES = ("encoder", "decoder", "both")
 
 
 def unsupported_message(model: nn.Module, detail: str) -> str:
@@ -68,7 +72,25 @@ def find_decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def _t5_ffn_targets(layer_name: str, layer: nn.Module) -> Optional[list[str]]:
+    """T5/mT5 blocks keep the FFN in `layer[-1].DenseReluDense`: gated (`wi_0/wi_1/wo`) or plain (`wi/wo`)."""
+    sublayers = layer.layer
+    ffn = getattr(sublayers[-1], "DenseReluDense", None)
+    if ffn is None:
+        return None
+    name = f"{layer_name}.layer.{len(sublayers) - 1}.DenseReluDense"
+    if isinstance(ffn, BaseTunerLayer):
+        ffn = ffn.get_base_layer()
+    if hasattr(ffn, "wi_0"):
+        return [name]  # GLU: wrapped whole, the memory branch has no gate
+    if hasattr(ffn, "wi") and hasattr(ffn, "wo"):
+        return [f"{name}.wi", f"{name}.wo"]  # plain: K appended to W1 (wi), V to W2 (wo)
+    return None
+
+
 def _ffn_targets_of_layer(layer_name: str, layer: nn.Module) -> Optional[list[str]]:
+    if isinstance(getattr(layer, "layer", None), nn.ModuleList) and len(layer.layer):
+        return _t5_ffn_targets(layer_name, layer)
     mlp = getattr(layer, "mlp", None)
     if isinstance(mlp, BaseTunerLayer):  # already wrapped by another adapter: inspect the FFN itself
         mlp = mlp.get_base_layer()
@@ -87,11 +109,31 @@ def _ffn_targets_of_layer(layer_name: str, layer: nn.Module) -> Optional[list[st
     return None
 
 
-def find_ffn_targets(model: nn.Module, layers_to_transform: Optional[list[int] | int] = None) -> list[str]:
-    """Qualified names of the modules to wrap so that every (selected) decoder layer gets the visual memory."""
+def _stack_side(layer_name: str) -> Optional[str]:
+    parts = layer_name.split(".")
+    for side in ("encoder", "decoder"):
+        if side in parts:
+            return side
+    return None
+
+
+def find_ffn_targets(
+    model: nn.Module, layers_to_transform: Optional[list[int] | int] = None, memory_side: str = "both"
+) -> list[str]:
+    """Qualified names of the modules to wrap so that every (selected) transformer layer gets the visual memory.
+
+    For encoder-decoder models `memory_side` picks the encoder stack, the decoder stack or both.
+    """
     layers = find_decoder_layers(model)
     if not layers:
-        raise ValueError(unsupported_message(model, "no decoder layer stack (`layers` or `h`) was found"))
+        raise ValueError(unsupported_message(model, "no transformer layer stack (`layers`, `h` or `block`) was found"))
+    if memory_side != "both":
+        if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise ValueError(
+                f"MemVP: memory_side={memory_side!r} only applies to encoder-decoder models (T5, BART); this model has "
+                "a single stack, use memory_side='both'."
+            )
+        layers = [(name, layer) for name, layer in layers if _stack_side(name) == memory_side]
     if isinstance(layers_to_transform, int):
         layers_to_transform = [layers_to_transform]
     targets = []

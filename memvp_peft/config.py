@@ -95,6 +95,16 @@ class MemVPConfig(PeftConfig):
             )
         },
     )
+    memory_side: str = field(
+        default="both",
+        metadata={
+            "help": (
+                "Encoder-decoder models (T5, BART): put the visual memory into the FFNs of the 'encoder', the "
+                "'decoder' or 'both' (default: both, as in the paper's BART/T5 experiments -- the encoder then builds "
+                "image-aware text states and the decoder reads the image at every generated token)."
+            )
+        },
+    )
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={"help": "Module names or a regex that must not be wrapped, even if they match `target_modules`."},
@@ -204,6 +214,8 @@ class MemVPConfig(PeftConfig):
                 f"MemVPConfig.activation must be None (the FFN's own activation) or one of {SUPPORTED_ACTIVATIONS}, "
                 f"got {self.activation!r}."
             )
+        if self.memory_side not in ("encoder", "decoder", "both"):
+            raise ValueError(f"MemVPConfig.memory_side must be 'encoder', 'decoder' or 'both', got {self.memory_side!r}.")
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(
                 "MemVPConfig.vision_feature_select_strategy must be 'default' (drop CLS) or 'full', got "

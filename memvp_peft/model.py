@@ -134,7 +134,9 @@ class MemVPModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: MemVPConfig, model_config: dict) -> MemVPConfig:
         if peft_config.target_modules is None:
-            peft_config.target_modules = find_ffn_targets(self.model, peft_config.layers_to_transform)
+            peft_config.target_modules = find_ffn_targets(
+                self.model, peft_config.layers_to_transform, peft_config.memory_side
+            )
         return peft_config
 
     def _create_memory(self, adapter_name: str, config: MemVPConfig) -> None:

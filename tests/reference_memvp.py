@@ -176,3 +176,58 @@ def reference_logits(
 
     with torch.no_grad():
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def reference_seq2seq_logits(
+    base_model: nn.Module,
+    adapter_state: dict[str, torch.Tensor],
+    config,
+    input_ids: torch.Tensor,
+    decoder_input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    image_features: Optional[torch.Tensor] = None,
+    image_mask: Optional[torch.Tensor] = None,
+    sides: Sequence[str] = ("encoder", "decoder"),
+) -> torch.Tensor:
+    """Encoder-decoder version (T5 plain/gated, BART): the same memory added to the FFNs of the chosen stacks.
+
+    T5 plain (`wi/wo`) and BART (`fc1/fc2`): x captured at W1, `s * act(x K^T) V` added at W2's output. T5 gated:
+    hook on the whole `DenseReluDense`, act = its `act`, no gate on the memory branch.
+    """
+    model = copy.deepcopy(base_model).eval()
+    keys, values = reference_memory(adapter_state, config, image_features, image_mask)
+    scale = float(config.memory_scale)
+    for side in sides:
+        if model.config.model_type in ("t5", "mt5"):
+            for block in getattr(model, side).block:
+                ffn = block.layer[-1].DenseReluDense
+                if hasattr(ffn, "wi_0"):
+
+                    def gated_hook(module, args, output, act=ffn.act):
+                        return output + _memory_read(args[0], keys, values, act, scale)
+
+                    ffn.register_forward_hook(gated_hook)
+                else:
+                    _hook_plain_pair(ffn.wi, ffn.wo, ffn.act, keys, values, scale)
+        elif model.config.model_type == "bart":
+            for layer in getattr(model.model, side).layers:
+                _hook_plain_pair(layer.fc1, layer.fc2, layer.activation_fn, keys, values, scale)
+        else:
+            raise NotImplementedError(model.config.model_type)
+    with torch.no_grad():
+        return model(
+            input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids
+        ).logits
+
+
+def _hook_plain_pair(w1: nn.Module, w2: nn.Module, act: Callable, keys, values, scale: float) -> None:
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(module, args):
+        captured["x"] = args[0]
+
+    def add_read(module, args, output):
+        return output + _memory_read(captured.pop("x"), keys, values, act, scale)
+
+    w1.register_forward_pre_hook(capture)
+    w2.register_forward_hook(add_read)

@@ -1,0 +1,1092 @@
+"""Benchmark MemVP against input-space visual prompting + LoRA (LLaVA style) and text-only + LoRA.
+
+    python -m memvp_peft.bench                       # 3x3 sweep N in {64,256,576} x T in {32,64,256}, B=4
+    python -m memvp_peft.bench --quick               # CI smoke: tiny model, one point, one repeat (< 30 s)
+    python -m memvp_peft.bench --accuracy            # accuracy at equal budget on scikit-learn's real digits
+    python -m memvp_peft.bench --profile             # + torch.profiler tables of MemVP vs text-only (one point)
+
+Three methods on ONE frozen base model, built and measured in one process, interleaved (A, B, C, A, B, C, ...;
+the median over the repeats is reported):
+
+* ``memvp``: this package. ``num_memory_slots = N + extra_slots`` (the authors' 256 -> 320), projector hidden 128,
+  the paper's dropout 0.1 / scales. The sequence stays T tokens long.
+* ``input_lora``: LLaVA-style input-space prompting: the same kind of projector (Linear -> SiLU -> Linear to the
+  model width) applied to the N visual features, prepended as N extra input embeddings via ``inputs_embeds``
+  (attention mask ones, labels -100), plus peft LoRA r=8 on q_proj/v_proj. The sequence is N + T tokens long.
+* ``text_lora``: the same LoRA on the T text tokens alone (no image): the floor every visual method pays.
+
+Per (N, T) and method: training step (forward + backward, optimizer excluded, gradients reset with
+``zero_grad(set_to_none=True)`` outside the timed region), prefill latency (one forward over the prompt with
+``use_cache=True, logits_to_keep=1`` -- what ``generate`` does first), decode time per token with the KV cache
+(greedy ``generate`` with ``min_new_tokens = max_new_tokens = 32``; per-step timestamps from a StoppingCriteria,
+(t_32 - t_1) / 31), KV-cache bytes (``past_key_values`` after prefill), MemVP's per-call memory K/V bytes, trainable
+parameters, and peak memory: the peak of torch's CPU allocator above the level before the call (bytes allocated
+by tensors; from the allocation events of ``torch.profiler(profile_memory=True)``, measured in a separate untimed
+run). Writes ``benchmark.json``, ``benchmark.md`` and ``benchmark.png`` into ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+METHODS = ("memvp", "input_lora", "text_lora")
+METHOD_LABELS = {
+    "memvp": "MemVP",
+    "input_lora": "input-space + LoRA",
+    "text_lora": "text only + LoRA",
+}
+DEFAULT_MODEL = dict(
+    vocab_size=2000, hidden_size=512, num_hidden_layers=4, intermediate_size=1376, num_attention_heads=8,
+    num_key_value_heads=8,
+)
+QUICK_MODEL = dict(
+    vocab_size=256, hidden_size=64, num_hidden_layers=2, intermediate_size=172, num_attention_heads=2,
+    num_key_value_heads=2,
+)
+# The paper's GPU numbers (MEMVP_SPEC.md; ScienceQA, LLaMA-7B, via ADEM-VL's compilation): seconds per batch.
+PAPER_GPU = {
+    "LLaVA-LoRA (input-space + LoRA), 7B, 4.4M trainable": {"train_s_per_batch": 0.49, "infer_s_per_batch": 3.42},
+    "MemVP, 7B, 3.9M trainable": {"train_s_per_batch": 0.28, "infer_s_per_batch": 1.88},
+}
+
+
+# ------------------------------------------------------------------------------------------------------ measuring
+
+
+def cache_nbytes(cache: Any) -> int:
+    """Bytes held by a HF KV cache (``DynamicCache`` with ``.layers`` or the legacy tuple of tuples)."""
+    if cache is None:
+        return 0
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        total = 0
+        for layer in layers:
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name, None)
+                if isinstance(tensor, torch.Tensor):
+                    total += tensor.numel() * tensor.element_size()
+        return total
+    if isinstance(cache, torch.Tensor):
+        return cache.numel() * cache.element_size()
+    if isinstance(cache, (tuple, list)):
+        return sum(cache_nbytes(item) for item in cache)
+    return 0
+
+
+def peak_allocated_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes allocated by torch's CPU allocator while `fn` runs, above the level before it.
+
+    From the allocation/free events of ``torch.profiler`` with ``profile_memory=True`` (running sum of the event
+    sizes, in time order; frees of tensors that existed before count negative, so the number is the net growth).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events: list[tuple[int, int]] = []
+
+    def walk(node: Any) -> None:
+        if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
+            events.append((node.start_time_ns, int(node.extra_fields.alloc_size)))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    events.sort()
+    level = peak = 0
+    for _, size in events:
+        level += size
+        peak = max(peak, level)
+    return peak
+
+
+class _StepClock:
+    """StoppingCriteria that timestamps every generated token and never stops generation itself."""
+
+    def __init__(self) -> None:
+        from transformers import StoppingCriteria
+
+        outer = self
+
+        class Clock(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+                outer.stamps.append(time.perf_counter())
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        self.stamps: list[float] = []
+        self.criteria = Clock()
+
+
+def count_trainable(modules: list[nn.Module]) -> int:
+    seen, total = set(), 0
+    for module in modules:
+        for param in module.parameters():
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                total += param.numel()
+    return total
+
+
+# ------------------------------------------------------------------------------------------------------- methods
+
+
+def make_projector(visual_dim: int, hidden_dim: int, model_dim: int) -> nn.Sequential:
+    """LLaVA-style projector with MemVP's init (xavier-uniform, zero bias): Linear -> SiLU -> Linear."""
+    projector = nn.Sequential(nn.Linear(visual_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, model_dim))
+    for layer in (projector[0], projector[2]):
+        nn.init.xavier_uniform_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    return projector
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    image_features: torch.Tensor
+
+
+class Method:
+    """One way of feeding the image: uniform train / prefill / generate calls for the benchmark."""
+
+    name: str
+    model: nn.Module
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.model]
+
+    def trainable_parameters(self) -> int:
+        return count_trainable(self.trainable_modules())
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.trainable_modules() for p in m.parameters() if p.requires_grad]
+
+    def zero_grad(self) -> None:
+        for param in self.parameters():
+            param.grad = None
+
+    def train(self, mode: bool = True) -> None:
+        for module in self.trainable_modules():
+            module.train(mode)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prefill(self, batch: Batch) -> Any:
+        raise NotImplementedError
+
+    def generate(self, batch: Batch, new_tokens: int, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def visual_state_bytes(self, batch: Batch) -> int:
+        """Bytes of per-call state besides the KV cache (MemVP's keys/values of the memory)."""
+        return 0
+
+    def sequence_length(self, batch: Batch) -> int:
+        return batch.input_ids.shape[1]
+
+
+def _generate_kwargs(model: nn.Module, new_tokens: int) -> dict[str, Any]:
+    config = model.config if hasattr(model, "config") else None
+    pad = getattr(config, "pad_token_id", None)
+    eos = getattr(config, "eos_token_id", None)
+    pad = pad if pad is not None else (eos if isinstance(eos, int) else 0)
+    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=pad)
+
+
+class MemVPMethod(Method):
+    name = "memvp"
+
+    def __init__(self, base: nn.Module, visual_dim: int, num_slots: int, projector_hidden_dim: int) -> None:
+        import memvp_peft  # noqa: F401  (registers the MEMVP peft type)
+        from peft import get_peft_model
+
+        from .config import MemVPConfig
+
+        self.num_slots = num_slots
+        config = MemVPConfig(
+            visual_dim=visual_dim, num_memory_slots=num_slots, projector_hidden_dim=projector_hidden_dim,
+            task_type="CAUSAL_LM",
+        )
+        self.model = get_peft_model(base, config)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        return self.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+            image_features=batch.image_features,
+        ).loss
+
+    def prefill(self, batch: Batch) -> Any:
+        return self.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, image_features=batch.image_features,
+            use_cache=True, logits_to_keep=1,
+        )
+
+    def generate(self, batch: Batch, new_tokens: int, **kwargs: Any) -> torch.Tensor:
+        return self.model.generate(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, image_features=batch.image_features,
+            **_generate_kwargs(self.model, new_tokens), **kwargs,
+        )
+
+    def visual_state_bytes(self, batch: Batch) -> int:
+        d = self.model.get_input_embeddings().weight.shape[1]
+        return 2 * batch.input_ids.shape[0] * self.num_slots * d * 4  # K and V of the memory, (B, n, d) fp32
+
+
+class LoRAMethod(Method):
+    """peft LoRA on the frozen base; with ``visual=True`` the projected features are prepended as input embeddings."""
+
+    def __init__(
+        self, base: nn.Module, visual: bool, visual_dim: int, projector_hidden_dim: int, lora_r: int,
+        lora_alpha: int, lora_dropout: float, target_modules: list[str],
+    ) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        self.name = "input_lora" if visual else "text_lora"
+        self.visual = visual
+        config = LoraConfig(
+            r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+            task_type="CAUSAL_LM",
+        )
+        self.model = get_peft_model(base, config)
+        d = self.model.get_input_embeddings().weight.shape[1]
+        self.projector = make_projector(visual_dim, projector_hidden_dim, d) if visual else None
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.model] + ([self.projector] if self.projector is not None else [])
+
+    def _inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        if not self.visual:
+            return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        embeds = self.model.get_input_embeddings()(batch.input_ids)
+        visual = self.projector(batch.image_features.to(embeds.dtype))
+        ones = torch.ones(visual.shape[:2], dtype=batch.attention_mask.dtype)
+        return {
+            "inputs_embeds": torch.cat([visual, embeds], dim=1),
+            "attention_mask": torch.cat([ones, batch.attention_mask], dim=1),
+        }
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        labels = batch.labels
+        if self.visual:
+            ignore = torch.full(batch.image_features.shape[:2], -100, dtype=labels.dtype)
+            labels = torch.cat([ignore, labels], dim=1)
+        return self.model(**self._inputs(batch), labels=labels).loss
+
+    def prefill(self, batch: Batch) -> Any:
+        return self.model(**self._inputs(batch), use_cache=True, logits_to_keep=1)
+
+    def generate(self, batch: Batch, new_tokens: int, **kwargs: Any) -> torch.Tensor:
+        return self.model.generate(**self._inputs(batch), **_generate_kwargs(self.model, new_tokens), **kwargs)
+
+    def sequence_length(self, batch: Batch) -> int:
+        return batch.input_ids.shape[1] + (batch.image_features.shape[1] if self.visual else 0)
+
+
+# ---------------------------------------------------------------------------------------------------- base model
+
+
+def build_base_model(args: argparse.Namespace) -> nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if args.model_name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model_name_or_path, local_files_only=True, torch_dtype=torch.float32
+        )
+    else:
+        shape = dict(QUICK_MODEL if args.quick else DEFAULT_MODEL)
+        for key, arg in (("hidden_size", "hidden_size"), ("num_hidden_layers", "num_layers"),
+                         ("intermediate_size", "intermediate_size"), ("vocab_size", "vocab_size")):
+            if getattr(args, arg) is not None:
+                shape[key] = getattr(args, arg)
+        if args.hidden_size is not None:
+            shape["num_attention_heads"] = shape["num_key_value_heads"] = max(1, args.hidden_size // 64)
+        longest = max(args.num_visual_tokens) + max(args.text_lengths) + args.new_tokens + 8
+        torch.manual_seed(args.seed)
+        model = LlamaForCausalLM(
+            LlamaConfig(**shape, max_position_embeddings=max(2048, longest), pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2)
+        )
+    model.requires_grad_(False)
+    return model
+
+
+def describe_model(model: nn.Module) -> dict[str, Any]:
+    config = model.config
+    get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)  # noqa: E731
+    return {
+        "model_type": getattr(config, "model_type", type(model).__name__),
+        "hidden_size": get("hidden_size", "d_model", "n_embd"),
+        "num_layers": get("num_hidden_layers", "n_layer"),
+        "intermediate_size": get("intermediate_size", "ffn_dim", "n_inner"),
+        "num_attention_heads": get("num_attention_heads", "n_head"),
+        "num_key_value_heads": get("num_key_value_heads"),
+        "vocab_size": get("vocab_size"),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def forward_flops_per_token(info: dict[str, Any], context: float) -> float:
+    """Matmul FLOPs of one token's forward through a Llama-shaped model attending to `context` earlier tokens."""
+    d, layers, inter = info["hidden_size"], info["num_layers"], info["intermediate_size"] or 4 * info["hidden_size"]
+    heads, kv = info["num_attention_heads"] or 1, info["num_key_value_heads"] or info["num_attention_heads"] or 1
+    kv_width = d * kv // heads
+    per_layer = 2 * (2 * d * d + 2 * d * kv_width + 3 * d * inter) + 4 * context * d
+    return layers * per_layer
+
+
+# --------------------------------------------------------------------------------------------------------- sweep
+
+
+def make_batch(batch_size: int, text_len: int, visual_tokens: int, visual_dim: int, vocab: int, seed: int) -> Batch:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (batch_size, text_len), generator=generator)
+    return Batch(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        labels=ids.clone(),
+        image_features=torch.randn(batch_size, visual_tokens, visual_dim, generator=generator),
+    )
+
+
+def time_train_step(method: Method, batch: Batch) -> float:
+    method.train(True)
+    method.zero_grad()
+    start = time.perf_counter()
+    method.loss(batch).backward()
+    elapsed = time.perf_counter() - start
+    method.zero_grad()
+    return elapsed
+
+
+@torch.no_grad()
+def time_prefill(method: Method, batch: Batch) -> tuple[float, int]:
+    method.train(False)
+    start = time.perf_counter()
+    out = method.prefill(batch)
+    elapsed = time.perf_counter() - start
+    return elapsed, cache_nbytes(out.past_key_values)
+
+
+@torch.no_grad()
+def time_generate(method: Method, batch: Batch, new_tokens: int) -> tuple[float, float]:
+    """(time to first token, decode seconds per token after the first) of one greedy generate call."""
+    from transformers import StoppingCriteriaList
+
+    method.train(False)
+    clock = _StepClock()
+    start = time.perf_counter()
+    out = method.generate(batch, new_tokens, stopping_criteria=StoppingCriteriaList([clock.criteria]))
+    stamps = clock.stamps
+    generated = out.shape[1] - (batch.input_ids.shape[1] if out.shape[1] > new_tokens else 0)
+    if len(stamps) < 2 or generated != new_tokens:
+        raise RuntimeError(f"{method.name}: expected {new_tokens} new tokens, got {generated} ({len(stamps)} steps)")
+    return stamps[0] - start, (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    base = build_base_model(args)
+    info = describe_model(base)
+    vocab = info["vocab_size"]
+    d = info["hidden_size"]
+    methods_wanted = [m for m in METHODS if m in args.methods]
+    lora_targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+
+    # Each method owns a deep copy of the same frozen base (peft modifies the model in place).
+    lora_methods: dict[str, Method] = {}
+    for name in ("input_lora", "text_lora"):
+        if name in methods_wanted:
+            lora_methods[name] = LoRAMethod(
+                copy.deepcopy(base), name == "input_lora", args.visual_dim, args.projector_hidden_dim, args.lora_r,
+                args.lora_alpha, args.lora_dropout, lora_targets,
+            )
+    memvp_cache: dict[int, MemVPMethod] = {}
+
+    def method_for(name: str, visual_tokens: int) -> Method:
+        if name != "memvp":
+            return lora_methods[name]
+        slots = visual_tokens + args.extra_slots
+        if slots not in memvp_cache:
+            memvp_cache.clear()  # one MemVP model alive at a time
+            memvp_cache[slots] = MemVPMethod(copy.deepcopy(base), args.visual_dim, slots, args.projector_hidden_dim)
+        return memvp_cache[slots]
+
+    points = [(n, t) for n in args.num_visual_tokens for t in args.text_lengths]
+    phases = 3
+    per_point = len(methods_wanted) * (phases * (args.repeats + 1) + (0 if args.no_memory else 2))
+    progress = tqdm(total=len(points) * per_point, desc="memvp-bench", unit="call", dynamic_ncols=True,
+                    disable=args.no_progress)
+    results = []
+    for point_index, (visual_tokens, text_len) in enumerate(points):
+        batch = make_batch(args.batch_size, text_len, visual_tokens, args.visual_dim, vocab, args.seed + point_index)
+        methods = [method_for(name, visual_tokens) for name in methods_wanted]
+        samples: dict[str, dict[str, list[float]]] = {
+            m.name: {"train": [], "prefill": [], "ttft": [], "decode": []} for m in methods
+        }
+        kv_bytes: dict[str, int] = {}
+        progress.set_postfix_str(f"N={visual_tokens} T={text_len}")
+        # warm-up (untimed): one call of every phase per method
+        for method in methods:
+            time_train_step(method, batch)
+            progress.update(1)
+            _, kv_bytes[method.name] = time_prefill(method, batch)
+            progress.update(1)
+            time_generate(method, batch, args.new_tokens)
+            progress.update(1)
+        # interleaved repeats: A, B, C, A, B, C, ... within each phase
+        for _ in range(args.repeats):
+            for method in methods:
+                samples[method.name]["train"].append(time_train_step(method, batch))
+                progress.update(1)
+            for method in methods:
+                samples[method.name]["prefill"].append(time_prefill(method, batch)[0])
+                progress.update(1)
+            for method in methods:
+                ttft, decode = time_generate(method, batch, args.new_tokens)
+                samples[method.name]["ttft"].append(ttft)
+                samples[method.name]["decode"].append(decode)
+                progress.update(1)
+        peaks: dict[str, dict[str, Optional[int]]] = {m.name: {"train": None, "generate": None} for m in methods}
+        if not args.no_memory:
+            for method in methods:
+                method.train(True)
+                method.zero_grad()
+                peaks[method.name]["train"] = peak_allocated_bytes(lambda: method.loss(batch).backward())
+                method.zero_grad()
+                progress.update(1)
+                method.train(False)
+                with torch.no_grad():
+                    peaks[method.name]["generate"] = peak_allocated_bytes(
+                        lambda: method.generate(batch, args.new_tokens)
+                    )
+                progress.update(1)
+        for method in methods:
+            s = samples[method.name]
+            results.append({
+                "N": visual_tokens,
+                "T": text_len,
+                "B": args.batch_size,
+                "method": method.name,
+                "label": METHOD_LABELS[method.name],
+                "sequence_length": method.sequence_length(batch),
+                "num_memory_slots": getattr(method, "num_slots", None),
+                "trainable_params": method.trainable_parameters(),
+                "train_step_ms": 1e3 * _median(s["train"]),
+                "prefill_ms": 1e3 * _median(s["prefill"]),
+                "ttft_ms": 1e3 * _median(s["ttft"]),
+                "decode_ms_per_token": 1e3 * _median(s["decode"]),
+                "kv_cache_bytes": kv_bytes[method.name],
+                "visual_state_bytes": method.visual_state_bytes(batch),
+                "peak_train_bytes": peaks[method.name]["train"],
+                "peak_generate_bytes": peaks[method.name]["generate"],
+                "samples_ms": {k: [round(1e3 * v, 3) for v in vals] for k, vals in s.items()},
+            })
+    progress.close()
+
+    meta = {
+        "command": "python -m memvp_peft.bench " + " ".join(args.argv),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "model": info,
+        "model_name_or_path": args.model_name_or_path or "built-in LlamaConfig (random init)",
+        "batch_size": args.batch_size,
+        "visual_dim": args.visual_dim,
+        "projector_hidden_dim": args.projector_hidden_dim,
+        "extra_slots": args.extra_slots,
+        "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": lora_targets},
+        "repeats": args.repeats,
+        "new_tokens": args.new_tokens,
+        "dtype": "float32",
+        "timing": (
+            "median of interleaved repeats after one warm-up call; train step = forward + backward (optimizer "
+            "excluded); prefill = one forward with use_cache=True, logits_to_keep=1; decode = (t_last - t_first) / "
+            "(new_tokens - 1) from StoppingCriteria timestamps inside one greedy generate call"
+        ),
+        "memory": (
+            "peak bytes allocated by torch's CPU allocator above the level before the call, from "
+            "torch.profiler(profile_memory=True) allocation events, in a separate untimed run"
+        ),
+    }
+    report = {"meta": meta, "results": results, "ratios": compute_ratios(results, info, args)}
+    report["targets"] = check_targets(report["ratios"])
+    return report
+
+
+def compute_ratios(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.Namespace) -> list[dict]:
+    """MemVP vs the baselines per (N, T), and MemVP vs its physical floor (text-only + the memory branch FLOPs)."""
+    by_key = {(r["N"], r["T"], r["method"]): r for r in results}
+    ratios = []
+    d, layers = info["hidden_size"], info["num_layers"]
+    for n_vis, t_len in sorted({(r["N"], r["T"]) for r in results}):
+        mem, inp, txt = (by_key.get((n_vis, t_len, m)) for m in METHODS)
+        row: dict[str, Any] = {"N": n_vis, "T": t_len}
+        if mem and inp:
+            row["train_speedup_vs_input"] = inp["train_step_ms"] / mem["train_step_ms"]
+            row["prefill_speedup_vs_input"] = inp["prefill_ms"] / mem["prefill_ms"]
+            row["decode_memvp_over_input"] = mem["decode_ms_per_token"] / inp["decode_ms_per_token"]
+        if mem and txt:
+            row["train_memvp_over_text"] = mem["train_step_ms"] / txt["train_step_ms"]
+            row["prefill_memvp_over_text"] = mem["prefill_ms"] / txt["prefill_ms"]
+            row["decode_memvp_over_text"] = mem["decode_ms_per_token"] / txt["decode_ms_per_token"]
+            if d and layers:
+                slots = mem["num_memory_slots"]
+                # Forward: act(x K^T) V is 4*n*d FLOPs per token per layer. Backward: dX, dK, dV and d(scores) are
+                # two more of each matmul (8*n*d). The frozen base's backward computes input gradients only (~1x
+                # its forward), so a text-only training step is ~2x the forward FLOPs.
+                base_fwd = forward_flops_per_token(info, t_len / 2) + 2 * d * info["vocab_size"]
+                extra_fwd = 4 * slots * d * layers
+                row["floor_train_over_text"] = 1 + 3 * extra_fwd / (2 * base_fwd)
+                row["floor_prefill_over_text"] = 1 + extra_fwd / (base_fwd - 2 * d * info["vocab_size"] * (1 - 1 / t_len))
+                row["train_memvp_over_floor"] = row["train_memvp_over_text"] / row["floor_train_over_text"]
+                row["prefill_memvp_over_floor"] = row["prefill_memvp_over_text"] / row["floor_prefill_over_text"]
+        ratios.append(row)
+    return ratios
+
+
+TARGETS = (
+    ("train_speedup_vs_input", ">=", 5.0, "MemVP training step >= 5x faster than input-space + LoRA"),
+    ("train_memvp_over_text", "<=", 1.10, "MemVP training step <= 1.10x the text-only step"),
+    ("prefill_speedup_vs_input", ">=", 5.0, "MemVP prefill >= 5x faster than input-space + LoRA"),
+    ("decode_memvp_over_input", "<=", 1.0, "MemVP decode per token no slower than input-space + LoRA"),
+)
+
+
+def check_targets(ratios: list[dict[str, Any]], point: tuple[int, int] = (256, 64)) -> dict[str, Any]:
+    row = next((r for r in ratios if (r["N"], r["T"]) == point), None)
+    if row is None:
+        return {"point": None, "checks": []}
+    checks = []
+    for key, op, bound, text in TARGETS:
+        value = row.get(key)
+        if value is None:
+            continue
+        met = value >= bound if op == ">=" else value <= bound
+        checks.append({"target": text, "metric": key, "value": round(value, 3), "bound": f"{op} {bound}", "met": met})
+    return {"point": {"N": point[0], "T": point[1]}, "checks": checks}
+
+
+# -------------------------------------------------------------------------------------------------------- output
+
+
+def _version(package: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:  # pragma: no cover
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mb(value: Optional[int]) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    meta = report["meta"]
+    model = meta["model"]
+    lines = [
+        "# memvp-bench results",
+        "",
+        f"Model: {meta['model_name_or_path']} ({model['model_type']}, width {model['hidden_size']}, "
+        f"{model['num_layers']} layers, FFN {model['intermediate_size']}, vocab {model['vocab_size']}, "
+        f"{model['parameters'] / 1e6:.1f}M params, {meta['dtype']}). Batch {meta['batch_size']}, visual_dim "
+        f"{meta['visual_dim']}, {meta['new_tokens']} new tokens, median of {meta['repeats']} interleaved repeats.",
+        f"Machine: {meta['processor']}, {meta['cpu_count']} CPUs, torch {meta['torch']} ({meta['torch_threads']} "
+        f"threads), transformers {meta['transformers']}, peft {meta['peft']}.",
+        f"Timing: {meta['timing']}.",
+        f"Memory: {meta['memory']}.",
+        "",
+        "| N | T | method | seq len | trainable | train step ms | prefill ms | decode ms/token | KV cache MB "
+        "| MemVP K/V MB | peak train MB | peak generate MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['N']} | {r['T']} | {r['label']} | {r['sequence_length']} | {r['trainable_params']:,} | "
+            f"{r['train_step_ms']:.1f} | {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | "
+            f"{_mb(r['kv_cache_bytes'])} | {_mb(r['visual_state_bytes']) if r['visual_state_bytes'] else '-'} | "
+            f"{_mb(r['peak_train_bytes'])} | {_mb(r['peak_generate_bytes'])} |"
+        )
+    lines += [
+        "",
+        "Ratios (train/prefill speed-up = input-space time / MemVP time; 'over' = MemVP time / other time; floor = "
+        "text-only time scaled by the memory branch's extra matmul FLOPs):",
+        "",
+        "| N | T | train speed-up vs input | train MemVP/text | train floor/text | prefill speed-up vs input "
+        "| prefill MemVP/text | decode MemVP/input | decode MemVP/text |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda row, key: f"{row[key]:.2f}" if key in row else "-"  # noqa: E731
+    for row in report["ratios"]:
+        lines.append(
+            f"| {row['N']} | {row['T']} | {fmt(row, 'train_speedup_vs_input')} | {fmt(row, 'train_memvp_over_text')} "
+            f"| {fmt(row, 'floor_train_over_text')} | {fmt(row, 'prefill_speedup_vs_input')} | "
+            f"{fmt(row, 'prefill_memvp_over_text')} | {fmt(row, 'decode_memvp_over_input')} | "
+            f"{fmt(row, 'decode_memvp_over_text')} |"
+        )
+    targets = report.get("targets", {})
+    if targets.get("checks"):
+        point = targets["point"]
+        lines += ["", f"Targets at N={point['N']}, T={point['T']}:", ""]
+        for check in targets["checks"]:
+            lines.append(f"- {'met' if check['met'] else 'NOT met'}: {check['target']} (measured {check['value']}, "
+                         f"target {check['bound']})")
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    points = sorted({(r["N"], r["T"]) for r in results})
+    labels = [f"N={n}\nT={t}" for n, t in points]
+    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
+    panels = [
+        ("train_step_ms", "training step (fwd+bwd), ms", 1.0),
+        ("prefill_ms", "prefill latency, ms", 1.0),
+        ("decode_ms_per_token", "decode per token (KV cache), ms", 1.0),
+        ("peak_train_bytes", "peak train memory, MiB", 1 / 2**20),
+        ("kv_cache_bytes", "KV cache after prefill, MiB", 1 / 2**20),
+    ]
+    colors = {"memvp": "tab:green", "input_lora": "tab:red", "text_lora": "tab:gray"}
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    width = 0.8 / max(1, len(methods))
+    for ax, (key, title, scale) in zip(axes.flat, panels):
+        for i, method in enumerate(methods):
+            values = []
+            for point in points:
+                row = next((r for r in results if (r["N"], r["T"]) == point and r["method"] == method), None)
+                value = row.get(key) if row else None
+                values.append(float("nan") if value is None else value * scale)
+            xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(points))]
+            ax.bar(xs, values, width, label=METHOD_LABELS[method], color=colors[method])
+        ax.set_title(title)
+        ax.set_xticks(range(len(points)))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+    ax = axes.flat[5]
+    ratios = report["ratios"]
+    xs = range(len(ratios))
+    for key, label, marker in (
+        ("train_speedup_vs_input", "train: input-space / MemVP", "o"),
+        ("prefill_speedup_vs_input", "prefill: input-space / MemVP", "s"),
+        ("train_memvp_over_text", "train: MemVP / text-only", "^"),
+        ("decode_memvp_over_input", "decode: MemVP / input-space", "v"),
+    ):
+        ax.plot(list(xs), [r.get(key, float("nan")) for r in ratios], marker=marker, label=label)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([f"N={r['N']}\nT={r['T']}" for r in ratios], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_title("ratios")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    meta = report["meta"]
+    fig.suptitle(
+        f"MemVP vs input-space + LoRA vs text-only + LoRA -- width {meta['model']['hidden_size']}, "
+        f"{meta['model']['num_layers']} layers, B={meta['batch_size']}, {meta['processor']}, "
+        f"{meta['torch_threads']} threads, torch {meta['torch']}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(report: dict[str, Any], output_dir: Path, stem: str, markdown: str,
+                  plot: Optional[Callable[[dict, Path], None]]) -> dict[str, str]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": output_dir / f"{stem}.json", "markdown": output_dir / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["markdown"].write_text(markdown)
+    if plot is not None:
+        paths["png"] = output_dir / f"{stem}.png"
+        plot(report, paths["png"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- profiling
+
+
+def profile_point(args: argparse.Namespace, output_dir: Path) -> dict[str, str]:
+    """torch.profiler op tables of one training step and one prefill of MemVP and text-only + LoRA."""
+    from torch.profiler import ProfilerActivity, profile
+
+    base = build_base_model(args)
+    visual_tokens, text_len = args.profile_point
+    batch = make_batch(args.batch_size, text_len, visual_tokens, args.visual_dim, base.config.vocab_size, args.seed)
+    lora_targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+    methods = [
+        MemVPMethod(copy.deepcopy(base), args.visual_dim, visual_tokens + args.extra_slots, args.projector_hidden_dim),
+        LoRAMethod(copy.deepcopy(base), False, args.visual_dim, args.projector_hidden_dim, args.lora_r,
+                   args.lora_alpha, args.lora_dropout, lora_targets),
+    ]
+    written = {}
+    for method in methods:
+        for phase in ("train", "prefill"):
+            run = (lambda: time_train_step(method, batch)) if phase == "train" else (lambda: time_prefill(method, batch))
+            for _ in range(2):
+                run()
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                for _ in range(args.repeats):
+                    run()
+            path = output_dir / f"profile_{method.name}_{phase}_N{visual_tokens}_T{text_len}.txt"
+            table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=40)
+            path.write_text(f"{method.name} {phase}, {args.repeats} calls, N={visual_tokens} T={text_len}\n{table}\n")
+            written[f"{method.name}_{phase}"] = str(path)
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------- accuracy
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+PROMPT = "what digit is this ?"
+
+
+class WordTokenizer:
+    """Whitespace word-level tokenizer over a fixed vocabulary (specials, the prompt's words, the ten digit words)."""
+
+    SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+
+    def __init__(self) -> None:
+        self.vocab = [*self.SPECIALS, *PROMPT.split(), *DIGIT_WORDS]
+        self.ids = {w: i for i, w in enumerate(self.vocab)}
+        self.pad_token_id, self.bos_token_id, self.eos_token_id, self.unk_token_id = range(4)
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.ids.get(w, self.unk_token_id) for w in text.split()]
+
+    def decode(self, ids: Any) -> str:
+        words = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_token_id:
+                break
+            if i >= len(self.SPECIALS):
+                words.append(self.vocab[i])
+        return " ".join(words)
+
+
+def digits_visual_tokens(images: Any) -> torch.Tensor:
+    """(M, 8, 8) digit scans (0..16) -> (M, 16, 6): one token per 2x2 patch = 4 pixels in [0, 1] + (row, col)."""
+    import numpy as np
+
+    pixels = images.astype(np.float32) / 16.0
+    patches = pixels.reshape(-1, 4, 2, 4, 2).transpose(0, 1, 3, 2, 4).reshape(-1, 16, 4)
+    rows, cols = np.divmod(np.arange(16), 4)
+    position = np.broadcast_to(np.stack([rows, cols], 1).astype(np.float32) / 3.0, (len(pixels), 16, 2))
+    return torch.from_numpy(np.concatenate([patches, position], axis=2).copy())
+
+
+def run_accuracy(args: argparse.Namespace) -> dict[str, Any]:
+    """MemVP vs input-space + LoRA on real digits: same base, steps, batches, optimizer; held-out accuracy + time."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from tqdm.auto import tqdm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    digits = load_digits()
+    features = digits_visual_tokens(digits.images)
+    targets = torch.from_numpy(digits.target).long()
+    train_idx, test_idx = train_test_split(
+        np.arange(len(targets)), test_size=0.2, random_state=args.seed, stratify=digits.target
+    )
+    if args.quick:
+        test_idx = test_idx[:64]
+    tokenizer = WordTokenizer()
+    prompt = [tokenizer.bos_token_id] + tokenizer.encode(PROMPT)
+
+    def base_model() -> nn.Module:
+        torch.manual_seed(args.seed)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=args.acc_hidden_size, intermediate_size=2 * args.acc_hidden_size,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+            # a frozen random lm_head with the default 0.02 init caps the answer probability (logits within +-2.5)
+            initializer_range=0.1,
+        )
+        model = LlamaForCausalLM(config)
+        model.requires_grad_(False)
+        return model
+
+    visual_dim = features.shape[2]
+    steps = args.steps if args.steps is not None else (10 if args.quick else 1000)
+    lora_targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+    methods = {
+        "memvp": MemVPMethod(base_model(), visual_dim, features.shape[1] + args.acc_extra_slots, args.projector_hidden_dim),
+        "input_lora": LoRAMethod(base_model(), True, visual_dim, args.projector_hidden_dim, args.lora_r,
+                                 args.lora_alpha, args.lora_dropout, lora_targets),
+    }
+
+    def batch_of(idx: Any) -> Batch:
+        idx = torch.as_tensor(idx)
+        rows = [prompt + [tokenizer.ids[DIGIT_WORDS[int(y)]], tokenizer.eos_token_id] for y in targets[idx]]
+        ids = torch.tensor(rows)
+        labels = ids.clone()
+        labels[:, : len(prompt)] = -100  # answer-only loss
+        return Batch(ids, torch.ones_like(ids), labels, features[idx])
+
+    def schedule(step: int) -> float:
+        warm = max(1, steps // 20)
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
+
+    results = {}
+    for name, method in methods.items():
+        lr = args.lr_input_lora if (name == "input_lora" and args.lr_input_lora) else args.lr
+        params = method.parameters()
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.02)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        generator = torch.Generator().manual_seed(args.seed)  # identical batches for both methods
+        order, cursor, losses = torch.randperm(len(train_idx), generator=generator), 0, []
+        method.train(True)
+        start = time.perf_counter()
+        for _ in tqdm(range(steps), desc=f"accuracy {name}", unit="step", dynamic_ncols=True,
+                      disable=args.no_progress):
+            if cursor + args.acc_batch_size > len(order):
+                order, cursor = torch.randperm(len(train_idx), generator=generator), 0
+            idx = train_idx[order[cursor : cursor + args.acc_batch_size].numpy()]
+            cursor += args.acc_batch_size
+            loss = method.loss(batch_of(idx))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        train_time = time.perf_counter() - start
+        method.train(False)
+        start = time.perf_counter()
+        correct = 0
+        with torch.no_grad():
+            for chunk in range(0, len(test_idx), 256):
+                batch = batch_of(test_idx[chunk : chunk + 256])
+                batch.input_ids = batch.input_ids[:, : len(prompt)]
+                batch.attention_mask = batch.attention_mask[:, : len(prompt)]
+                out = method.model.generate(
+                    **({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                        "image_features": batch.image_features} if name == "memvp" else method._inputs(batch)),
+                    max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=tokenizer.eos_token_id,
+                )
+                new = out[:, len(prompt):] if name == "memvp" else out  # inputs_embeds: only new tokens returned
+                for row, y in zip(new, targets[torch.as_tensor(test_idx[chunk : chunk + 256])]):
+                    correct += tokenizer.decode(row) == DIGIT_WORDS[int(y)]
+        eval_time = time.perf_counter() - start
+        results[name] = {
+            "label": METHOD_LABELS[name],
+            "heldout_accuracy": correct / len(test_idx),
+            "trainable_params": method.trainable_parameters(),
+            "train_time_s": round(train_time, 2),
+            "ms_per_step": round(1e3 * train_time / steps, 2),
+            "eval_time_s": round(eval_time, 2),
+            "final_loss": float(np.mean(losses[-20:])),
+            "lr": lr,
+            "losses": [round(v, 5) for v in losses],
+        }
+    report = {
+        "meta": {
+            "command": "python -m memvp_peft.bench " + " ".join(args.argv),
+            "task": "scikit-learn load_digits (1,797 real 8x8 scans), stratified 80/20 split; 16 visual tokens per "
+                    "image (2x2 patches: 4 pixels + (row, col)), visual_dim 6; prompt 'what digit is this ?', answer "
+                    "the digit word + <eos>, answer-only loss; held-out accuracy by greedy generate",
+            "base": f"random frozen Llama, width {args.acc_hidden_size}, 2 layers (seed {args.seed})",
+            "steps": steps,
+            "batch_size": args.acc_batch_size,
+            "optimizer": "AdamW(0.9, 0.95), weight decay 0.02, 5% linear warm-up then half-cosine, grad clip 1.0",
+            "num_train": len(train_idx),
+            "num_heldout": len(test_idx),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "processor": _cpu_name(),
+            "cpu_count": os.cpu_count(),
+        },
+        "results": results,
+    }
+    return report
+
+
+def accuracy_markdown(report: dict[str, Any]) -> str:
+    meta = report["meta"]
+    lines = [
+        "# memvp-bench accuracy at equal budget",
+        "",
+        f"Task: {meta['task']}. Base: {meta['base']}. {meta['steps']} steps of batch {meta['batch_size']}, "
+        f"{meta['optimizer']}. {meta['num_heldout']} held-out images. {meta['processor']}, "
+        f"{meta['torch_threads']} threads, torch {meta['torch']}.",
+        "",
+        "| method | trainable | lr | held-out accuracy | final loss | train time s | ms/step | eval time s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"].values():
+        lines.append(
+            f"| {r['label']} | {r['trainable_params']:,} | {r['lr']:g} | {100 * r['heldout_accuracy']:.1f}% | "
+            f"{r['final_loss']:.4f} | {r['train_time_s']:.1f} | {r['ms_per_step']:.1f} | {r['eval_time_s']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, r in report["results"].items():
+        losses = np.asarray(r["losses"])
+        window = max(1, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(window, len(losses) + 1), smooth,
+                label=f"{r['label']}: {100 * r['heldout_accuracy']:.1f}% held-out, {r['train_time_s']:.0f} s")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("answer-only cross-entropy (moving average)")
+    ax.set_title("digits: MemVP vs input-space + LoRA at equal steps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="memvp-bench", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model_name_or_path", default=None, help="local HF causal-LM folder (default: built-in Llama)")
+    parser.add_argument("--hidden_size", type=int, default=None, help="built-in model width (default 512)")
+    parser.add_argument("--num_layers", type=int, default=None, help="built-in model depth (default 4)")
+    parser.add_argument("--intermediate_size", type=int, default=None, help="built-in model FFN width (default 1376)")
+    parser.add_argument("--vocab_size", type=int, default=None, help="built-in model vocabulary (default 2000)")
+    parser.add_argument("--num_visual_tokens", "-N", type=int, nargs="+", default=None, help="default 64 256 576")
+    parser.add_argument("--text_lengths", "-T", type=int, nargs="+", default=None, help="default 32 64 256")
+    parser.add_argument("--batch_size", "-B", type=int, default=None, help="default 4")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per point (default 5)")
+    parser.add_argument("--new_tokens", type=int, default=32, help="greedy tokens generated for the decode timing")
+    parser.add_argument("--visual_dim", type=int, default=None, help="visual feature width (default 1024, CLIP-L)")
+    parser.add_argument("--extra_slots", type=int, default=64, help="MemVP slots beyond N (authors: 256 -> 320)")
+    parser.add_argument("--projector_hidden_dim", type=int, default=128)
+    parser.add_argument("--lora_r", type=int, default=8)
+    parser.add_argument("--lora_alpha", type=int, default=16)
+    parser.add_argument("--lora_dropout", type=float, default=0.05)
+    parser.add_argument("--lora_target_modules", default="q_proj,v_proj")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", default="docs/benchmarks")
+    parser.add_argument("--quick", action="store_true", help="CI smoke: tiny model, one point, one repeat (< 30 s)")
+    parser.add_argument("--no_memory", action="store_true", help="skip the (untimed) peak-memory runs")
+    parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write torch.profiler op tables of MemVP vs text-only + LoRA at --profile_point")
+    parser.add_argument("--profile_point", type=int, nargs=2, default=(256, 64), metavar=("N", "T"))
+    acc = parser.add_argument_group("accuracy at equal budget (--accuracy)")
+    acc.add_argument("--accuracy", action="store_true",
+                     help="run the digits accuracy comparison (MemVP vs input-space + LoRA) instead of the sweep")
+    acc.add_argument("--steps", type=int, default=None, help="training steps per method (default 1000; quick: 10)")
+    acc.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (both methods)")
+    acc.add_argument("--lr_input_lora", type=float, default=None, help="override the input-space + LoRA lr")
+    acc.add_argument("--acc_batch_size", type=int, default=32)
+    acc.add_argument("--acc_hidden_size", type=int, default=128)
+    acc.add_argument("--acc_extra_slots", type=int, default=16, help="MemVP slots beyond the 16 visual tokens")
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    quick = args.quick
+    if args.num_visual_tokens is None:
+        args.num_visual_tokens = [16] if quick else [64, 256, 576]
+    if args.text_lengths is None:
+        args.text_lengths = [16] if quick else [32, 64, 256]
+    if args.batch_size is None:
+        args.batch_size = 2 if quick else 4
+    if args.repeats is None:
+        args.repeats = 1 if quick else 5
+    if args.visual_dim is None:
+        args.visual_dim = 32 if quick else 1024
+    if quick:
+        args.threads = args.threads or 1  # tiny matrices: one thread beats two that wait on each other
+        args.extra_slots = min(args.extra_slots, 16)
+        args.projector_hidden_dim = min(args.projector_hidden_dim, 32)
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # generation-config chatter would break the progress bar
+    if args.accuracy:
+        report = run_accuracy(args)
+        paths = write_outputs(report, output_dir, "accuracy", accuracy_markdown(report), plot_accuracy)
+        print(accuracy_markdown(report))
+    else:
+        start = time.perf_counter()
+        report = run_sweep(args)
+        report["meta"]["wall_time_s"] = round(time.perf_counter() - start, 1)
+        markdown = markdown_report(report)
+        paths = write_outputs(report, output_dir, "benchmark", markdown, plot_report)
+        print(markdown)
+        if args.profile:
+            paths.update(profile_point(args, output_dir))
+    print("wrote " + ", ".join(paths.values()))
+    report["paths"] = paths
+    return report
+
+
+if __name__ == "__main__":
+    main()
