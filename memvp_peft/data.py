@@ -271,7 +271,13 @@ class MemVPDataCollator:
         image_placeholder: str = IMAGE_PLACEHOLDER,
         array_value_range: Optional[tuple[float, float]] = None,
         pad_to_multiple_of: Optional[int] = None,
+        image_input_name: str = "pixel_values",
+        seq2seq: bool = False,
     ) -> None:
+        if image_input_name not in ("pixel_values", "image_features"):
+            raise ValueError(
+                f"MemVPDataCollator: image_input_name must be 'pixel_values' or 'image_features', got {image_input_name!r}"
+            )
         if getattr(tokenizer, "eos_token_id", None) is None:
             raise ValueError("MemVPDataCollator: the tokenizer has no eos_token_id; answers end with EOS.")
         if getattr(tokenizer, "pad_token_id", None) is None:
@@ -296,11 +302,17 @@ class MemVPDataCollator:
         self.image_placeholder = image_placeholder
         self.array_value_range = array_value_range
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.image_input_name = image_input_name
+        self.seq2seq = seq2seq
         self._bos_len: Optional[int] = None
 
     # ---------------------------------------------------------------------------------------------- text -> tokens
-    def _turns(self, record: Mapping[str, Any], where: str) -> list[tuple[str, str]]:
-        """The (question, answer) pairs of a record, placeholders stripped, validated."""
+    def _turns(self, record: Mapping[str, Any], where: str, need_answer: bool = True) -> list[tuple[str, str]]:
+        """The (question, answer) pairs of a record, placeholders stripped, validated.
+
+        With `need_answer=False` (building prompts for generation) a missing final answer is allowed and returned
+        as "".
+        """
         if "conversations" in record:
             conversations = record["conversations"]
             if not isinstance(conversations, Sequence) or isinstance(conversations, str) or not conversations:
@@ -328,7 +340,9 @@ class MemVPDataCollator:
                         raise ValueError(f"{where}: empty answer (gpt turn {t}).")
                     turns.append((question or "", text.strip()))
                     question = None
-            if question is not None:
+            if question is not None and not need_answer:
+                turns.append((question, ""))
+            elif question is not None:
                 raise ValueError(
                     f"{where}: conversation must alternate human/gpt and end with a gpt turn; the last human turn "
                     f"(turn {len(conversations) - 1}) has no answer."
@@ -343,6 +357,8 @@ class MemVPDataCollator:
         if not isinstance(question, str):
             raise ValueError(f"{where}: {key!r} must be a str, got {type(question).__name__}.")
         answer = record.get("answer")
+        if not need_answer:
+            return [(strip_image_placeholder(question, self.image_placeholder), str(answer or "").strip())]
         if answer is None or (isinstance(answer, str) and not answer.strip()):
             raise ValueError(f"{where}: empty answer (the 'answer' field is missing or blank).")
         if not isinstance(answer, str):
@@ -444,7 +460,8 @@ class MemVPDataCollator:
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         if not isinstance(pixel_values, torch.Tensor):
             pixel_values = torch.as_tensor(np.asarray(pixel_values))
-        if pixel_values.dim() != 4 or pixel_values.shape[0] != len(images):
+        expected_dims = 4 if self.image_input_name == "pixel_values" else 3  # (N, C, H, W) or (N, tokens, dim)
+        if pixel_values.dim() != expected_dims or pixel_values.shape[0] != len(images):
             raise ValueError(
                 f"MemVPDataCollator: the image processor returned pixel_values of shape {tuple(pixel_values.shape)} "
                 f"for {len(images)} images; expected ({len(images)}, C, H, W) (one fixed size for all images)."
@@ -459,10 +476,46 @@ class MemVPDataCollator:
 
     # ------------------------------------------------------------------------------------------------ __call__
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """A training batch: prompt + answer tokens, answer-only labels, right padding, images."""
+        if self.seq2seq:
+            return self.seq2seq_batch(records)
+        texts, per_record_images, any_list = self._read(records, with_answers=True)
+        batch = self._pad([ids for ids, _ in texts], [labels for _, labels in texts])
+        return self._add_images(batch, per_record_images, any_list)
+
+    def prompts(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """A generation batch: each record's first question as a prompt, LEFT-padded (decoder-only `generate`
+        continues from the last position), with its images. Answers, if present, are ignored."""
+        texts, per_record_images, any_list = self._read(records, with_answers=False)
+        length = max(len(ids) for ids, _ in texts)
+        input_ids = torch.full((len(texts), length), int(self.tokenizer.pad_token_id), dtype=torch.long)
+        attention_mask = torch.zeros((len(texts), length), dtype=torch.long)
+        for row, (ids, _) in enumerate(texts):
+            input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, length - len(ids) :] = 1
+        return self._add_images({"input_ids": input_ids, "attention_mask": attention_mask}, per_record_images, any_list)
+
+    def seq2seq_batch(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Encoder-decoder layout: the prompt feeds the encoder, the answer (+EOS) is the decoder's `labels`."""
+        texts, per_record_images, any_list = self._read(records, with_answers=False)
+        answers = []
+        for index, record in enumerate(records):
+            turns = self._turns(record, f"record {index}")
+            ids = list(self.tokenizer(" " + turns[0][1], add_special_tokens=False)["input_ids"])
+            answers.append(ids + [int(self.tokenizer.eos_token_id)])
+        batch = self._pad([ids for ids, _ in texts], [ids for ids, _ in texts])
+        batch.pop("labels")
+        width = max(len(a) for a in answers)
+        labels = torch.full((len(answers), width), IGNORE_INDEX, dtype=torch.long)
+        for row, ids in enumerate(answers):
+            labels[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        batch["labels"] = labels
+        return self._add_images(batch, per_record_images, any_list)
+
+    def _read(self, records: Sequence[Mapping[str, Any]], with_answers: bool):
         if not isinstance(records, Sequence) or len(records) == 0:
             raise ValueError("MemVPDataCollator: expected a non-empty list of records.")
-        all_ids: list[list[int]] = []
-        all_labels: list[list[int]] = []
+        texts: list[tuple[list[int], list[int]]] = []
         per_record_images: list[list[Any]] = []
         any_list = False
         for index, record in enumerate(records):
@@ -470,20 +523,25 @@ class MemVPDataCollator:
             where = f"record {index}" + (f" (id={rid!r})" if rid is not None else "")
             if not isinstance(record, Mapping):
                 raise ValueError(f"{where}: a record must be a dict, got {type(record).__name__}.")
-            ids, labels = self._encode_record(record, where)
+            if with_answers:
+                texts.append(self._encode_record(record, where))
+            else:
+                question = self._turns(record, where, need_answer=False)[0][0]
+                ids = list(self.tokenizer(build_prompt(question, None, self.prompt_template))["input_ids"])
+                texts.append((ids, ids))
             images, is_list = self._record_images(record, where)
             if self.num_images is not None and len(images) > self.num_images:
                 raise ValueError(f"{where}: has {len(images)} images but num_images={self.num_images}.")
             any_list = any_list or is_list
-            all_ids.append(ids)
-            all_labels.append(labels)
             per_record_images.append(images)
+        return texts, per_record_images, any_list
 
-        batch = self._pad(all_ids, all_labels)
+    def _add_images(
+        self, batch: dict[str, torch.Tensor], per_record_images: list[list[Any]], any_list: bool
+    ) -> dict[str, torch.Tensor]:
         if self.image_processor is None:
             return batch
-
-        batch_size = len(records)
+        batch_size = len(per_record_images)
         flat = [image for images in per_record_images for image in images]
         if flat:
             processed = self._process(flat)
@@ -511,7 +569,7 @@ class MemVPDataCollator:
                     pixel_values[row] = processed[cursor]
                     image_mask[row] = True
                 cursor += 1
-        batch["pixel_values"] = pixel_values
+        batch[self.image_input_name] = pixel_values
         batch["image_mask"] = image_mask
         return batch
 
