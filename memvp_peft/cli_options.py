@@ -1,0 +1,148 @@
+"""Options of `memvp-train` / `memvp-infer`: one documented dataclass, filled from a YAML file and/or flags.
+
+Key names follow what users know from LLaMA-Factory and the HF `TrainingArguments` (`model_name_or_path`,
+`learning_rate`, `per_device_train_batch_size`, `lora_rank`, `load_in_4bit`, `deepspeed`, ...). Flags override the
+YAML. An unknown YAML key is an error with a suggestion ("did you mean ...?"), never silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, get_type_hints
+
+
+@dataclass
+class TrainOptions:
+    # ------------------------------------------------------------------ model
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Local HF causal-LM / seq2seq / Llava-family folder. Default: a small local Llama built from a config (no download)."},
+    )
+    vision_model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Local CLIP/SigLIP vision folder whose patch features feed the memory. Default for `digits`: 2x2 pixel patches; VLM bases use their own tower."},
+    )
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base in 4-bit NF4 (bitsandbytes), QLoRA style."})
+    bf16: bool = field(default=False, metadata={"help": "Train in bfloat16 mixed precision (adapter weights stay fp32)."})
+    fp16: bool = field(default=False, metadata={"help": "Train in float16 mixed precision (GPU only)."})
+    # ------------------------------------------------------------------ data
+    dataset: str = field(
+        default="digits",
+        metadata={"help": "'digits' (scikit-learn handwritten digits, built in), a LLaVA conversation .json, or a .jsonl with image/question/answer."},
+    )
+    image_folder: Optional[str] = field(default=None, metadata={"help": "Folder that relative image paths in the dataset refer to."})
+    eval_fraction: float = field(default=0.2, metadata={"help": "Held-out fraction used for the accuracy by generation."})
+    max_eval_samples: int = field(default=400, metadata={"help": "At most this many held-out samples are answered at the end."})
+    max_length: int = field(default=256, metadata={"help": "Maximum text length in tokens (the sequence never holds image tokens)."})
+    # ------------------------------------------------------------------ MemVP
+    num_memory_slots: Optional[int] = field(default=None, metadata={"help": "Memory slots n (default: visual tokens + 25%, like the authors' 256 -> 320)."})
+    projector_hidden_dim: int = field(default=128, metadata={"help": "Projector hidden width h (paper: 128)."})
+    visual_scale: float = field(default=0.01, metadata={"help": "lambda (paper: 0.01)."})
+    memory_scale: float = field(default=0.1, metadata={"help": "s (paper: 0.1)."})
+    memory_dropout: float = field(default=0.1, metadata={"help": "Dropout on the memory activations (paper: 0.1)."})
+    vision_adapter_dim: int = field(default=0, metadata={"help": "Bottleneck adapters inside the vision encoder blocks (authors: 12; 0 = off)."})
+    # ------------------------------------------------------------------ LoRA
+    lora_rank: int = field(default=0, metadata={"help": "Add LoRA of this rank to the same adapter (0 = MemVP only, as in the paper)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target: str = field(default="q_proj,v_proj", metadata={"help": "Comma-separated module names LoRA targets."})
+    # ------------------------------------------------------------------ training
+    output_dir: str = field(default="outputs/memvp-digits", metadata={"help": "Where the adapter, metrics.json and loss_curve.png go."})
+    num_train_epochs: float = field(default=20.0, metadata={"help": "Epochs (authors: 20). Ignored when max_steps > 0."})
+    max_steps: int = field(default=-1, metadata={"help": "Total optimiser steps; overrides num_train_epochs when > 0."})
+    learning_rate: Optional[float] = field(default=None, metadata={"help": "Peak learning rate (default: authors' 1.125e-3 scaled to batch size; digits: 1e-2)."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device (authors: 32 in total)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Warm-up fraction of the steps (authors: 2 of 20 epochs)."})
+    weight_decay: float = field(default=0.02, metadata={"help": "AdamW weight decay (authors: 0.02)."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (authors: 0.95)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "HF scheduler name (authors: half-cosine)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward to save memory."})
+    deepspeed: Optional[str] = field(default=None, metadata={"help": "DeepSpeed JSON (see integrations/deepspeed/)."})
+    logging_steps: int = field(default=25, metadata={"help": "Log the loss every N steps."})
+    save_steps: int = field(default=0, metadata={"help": "Save an intermediate checkpoint every N steps (0 = only at the end)."})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "A checkpoint-N folder to resume from."})
+    seed: int = field(default=42, metadata={"help": "Random seed."})
+    threads: Optional[int] = field(
+        default=None,
+        metadata={"help": "CPU threads for torch (default: 1 for the embedded tiny model, where threading only adds overhead; else torch's default)."},
+    )
+    max_new_tokens: int = field(default=8, metadata={"help": "Tokens generated per held-out answer."})
+    quick: bool = field(default=False, metadata={"help": "Smoke run: a few steps and a small evaluation (CI)."})
+
+
+@dataclass
+class InferOptions:
+    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Base model folder (default: the embedded demo model, for adapters trained on it)."})
+    adapter: str = field(default="outputs/memvp-digits", metadata={"help": "MemVP adapter folder written by memvp-train."})
+    image: list = field(default_factory=list, metadata={"help": "One or more image files (or 'digits:INDEX' for a built-in digit)."})
+    question: str = field(default="What digit is shown ?", metadata={"help": "Question asked about each image."})
+    input_file: Optional[str] = field(default=None, metadata={"help": "JSONL with image/question per line (answers are ignored)."})
+    image_folder: Optional[str] = field(default=None, metadata={"help": "Folder for relative image paths in --input_file."})
+    batch_size: int = field(default=16, metadata={"help": "Images answered per batch."})
+    max_new_tokens: int = field(default=16, metadata={"help": "Maximum answer length in tokens."})
+    output_file: Optional[str] = field(default=None, metadata={"help": "Write the answers as JSONL here."})
+
+
+def _field_type(options_cls: type, name: str) -> Any:
+    hint = get_type_hints(options_cls)[name]
+    args = getattr(hint, "__args__", None)
+    if args and type(None) in args:  # Optional[X]
+        hint = next(a for a in args if a is not type(None))
+    return hint
+
+
+def build_parser(options_cls: type, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("config", nargs="?", default=None, help="optional YAML file with any of the options below")
+    for item in dataclasses.fields(options_cls):
+        kind = _field_type(options_cls, item.name)
+        help_text = item.metadata.get("help", "")
+        flag = f"--{item.name}"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif kind is list:
+            parser.add_argument(flag, nargs="+", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
+    return parser
+
+
+def load_yaml_options(path: str, options_cls: type) -> dict[str, Any]:
+    """Read a YAML config; unknown keys raise a ValueError with the closest valid name."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path} does not exist.")
+    with open(path) as handle:
+        try:
+            data = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {path} is not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option: value, got {type(data).__name__}.")
+    known = [f.name for f in dataclasses.fields(options_cls)]
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"{path}: unknown option '{key}'.{hint}")
+    return data
+
+
+def parse_options(options_cls: type, argv: Optional[Sequence[str]], description: str) -> Any:
+    parser = build_parser(options_cls, description)
+    args = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    config_path = args.pop("config")
+    if config_path:
+        values.update(load_yaml_options(config_path, options_cls))
+    values.update({k: v for k, v in args.items() if v is not None})
+    try:
+        return options_cls(**values)
+    except TypeError as error:
+        raise ValueError(f"invalid options: {error}") from error
