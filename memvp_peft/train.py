@@ -261,6 +261,14 @@ def train(options: TrainOptions) -> dict[str, Any]:
     trainer.save_model(options.output_dir)
     if not trainer.is_world_process_zero():
         return {}
+    from .infer import write_cli_record
+
+    write_cli_record(options.output_dir, {
+        "featurizer": "digit_patches" if input_name == "image_features" else None,
+        "vision_model_name_or_path": options.vision_model_name_or_path,
+        "array_value_range": list(task.array_value_range) if task.array_value_range else None,
+        "kind": kind,
+    })
 
     answers = generate_answers(peft_model, collator, eval_records, kind, tokenizer, options.max_new_tokens)
     held_out = accuracy(answers, eval_records)
