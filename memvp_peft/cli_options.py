@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, get_type_hints
+from typing import Any, Callable, Optional, Sequence, get_type_hints
 
 
 @dataclass
@@ -146,3 +146,16 @@ def parse_options(options_cls: type, argv: Optional[Sequence[str]], description:
         return options_cls(**values)
     except TypeError as error:
         raise ValueError(f"invalid options: {error}") from error
+
+
+def run_command(program: str, options_cls: type, action: Callable[[Any], Any], argv: Optional[Sequence[str]],
+                description: str) -> int:
+    """Parse options and run `action`; a ValueError (bad input) becomes one `program: error: ...` line and exit 2."""
+    import sys
+
+    try:
+        action(parse_options(options_cls, argv, description))
+    except ValueError as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-from .cli_options import InferOptions, parse_options
+from .cli_options import InferOptions, run_command
 
 CLI_RECORD = "memvp_cli.json"
 
@@ -122,12 +122,7 @@ def infer(options: InferOptions) -> list[dict[str, Any]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        infer(parse_options(InferOptions, argv, __doc__.split("\n\n")[0]))
-    except ValueError as error:
-        print(f"memvp-infer: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("memvp-infer", InferOptions, infer, argv, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

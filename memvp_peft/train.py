@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .cli_options import TrainOptions, parse_options
+from .cli_options import TrainOptions, run_command
 
 DIGIT_WORDS = [str(d) for d in range(10)]
 PROMPT_CORPUS = ["Question: What digit is shown ?\nAnswer:"]
@@ -315,13 +315,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        options = parse_options(TrainOptions, argv, __doc__.split("\n\n")[0])
-        train(options)
-    except ValueError as error:
-        print(f"memvp-train: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("memvp-train", TrainOptions, train, argv, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

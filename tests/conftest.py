@@ -67,3 +67,32 @@ def batch():
     attention_mask = torch.ones_like(input_ids)
     features = torch.randn(3, 5, VISUAL_DIM)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "image_features": features}
+
+
+def assert_fresh_process_reproduces(tmp_path, imports: str, base_expr: str, adapter_dir, inputs: dict,
+                                    expected: torch.Tensor, adapter_name: str = "default") -> None:
+    """Reload `adapter_dir` onto `base_expr` in a new Python process and require bit-identical logits."""
+    import subprocess
+    import sys
+    import textwrap
+
+    data = tmp_path / "fresh_process_expected.pt"
+    torch.save({"inputs": inputs, "logits": expected}, data)
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import memvp_peft
+        from peft import PeftModel
+        {imports}
+        data = torch.load({str(data)!r})
+        model = PeftModel.from_pretrained({base_expr}, {str(adapter_dir)!r}, adapter_name={adapter_name!r}).eval()
+        with torch.no_grad():
+            logits = model(**data["inputs"]).logits
+        assert torch.equal(logits, data["logits"]), (logits - data["logits"]).abs().max()
+        print("IDENTICAL")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "IDENTICAL" in result.stdout

@@ -1,12 +1,8 @@
 """LoRA + MemVP as one adapter: trained together, saved together, restored together, LoRA mergeable."""
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
-from conftest import memvp_config, randomize_memory, tiny_llama
+from conftest import assert_fresh_process_reproduces, memvp_config, randomize_memory, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
@@ -75,25 +71,10 @@ def test_reload_in_fresh_process_restores_both_exactly(pm, batch, tmp_path):
     with torch.no_grad():
         expected = pm(**batch).logits
     pm.save_pretrained(tmp_path / "adapter")
-    torch.save({"batch": batch, "logits": expected}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        sys.path.insert(0, "tests")
-        import memvp_peft
-        from peft import PeftModel
-        from conftest import tiny_llama
-        data = torch.load({str(tmp_path / "expected.pt")!r})
-        model = PeftModel.from_pretrained(tiny_llama(), {str(tmp_path / "adapter")!r}, adapter_name="x").eval()
-        with torch.no_grad():
-            logits = model(**data["batch"]).logits
-        assert torch.equal(logits, data["logits"]), (logits - data["logits"]).abs().max()
-        print("IDENTICAL")
-        """
+    assert_fresh_process_reproduces(
+        tmp_path, "from conftest import tiny_llama", "tiny_llama()", tmp_path / "adapter", batch, expected,
+        adapter_name="x",
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "IDENTICAL" in result.stdout
 
 
 def test_merge_and_unload_points_to_merge_lora(pm):

@@ -1,12 +1,8 @@
 """Adapter-only checkpoints that reload exactly, also in a fresh process and under another adapter name."""
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
-from conftest import memvp_config, randomize_memory, tiny_llama
+from conftest import assert_fresh_process_reproduces, memvp_config, randomize_memory, tiny_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -61,26 +57,12 @@ def test_load_adapter_as_second_adapter(saved):
     torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=0)
 
 
-def test_reload_in_a_fresh_process_reproduces_logits(saved):
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        sys.path.insert(0, {str(saved.parent)!r})
-        sys.path.insert(0, "tests")
-        import memvp_peft
-        from peft import PeftModel
-        from conftest import tiny_llama
-        expected = torch.load({str(saved / "expected.pt")!r})
-        model = PeftModel.from_pretrained(tiny_llama(), {str(saved / "adapter")!r}).eval()
-        with torch.no_grad():
-            logits = model(**expected["batch"]).logits
-        assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
-        print("IDENTICAL")
-        """
+def test_reload_in_a_fresh_process_reproduces_logits(saved, tmp_path):
+    expected = torch.load(saved / "expected.pt")
+    assert_fresh_process_reproduces(
+        tmp_path, "from conftest import tiny_llama", "tiny_llama()", saved / "adapter", expected["batch"],
+        expected["logits"],
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "IDENTICAL" in result.stdout
 
 
 def test_merge_and_unload_raises_clear_error():

@@ -1,12 +1,8 @@
 """Encoder-decoder MemVP (T5 plain and gated, BART): the half of the paper that was never released."""
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
-from conftest import VISUAL_DIM, memvp_config, randomize_memory
+from conftest import VISUAL_DIM, assert_fresh_process_reproduces, memvp_config, randomize_memory
 from peft import LoraConfig, PeftModel, get_peft_model
 from reference_memvp import adapter_state, reference_seq2seq_logits
 
@@ -186,25 +182,10 @@ def test_save_and_reload_in_a_fresh_process(inputs, tmp_path):
     with torch.no_grad():
         expected = pm(**inputs).logits
     pm.save_pretrained(tmp_path / "adapter")
-    torch.save({"inputs": inputs, "logits": expected}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        sys.path.insert(0, "tests")
-        import memvp_peft
-        from peft import PeftModel
-        from test_seq2seq import t5
-        data = torch.load({str(tmp_path / "expected.pt")!r})
-        model = PeftModel.from_pretrained(t5(gated=True), {str(tmp_path / "adapter")!r}, adapter_name="img").eval()
-        with torch.no_grad():
-            logits = model(**data["inputs"]).logits
-        assert torch.equal(logits, data["logits"]), (logits - data["logits"]).abs().max()
-        print("IDENTICAL")
-        """
+    assert_fresh_process_reproduces(
+        tmp_path, "from test_seq2seq import t5", "t5(gated=True)", tmp_path / "adapter", inputs, expected,
+        adapter_name="img",
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "IDENTICAL" in result.stdout
 
 
 def test_lora_composition_saves_and_restores_both(inputs, tmp_path):
