@@ -54,6 +54,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from memvp_peft import MemVPConfig  # noqa: E402
+from memvp_peft.tasks import digit_patch_tokens  # noqa: E402
 
 # peft 0.21 probes `model.is_gradient_checkpointing`, which transformers 5 deprecates; nothing to act on here.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -101,13 +102,10 @@ def image_to_visual_tokens(image: np.ndarray) -> np.ndarray:
     """(8, 8) image with pixels in 0..16 -> (16, 6) visual tokens: a 2x2 patch's pixels in [0, 1] + its position.
 
     The patch position is part of the token (like a vision encoder's positional embedding), so the projector
-    alone can tell where a stroke is; MemVP's per-slot position embeddings p_k/p_v add their own on top.
+    alone can tell where a stroke is; MemVP's per-slot position embeddings p_k/p_v add their own on top. The same
+    featurizer backs `memvp-train`'s built-in digits task.
     """
-    pixels = image.astype(np.float32) / 16.0
-    patches = pixels.reshape(4, 2, 4, 2).transpose(0, 2, 1, 3).reshape(16, 4)  # row-major 4x4 grid of 2x2 patches
-    rows, cols = np.divmod(np.arange(16), 4)
-    position = np.stack([rows, cols], axis=1).astype(np.float32) / 3.0
-    return np.concatenate([patches, position], axis=1)
+    return digit_patch_tokens(image.astype(np.float32) / 16.0)
 
 
 def load_data(seed: int, test_fraction: float = 0.2):
