@@ -66,7 +66,9 @@ class VisualMemory(nn.Module):
         self, image_features: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None
     ) -> "MemoryState":
         if image_features is None:
-            return MemoryState(self.key_pos, self.value_pos)
+            # copies, not the parameters: DeepSpeed ZeRO-3 re-partitions this module's parameters (to shape (0,))
+            # as soon as its forward returns, while the layers read the memory afterwards
+            return MemoryState(self.key_pos.clone(), self.value_pos.clone())
         weight = self.projector[0].weight
         projected = self.projector(image_features.to(weight.dtype)) * self.visual_scale
         if image_mask is not None:  # (B,) per sample or (B, N) per visual token
