@@ -49,12 +49,15 @@ class TrainOptions:
     lora_rank: int = field(default=0, metadata={"help": "Add LoRA of this rank to the same adapter (0 = MemVP only, as in the paper)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target: str = field(default="q_proj,v_proj", metadata={"help": "Comma-separated module names LoRA targets."})
+    lora_target: Optional[str] = field(
+        default=None,
+        metadata={"help": "Comma-separated module names LoRA targets (default: peft's choice for the architecture, e.g. q_proj,v_proj for Llama, q,v for T5)."},
+    )
     # ------------------------------------------------------------------ training
     output_dir: str = field(default="outputs/memvp-digits", metadata={"help": "Where the adapter, metrics.json and loss_curve.png go."})
     num_train_epochs: float = field(default=20.0, metadata={"help": "Epochs (authors: 20). Ignored when max_steps > 0."})
     max_steps: int = field(default=-1, metadata={"help": "Total optimiser steps; overrides num_train_epochs when > 0."})
-    learning_rate: Optional[float] = field(default=None, metadata={"help": "Peak learning rate (default: authors' 1.125e-3 scaled to batch size; digits: 1e-2)."})
+    learning_rate: Optional[float] = field(default=None, metadata={"help": "Peak learning rate (default: the authors' 1.125e-3 at batch 32, scaled linearly with the batch; 3e-2 for the embedded digits demo, whose frozen LM is random)."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device (authors: 32 in total)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Warm-up fraction of the steps (authors: 2 of 20 epochs)."})
@@ -77,11 +80,11 @@ class TrainOptions:
 
 @dataclass
 class InferOptions:
-    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Base model folder (default: the embedded demo model, for adapters trained on it)."})
+    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Base model folder (default: the base the adapter records in adapter_config.json; memvp-train stores the embedded demo model's as an absolute path)."})
     adapter: str = field(default="outputs/memvp-digits", metadata={"help": "MemVP adapter folder written by memvp-train."})
     image: list = field(default_factory=list, metadata={"help": "One or more image files (or 'digits:INDEX' for a built-in digit)."})
     question: str = field(default="What digit is shown ?", metadata={"help": "Question asked about each image."})
-    input_file: Optional[str] = field(default=None, metadata={"help": "JSONL with image/question per line (answers are ignored)."})
+    input_file: Optional[str] = field(default=None, metadata={"help": "JSONL with image/question per line (an answer field, if any, is ignored)."})
     image_folder: Optional[str] = field(default=None, metadata={"help": "Folder for relative image paths in --input_file."})
     batch_size: int = field(default=16, metadata={"help": "Images answered per batch."})
     max_new_tokens: int = field(default=16, metadata={"help": "Maximum answer length in tokens."})

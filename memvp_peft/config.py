@@ -100,8 +100,8 @@ class MemVPConfig(PeftConfig):
         metadata={
             "help": (
                 "Encoder-decoder models (T5, BART): put the visual memory into the FFNs of the 'encoder', the "
-                "'decoder' or 'both' (default: both, as in the paper's BART/T5 experiments -- the encoder then builds "
-                "image-aware text states and the decoder reads the image at every generated token)."
+                "'decoder' or 'both' (default: both -- the encoder then builds image-aware text states and the decoder "
+                "reads the image at every generated token; the paper's BART/T5 code was never released)."
             )
         },
     )

@@ -670,14 +670,15 @@ def load_llava_json(
 
 
 def load_jsonl(
-    path: PathLike, image_folder: Optional[PathLike] = None, *, check_images: bool = True
+    path: PathLike, image_folder: Optional[PathLike] = None, *, check_images: bool = True, require_answer: bool = True
 ) -> list[dict[str, Any]]:
     """Load a simple JSON Lines file: one ``{"image": ..., "question": ..., "answer": ...}`` object per line.
 
     ``image`` may be absent/null (text-only row), a path (relative to ``image_folder``) or a list of paths;
     ``prompt`` is accepted instead of ``question``.  Other fields are kept.  Blank lines are skipped.  Errors are
     ``ValueError``s naming the file and line: invalid JSON, a non-object line, missing question or answer, a blank
-    answer, and (with ``check_images``) a missing image file.
+    answer, and (with ``check_images``) a missing image file. ``require_answer=False`` reads question files for
+    inference, where ``answer`` may be absent.
     """
     path = os.fspath(path)
     records = []
@@ -696,7 +697,7 @@ def load_jsonl(
             if not isinstance(question, str):
                 raise ValueError(f"{where}: missing 'question' (or 'prompt') string field.")
             answer = item.get("answer")
-            if not isinstance(answer, str) or not answer.strip():
+            if require_answer and (not isinstance(answer, str) or not answer.strip()):
                 raise ValueError(f"{where}: missing or empty 'answer' string field.")
             record = dict(item)
             record["image"] = _resolve_image_field(item.get("image"), image_folder, check_images, where)

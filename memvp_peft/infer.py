@@ -101,7 +101,8 @@ def infer(options: InferOptions) -> list[dict[str, Any]]:
     if options.input_file:
         if not os.path.isfile(options.input_file):
             raise ValueError(f"input file {options.input_file} does not exist.")
-        records = load_jsonl(options.input_file, options.image_folder or os.path.dirname(os.path.abspath(options.input_file)))
+        folder = options.image_folder or os.path.dirname(os.path.abspath(options.input_file))
+        records = load_jsonl(options.input_file, folder, require_answer=False)
     elif options.image:
         records = [{"image": _resolve_image(spec), "question": options.question, "source": spec} for spec in options.image]
     else:

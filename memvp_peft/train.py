@@ -112,7 +112,7 @@ def memvp_config(options: TrainOptions, visual_dim: int, tokens: int, encoder, k
     slots = options.num_memory_slots or max(tokens + 16, math.ceil(tokens * 1.25))
     lora = None
     if options.lora_rank > 0:
-        targets = [t.strip() for t in options.lora_target.split(",") if t.strip()]
+        targets = [t.strip() for t in options.lora_target.split(",") if t.strip()] if options.lora_target else None
         lora = LoraConfig(r=options.lora_rank, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
                           target_modules=targets)
     return MemVPConfig(
@@ -212,7 +212,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
     processor, input_name, visual_dim, tokens, encoder = visual_setup(options, model, kind)
     os.makedirs(options.output_dir, exist_ok=True)
     if options.model_name_or_path is None:
-        base_dir = os.path.join(options.output_dir, "base_model")
+        base_dir = os.path.abspath(os.path.join(options.output_dir, "base_model"))
         model.save_pretrained(base_dir)
         tokenizer.save_pretrained(base_dir)
         model.name_or_path = base_dir

@@ -217,3 +217,16 @@ def test_seq2seq_t5_on_digits_reports_accuracy(tmp_path):
     assert train_main(["--model_name_or_path", str(tmp_path / "t5"), "--output_dir", str(out), "--quick"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["heldout_accuracy"] <= 1.0 and metrics["options"]["model_name_or_path"] == str(tmp_path / "t5")
+
+
+@pytest.mark.slow
+def test_infer_reads_a_question_file_without_answers_from_another_folder(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert train_main(["--quick", "--output_dir", str(out)]) == 0
+    rows = _write_digit_pngs(tmp_path / "img", count=3)
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps({"image": r["image"], "question": r["question"]}) for r in rows))
+    monkeypatch.chdir(tmp_path / "img")  # the recorded base path must not depend on the working directory
+    capsys.readouterr()
+    assert infer_main(["--adapter", str(out), "--input_file", str(tmp_path / "q.jsonl"),
+                       "--image_folder", str(tmp_path / "img")]) == 0
+    assert capsys.readouterr().out.count("What digit is shown ?") == 3
