@@ -146,9 +146,11 @@ class _StepClock:
         class Clock(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
                 outer.stamps.append(time.perf_counter())
+                outer.cpu_stamps.append(time.process_time())
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
         self.stamps: list[float] = []
+        self.cpu_stamps: list[float] = []
         self.criteria = Clock()
 
 
@@ -385,39 +387,50 @@ def make_batch(batch_size: int, text_len: int, visual_tokens: int, visual_dim: i
     )
 
 
-def time_train_step(method: Method, batch: Batch) -> float:
+def _timed(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+    """Run `fn`; its wall-clock seconds and this process's CPU seconds (``time.process_time``).
+
+    With one torch thread the CPU time is the wall time minus the time the process sat descheduled: on a machine
+    shared with other jobs it is the steadier measure. With several threads it sums them (CPU-seconds).
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+
+
+def time_train_step(method: Method, batch: Batch) -> dict[str, float]:
     method.train(True)
     method.zero_grad()
-    start = time.perf_counter()
-    method.loss(batch).backward()
-    elapsed = time.perf_counter() - start
+    _, timing = _timed(lambda: method.loss(batch).backward())
     method.zero_grad()
-    return elapsed
+    return timing
 
 
 @torch.no_grad()
-def time_prefill(method: Method, batch: Batch) -> tuple[float, int]:
+def time_prefill(method: Method, batch: Batch) -> tuple[dict[str, float], int]:
     method.train(False)
-    start = time.perf_counter()
-    out = method.prefill(batch)
-    elapsed = time.perf_counter() - start
-    return elapsed, cache_nbytes(out.past_key_values)
+    out, timing = _timed(lambda: method.prefill(batch))
+    return timing, cache_nbytes(out.past_key_values)
 
 
 @torch.no_grad()
-def time_generate(method: Method, batch: Batch, new_tokens: int) -> tuple[float, float]:
+def time_generate(method: Method, batch: Batch, new_tokens: int) -> tuple[dict[str, float], dict[str, float]]:
     """(time to first token, decode seconds per token after the first) of one greedy generate call."""
     from transformers import StoppingCriteriaList
 
     method.train(False)
     clock = _StepClock()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = method.generate(batch, new_tokens, stopping_criteria=StoppingCriteriaList([clock.criteria]))
-    stamps = clock.stamps
+    stamps, cpu = clock.stamps, clock.cpu_stamps
     generated = out.shape[1] - (batch.input_ids.shape[1] if out.shape[1] > new_tokens else 0)
     if len(stamps) < 2 or generated != new_tokens:
         raise RuntimeError(f"{method.name}: expected {new_tokens} new tokens, got {generated} ({len(stamps)} steps)")
-    return stamps[0] - start, (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    steps = len(stamps) - 1
+    return (
+        {"wall": stamps[0] - start, "cpu": cpu[0] - cpu_start},
+        {"wall": (stamps[-1] - stamps[0]) / steps, "cpu": (cpu[-1] - cpu[0]) / steps},
+    )
 
 
 def _median(values: list[float]) -> float:
@@ -454,6 +467,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         return memvp_cache[slots]
 
     points = [(n, t) for n in args.num_visual_tokens for t in args.text_lengths]
+    load_start = _loadavg()
     phases = 3
     per_point = len(methods_wanted) * (phases * (args.repeats + 1) + (0 if args.no_memory else 2))
     progress = tqdm(total=len(points) * per_point, desc="memvp-bench", unit="call", dynamic_ncols=True,
@@ -463,8 +477,14 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         batch = make_batch(args.batch_size, text_len, visual_tokens, args.visual_dim, vocab, args.seed + point_index)
         methods = [method_for(name, visual_tokens) for name in methods_wanted]
         samples: dict[str, dict[str, list[float]]] = {
-            m.name: {"train": [], "prefill": [], "ttft": [], "decode": []} for m in methods
+            m.name: {f"{k}{c}": [] for k in ("train", "prefill", "ttft", "decode") for c in ("", "_cpu")}
+            for m in methods
         }
+
+        def record(name: str, key: str, timing: dict[str, float]) -> None:
+            samples[name][key].append(timing["wall"])
+            samples[name][f"{key}_cpu"].append(timing["cpu"])
+
         kv_bytes: dict[str, int] = {}
         progress.set_postfix_str(f"N={visual_tokens} T={text_len}")
         # warm-up (untimed): one call of every phase per method
@@ -480,15 +500,15 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         for repeat in range(args.repeats):
             order = methods[repeat % len(methods):] + methods[: repeat % len(methods)]
             for method in order:
-                samples[method.name]["train"].append(time_train_step(method, batch))
+                record(method.name, "train", time_train_step(method, batch))
                 progress.update(1)
             for method in order:
-                samples[method.name]["prefill"].append(time_prefill(method, batch)[0])
+                record(method.name, "prefill", time_prefill(method, batch)[0])
                 progress.update(1)
             for method in order:
                 ttft, decode = time_generate(method, batch, args.new_tokens)
-                samples[method.name]["ttft"].append(ttft)
-                samples[method.name]["decode"].append(decode)
+                record(method.name, "ttft", ttft)
+                record(method.name, "decode", decode)
                 progress.update(1)
         peaks: dict[str, dict[str, Optional[int]]] = {m.name: {"train": None, "generate": None} for m in methods}
         if not args.no_memory:
@@ -519,6 +539,12 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
                 "prefill_ms": 1e3 * _median(s["prefill"]),
                 "ttft_ms": 1e3 * _median(s["ttft"]),
                 "decode_ms_per_token": 1e3 * _median(s["decode"]),
+                "train_step_cpu_ms": 1e3 * _median(s["train_cpu"]),
+                "prefill_cpu_ms": 1e3 * _median(s["prefill_cpu"]),
+                "decode_cpu_ms_per_token": 1e3 * _median(s["decode_cpu"]),
+                "train_step_min_ms": 1e3 * min(s["train"]),
+                "prefill_min_ms": 1e3 * min(s["prefill"]),
+                "decode_min_ms_per_token": 1e3 * min(s["decode"]),
                 "kv_cache_bytes": kv_bytes[method.name],
                 "visual_state_bytes": method.visual_state_bytes(batch),
                 "peak_train_bytes": peaks[method.name]["train"],
@@ -537,6 +563,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         "processor": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "loadavg_start": load_start,
+        "loadavg_end": _loadavg(),
         "model": info,
         "model_name_or_path": args.model_name_or_path or "built-in LlamaConfig (random init)",
         "batch_size": args.batch_size,
@@ -567,55 +595,81 @@ def flop_model(info: dict[str, Any], visual_tokens: int, text_len: int, slots: i
                new_tokens: int) -> dict[str, dict[str, float]]:
     """Matmul FLOPs per sample of every method and phase (LoRA's own FLOPs, < 0.5%, are ignored).
 
-    Forward of a text token: `forward_flops_per_token`; the frozen base's backward computes input gradients only
-    (~1x its forward), so a training step is ~2x the forward. MemVP's memory branch act(x K^T) V is 4*n*d per token
-    per layer forward and 8*n*d backward (dX, dK, dV, d(scores)); its projector runs on N visual tokens.
+    Forward of a token: `forward_flops_per_token` (+ the LM head: on every position in training, on the last one in
+    prefill). Backward of the frozen base computes input gradients only (~1x the forward of each layer it passes).
+    How far back it must go differs: LoRA on q/v of layer 0 (and input-space's projector under layer 0) need every
+    layer's backward, while MemVP's first trainable tensors are the keys/values read *inside* layer 0's FFN, so
+    layer 0's attention and FFN get no backward at all. MemVP's memory branch act(x K^T) V costs 4*n*d per token per
+    layer forward and 8*n*d backward (dX, d(scores), dK, dV; 6*n*d in layer 0, which needs no dX). Its projector
+    runs on N visual tokens, as input-space's does.
     """
     d, layers, vocab = info["hidden_size"], info["num_layers"], info["vocab_size"]
+    heads = info["num_attention_heads"] or 1
+    kv_width = d * (info["num_key_value_heads"] or heads) // heads
     head = 2 * d * vocab
+    qkv = 2 * (d * d + 2 * d * kv_width)  # layer 0's q/k/v input gradients: never needed (embeddings are frozen)
     dv, hid = args.visual_dim, args.projector_hidden_dim
     proj_fwd = 2 * visual_tokens * (dv * hid + hid * d)
     proj_train = proj_fwd + 2 * visual_tokens * (dv * hid + 2 * hid * d)  # + dW1, dW2 and d(hidden)
-    mem = 4 * slots * d * layers
+    mem_fwd = 4 * slots * d * layers
+    mem_bwd = 8 * slots * d * (layers - 1) + 6 * slots * d
     t_all, v_all = text_len, text_len + visual_tokens
     body = lambda tokens: tokens * forward_flops_per_token(info, tokens / 2)  # noqa: E731  (causal: mean context L/2)
+    lora_train = lambda tokens: 2 * (body(tokens) + tokens * head) - tokens * qkv  # noqa: E731
     decode_ctx = lambda length: forward_flops_per_token(info, length + new_tokens / 2) + head  # noqa: E731
     return {
-        "text_lora": {"train": 2 * (body(t_all) + t_all * head), "prefill": body(t_all) + head,
-                      "decode": decode_ctx(t_all)},
-        "memvp": {"train": 2 * (body(t_all) + t_all * head) + 3 * t_all * mem + proj_train,
-                  "prefill": body(t_all) + head + t_all * mem + proj_fwd, "decode": decode_ctx(t_all) + mem},
-        "input_lora": {"train": 2 * (body(v_all) + v_all * head) + proj_train, "prefill": body(v_all) + head + proj_fwd,
+        "text_lora": {"train": lora_train(t_all), "prefill": body(t_all) + head, "decode": decode_ctx(t_all)},
+        "memvp": {
+            "train": body(t_all) * (1 + (layers - 1) / layers) + 2 * t_all * head + t_all * (mem_fwd + mem_bwd)
+            + proj_train,
+            "prefill": body(t_all) + head + t_all * mem_fwd + proj_fwd,
+            "decode": decode_ctx(t_all) + mem_fwd,
+        },
+        "input_lora": {"train": lora_train(v_all) + proj_train, "prefill": body(v_all) + head + proj_fwd,
                        "decode": decode_ctx(v_all)},
     }
 
 
+def _paired(numerator: list[float], denominator: list[float]) -> float:
+    """Median over the repeats of the per-repeat ratio: calls of one repeat ran back to back, so they share the
+    machine's load at that moment and the ratio cancels most of the drift that other jobs cause."""
+    ratios = [a / b for a, b in zip(numerator, denominator) if b > 0]
+    return float(statistics.median(ratios)) if ratios else float("nan")
+
+
+# (ratio key, numerator method, denominator method, sample key)
+RATIO_DEFS = (
+    ("train_speedup_vs_input", "input_lora", "memvp", "train"),
+    ("prefill_speedup_vs_input", "input_lora", "memvp", "prefill"),
+    ("decode_memvp_over_input", "memvp", "input_lora", "decode"),
+    ("train_memvp_over_text", "memvp", "text_lora", "train"),
+    ("prefill_memvp_over_text", "memvp", "text_lora", "prefill"),
+    ("decode_memvp_over_text", "memvp", "text_lora", "decode"),
+)
+
+
 def compute_ratios(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.Namespace) -> list[dict]:
-    """MemVP vs the baselines per (N, T), and the same ratios predicted by matmul FLOPs (the physical floor)."""
+    """MemVP vs the baselines per (N, T) (paired per-repeat ratios, wall and CPU time), and the ratios that matmul
+    FLOPs predict -- for MemVP / text-only that is the physical floor."""
     by_key = {(r["N"], r["T"], r["method"]): r for r in results}
     ratios = []
     for n_vis, t_len in sorted({(r["N"], r["T"]) for r in results}):
-        mem, inp, txt = (by_key.get((n_vis, t_len, m)) for m in METHODS)
+        rows = {m: by_key.get((n_vis, t_len, m)) for m in METHODS}
         row: dict[str, Any] = {"N": n_vis, "T": t_len}
-        flops = None
+        for key, num, den, sample in RATIO_DEFS:
+            if rows[num] and rows[den]:
+                a, b = rows[num]["samples_ms"], rows[den]["samples_ms"]
+                row[key] = _paired(a[sample], b[sample])
+                row[f"cpu_{key}"] = _paired(a[f"{sample}_cpu"], b[f"{sample}_cpu"])
+        mem = rows["memvp"]
         if mem and info.get("hidden_size") and info.get("num_layers") and info.get("vocab_size"):
             flops = flop_model(info, n_vis, t_len, mem["num_memory_slots"], args, args.new_tokens)
             row["gflops_per_sample"] = {m: {k: round(v / 1e9, 4) for k, v in f.items()} for m, f in flops.items()}
-        if mem and inp:
-            row["train_speedup_vs_input"] = inp["train_step_ms"] / mem["train_step_ms"]
-            row["prefill_speedup_vs_input"] = inp["prefill_ms"] / mem["prefill_ms"]
-            row["decode_memvp_over_input"] = mem["decode_ms_per_token"] / inp["decode_ms_per_token"]
-            if flops:
-                row["flops_train_speedup_vs_input"] = flops["input_lora"]["train"] / flops["memvp"]["train"]
-                row["flops_prefill_speedup_vs_input"] = flops["input_lora"]["prefill"] / flops["memvp"]["prefill"]
-        if mem and txt:
-            row["train_memvp_over_text"] = mem["train_step_ms"] / txt["train_step_ms"]
-            row["prefill_memvp_over_text"] = mem["prefill_ms"] / txt["prefill_ms"]
-            row["decode_memvp_over_text"] = mem["decode_ms_per_token"] / txt["decode_ms_per_token"]
-            if flops:
-                # the floor: text-only time scaled by MemVP's extra matmul FLOPs (memory branch + projector)
-                row["floor_train_over_text"] = flops["memvp"]["train"] / flops["text_lora"]["train"]
-                row["floor_prefill_over_text"] = flops["memvp"]["prefill"] / flops["text_lora"]["prefill"]
+            row["flops_train_speedup_vs_input"] = flops["input_lora"]["train"] / flops["memvp"]["train"]
+            row["flops_prefill_speedup_vs_input"] = flops["input_lora"]["prefill"] / flops["memvp"]["prefill"]
+            row["floor_train_over_text"] = flops["memvp"]["train"] / flops["text_lora"]["train"]
+            row["floor_prefill_over_text"] = flops["memvp"]["prefill"] / flops["text_lora"]["prefill"]
+            if "train_memvp_over_text" in row:
                 row["train_memvp_over_floor"] = row["train_memvp_over_text"] / row["floor_train_over_text"]
                 row["prefill_memvp_over_floor"] = row["prefill_memvp_over_text"] / row["floor_prefill_over_text"]
         ratios.append(row)
@@ -653,6 +707,13 @@ def _version(package: str) -> Optional[str]:
 
         return version(package)
     except Exception:  # pragma: no cover
+        return None
+
+
+def _loadavg() -> Optional[list[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):  # pragma: no cover
         return None
 
 

@@ -1,7 +1,8 @@
 """`MemVPConfig`: the documented dataclass that describes one MemVP adapter.
 
-Every field carries a `metadata={"help": ...}` like peft's own tuner configs, and the defaults are the values of the
-authors' released LLaMA-7B recipe (see `docs/index.md` for the paper value of each field). Validation happens here,
+Every field carries a `metadata={"help": ...}` like peft's own tuner configs. The defaults are the values of the
+authors' released LLaMA-7B recipe except `num_memory_slots` (256 here; the authors use 320 for 256 CLIP patches) and
+the vision-encoder adapters (off here; 12 in their code) -- `docs/index.md` lists the paper value of every field. Validation happens here,
 at construction, so a typo fails before any model is touched.
 """
 
