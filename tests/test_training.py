@@ -141,3 +141,14 @@ def test_trainer_keeps_image_features_and_trains(tmp_path):
     assert seen and all(a and a[0] is not None and a[0].shape == (4, 4, 16) for a in seen)
     changed = [n for n, p in pm.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert any("projector" in n for n in changed)
+
+
+def test_text_only_batch_still_touches_every_adapter_parameter(batch):
+    """Data-parallel ranks must use the same parameters each step, even when one rank's batch has no image."""
+    pm = get_peft_model(tiny_llama(), memvp_config())
+    pm.train()
+    text = {k: v for k, v in batch.items() if k != "image_features"}
+    pm(**text, labels=text["input_ids"]).loss.backward()
+    projector = [p for n, p in pm.named_parameters() if "projector" in n]
+    assert all(p.grad is not None for p in projector)
+    assert all(torch.count_nonzero(p.grad) == 0 for p in projector)  # touched times 0: the math is unchanged
