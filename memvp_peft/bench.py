@@ -5,8 +5,11 @@
     python -m memvp_peft.bench --accuracy            # accuracy at equal budget on scikit-learn's real digits
     python -m memvp_peft.bench --profile             # + torch.profiler tables of MemVP vs text-only (one point)
 
-Three methods on ONE frozen base model, built and measured in one process, interleaved (A, B, C, B, C, A, ...
-the median over the repeats is reported):
+(also installed as the console script ``memvp-bench``). Three methods on ONE frozen base model, built and measured
+in one process, interleaved (each repeat runs A, B, C back to back per phase, the first method rotating: A, B, C,
+B, C, A, ...); tables give the median over the repeats, ratios the median of the per-repeat ratios (calls of one
+repeat share the machine's load, so the ratio cancels most drift). Wall clock and process CPU time are both kept.
+The methods:
 
 * ``memvp``: this package. ``num_memory_slots = N + extra_slots`` (the authors' 256 -> 320), projector hidden 128,
   the paper's dropout 0.1 / scales. The sequence stays T tokens long.
@@ -22,7 +25,8 @@ Per (N, T) and method: training step (forward + backward, optimizer excluded, gr
 (t_32 - t_1) / 31), KV-cache bytes (``past_key_values`` after prefill), MemVP's per-call memory K/V bytes, trainable
 parameters, and peak memory: the peak of torch's CPU allocator above the level before the call (bytes allocated
 by tensors; from the allocation events of ``torch.profiler(profile_memory=True)``, measured in a separate untimed
-run). Writes ``benchmark.json``, ``benchmark.md`` and ``benchmark.png`` into ``--output_dir``.
+run). Writes ``benchmark.json``, ``benchmark.md`` and ``benchmark.png`` into ``--output_dir``, and compares every
+ratio with what matmul FLOPs predict (``flop_model``). See docs/benchmarks.md for measured results.
 """
 
 from __future__ import annotations
@@ -684,6 +688,14 @@ TARGETS = (
 )
 
 
+FLOP_PREDICTION = {
+    "train_speedup_vs_input": "flops_train_speedup_vs_input",
+    "train_memvp_over_text": "floor_train_over_text",
+    "prefill_speedup_vs_input": "flops_prefill_speedup_vs_input",
+    "prefill_memvp_over_text": "floor_prefill_over_text",
+}
+
+
 def check_targets(ratios: list[dict[str, Any]], point: tuple[int, int] = (256, 64)) -> dict[str, Any]:
     row = next((r for r in ratios if (r["N"], r["T"]) == point), None)
     if row is None:
@@ -694,7 +706,14 @@ def check_targets(ratios: list[dict[str, Any]], point: tuple[int, int] = (256, 6
         if value is None:
             continue
         met = value >= bound if op == ">=" else value <= bound
-        checks.append({"target": text, "metric": key, "value": round(value, 3), "bound": f"{op} {bound}", "met": met})
+        cpu = row.get(f"cpu_{key}")
+        predicted = row.get(FLOP_PREDICTION.get(key, ""))
+        checks.append({
+            "target": text, "metric": key, "value": round(value, 3), "bound": f"{op} {bound}", "met": met,
+            "cpu_value": None if cpu is None else round(cpu, 3),
+            "cpu_met": None if cpu is None else (cpu >= bound if op == ">=" else cpu <= bound),
+            "flops_predicted": None if predicted is None else round(predicted, 3),
+        })
     return {"point": {"N": point[0], "T": point[1]}, "checks": checks}
 
 
@@ -759,30 +778,42 @@ def markdown_report(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Ratios (speed-up = input-space time / MemVP time; 'over' = MemVP time / other time). In brackets: the same "
-        "ratio predicted by matmul FLOPs (`flop_model`): for MemVP/text that is the physical floor (text-only + the "
-        "memory branch's 4nd per token per layer forward, 8nd backward, + the projector on N visual tokens).",
+        "Ratios, each the median over the repeats of the per-repeat ratio (calls of one repeat ran back to back). "
+        "speed-up = input-space time / MemVP time; 'MemVP/x' = MemVP time / x time. Each cell: wall clock / CPU "
+        "time of the process [prediction from matmul FLOPs, `flop_model`; for MemVP/text that is the physical "
+        "floor: text-only + the memory branch + the projector, with MemVP's shorter backward].",
         "",
-        "| N | T | train speed-up vs input (FLOPs predict) | train MemVP/text (floor) | prefill speed-up vs input "
-        "(FLOPs predict) | prefill MemVP/text (floor) | decode MemVP/input | decode MemVP/text |",
+        "| N | T | train speed-up vs input | train MemVP/text | prefill speed-up vs input | prefill MemVP/text "
+        "| decode MemVP/input | decode MemVP/text |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    fmt = lambda row, key: f"{row[key]:.2f}" if key in row else "-"  # noqa: E731
+
+    def cell(row: dict[str, Any], key: str, predicted: Optional[str] = None) -> str:
+        if key not in row:
+            return "-"
+        text = f"{row[key]:.2f} / {row.get('cpu_' + key, float('nan')):.2f}"
+        if predicted and predicted in row:
+            text += f" [{row[predicted]:.2f}]"
+        return text
+
     for row in report["ratios"]:
         lines.append(
-            f"| {row['N']} | {row['T']} | {fmt(row, 'train_speedup_vs_input')} ({fmt(row, 'flops_train_speedup_vs_input')}) "
-            f"| {fmt(row, 'train_memvp_over_text')} ({fmt(row, 'floor_train_over_text')}) | "
-            f"{fmt(row, 'prefill_speedup_vs_input')} ({fmt(row, 'flops_prefill_speedup_vs_input')}) | "
-            f"{fmt(row, 'prefill_memvp_over_text')} ({fmt(row, 'floor_prefill_over_text')}) | "
-            f"{fmt(row, 'decode_memvp_over_input')} | {fmt(row, 'decode_memvp_over_text')} |"
+            f"| {row['N']} | {row['T']} | {cell(row, 'train_speedup_vs_input', 'flops_train_speedup_vs_input')} | "
+            f"{cell(row, 'train_memvp_over_text', 'floor_train_over_text')} | "
+            f"{cell(row, 'prefill_speedup_vs_input', 'flops_prefill_speedup_vs_input')} | "
+            f"{cell(row, 'prefill_memvp_over_text', 'floor_prefill_over_text')} | "
+            f"{cell(row, 'decode_memvp_over_input')} | {cell(row, 'decode_memvp_over_text')} |"
         )
     targets = report.get("targets", {})
     if targets.get("checks"):
         point = targets["point"]
         lines += ["", f"Targets at N={point['N']}, T={point['T']}:", ""]
         for check in targets["checks"]:
-            lines.append(f"- {'met' if check['met'] else 'NOT met'}: {check['target']} (measured {check['value']}, "
-                         f"target {check['bound']})")
+            extra = f"; CPU time {check['cpu_value']}" if check.get("cpu_value") is not None else ""
+            if check.get("flops_predicted") is not None:
+                extra += f"; matmul FLOPs predict {check['flops_predicted']}"
+            lines.append(f"- {'met' if check['met'] else 'NOT met'}: {check['target']} (wall clock {check['value']}"
+                         f"{extra}; target {check['bound']})")
     return "\n".join(lines) + "\n"
 
 
@@ -862,8 +893,13 @@ def write_outputs(report: dict[str, Any], output_dir: Path, stem: str, markdown:
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
     paths["markdown"].write_text(markdown)
     if plot is not None:
-        paths["png"] = output_dir / f"{stem}.png"
-        plot(report, paths["png"])
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("matplotlib is not installed: no PNG written (pip install matplotlib)")
+        else:
+            paths["png"] = output_dir / f"{stem}.png"
+            plot(report, paths["png"])
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -874,7 +910,7 @@ def _classify(name: str, shapes: list, dims: dict[str, int]) -> str:
     """Attribute one profiled op (name + input shapes) to a part of the step, by the sizes it touches."""
     flat = [s for s in shapes if isinstance(s, (list, tuple)) and len(s) > 0]
     if not flat:
-        return "framework / autograd bookkeeping (no tensor inputs)"
+        return "ops without recorded tensor shapes (KV-cache cat, allocations, casts)"
     sizes = {d for s in flat for d in s}
     if dims["slots"] in sizes:
         if any(k in name for k in ("bmm", "matmul", "::mm", "baddbmm")):
@@ -1000,14 +1036,13 @@ class WordTokenizer:
 
 
 def digits_visual_tokens(images: Any) -> torch.Tensor:
-    """(M, 8, 8) digit scans (0..16) -> (M, 16, 6): one token per 2x2 patch = 4 pixels in [0, 1] + (row, col)."""
+    """(M, 8, 8) digit scans (0..16) -> (M, 16, 6) with the package's featurizer (`tasks.digit_patch_tokens`): one
+    token per 2x2 patch = its 4 pixels in [0, 1] + (row, col)."""
     import numpy as np
 
-    pixels = images.astype(np.float32) / 16.0
-    patches = pixels.reshape(-1, 4, 2, 4, 2).transpose(0, 1, 3, 2, 4).reshape(-1, 16, 4)
-    rows, cols = np.divmod(np.arange(16), 4)
-    position = np.broadcast_to(np.stack([rows, cols], 1).astype(np.float32) / 3.0, (len(pixels), 16, 2))
-    return torch.from_numpy(np.concatenate([patches, position], axis=2).copy())
+    from .tasks import digit_patch_tokens
+
+    return torch.from_numpy(np.stack([digit_patch_tokens(image.astype(np.float32) / 16.0) for image in images]))
 
 
 def run_accuracy(args: argparse.Namespace) -> dict[str, Any]:

@@ -24,6 +24,11 @@ def infer_batch_size(args: tuple, kwargs: dict[str, Any]) -> Optional[int]:
     return None
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """One cheap reduction first; the exact elementwise check only runs when the sum is not finite."""
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
+
+
 def _check_mask(image_mask: Any, batch: int, images: int) -> Optional[torch.Tensor]:
     """`image_mask` as a (B, images) bool tensor; accepts (B,) (one flag per sample) and, for several images, (B, I)."""
     if image_mask is None:
@@ -61,7 +66,7 @@ def validate_pixel_values(pixel_values: Any, batch_size: Optional[int]) -> tuple
         raise ValueError(f"MemVP: `pixel_values` must be a floating point tensor, got dtype {pixel_values.dtype}.")
     if batch_size is not None and pixel_values.shape[0] != batch_size:
         raise ValueError(f"MemVP: `pixel_values` batch ({pixel_values.shape[0]}) must equal the input batch ({batch_size}).")
-    if not bool(torch.isfinite(pixel_values).all()):
+    if not _all_finite(pixel_values):
         raise ValueError("MemVP: `pixel_values` contains NaN or inf values.")
     if pixel_values.dim() == 4:
         return pixel_values, 1
@@ -117,7 +122,7 @@ def validate_visual_inputs(
         )
     if tokens == 0:
         raise ValueError("MemVP: `image_features` has 0 visual tokens; pass at least one token or omit the features.")
-    if not bool(torch.isfinite(image_features).all()):
+    if not _all_finite(image_features):
         raise ValueError("MemVP: `image_features` contains NaN or inf values.")
     mask = _check_mask(image_mask, batch, images)
     features = image_features.reshape(batch, images * tokens, width)
