@@ -368,10 +368,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
         torch.distributed.barrier()
     if rank == 0:
         print(f"[train_trainer] done in {info['seconds']}s: global_step={info['global_step']} losses={losses}")
+    trainer.accelerator.free_memory()  # drop the DeepSpeed engine (and its process-group handles) now
     return info
 
 
 def shutdown() -> None:
+    """Tear the process group down explicitly, after every object that holds it is gone.
+
+    Left to interpreter exit, the gloo process groups held by the DeepSpeed engine are destroyed in no particular
+    order and a rank occasionally aborts with "terminate called without an active exception" after all work is done.
+    """
+    import gc
+
+    gc.collect()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
