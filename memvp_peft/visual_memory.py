@@ -68,12 +68,12 @@ class VisualMemory(nn.Module):
         if image_features is None:
             # copies, not the parameters: DeepSpeed ZeRO-3 re-partitions this module's parameters (to shape (0,))
             # as soon as its forward returns, while the layers read the memory afterwards
-            keys, values = self.key_pos.clone(), self.value_pos.clone()
-            if torch.is_grad_enabled() and self.projector[0].weight.requires_grad:
-                # Data parallelism (DDP, ZeRO) needs every rank to use the same parameters in every step, also when
-                # one rank's batch happens to hold no image: run the projector and add its output times 0.
-                keys = keys + self.projector(keys.new_zeros(1, self.visual_dim)).sum() * 0.0
-            return MemoryState(keys, values)
+            # Built like the image branch (parameter + computed tensor, a fresh tensor that ZeRO-3 re-partitioning
+            # cannot empty), and the projector always runs (times 0): data-parallel ranks with and without images
+            # then use the same parameters in the same order.
+            weight = self.projector[0].weight
+            unused = self.projector(weight.new_zeros(1, 1, self.visual_dim)).sum() * 0.0
+            return MemoryState(self.key_pos + unused, self.value_pos + unused)
         weight = self.projector[0].weight
         projected = self.projector(image_features.to(weight.dtype)) * self.visual_scale
         if image_mask is not None:  # (B,) per sample or (B, N) per visual token
