@@ -7,8 +7,7 @@ layer), and `MemoryState` is the small immutable value that the layers read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,11 +65,10 @@ class VisualMemory(nn.Module):
         self, image_features: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None
     ) -> "MemoryState":
         if image_features is None:
-            # copies, not the parameters: DeepSpeed ZeRO-3 re-partitions this module's parameters (to shape (0,))
-            # as soon as its forward returns, while the layers read the memory afterwards
-            # Built like the image branch (parameter + computed tensor, a fresh tensor that ZeRO-3 re-partitioning
-            # cannot empty), and the projector always runs (times 0): data-parallel ranks with and without images
-            # then use the same parameters in the same order.
+            # Built like the image branch: `parameter + computed tensor` is a fresh tensor, which ZeRO-3 cannot empty
+            # when it re-partitions this module's parameters (to shape (0,)) after the forward returns, and the
+            # projector always runs (times 0), so data-parallel ranks with and without images use the same
+            # parameters in the same order (their gradient all-reduces then match).
             weight = self.projector[0].weight
             unused = self.projector(weight.new_zeros(1, 1, self.visual_dim)).sum() * 0.0
             return MemoryState(self.key_pos + unused, self.value_pos + unused)
@@ -83,18 +81,29 @@ class VisualMemory(nn.Module):
         return MemoryState(padded + self.key_pos, padded + self.value_pos)
 
 
-@dataclass
-class MemoryState:
+class _MemoryStateFields(NamedTuple):
+    keys: torch.Tensor
+    values: torch.Tensor
+    cache: dict
+
+
+class MemoryState(_MemoryStateFields):
     """Keys and values of one forward: `(B, n, d)` with images, `(n, d)` for the shared text-only memory.
 
     Layers ask for `for_input(batch, dtype)`: the memory is cast to the compute dtype and, when generation has
     expanded the batch (beam search, `num_return_sequences`), repeated per sample exactly like HF expands its inputs
     (`repeat_interleave`). Both are cached, so twenty layers pay for them once.
+
+    Why a tuple: `VisualMemory.forward` returns this value, and DeepSpeed ZeRO-3 only registers backward hooks (which
+    re-gather the partitioned projector and p_k/p_v before their gradients arrive) on tensors it can find in a module's
+    output, i.e. inside tuples, lists and dicts. A dataclass hides them and the backward then reads 0-element
+    parameters.
     """
 
-    keys: torch.Tensor
-    values: torch.Tensor
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    __slots__ = ()
+
+    def __new__(cls, keys: torch.Tensor, values: torch.Tensor, cache: Optional[dict] = None) -> "MemoryState":
+        return super().__new__(cls, keys, values, {} if cache is None else cache)
 
     @property
     def batch_size(self) -> Optional[int]:
@@ -105,7 +114,7 @@ class MemoryState:
 
     def for_input(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (batch_size, dtype, device)
-        cached = self._cache.get(key)
+        cached = self.cache.get(key)
         if cached is not None:
             return cached
         keys, values = self.keys, self.values
@@ -121,5 +130,5 @@ class MemoryState:
             values = values.repeat_interleave(repeats, dim=0)
         keys = keys.to(device=device, dtype=dtype)
         values = values.to(device=device, dtype=dtype)
-        self._cache[key] = (keys, values)
+        self.cache[key] = (keys, values)
         return keys, values

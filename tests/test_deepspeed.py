@@ -177,16 +177,6 @@ def _common(output_dir: Path, checkpoint: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-
-# Known failures at the end of the session that built this file (issue 4 stays open): ZeRO-3 backward reads a
-# re-partitioned (0-element) tensor ("size of tensor a (0) must match ... (32)"), and ranks disagreeing on having
-# images abort under gloo. Marked non-strict so a fix shows up as XPASS.
-ZERO3_BROKEN = pytest.mark.xfail(reason="ZeRO-3 backward hits a re-partitioned 0-element tensor (open, issue 4)",
-                                 strict=False)
-MIXED_RANKS_BROKEN = pytest.mark.xfail(reason="ranks with and without images in one step abort (open, issue 4)",
-                                       strict=False)
-
-
 # ------------------------------------------------------------------------------------------------------- fixtures
 
 
@@ -224,7 +214,7 @@ def _train_then_resume(stage: int, root: Path, checkpoint: Path) -> dict:
     return {"stage": stage, "lora": stage == 3, "run": first, "resumed": resumed}
 
 
-@pytest.fixture(scope="module", params=[2, pytest.param(3, marks=ZERO3_BROKEN)], ids=["zero2", "zero3"])
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
 def zero_run(request, tmp_path_factory, deepspeed_ops, checkpoint):
     return _train_then_resume(request.param, tmp_path_factory.mktemp(f"zero{request.param}"), checkpoint)
 
@@ -360,7 +350,6 @@ def test_saved_adapter_reloads_in_one_process_with_the_same_logits(zero_run, che
     assert_reload_matches(zero_run["run"], checkpoint)
 
 
-@MIXED_RANKS_BROKEN
 @pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
 def test_ranks_may_disagree_on_having_images(stage, tmp_path, deepspeed_ops, checkpoint):
     """Image-text data mixed with text-only data: in the same step one rank's batch has `image_features` and the
@@ -395,7 +384,7 @@ def test_deepspeed_launcher(tmp_path, deepspeed_ops, checkpoint):
 
 
 @pytest.mark.parametrize(
-    "launcher", ["deepspeed-hostfile", pytest.param("accelerate-multi_node", marks=ZERO3_BROKEN)]
+    "launcher", ["deepspeed-hostfile", "accelerate-multi_node"]
 )  # only the accelerate line runs ZeRO-3 (multi_node.yaml); the deepspeed one uses zero2.json
 def test_two_node_launch_lines(launcher, tmp_path, deepspeed_ops, checkpoint):
     """The multi-node launch lines of integrations/README.md, emulated on one machine with two "nodes" of one
@@ -437,7 +426,6 @@ def test_two_node_launch_lines(launcher, tmp_path, deepspeed_ops, checkpoint):
     assert_complete_adapter(out, _expected_shapes(checkpoint, lora=False))
 
 
-@ZERO3_BROKEN
 def test_accelerate_launch_with_the_shipped_config(tmp_path, deepspeed_ops, checkpoint):
     """`accelerate launch --config_file integrations/accelerate/single_machine.yaml` (ZeRO-3 from zero3.json); the
     recipe gets no --deepspeed flag: the Trainer takes DeepSpeed from accelerate's plugin."""
@@ -450,7 +438,6 @@ def test_accelerate_launch_with_the_shipped_config(tmp_path, deepspeed_ops, chec
     assert_reload_matches(out, checkpoint)
 
 
-@ZERO3_BROKEN
 def test_zero3_cpu_offload(tmp_path, deepspeed_ops, checkpoint):
     """zero3_offload.json: optimizer and parameters offloaded to the CPU (DeepSpeedCPUAdam), MemVP + LoRA."""
     out = tmp_path / "out"
@@ -464,7 +451,6 @@ def test_zero3_cpu_offload(tmp_path, deepspeed_ops, checkpoint):
 # ------------------------------------------------------------------------------------------------ 4-bit base, pitfalls
 
 
-@ZERO3_BROKEN
 def test_zero3_with_a_4bit_base_trains_and_reloads(tmp_path, deepspeed_ops, checkpoint):
     """ZeRO-3 + bitsandbytes NF4 base + MemVP + LoRA works when no device_map is passed (transformers refuses a
     device_map under ZeRO-3 with "DeepSpeed Zero-3 is not compatible with passing a `device_map`"; the recipe omits
@@ -504,7 +490,6 @@ def test_forgetting_use_cpu_with_auto_batch_sizes_fails_loudly(tmp_path, deepspe
     assert not (out / "adapter_model.safetensors").exists()
 
 
-@ZERO3_BROKEN
 def test_forgetting_use_cpu_does_not_corrupt_the_saved_adapter(tmp_path, deepspeed_ops, checkpoint):
     """The trap from PEFT_NOTES: ZeRO-3 on CPU without use_cpu=True (explicit batch sizes, so it starts). Every rank
     then believes it is the main process and calls save_pretrained; rank 1 holds only 0-element ZeRO-3 partitions

@@ -152,3 +152,31 @@ def test_text_only_batch_still_touches_every_adapter_parameter(batch):
     projector = [p for n, p in pm.named_parameters() if "projector" in n]
     assert all(p.grad is not None for p in projector)
     assert all(torch.count_nonzero(p.grad) == 0 for p in projector)  # touched times 0: the math is unchanged
+
+
+@pytest.mark.parametrize("with_images", [True, False], ids=["images", "text-only"])
+def test_memory_tensors_are_visible_to_deepspeed_output_hooks(with_images):
+    """ZeRO-3 re-gathers a module's partitioned parameters in backward through hooks on the tensors it finds in the
+    module's output (tuples, lists, dicts). `VisualMemory.forward` must return its keys/values where DeepSpeed looks,
+    and DeepSpeed's rebuilt output must still be a working `MemoryState` (otherwise: "size of tensor a (0) must match
+    the size of tensor b" in backward)."""
+    zero_utils = pytest.importorskip("deepspeed.runtime.zero.utils")
+    from memvp_peft import MemoryState, VisualMemory
+
+    memory = VisualMemory(visual_dim=16, hidden_dim=8, model_dim=32, num_slots=6, visual_scale=1.0, key_init_std=0.1)
+    features = torch.randn(2, 4, 16) if with_images else None
+    state = memory(features)
+    seen = []
+
+    def hook(tensor):
+        seen.append(tensor)
+        return tensor * 1.0  # a new tensor, as DeepSpeed's backward-hook wrapper returns
+
+    rebuilt = zero_utils.apply_to_tensors_only(hook, state)
+    assert len(seen) == 2 and seen[0] is state.keys and seen[1] is state.values
+    assert isinstance(rebuilt, MemoryState) and rebuilt.cache is state.cache  # the per-forward cast cache is shared
+    keys, _ = rebuilt.for_input(2, torch.float32, torch.device("cpu"))
+    assert keys.shape == ((2, 6, 32) if with_images else (6, 32))  # text-only memory broadcasts over the batch
+    torch.testing.assert_close(rebuilt.keys, state.keys)
+    (rebuilt.keys.sum() + rebuilt.values.sum()).backward()
+    assert memory.key_pos.grad is not None and memory.projector[0].weight.grad is not None
