@@ -9,7 +9,7 @@ What happens:
    Each image becomes 16 *visual tokens*, one per 2x2-pixel patch; a token is the 4 pixel values scaled to [0, 1]
    plus the patch's (row, column) on a [0, 1] grid, so `visual_dim = 6`. These play the role of CLIP patch features.
 2. Language model: a tiny Llama-shaped decoder built from `LlamaConfig` (2 layers, width 128), randomly initialised
-   and *frozen*, with a word-level tokenizer written below (no hub download of any kind).
+   and *frozen*, with a fixed-vocabulary word tokenizer (`memvp_peft.local_models`; no hub download of any kind).
 3. Task (visual question answering): prompt `what digit is this ?`, answer `7` followed by `<eos>`. The loss is on
    the answer tokens only (labels are -100 on the prompt), as in the MemVP recipe.
 4. Only MemVP is trained -- its projector and the key/value position embeddings, nothing else. The image enters the
@@ -51,48 +51,17 @@ from peft import PeftModel, get_peft_model  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from memvp_peft import MemVPConfig  # noqa: E402
+from memvp_peft.local_models import FixedVocabTokenizer, tiny_llama_config  # noqa: E402
 from memvp_peft.tasks import digit_patch_tokens  # noqa: E402
 
 # peft 0.21 probes `model.is_gradient_checkpointing`, which transformers 5 deprecates; nothing to act on here.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 PROMPT = "what digit is this ?"
-
-
-# ------------------------------------------------------------------------------------------------------- tokenizer
-
-
-class WordTokenizer:
-    """A whitespace word-level tokenizer over a fixed vocabulary: specials, the prompt's words and the ten digits."""
-
-    SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
-    WORDS = ("what", "digit", "is", "this", "?")
-
-    def __init__(self) -> None:
-        self.vocab = [*self.SPECIALS, *self.WORDS, *(str(d) for d in range(10))]
-        self.token_to_id = {token: i for i, token in enumerate(self.vocab)}
-        self.pad_token_id, self.bos_token_id, self.eos_token_id, self.unk_token_id = range(4)
-
-    def __len__(self) -> int:
-        return len(self.vocab)
-
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        ids = [self.token_to_id.get(word, self.unk_token_id) for word in text.split()]
-        return ([self.bos_token_id] if add_bos else []) + ids + ([self.eos_token_id] if add_eos else [])
-
-    def decode(self, ids) -> str:
-        """Text of `ids` up to the first `<eos>`, specials dropped."""
-        words = []
-        for i in ids:
-            i = int(i)
-            if i == self.eos_token_id:
-                break
-            if i >= len(self.SPECIALS):
-                words.append(self.vocab[i])
-        return " ".join(words)
+ANSWERS = tuple(str(d) for d in range(10))
 
 
 # ---------------------------------------------------------------------------------------------------------- images
@@ -123,7 +92,7 @@ def load_data(seed: int, test_fraction: float = 0.2):
     return split(train_idx), split(test_idx), digits.images[test_idx]
 
 
-def build_batch(tokenizer: WordTokenizer, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+def build_batch(tokenizer: FixedVocabTokenizer, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """`<bos> what digit is this ? 7 <eos>` with labels -100 everywhere but on the answer (`7 <eos>`).
 
     Every sample has the same length, so no padding is needed and the attention mask is all ones.
@@ -148,17 +117,10 @@ def build_batch(tokenizer: WordTokenizer, labels: torch.Tensor) -> dict[str, tor
 def build_base_model(vocab_size: int, seed: int) -> LlamaForCausalLM:
     """A tiny LLaMA (2 layers, width 128, SwiGLU FFN) with random weights, never trained here. Same seed -> bit-identical weights."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
+    config = tiny_llama_config(
+        vocab_size,
         hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=32,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
         tie_word_embeddings=False,
         # 0.1 instead of LlamaConfig's 0.02: with 0.02 the frozen random lm_head is so small that even a perfectly
         # aligned final hidden state yields logits within about +-2.5, which caps the answer probability near 0.45
@@ -182,7 +144,7 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int):
 
 @torch.no_grad()
 def predict(
-    model, tokenizer: WordTokenizer, features: torch.Tensor, with_image: bool = True, batch_size: int = 256
+    model, tokenizer: FixedVocabTokenizer, features: torch.Tensor, with_image: bool = True, batch_size: int = 256
 ) -> list[str]:
     """Greedy answers of `model.generate()` for every image (the prompt alone is the text input).
 
@@ -268,7 +230,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     start_time = time.perf_counter()
 
-    tokenizer = WordTokenizer()
+    tokenizer = FixedVocabTokenizer([*PROMPT.split(), *ANSWERS])
     (train_x, train_y), (test_x, test_y), test_images = load_data(args.seed)
     print(f"digits: {len(train_x)} train / {len(test_x)} held-out images, {train_x.shape[1]} visual tokens each "
           f"of width {train_x.shape[2]}; vocabulary of {len(tokenizer)} words")

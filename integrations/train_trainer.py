@@ -48,6 +48,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
     import memvp_peft  # noqa: F401
 
 from memvp_peft import MemVPConfig  # noqa: E402
+from memvp_peft.local_models import tiny_llama_config  # noqa: E402
 
 PROMPT_IDS = [1, 5, 6, 7, 8]  # bos + a fixed "question"; the answer follows it
 ANSWER_BASE = 10  # answer token of class c is ANSWER_BASE + c
@@ -169,23 +170,6 @@ def eval_batch(dataset: SyntheticVQA, size: int = 8) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------------------- model
-
-
-def tiny_llama_config(vocab_size: int = 64):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
 
 
 def load_base_model(args: argparse.Namespace):

@@ -1008,33 +1008,6 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 PROMPT = "what digit is this ?"
 
 
-class WordTokenizer:
-    """Whitespace word-level tokenizer over a fixed vocabulary (specials, the prompt's words, the ten digit words)."""
-
-    SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
-
-    def __init__(self) -> None:
-        self.vocab = [*self.SPECIALS, *PROMPT.split(), *DIGIT_WORDS]
-        self.ids = {w: i for i, w in enumerate(self.vocab)}
-        self.pad_token_id, self.bos_token_id, self.eos_token_id, self.unk_token_id = range(4)
-
-    def __len__(self) -> int:
-        return len(self.vocab)
-
-    def encode(self, text: str) -> list[int]:
-        return [self.ids.get(w, self.unk_token_id) for w in text.split()]
-
-    def decode(self, ids: Any) -> str:
-        words = []
-        for i in ids:
-            i = int(i)
-            if i == self.eos_token_id:
-                break
-            if i >= len(self.SPECIALS):
-                words.append(self.vocab[i])
-        return " ".join(words)
-
-
 def digits_visual_tokens(images: Any) -> torch.Tensor:
     """(M, 8, 8) digit scans (0..16) -> (M, 16, 6) with the package's featurizer (`tasks.digit_patch_tokens`): one
     token per 2x2 patch = its 4 pixels in [0, 1] + (row, col)."""
@@ -1056,7 +1029,9 @@ def run_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     from tqdm.auto import tqdm
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from .local_models import FixedVocabTokenizer, tiny_llama_config
 
     digits = load_digits()
     features = digits_visual_tokens(digits.images)
@@ -1069,15 +1044,13 @@ def run_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.quick:
         val_idx, test_idx = val_idx[:64], test_idx[:64]
-    tokenizer = WordTokenizer()
-    prompt = [tokenizer.bos_token_id] + tokenizer.encode(PROMPT)
+    tokenizer = FixedVocabTokenizer([*PROMPT.split(), *DIGIT_WORDS])
+    prompt = tokenizer.encode(PROMPT, add_bos=True)
 
     def base_model() -> nn.Module:
         torch.manual_seed(args.seed)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=args.acc_hidden_size, intermediate_size=2 * args.acc_hidden_size,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        config = tiny_llama_config(
+            len(tokenizer), args.acc_hidden_size, max_position_embeddings=64, tie_word_embeddings=False,
             # a frozen random lm_head with the default 0.02 init caps the answer probability (logits within +-2.5)
             initializer_range=0.1,
         )
@@ -1099,7 +1072,7 @@ def run_accuracy(args: argparse.Namespace) -> dict[str, Any]:
 
     def batch_of(idx: Any) -> Batch:
         idx = torch.as_tensor(idx)
-        rows = [prompt + [tokenizer.ids[DIGIT_WORDS[int(y)]], tokenizer.eos_token_id] for y in targets[idx]]
+        rows = [prompt + [tokenizer.token_to_id[DIGIT_WORDS[int(y)]], tokenizer.eos_token_id] for y in targets[idx]]
         ids = torch.tensor(rows)
         labels = ids.clone()
         labels[:, : len(prompt)] = -100  # answer-only loss

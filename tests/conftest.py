@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import memvp_peft  # noqa: E402,F401  (registers the MEMVP peft type)
+from memvp_peft.local_models import tiny_llama_config  # noqa: E402
 
 VOCAB = 64
 HIDDEN = 32
@@ -19,23 +20,10 @@ VISUAL_DIM = 16
 
 
 def tiny_llama(seed: int = 0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    config.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**config)).eval()
+    return LlamaForCausalLM(tiny_llama_config(**{"vocab_size": VOCAB, "hidden_size": HIDDEN, **overrides})).eval()
 
 
 def memvp_config(**overrides):

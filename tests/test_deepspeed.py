@@ -195,9 +195,11 @@ def checkpoint(tmp_path_factory):
     """A tiny random Llama saved to disk, loaded by every run through `--model_name_or_path` (ZeRO-3: zero.Init)."""
     from transformers import LlamaForCausalLM
 
+    from memvp_peft.local_models import tiny_llama_config
+
     path = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
-    LlamaForCausalLM(recipe.tiny_llama_config()).save_pretrained(path)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(path)
     return path
 
 
