@@ -13,9 +13,9 @@ from typing import Optional, Union
 
 from peft import LoraConfig
 from peft.config import PeftConfig
-
 from torch import nn
 
+from .architectures import MEMORY_SIDES
 from .registration import MEMVP_PEFT_TYPE
 from .vision import SharedModuleRef, describe_encoder
 
@@ -215,8 +215,8 @@ class MemVPConfig(PeftConfig):
                 f"MemVPConfig.activation must be None (the FFN's own activation) or one of {SUPPORTED_ACTIVATIONS}, "
                 f"got {self.activation!r}."
             )
-        if self.memory_side not in ("encoder", "decoder", "both"):
-            raise ValueError(f"MemVPConfig.memory_side must be 'encoder', 'decoder' or 'both', got {self.memory_side!r}.")
+        if self.memory_side not in MEMORY_SIDES:
+            raise ValueError(f"MemVPConfig.memory_side must be one of {MEMORY_SIDES}, got {self.memory_side!r}.")
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(
                 "MemVPConfig.vision_feature_select_strategy must be 'default' (drop CLS) or 'full', got "

@@ -57,10 +57,9 @@ class MemVPLayer(nn.Module, BaseTunerLayer):
     def _memories(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """(adapter, keys, values) for every active adapter of this layer, cast to `x`'s dtype and batch.
 
-        `x` must be batched as `(B, T, ...)`; see `_batched` for FFNs that flatten the tokens.
+        `x` must be batched as `(B, T, ...)`; see `_batched` for FFNs that flatten the tokens. Callers check
+        `disable_adapters` first (a disabled layer must not require the running batch size).
         """
-        if self.disable_adapters:
-            return []
         found = []
         for name in self.active_adapters:
             if name not in self.memvp_scale:

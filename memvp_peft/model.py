@@ -46,6 +46,14 @@ def _reject_image_placeholders(context: MemoryContext, args: tuple, kwargs: dict
     )
 
 
+def _without_memvp(context: MemoryContext, pixel_values: Any, kwargs: dict) -> dict:
+    """Base-model kwargs when the adapter is disabled: a VLM base gets its `pixel_values` back and behaves exactly as
+    without MemVP (image features are MemVP's own input and are dropped)."""
+    if pixel_values is not None and context.image_token_id is not None:
+        kwargs["pixel_values"] = pixel_values
+    return kwargs
+
+
 def _visual_forward(self, *args: Any, image_features=None, image_mask=None, pixel_values=None, **kwargs: Any):
     """Forward of a MemVP-adapted base model: compute the visual memory once, then run the model's own forward.
 
@@ -54,9 +62,7 @@ def _visual_forward(self, *args: Any, image_features=None, image_mask=None, pixe
     context: MemoryContext = self._memvp_context
     base_forward = type(self).forward
     if not context.enabled:
-        if pixel_values is not None and context.image_token_id is not None:
-            kwargs["pixel_values"] = pixel_values  # adapter disabled: the VLM behaves exactly as without MemVP
-        return base_forward(self, *args, **kwargs)
+        return base_forward(self, *args, **_without_memvp(context, pixel_values, kwargs))
     _reject_image_placeholders(context, args, kwargs)
     batch_size = infer_batch_size(args, kwargs)
     no_visual_input = image_features is None and image_mask is None and pixel_values is None
@@ -76,15 +82,12 @@ def _visual_generate(self, *args: Any, image_features=None, image_mask=None, pix
     same way (`MemoryState.for_input`), so it follows every hypothesis.
     """
     context: MemoryContext = self._memvp_context
-    states = None
-    if context.enabled:
-        _reject_image_placeholders(context, args, kwargs)
-        states = context.compute(
-            context.active_adapters, image_features, image_mask, infer_batch_size(args, kwargs), pixel_values
-        )
-    elif pixel_values is not None and context.image_token_id is not None:
-        kwargs["pixel_values"] = pixel_values
-    with context.use(states, infer_batch_size(args, kwargs)):
+    if not context.enabled:
+        return type(self).generate(self, *args, **_without_memvp(context, pixel_values, kwargs))
+    _reject_image_placeholders(context, args, kwargs)
+    batch_size = infer_batch_size(args, kwargs)
+    states = context.compute(context.active_adapters, image_features, image_mask, batch_size, pixel_values)
+    with context.use(states, batch_size):
         return type(self).generate(self, *args, **kwargs)
 
 

@@ -64,15 +64,14 @@ class VisualMemory(nn.Module):
     def forward(
         self, image_features: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None
     ) -> "MemoryState":
+        weight = self.projector[0].weight
         if image_features is None:
             # Built like the image branch: `parameter + computed tensor` is a fresh tensor, which ZeRO-3 cannot empty
             # when it re-partitions this module's parameters (to shape (0,)) after the forward returns, and the
             # projector always runs (times 0), so data-parallel ranks with and without images use the same
             # parameters in the same order (their gradient all-reduces then match).
-            weight = self.projector[0].weight
             unused = self.projector(weight.new_zeros(1, 1, self.visual_dim)).sum() * 0.0
             return MemoryState(self.key_pos + unused, self.value_pos + unused)
-        weight = self.projector[0].weight
         projected = self.projector(image_features.to(weight.dtype)) * self.visual_scale
         if image_mask is not None:  # (B,) per sample or (B, N) per visual token
             mask = image_mask.to(device=projected.device, dtype=projected.dtype)

@@ -122,6 +122,11 @@ def test_tuner_level_memory_is_frozen_in_inference_mode(tmp_path):
         ("memory_scale", float("nan")),
         ("activation", "swishy"),
         ("layers_to_transform", [-1]),
+        ("memory_side", "decoder_only"),
+        ("vision_feature_select_strategy", "cls"),
+        ("vision_adapter_dim", -1),
+        ("vision_adapter_dropout", 1.0),
+        ("vision_adapter_scale", -0.1),
     ],
 )
 def test_config_rejects_invalid_values(field, value):
