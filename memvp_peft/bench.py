@@ -48,6 +48,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from .visual_memory import build_projector
+
 METHODS = ("memvp", "input_lora", "text_lora")
 METHOD_LABELS = {
     "memvp": "MemVP",
@@ -62,11 +64,6 @@ QUICK_MODEL = dict(
     vocab_size=256, hidden_size=64, num_hidden_layers=2, intermediate_size=172, num_attention_heads=2,
     num_key_value_heads=2,
 )
-# The paper's GPU numbers (MEMVP_SPEC.md; ScienceQA, LLaMA-7B, via ADEM-VL's compilation): seconds per batch.
-PAPER_GPU = {
-    "LLaVA-LoRA (input-space + LoRA), 7B, 4.4M trainable": {"train_s_per_batch": 0.49, "infer_s_per_batch": 3.42},
-    "MemVP, 7B, 3.9M trainable": {"train_s_per_batch": 0.28, "infer_s_per_batch": 1.88},
-}
 
 
 # ------------------------------------------------------------------------------------------------------ measuring
@@ -171,15 +168,6 @@ def count_trainable(modules: list[nn.Module]) -> int:
 # ------------------------------------------------------------------------------------------------------- methods
 
 
-def make_projector(visual_dim: int, hidden_dim: int, model_dim: int) -> nn.Sequential:
-    """LLaVA-style projector with MemVP's init (xavier-uniform, zero bias): Linear -> SiLU -> Linear."""
-    projector = nn.Sequential(nn.Linear(visual_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, model_dim))
-    for layer in (projector[0], projector[2]):
-        nn.init.xavier_uniform_(layer.weight)
-        nn.init.zeros_(layer.bias)
-    return projector
-
-
 @dataclass
 class Batch:
     input_ids: torch.Tensor
@@ -211,14 +199,28 @@ class Method:
         for module in self.trainable_modules():
             module.train(mode)
 
-    def loss(self, batch: Batch) -> torch.Tensor:
+    #: whether `generate` returns the prompt in front of the new tokens (not with `inputs_embeds`)
+    returns_prompt = True
+
+    def inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The model's keyword inputs for `batch` (without labels)."""
         raise NotImplementedError
+
+    def labels(self, batch: Batch) -> torch.Tensor:
+        return batch.labels
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        return self.model(**self.inputs(batch), labels=self.labels(batch)).loss
 
     def prefill(self, batch: Batch) -> Any:
-        raise NotImplementedError
+        return self.model(**self.inputs(batch), use_cache=True, logits_to_keep=1)
 
     def generate(self, batch: Batch, new_tokens: int, **kwargs: Any) -> torch.Tensor:
-        raise NotImplementedError
+        return self.model.generate(**self.inputs(batch), **_generate_kwargs(self.model, new_tokens), **kwargs)
+
+    def new_tokens(self, batch: Batch, output: torch.Tensor) -> torch.Tensor:
+        """The generated tokens of `generate`'s output (the prompt removed where it was returned)."""
+        return output[:, batch.input_ids.shape[1] :] if self.returns_prompt else output
 
     def visual_state_bytes(self, batch: Batch) -> int:
         """Bytes of per-call state besides the KV cache (MemVP's keys/values of the memory)."""
@@ -252,23 +254,9 @@ class MemVPMethod(Method):
         )
         self.model = get_peft_model(base, config)
 
-    def loss(self, batch: Batch) -> torch.Tensor:
-        return self.model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-            image_features=batch.image_features,
-        ).loss
-
-    def prefill(self, batch: Batch) -> Any:
-        return self.model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, image_features=batch.image_features,
-            use_cache=True, logits_to_keep=1,
-        )
-
-    def generate(self, batch: Batch, new_tokens: int, **kwargs: Any) -> torch.Tensor:
-        return self.model.generate(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, image_features=batch.image_features,
-            **_generate_kwargs(self.model, new_tokens), **kwargs,
-        )
+    def inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                "image_features": batch.image_features}
 
     def visual_state_bytes(self, batch: Batch) -> int:
         d = self.model.get_input_embeddings().weight.shape[1]
@@ -286,18 +274,19 @@ class LoRAMethod(Method):
 
         self.name = "input_lora" if visual else "text_lora"
         self.visual = visual
+        self.returns_prompt = not visual  # generate() from inputs_embeds returns only the new tokens
         config = LoraConfig(
             r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
             task_type="CAUSAL_LM",
         )
         self.model = get_peft_model(base, config)
         d = self.model.get_input_embeddings().weight.shape[1]
-        self.projector = make_projector(visual_dim, projector_hidden_dim, d) if visual else None
+        self.projector = build_projector(visual_dim, projector_hidden_dim, d) if visual else None
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.model] + ([self.projector] if self.projector is not None else [])
 
-    def _inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
         if not self.visual:
             return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         embeds = self.model.get_input_embeddings()(batch.input_ids)
@@ -308,18 +297,11 @@ class LoRAMethod(Method):
             "attention_mask": torch.cat([ones, batch.attention_mask], dim=1),
         }
 
-    def loss(self, batch: Batch) -> torch.Tensor:
-        labels = batch.labels
-        if self.visual:
-            ignore = torch.full(batch.image_features.shape[:2], -100, dtype=labels.dtype)
-            labels = torch.cat([ignore, labels], dim=1)
-        return self.model(**self._inputs(batch), labels=labels).loss
-
-    def prefill(self, batch: Batch) -> Any:
-        return self.model(**self._inputs(batch), use_cache=True, logits_to_keep=1)
-
-    def generate(self, batch: Batch, new_tokens: int, **kwargs: Any) -> torch.Tensor:
-        return self.model.generate(**self._inputs(batch), **_generate_kwargs(self.model, new_tokens), **kwargs)
+    def labels(self, batch: Batch) -> torch.Tensor:
+        if not self.visual:
+            return batch.labels
+        ignore = torch.full(batch.image_features.shape[:2], -100, dtype=batch.labels.dtype)  # no loss on the image
+        return torch.cat([ignore, batch.labels], dim=1)
 
     def sequence_length(self, batch: Batch) -> int:
         return batch.input_ids.shape[1] + (batch.image_features.shape[1] if self.visual else 0)
@@ -427,7 +409,7 @@ def time_generate(method: Method, batch: Batch, new_tokens: int) -> tuple[dict[s
     start, cpu_start = time.perf_counter(), time.process_time()
     out = method.generate(batch, new_tokens, stopping_criteria=StoppingCriteriaList([clock.criteria]))
     stamps, cpu = clock.stamps, clock.cpu_stamps
-    generated = out.shape[1] - (batch.input_ids.shape[1] if out.shape[1] > new_tokens else 0)
+    generated = method.new_tokens(batch, out).shape[1]
     if len(stamps) < 2 or generated != new_tokens:
         raise RuntimeError(f"{method.name}: expected {new_tokens} new tokens, got {generated} ({len(stamps)} steps)")
     steps = len(stamps) - 1
@@ -449,7 +431,6 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     vocab = info["vocab_size"]
     d = info["hidden_size"]
     methods_wanted = [m for m in METHODS if m in args.methods]
-    lora_targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
 
     # Each method owns a deep copy of the same frozen base (peft modifies the model in place).
     lora_methods: dict[str, Method] = {}
@@ -457,7 +438,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         if name in methods_wanted:
             lora_methods[name] = LoRAMethod(
                 copy.deepcopy(base), name == "input_lora", args.visual_dim, args.projector_hidden_dim, args.lora_r,
-                args.lora_alpha, args.lora_dropout, lora_targets,
+                args.lora_alpha, args.lora_dropout, args.lora_targets,
             )
     memvp_cache: dict[int, MemVPMethod] = {}
 
@@ -575,7 +556,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         "visual_dim": args.visual_dim,
         "projector_hidden_dim": args.projector_hidden_dim,
         "extra_slots": args.extra_slots,
-        "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": lora_targets},
+        "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                 "targets": args.lora_targets},
         "repeats": args.repeats,
         "new_tokens": args.new_tokens,
         "dtype": "float32",
@@ -935,7 +917,6 @@ def profile_point(args: argparse.Namespace, output_dir: Path) -> dict[str, str]:
     info = describe_model(base)
     visual_tokens, text_len = args.profile_point
     batch = make_batch(args.batch_size, text_len, visual_tokens, args.visual_dim, base.config.vocab_size, args.seed)
-    lora_targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
     slots = visual_tokens + args.extra_slots
     dims = dict(slots=slots, visual_dim=args.visual_dim, proj_hidden=args.projector_hidden_dim, batch=args.batch_size,
                 visual_tokens=visual_tokens, lora_r=args.lora_r)
@@ -944,7 +925,7 @@ def profile_point(args: argparse.Namespace, output_dir: Path) -> dict[str, str]:
     methods = [
         MemVPMethod(copy.deepcopy(base), args.visual_dim, slots, args.projector_hidden_dim),
         LoRAMethod(copy.deepcopy(base), False, args.visual_dim, args.projector_hidden_dim, args.lora_r,
-                   args.lora_alpha, args.lora_dropout, lora_targets),
+                   args.lora_alpha, args.lora_dropout, args.lora_targets),
     ]
     calls = max(3, args.repeats)
     written: dict[str, str] = {}
@@ -1061,14 +1042,13 @@ def run_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     visual_dim = features.shape[2]
     steps = args.steps if args.steps is not None else (10 if args.quick else 1000)
     lrs = args.lr[:1] if args.quick else args.lr
-    lora_targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
 
     def build(name: str) -> Method:
         if name == "memvp":
             return MemVPMethod(base_model(), visual_dim, features.shape[1] + args.acc_extra_slots,
                                args.projector_hidden_dim)
         return LoRAMethod(base_model(), True, visual_dim, args.projector_hidden_dim, args.lora_r, args.lora_alpha,
-                          args.lora_dropout, lora_targets)
+                          args.lora_dropout, args.lora_targets)
 
     def batch_of(idx: Any) -> Batch:
         idx = torch.as_tensor(idx)
@@ -1093,15 +1073,9 @@ def run_accuracy(args: argparse.Namespace) -> dict[str, Any]:
             batch = batch_of(part)
             batch.input_ids = batch.input_ids[:, : len(prompt)]
             batch.attention_mask = batch.attention_mask[:, : len(prompt)]
-            if isinstance(method, MemVPMethod):
-                inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                          "image_features": batch.image_features}
-            else:
-                inputs = method._inputs(batch)
-            out = method.model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0,
+            out = method.model.generate(**method.inputs(batch), max_new_tokens=2, do_sample=False, pad_token_id=0,
                                         eos_token_id=tokenizer.eos_token_id)
-            new = out[:, len(prompt):] if "input_ids" in inputs else out  # inputs_embeds: only new tokens come back
-            for row, y in zip(new, targets[torch.as_tensor(part)]):
+            for row, y in zip(method.new_tokens(batch, out), targets[torch.as_tensor(part)]):
                 correct += tokenizer.decode(row) == DIGIT_WORDS[int(y)]
         return correct / len(indices)
 
@@ -1173,7 +1147,7 @@ def run_accuracy(args: argparse.Namespace) -> dict[str, Any]:
             "memvp": f"{features.shape[1] + args.acc_extra_slots} slots (16 visual + {args.acc_extra_slots} learned), "
                      f"projector hidden {args.projector_hidden_dim}, paper scales/dropout",
             "input_lora": f"same projector to width {args.acc_hidden_size}, 16 prepended input embeddings, LoRA r="
-                          f"{args.lora_r} alpha {args.lora_alpha} dropout {args.lora_dropout} on {lora_targets}",
+                          f"{args.lora_r} alpha {args.lora_alpha} dropout {args.lora_dropout} on {args.lora_targets}",
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             "processor": _cpu_name(),
@@ -1286,6 +1260,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     acc.add_argument("--acc_extra_slots", type=int, default=16, help="MemVP slots beyond the 16 visual tokens")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
+    args.lora_targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
     quick = args.quick
     if args.num_visual_tokens is None:
         args.num_visual_tokens = [16] if quick else [64, 256, 576]
@@ -1318,8 +1293,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     hf_logging.set_verbosity_error()  # generation-config chatter would break the progress bar
     if args.accuracy:
         report = run_accuracy(args)
-        paths = write_outputs(report, output_dir, "accuracy", accuracy_markdown(report), plot_accuracy)
-        print(accuracy_markdown(report))
+        markdown = accuracy_markdown(report)
+        paths = write_outputs(report, output_dir, "accuracy", markdown, plot_accuracy)
+        print(markdown)
     else:
         start = time.perf_counter()
         report = run_sweep(args)

@@ -305,6 +305,7 @@ class MemVPDataCollator:
         self.image_input_name = image_input_name
         self.seq2seq = seq2seq
         self._bos_len: Optional[int] = None
+        self._empty_image: Optional[tuple[torch.Size, torch.dtype]] = None
 
     # ---------------------------------------------------------------------------------------------- text -> tokens
     def _turns(self, record: Mapping[str, Any], where: str, need_answer: bool = True) -> list[tuple[str, str]]:
@@ -469,10 +470,12 @@ class MemVPDataCollator:
         return pixel_values
 
     def _empty_image_shape(self) -> tuple[torch.Size, torch.dtype]:
-        """Shape of one processed image, found by processing a black image (for all-text-only batches)."""
-        Image = _pil()
-        dummy = self._process([Image.new("RGB", (64, 64))])
-        return dummy.shape[1:], dummy.dtype
+        """Shape of one processed image, found once by processing a black image (for all-text-only batches)."""
+        if self._empty_image is None:
+            Image = _pil()
+            dummy = self._process([Image.new("RGB", (64, 64))])
+            self._empty_image = (dummy.shape[1:], dummy.dtype)
+        return self._empty_image
 
     # ------------------------------------------------------------------------------------------------ __call__
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:

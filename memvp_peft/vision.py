@@ -123,11 +123,6 @@ class VisionEncoder:
 
         return hook
 
-    def tokens_per_image(self) -> int:
-        config = self.model.config
-        patches = (config.image_size // config.patch_size) ** 2
-        return patches + (1 if self.has_cls and self.select_strategy == "full" else 0)
-
     def features(
         self, pixel_values: torch.Tensor, bottlenecks: Optional[nn.ModuleList] = None, scale: float = 0.0
     ) -> torch.Tensor:

@@ -16,6 +16,21 @@ from torch import nn
 from .vision import VisionBottleneck
 
 
+def init_projector(projector: nn.Sequential) -> None:
+    """MemVP's projector init: xavier-uniform weights, zero biases."""
+    for layer in (projector[0], projector[2]):
+        nn.init.xavier_uniform_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
+def build_projector(visual_dim: int, hidden_dim: int, model_dim: int) -> nn.Sequential:
+    """The projector f: `Linear(visual_dim, hidden) -> SiLU -> Linear(hidden, model_dim)`, initialised. The
+    benchmark's input-space baseline builds its projector here too, so both methods use the very same f."""
+    projector = nn.Sequential(nn.Linear(visual_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, model_dim))
+    init_projector(projector)
+    return projector
+
+
 class VisualMemory(nn.Module):
     """Projector f and position embeddings (p_k, p_v) of one adapter.
 
@@ -40,11 +55,11 @@ class VisualMemory(nn.Module):
         self.visual_dim = visual_dim
         self.num_slots = num_slots
         self.visual_scale = visual_scale
-        self.projector = nn.Sequential(nn.Linear(visual_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, model_dim))
+        self.projector = build_projector(visual_dim, hidden_dim, model_dim)
         self.key_pos = nn.Parameter(torch.empty(num_slots, model_dim))
         self.value_pos = nn.Parameter(torch.empty(num_slots, model_dim))
         self.key_init_std = key_init_std
-        self.reset_parameters()
+        self._reset_position_embeddings()
         # The authors' bottleneck adapters inside the vision encoder blocks (optional; see vision.py).
         self.vision_adapters = (
             nn.ModuleList(
@@ -55,9 +70,10 @@ class VisualMemory(nn.Module):
         )
 
     def reset_parameters(self) -> None:
-        for layer in (self.projector[0], self.projector[2]):
-            nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        init_projector(self.projector)
+        self._reset_position_embeddings()
+
+    def _reset_position_embeddings(self) -> None:
         nn.init.normal_(self.key_pos, mean=0.0, std=self.key_init_std)
         nn.init.zeros_(self.value_pos)
 
