@@ -99,12 +99,28 @@ def _field_type(options_cls: type, name: str) -> Any:
     return hint
 
 
+def _default_of(item: dataclasses.Field) -> Any:
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return item.default
+
+
+def _help_text(item: dataclasses.Field) -> str:
+    """The field's help plus its real default. The flags themselves default to None (so that only the flags a user
+    gives override the YAML), which is why argparse cannot show the defaults; `%` is escaped for argparse."""
+    text = item.metadata.get("help", "")
+    default = _default_of(item)
+    if default not in (None, []):
+        text = f"{text} (default: {default})"
+    return text.replace("%", "%%")
+
+
 def build_parser(options_cls: type, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("config", nargs="?", default=None, help="optional YAML file with any of the options below")
     for item in dataclasses.fields(options_cls):
         kind = _field_type(options_cls, item.name)
-        help_text = item.metadata.get("help", "")
+        help_text = _help_text(item)
         flag = f"--{item.name}"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -134,7 +150,35 @@ def load_yaml_options(path: str, options_cls: type) -> dict[str, Any]:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ValueError(f"{path}: unknown option '{key}'.{hint}")
-    return data
+    return {key: _yaml_value(path, key, value, _field_type(options_cls, key)) for key, value in data.items()}
+
+
+def _yaml_value(path: str, key: str, value: Any, kind: Any) -> Any:
+    """Convert a YAML value to the option's type, as argparse does for the same flag.
+
+    Why: YAML 1.1 reads `2e-3` (no dot) as a string and `image: a.png` as one string where a list is expected; without
+    this, a typo-free config would fail deep inside training with a TypeError.
+    """
+    if value is None:
+        return None
+    if kind is list:
+        return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    problem = f"{path}: option '{key}' must be {getattr(kind, '__name__', kind)}, got {value!r}"
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{problem} (use true or false).")
+        return value
+    if isinstance(value, (bool, list, dict)):
+        raise ValueError(f"{problem}.")
+    if kind is str:
+        return str(value)
+    try:
+        converted = kind(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{problem}.") from error
+    if kind is int and isinstance(value, float) and converted != value:
+        raise ValueError(f"{problem} (a whole number).")
+    return converted
 
 
 def parse_options(options_cls: type, argv: Optional[Sequence[str]], description: str) -> Any:

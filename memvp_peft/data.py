@@ -487,8 +487,11 @@ class MemVPDataCollator:
         return self._add_images(batch, per_record_images, any_list)
 
     def prompts(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        """A generation batch: each record's first question as a prompt, LEFT-padded (decoder-only `generate`
-        continues from the last position), with its images. Answers, if present, are ignored."""
+        """A generation batch: each record's first question as a prompt, with its images. Answers, if present, are
+        ignored. Decoder-only: LEFT-padded (`generate` continues from the last position). Seq2seq: the encoder input,
+        right-padded like `seq2seq_batch` (models with absolute positions, e.g. BART, must see the same positions)."""
+        if self.seq2seq:
+            return self._encoder_inputs(records)
         texts, per_record_images, any_list = self._read(records, with_answers=False)
         length = max(len(ids) for ids, _ in texts)
         input_ids = torch.full((len(texts), length), int(self.tokenizer.pad_token_id), dtype=torch.long)
@@ -500,19 +503,24 @@ class MemVPDataCollator:
 
     def seq2seq_batch(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Encoder-decoder layout: the prompt feeds the encoder, the answer (+EOS) is the decoder's `labels`."""
-        texts, per_record_images, any_list = self._read(records, with_answers=False)
+        batch = self._encoder_inputs(records)
         answers = []
         for index, record in enumerate(records):
             turns = self._turns(record, f"record {index}")
             ids = list(self.tokenizer(" " + turns[0][1], add_special_tokens=False)["input_ids"])
             answers.append(ids + [int(self.tokenizer.eos_token_id)])
-        batch = self._pad([ids for ids, _ in texts], [ids for ids, _ in texts])
-        batch.pop("labels")
         width = max(len(a) for a in answers)
         labels = torch.full((len(answers), width), IGNORE_INDEX, dtype=torch.long)
         for row, ids in enumerate(answers):
             labels[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         batch["labels"] = labels
+        return batch
+
+    def _encoder_inputs(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Each record's first question, right-padded, with its images: the encoder side of a seq2seq batch."""
+        texts, per_record_images, any_list = self._read(records, with_answers=False)
+        batch = self._pad([ids for ids, _ in texts], [ids for ids, _ in texts])
+        batch.pop("labels")
         return self._add_images(batch, per_record_images, any_list)
 
     def _read(self, records: Sequence[Mapping[str, Any]], with_answers: bool):

@@ -87,7 +87,7 @@ def load_for_inference(options: InferOptions):
             )
         input_name = "pixel_values"
     collator = MemVPDataCollator(
-        tokenizer, processor, image_folder=options.image_folder, image_input_name=input_name,
+        tokenizer, processor, image_input_name=input_name,  # --input_file paths are resolved by load_jsonl
         array_value_range=tuple(record["array_value_range"]) if record.get("array_value_range") else None,
         seq2seq=(kind == "seq2seq"),
     )

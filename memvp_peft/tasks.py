@@ -50,7 +50,6 @@ class Task:
     name: str
     train: list[dict]
     eval: list[dict]
-    image_folder: Optional[str] = None
     array_value_range: Optional[tuple[float, float]] = None
 
 
@@ -99,7 +98,7 @@ def load_task(dataset: str, image_folder: Optional[str], eval_fraction: float, s
         if not records:
             raise ValueError(f"dataset file {dataset} holds no records.")
         train, held_out = _split(records, eval_fraction, seed)
-        return Task(os.path.basename(dataset), train, held_out, image_folder=folder)
+        return Task(os.path.basename(dataset), train, held_out)
     raise ValueError(
         f"unknown dataset {dataset!r}: use 'digits' (built in), a LLaVA conversation .json or a .jsonl with "
         "image/question/answer fields."

@@ -161,9 +161,7 @@ def generate_answers(model, collator, records: list[dict], kind: str, tokenizer,
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(records), batch_size), desc="answering", disable=not progress, leave=False):
         chunk = records[start : start + batch_size]
-        batch = collator.seq2seq_batch(chunk) if kind == "seq2seq" else collator.prompts(chunk)
-        batch.pop("labels", None)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in collator.prompts(chunk).items()}
         with torch.no_grad():
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -222,7 +220,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
     peft_model = get_peft_model(model, config)
     peft_model.print_trainable_parameters()
     collator = MemVPDataCollator(
-        tokenizer, processor, max_length=options.max_length, image_folder=task.image_folder,
+        tokenizer, processor, max_length=options.max_length,  # image paths are already resolved by load_task
         array_value_range=task.array_value_range, image_input_name=input_name, seq2seq=(kind == "seq2seq"),
     )
     eval_records = task.eval[: (48 if options.quick else options.max_eval_samples)]

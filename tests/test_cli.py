@@ -42,6 +42,38 @@ def test_yaml_that_is_not_a_mapping_is_rejected(tmp_path):
         load_yaml_options(str(tmp_path / "run.yaml"), TrainOptions)
 
 
+def test_yaml_values_get_the_option_types(tmp_path):
+    """YAML 1.1 reads `2e-3` as a string and a single `image:` as a string; both become what the flag would give."""
+    (tmp_path / "run.yaml").write_text("learning_rate: 2e-3\nmax_steps: '40'\nnum_train_epochs: 3\n")
+    options = parse_options(TrainOptions, [str(tmp_path / "run.yaml")], "")
+    assert options.learning_rate == 0.002 and options.max_steps == 40 and options.num_train_epochs == 3.0
+    (tmp_path / "infer.yaml").write_text("image: a.png\n")
+    assert parse_options(InferOptions, [str(tmp_path / "infer.yaml")], "").image == ["a.png"]
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [("learning_rate: fast", "float"), ("bf16: yes please", "bool"), ("max_steps: 2.5", "int"), ("seed: [1]", "int")],
+)
+def test_yaml_value_of_the_wrong_type_is_rejected(tmp_path, line, expected):
+    (tmp_path / "run.yaml").write_text(line + "\n")
+    with pytest.raises(ValueError, match=f"option '{line.split(':')[0]}' must be {expected}"):
+        load_yaml_options(str(tmp_path / "run.yaml"), TrainOptions)
+
+
+@pytest.mark.parametrize("main", [train_main, infer_main], ids=["memvp-train", "memvp-infer"])
+def test_help_lists_every_option_with_its_real_default(main, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    if main is train_main:
+        assert "--per_device_train_batch_size" in text and "(default: 32)" in text and "+ 25%" in text
+    else:
+        assert "--batch_size" in text and "(default: 16)" in text
+    assert "(default: None)" not in text
+
+
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     (tmp_path / "run.yaml").write_text("per_device_train_batch_sise: 4\n")
     assert train_main([str(tmp_path / "run.yaml")]) == 2
@@ -156,13 +188,14 @@ def local_llm(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_local_llm_plus_clip_on_jsonl_then_infer_and_wrong_base(tmp_path, local_llm, capsys):
+def test_local_llm_plus_clip_on_jsonl_then_infer_and_wrong_base(tmp_path, local_llm, monkeypatch, capsys):
     rows = _write_digit_pngs(tmp_path / "img", count=16)
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     tiny_clip(hidden_size=32).save_pretrained(tmp_path / "clip")
     out = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)  # a relative --image_folder, as in docs/training.md, is applied once
     code = train_main(["--model_name_or_path", str(local_llm), "--vision_model_name_or_path", str(tmp_path / "clip"),
-                       "--dataset", str(tmp_path / "data.jsonl"), "--image_folder", str(tmp_path / "img"),
+                       "--dataset", str(tmp_path / "data.jsonl"), "--image_folder", "img",
                        "--output_dir", str(out), "--max_steps", "3",
                        "--per_device_train_batch_size", "4", "--lora_rank", "4", "--eval_fraction", "0.25"])
     assert code == 0
@@ -203,7 +236,7 @@ def test_llava_checkpoint_trains_on_digits_pixels(tmp_path):
 
 
 @pytest.mark.slow
-def test_seq2seq_t5_on_digits_reports_accuracy(tmp_path):
+def test_seq2seq_t5_on_digits_reports_accuracy_then_infer(tmp_path, capsys):
     from transformers import T5Config, T5ForConditionalGeneration
 
     tokenizer = build_word_tokenizer(["Question: What digit is shown ?\nAnswer:"], NAMES)
@@ -217,6 +250,9 @@ def test_seq2seq_t5_on_digits_reports_accuracy(tmp_path):
     assert train_main(["--model_name_or_path", str(tmp_path / "t5"), "--output_dir", str(out), "--quick"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["heldout_accuracy"] <= 1.0 and metrics["options"]["model_name_or_path"] == str(tmp_path / "t5")
+    capsys.readouterr()
+    assert infer_main(["--adapter", str(out), "--image", "digits:3", "digits:4"]) == 0  # questions without answers
+    assert capsys.readouterr().out.count("digits:") == 2
 
 
 @pytest.mark.slow
@@ -225,8 +261,8 @@ def test_infer_reads_a_question_file_without_answers_from_another_folder(tmp_pat
     assert train_main(["--quick", "--output_dir", str(out)]) == 0
     rows = _write_digit_pngs(tmp_path / "img", count=3)
     (tmp_path / "q.jsonl").write_text("\n".join(json.dumps({"image": r["image"], "question": r["question"]}) for r in rows))
-    monkeypatch.chdir(tmp_path / "img")  # the recorded base path must not depend on the working directory
+    monkeypatch.chdir(tmp_path)  # the recorded base path must not depend on the working directory
     capsys.readouterr()
     assert infer_main(["--adapter", str(out), "--input_file", str(tmp_path / "q.jsonl"),
-                       "--image_folder", str(tmp_path / "img")]) == 0
+                       "--image_folder", "img"]) == 0  # relative, applied once
     assert capsys.readouterr().out.count("What digit is shown ?") == 3

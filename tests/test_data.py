@@ -1,6 +1,6 @@
 """Tests of memvp_peft.data: the MemVP collator and the dataset loaders.
 
-Everything is local: the tokenizer is trained in-test with `tokenizers`, the image processor is a
+Everything is local: the tokenizer is trained in-test (`local_models.build_word_tokenizer`), the image processor is a
 `CLIPImageProcessor` built from arguments, the images are scikit-learn digits written to PNG files.
 """
 
@@ -22,6 +22,7 @@ from memvp_peft.data import (
     strip_image_placeholder,
     to_rgb_image,
 )
+from memvp_peft.local_models import build_word_tokenizer, clip_image_processor
 
 IMAGE_SIDE = 32
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -30,32 +31,18 @@ DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 # ---------------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = [
+    """Word-level, and it prepends BOS like Llama does, to check that BOS is kept and never supervised."""
+    return build_word_tokenizer([
         "Question: What digit is shown in the image ?\nAnswer: " + " ".join(DIGIT_NAMES),
         "Is the digit odd or even ? It is odd . It is even . yes no",
         "Which image shows the larger digit ? The first one . The second one .",
         "What color is the sky ? blue . Describe it . A handwritten digit on a dark background .",
-    ]
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[BOS]", "[EOS]", "[UNK]"]))
-    # Prepend BOS like Llama does, to check that it is kept and never supervised.
-    tok.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A", pair="[BOS] $A $B", special_tokens=[("[BOS]", tok.token_to_id("[BOS]"))]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]"
-    )
+    ])
 
 
 @pytest.fixture(scope="module")
 def image_processor():
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor(size={"shortest_edge": IMAGE_SIDE}, crop_size={"height": IMAGE_SIDE, "width": IMAGE_SIDE})
+    return clip_image_processor(IMAGE_SIDE)
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +203,31 @@ def test_right_padding(collator, tokenizer):
     assert padded["input_ids"].shape[1] % tokenizer_pad_multiple == 0
     assert padded["attention_mask"].sum(1).tolist() == lengths
     assert "pixel_values" not in padded  # text-only collator (no image processor)
+
+
+def test_prompts_are_left_padded_for_decoder_only_generation(collator, tokenizer, digits):
+    images, _ = digits
+    batch = collator.prompts([{"image": images[0], "question": "What digit ?"},
+                              {"image": images[1], "question": "What digit is shown in the image ?"}])
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "image_mask"}
+    assert batch["attention_mask"][0, 0] == 0 and (batch["attention_mask"][:, -1] == 1).all()
+    assert batch["input_ids"][0, 0] == tokenizer.pad_token_id
+
+
+def test_seq2seq_prompts_need_no_answer_and_match_the_training_encoder_input(tokenizer, image_processor, digits):
+    """`memvp-infer` on a T5/BART adapter answers records that carry no answer; the encoder must see exactly the
+    (right-padded) input it was trained on."""
+    images, _ = digits
+    collator = MemVPDataCollator(tokenizer, image_processor, seq2seq=True)
+    questions = [{"image": images[0], "question": "What digit ?"},
+                 {"image": images[1], "question": "What digit is shown in the image ?"}]
+    prompts = collator.prompts(questions)
+    assert "labels" not in prompts and prompts["attention_mask"][0, -1] == 0  # right padding
+    training = collator([dict(q, answer=a) for q, a in zip(questions, ["zero", "one"])])
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_mask"):
+        assert torch.equal(prompts[key], training[key]), key
+    with pytest.raises(ValueError, match="empty answer"):
+        collator(questions)  # training still requires the answer
 
 
 def test_truncation_keeps_the_answer(tokenizer, image_processor):
