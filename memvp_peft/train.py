@@ -191,6 +191,7 @@ def ascii_image(image) -> list[str]:
 def train(options: TrainOptions) -> dict[str, Any]:
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainingArguments, set_seed
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
     from .data import MemVPDataCollator
     from .reporting import LossHistory, save_loss_curve, write_metrics
@@ -257,8 +258,14 @@ def train(options: TrainOptions) -> dict[str, Any]:
     trainer.train(resume_from_checkpoint=options.resume_from_checkpoint)
     train_time = time.time() - train_started
     trainer.save_model(options.output_dir)
+    # Under ZeRO-3 the trained model's weights stay partitioned across the ranks: a generate() on rank 0 alone would
+    # wait for all-gathers the other ranks never join (gloo aborts, NCCL hangs). The held-out answers then come from
+    # the saved adapter reloaded onto a single-process base below -- the model users deploy.
+    partitioned = is_deepspeed_zero3_enabled()
     if not trainer.is_world_process_zero():
         return {}
+    if partitioned:
+        unset_hf_deepspeed_config()  # the reload below is a plain single-process model: no zero.Init, no synced_gpus
     from .infer import write_cli_record
 
     write_cli_record(options.output_dir, {
@@ -268,9 +275,11 @@ def train(options: TrainOptions) -> dict[str, Any]:
         "kind": kind,
     })
 
-    answers = generate_answers(peft_model, collator, eval_records, kind, tokenizer, options.max_new_tokens)
-    held_out = accuracy(answers, eval_records)
-    print(f"held-out accuracy by generation: {held_out:.2%} on {len(eval_records)} samples")
+    held_out = None
+    if not partitioned:
+        answers = generate_answers(peft_model, collator, eval_records, kind, tokenizer, options.max_new_tokens)
+        held_out = accuracy(answers, eval_records)
+        print(f"held-out accuracy by generation: {held_out:.2%} on {len(eval_records)} samples")
 
     # reload from disk onto a fresh base and answer again: what a user deploying the adapter gets
     if options.model_name_or_path is None:
@@ -297,7 +306,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
         "dataset": task.name,
         "train_samples": len(task.train),
         "eval_samples": len(eval_records),
-        "heldout_accuracy": held_out,
+        "heldout_accuracy": reloaded_accuracy if held_out is None else held_out,  # ZeRO-3: from the reloaded adapter
         "reloaded_heldout_accuracy": reloaded_accuracy,
         "final_loss": history.losses[-1] if history.losses else None,
         "loss_history": {"steps": history.steps, "loss": history.losses},

@@ -450,6 +450,27 @@ def test_zero3_cpu_offload(tmp_path, deepspeed_ops, checkpoint):
     assert_reload_matches(out, checkpoint)
 
 
+def test_memvp_train_under_zero3_trains_saves_and_answers(tmp_path, deepspeed_ops):
+    """The documented `memvp-train --deepspeed integrations/deepspeed/zero3.json` under torchrun. After training, the
+    model's weights are still partitioned across the ranks, so rank 0 must not generate with it alone (gloo aborts with
+    "Connection closed by peer", NCCL hangs): the held-out answers come from the saved adapter, reloaded onto a
+    single-process base."""
+    from memvp_peft.checkpoint_io import check_adapter_file_complete
+    from memvp_peft.infer import main as infer_main
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "-m", "memvp_peft.train", "--quick", "--deepspeed", str(DS_CONFIGS / "zero3.json"),
+               "--output_dir", str(out), "--per_device_train_batch_size", str(BATCH)]  # fmt: skip
+    ((returncode, output),) = _run_together([command], "memvp-train under ZeRO-3")
+    assert returncode == 0, f"{_error_lines(output)}\n{output[-4000:]}"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_steps"] == 20 and all(math.isfinite(x) for x in metrics["loss_history"]["loss"])
+    assert metrics["heldout_accuracy"] == metrics["reloaded_heldout_accuracy"]
+    check_adapter_file_complete(str(out / "adapter_model.safetensors"))  # no 0-element ZeRO-3 partitions
+    assert infer_main(["--adapter", str(out), "--image", "digits:0"]) == 0
+
+
 # ------------------------------------------------------------------------------------------------ 4-bit base, pitfalls
 
 
