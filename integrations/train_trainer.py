@@ -49,6 +49,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
 from memvp_peft import MemVPConfig  # noqa: E402
 from memvp_peft.local_models import tiny_llama_config  # noqa: E402
+from memvp_peft.reporting import logged_losses  # noqa: E402
 
 PROMPT_IDS = [1, 5, 6, 7, 8]  # bos + a fixed "question"; the answer follows it
 ANSWER_BASE = 10  # answer token of class c is ANSWER_BASE + c
@@ -322,7 +323,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         logits = reference_logits(trainer, batch, mode)
         text_only = {k: v for k, v in batch.items() if k != "image_features"}
         text_logits = reference_logits(trainer, text_only, mode)  # the learned memory alone
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    _, losses = logged_losses(trainer.state.log_history)
     info = {
         "rank": rank,
         "world_size": world,

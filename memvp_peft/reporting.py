@@ -9,17 +9,21 @@ from typing import Any
 from transformers import TrainerCallback
 
 
-class LossHistory(TrainerCallback):
-    """Collects the Trainer's logged losses (rank 0) and prints them as readable lines."""
+def logged_losses(log_history: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+    """(steps, losses) of the training-loss entries of `trainer.state.log_history`.
 
-    def __init__(self) -> None:
-        self.steps: list[int] = []
-        self.losses: list[float] = []
+    Why the Trainer's history and not a callback's own list: a run resumed from `checkpoint-N` restores the history
+    from `trainer_state.json`, so the curve and the metrics cover the whole run, not just the part after the resume.
+    """
+    entries = [entry for entry in log_history if "loss" in entry and "step" in entry]
+    return [int(entry["step"]) for entry in entries], [float(entry["loss"]) for entry in entries]
+
+
+class LossPrinter(TrainerCallback):
+    """Prints the Trainer's logged losses (rank 0) as readable lines."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D401  (Trainer callback signature)
         if logs and "loss" in logs and state.is_world_process_zero:
-            self.steps.append(int(state.global_step))
-            self.losses.append(float(logs["loss"]))
             lr = logs.get("learning_rate")
             lr_text = f"  lr {lr:.2e}" if isinstance(lr, (int, float)) else ""
             print(f"step {state.global_step:>6}/{state.max_steps}  loss {logs['loss']:.4f}{lr_text}", flush=True)

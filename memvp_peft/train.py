@@ -194,7 +194,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
     from .data import MemVPDataCollator
-    from .reporting import LossHistory, save_loss_curve, write_metrics
+    from .reporting import LossPrinter, logged_losses, save_loss_curve, write_metrics
     from .tasks import load_task
 
     started = time.time()
@@ -251,9 +251,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
         seed=options.seed,
         dataloader_num_workers=0,
     )
-    history = LossHistory()
     trainer = Trainer(model=peft_model, args=args, train_dataset=_Records(task.train), data_collator=collator,
-                      callbacks=[history])
+                      callbacks=[LossPrinter()])
     train_started = time.time()
     trainer.train(resume_from_checkpoint=options.resume_from_checkpoint)
     train_time = time.time() - train_started
@@ -300,7 +299,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
         print("\n".join(art))
         print(f"Q: {record.get('question', '')}  ->  A: {answer!r}  (reference {record.get('answer', '')!r})\n")
 
-    save_loss_curve(history.steps, history.losses, os.path.join(options.output_dir, "loss_curve.png"),
+    steps, losses = logged_losses(trainer.state.log_history)
+    save_loss_curve(steps, losses, os.path.join(options.output_dir, "loss_curve.png"),
                     f"MemVP on {task.name}")
     metrics = {
         "dataset": task.name,
@@ -308,8 +308,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
         "eval_samples": len(eval_records),
         "heldout_accuracy": reloaded_accuracy if held_out is None else held_out,  # ZeRO-3: from the reloaded adapter
         "reloaded_heldout_accuracy": reloaded_accuracy,
-        "final_loss": history.losses[-1] if history.losses else None,
-        "loss_history": {"steps": history.steps, "loss": history.losses},
+        "final_loss": losses[-1] if losses else None,
+        "loss_history": {"steps": steps, "loss": losses},
         "global_steps": trainer.state.global_step,
         "train_time_s": round(train_time, 2),
         "wall_time_s": round(time.time() - started, 2),

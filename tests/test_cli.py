@@ -256,6 +256,19 @@ def test_seq2seq_t5_on_digits_reports_accuracy_then_infer(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_resumed_run_reports_the_losses_of_the_whole_run(tmp_path):
+    """metrics.json and loss_curve.png cover steps 1..N after --resume_from_checkpoint, not just the resumed part."""
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    common = ["--quick", "--max_steps", "8", "--logging_steps", "1"]
+    assert train_main([*common, "--output_dir", str(first), "--save_steps", "4"]) == 0
+    assert train_main([*common, "--output_dir", str(resumed),
+                       "--resume_from_checkpoint", str(first / "checkpoint-4")]) == 0
+    history = json.loads((resumed / "metrics.json").read_text())["loss_history"]
+    assert history["steps"] == list(range(1, 9))
+    assert history["loss"][:4] == json.loads((first / "metrics.json").read_text())["loss_history"]["loss"][:4]
+
+
+@pytest.mark.slow
 def test_infer_reads_a_question_file_without_answers_from_another_folder(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     assert train_main(["--quick", "--output_dir", str(out)]) == 0
