@@ -176,8 +176,9 @@ class MemVPModel(BaseTuner):
             layer = target
         else:
             role = role_of_target(target_name)
-            base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-            layer = _LAYER_CLASSES[role](base, self._memvp_context)
+            # `target` may be a LoRA layer of this adapter's `lora_config` (injected first): wrap it as it is, so the
+            # LoRA update stays in the FFN's W1/W2 and the memory is appended after it.
+            layer = _LAYER_CLASSES[role](target, self._memvp_context)
             layer.set_adapter([adapter_name])
         activation = None
         if isinstance(layer, FFNMemoryLayer):

@@ -8,14 +8,16 @@ import pytest
 import torch
 import transformers as T
 from conftest import VISUAL_DIM, VOCAB, randomize_memory, tiny_llama
+from conftest import memvp_config as memvp
 from peft import get_peft_model
 from reference_memvp import adapter_state, reference_logits
 from torch import nn
 
 from memvp_peft import MemVPConfig, MemVPLayer
+from memvp_peft.local_models import SPECIAL_TOKEN_IDS
 
 TOL = dict(rtol=1e-5, atol=1e-6)
-TOKEN_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+TOKEN_IDS = SPECIAL_TOKEN_IDS
 DECODER = dict(
     vocab_size=VOCAB,
     hidden_size=32,
@@ -75,12 +77,6 @@ def build(name: str, seed: int = 0) -> nn.Module:
     model = model_cls(config_cls(**kwargs)).eval()
     assert model.config.model_type == name
     return model
-
-
-def memvp(**overrides) -> MemVPConfig:
-    kwargs = dict(visual_dim=VISUAL_DIM, num_memory_slots=8, projector_hidden_dim=8, memory_dropout=0.0)
-    kwargs.update(overrides)
-    return MemVPConfig(**kwargs)
 
 
 def adapt(base: nn.Module, config: MemVPConfig):

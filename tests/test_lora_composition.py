@@ -90,7 +90,7 @@ def test_merge_lora_folds_lora_into_base_and_keeps_memory(pm, batch, tmp_path):
     assert any(isinstance(m, MemVPLayer) for m in pm.modules())
     with torch.no_grad():
         torch.testing.assert_close(pm(**batch).logits, expected, rtol=1e-4, atol=1e-5)
-    # the merged deployment: save the memory, reload it onto the merged base
+    # the merged deployment: the saved adapter holds the memory only (it is loaded onto the merged base)
     pm.save_pretrained(tmp_path)
     assert pm.peft_config["default"].lora_config is None
     assert not any("lora" in k for k in load_file(tmp_path / "adapter_model.safetensors"))
@@ -122,3 +122,29 @@ def test_second_adapter_switches_lora_and_memory_together(batch):
     trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
     assert trainable and all(".other" in n for n in trainable)
     assert any("v_proj.lora_A.other" in n for n in trainable)
+    assert any("memvp_memory.other" in n for n in trainable)
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning")  # peft fixes it for Conv1D
+@pytest.mark.parametrize("arch, targets", [("gpt2", ("c_fc", "c_proj")), ("opt", ("fc1", "fc2"))])
+def test_lora_on_the_linears_of_a_plain_ffn_is_kept_trained_and_mergeable(arch, targets):
+    """Plain FFNs are wrapped linear by linear (K appended to W1, V to W2). A LoRA of the same adapter on those very
+    linears must stay inside the MemVP wrappers -- not be silently dropped -- and merge into W1/W2 exactly."""
+    from test_architectures import build, inputs
+
+    pm = get_peft_model(build(arch), lora_memvp(targets=targets, num_memory_slots=8))
+    randomize_memory(pm, scale=0.3)
+    wrapped = [m for m in pm.modules() if isinstance(m, MemVPLayer)]
+    assert wrapped and all(isinstance(m.base_layer, LoraLayer) for m in wrapped)
+    ids, mask, features = inputs()
+    pm.train()
+    pm(input_ids=ids, attention_mask=mask, image_features=features, labels=ids).loss.backward()
+    lora = [p for n, p in pm.named_parameters() if "lora_" in n]
+    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+    pm.eval()
+    with torch.no_grad():
+        expected = pm(input_ids=ids, attention_mask=mask, image_features=features).logits
+        pm.merge_lora()
+        assert not any(isinstance(m, LoraLayer) for m in pm.modules())
+        torch.testing.assert_close(pm(input_ids=ids, attention_mask=mask, image_features=features).logits, expected,
+                                   rtol=1e-4, atol=1e-5)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import VISUAL_DIM, assert_fresh_process_reproduces, memvp_config, randomize_memory
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from reference_memvp import adapter_state, reference_seq2seq_logits
 
 from memvp_peft.layer import MemVPLayer
@@ -194,9 +195,15 @@ def test_lora_composition_saves_and_restores_both(inputs, tmp_path):
     randomize_memory(pm, scale=0.3)
     pm.eval()
     assert isinstance(pm.base_model.model.encoder.block[0].layer[1].DenseReluDense.wi, MemVPLayer)
+    lora_layers = [n for n, m in pm.named_modules() if isinstance(m, LoraLayer)]
+    assert any(n.endswith("SelfAttention.q") for n in lora_layers) and any(".wi.base_layer" in n for n in lora_layers)
     with torch.no_grad():
         expected = pm(**inputs).logits
     pm.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in saved) and any("memvp_memory" in k for k in saved)
     loaded = PeftModel.from_pretrained(t5(), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=0, atol=0)
@@ -215,9 +222,12 @@ def test_gradient_checkpointing_matches(inputs, use_reentrant):
         labels = inputs["decoder_input_ids"]
         pm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
            image_features=inputs["image_features"]).loss.backward()
+        assert pm.base_model.model.is_activation_checkpointing == (checkpointing is not None)
         return {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
 
     expected, got = grads(None), grads(use_reentrant)
+    assert expected and all(g is not None for g in expected.values())
+    assert set(got) == set(expected)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
@@ -236,9 +246,14 @@ def test_pixel_values_with_an_attached_encoder(inputs):
 
     encoder = tiny_clip(hidden_size=VISUAL_DIM)
     pm = get_peft_model(bart(), s2s_config(num_memory_slots=20, vision_encoder=encoder))
+    randomize_memory(pm, scale=0.3)
     pixels = torch.randn(3, 3, 32, 32)
     args = {k: v for k, v in inputs.items() if k != "image_features"}
     pm.train()
     pm(**args, pixel_values=pixels, labels=inputs["decoder_input_ids"]).loss.backward()
+    projector = [p for n, p in pm.named_parameters() if "projector" in n]
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in projector)  # the pixels were used
     pm.eval()
+    with torch.no_grad():
+        assert not torch.allclose(pm(**args, pixel_values=pixels).logits, pm(**args, pixel_values=-pixels).logits)
     assert _generate(pm, dict(args, pixel_values=pixels)).shape[0] == 3
