@@ -50,8 +50,10 @@ def _resolve_image(spec: str) -> Any:
 
 def load_for_inference(options: InferOptions):
     """(peft model, tokenizer, collator, kind) for the adapter, with clear errors for wrong pairings."""
-    import memvp_peft  # noqa: F401  (registers MEMVP)
+    import torch
     from peft import PeftConfig, PeftModel
+
+    import memvp_peft  # noqa: F401  (registers MEMVP)
 
     from .data import MemVPDataCollator
     from .tasks import DigitPatchFeaturizer
@@ -71,15 +73,22 @@ def load_for_inference(options: InferOptions):
         peft_model = PeftModel.from_pretrained(model, options.adapter).eval()
     except ValueError as error:
         raise ValueError(f"the adapter {options.adapter} does not fit the base {base_path}: {error}") from error
+    peft_model.to("cuda" if torch.cuda.is_available() else "cpu")  # the base loads on the CPU
     record = _read_cli_record(options.adapter)
     if record.get("featurizer") == "digit_patches":
         processor, input_name = DigitPatchFeaturizer(), "image_features"
     else:
         vision = record.get("vision_model_name_or_path")
-        if kind == "vlm":
+        if vision:  # an external encoder wins over a VLM's own tower, as in memvp-train
+            attached = peft_model.base_model._memvp_context.vision
+            if attached is None:
+                raise ValueError(
+                    f"the adapter was trained with the vision encoder {vision!r}, which is not a local folder here; "
+                    "load it with the Python API and `memvp_peft.attach_vision_encoder(peft_model, encoder)`."
+                )
+            processor = image_processor_for(vision, attached.model.config)
+        elif kind == "vlm":
             processor = image_processor_for(base_path, model.config.vision_config)
-        elif vision:
-            processor = image_processor_for(vision, peft_model.base_model._memvp_context.vision.model.config)
         else:
             raise ValueError(
                 f"{options.adapter} does not say how to turn images into features (no {CLI_RECORD}); it was not "

@@ -286,6 +286,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
     else:
         fresh, _, _ = load_base(options.model_name_or_path, options.load_in_4bit, options.bf16)
     reloaded = PeftModel.from_pretrained(fresh, options.output_dir)
+    if not options.load_in_4bit:  # a 4-bit base is placed by bitsandbytes when it loads
+        reloaded.to(next(peft_model.parameters()).device)  # answer on the device that trained, not on the CPU
     if encoder is not None and reloaded.base_model._memvp_context.vision is None:
         from .model import attach_vision_encoder
 

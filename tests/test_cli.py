@@ -209,6 +209,9 @@ def test_local_llm_plus_clip_on_jsonl_then_infer_and_wrong_base(tmp_path, local_
     tokenizer.save_pretrained(other)
     assert infer_main(["--adapter", str(out), "--model_name_or_path", str(other), "--image", "digits:1"]) == 2
     assert "does not fit the base" in capsys.readouterr().err
+    (tmp_path / "clip").rename(tmp_path / "clip-moved")  # the recorded encoder folder is gone: a clear error
+    assert infer_main(["--adapter", str(out), "--image", "digits:1"]) == 2
+    assert "attach_vision_encoder" in capsys.readouterr().err
 
 
 @pytest.mark.slow
