@@ -55,7 +55,7 @@ from transformers import LlamaForCausalLM  # noqa: E402
 
 from memvp_peft import MemVPConfig  # noqa: E402
 from memvp_peft.local_models import FixedVocabTokenizer, tiny_llama_config  # noqa: E402
-from memvp_peft.tasks import digit_patch_tokens  # noqa: E402
+from memvp_peft.tasks import digit_scan_tokens  # noqa: E402
 
 # peft 0.21 probes `model.is_gradient_checkpointing`, which transformers 5 deprecates; nothing to act on here.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -67,27 +67,17 @@ ANSWERS = tuple(str(d) for d in range(10))
 # ---------------------------------------------------------------------------------------------------------- images
 
 
-def image_to_visual_tokens(image: np.ndarray) -> np.ndarray:
-    """(8, 8) image with pixels in 0..16 -> (16, 6) visual tokens: a 2x2 patch's pixels in [0, 1] + its position.
-
-    The patch position is part of the token (like a vision encoder's positional embedding), so the projector
-    alone can tell where a stroke is; MemVP's per-slot position embeddings p_k/p_v add their own on top. The same
-    featurizer backs `memvp-train`'s built-in digits task.
-    """
-    return digit_patch_tokens(image.astype(np.float32) / 16.0)
-
-
 def load_data(seed: int, test_fraction: float = 0.2):
     """Real handwritten digits, stratified train/test split. Returns tensors (features, labels) per split + images."""
     digits = load_digits()
-    features = np.stack([image_to_visual_tokens(image) for image in digits.images])
+    features = digit_scan_tokens(digits.images)  # (N, 16, 6): one token per 2x2 patch, pixels + position
     indices = np.arange(len(features))
     train_idx, test_idx = train_test_split(
         indices, test_size=test_fraction, random_state=seed, stratify=digits.target
     )
 
     def split(idx):
-        return torch.from_numpy(features[idx]), torch.from_numpy(digits.target[idx]).long()
+        return features[idx], torch.from_numpy(digits.target[idx]).long()
 
     return split(train_idx), split(test_idx), digits.images[test_idx]
 

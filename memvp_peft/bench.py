@@ -989,16 +989,6 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 PROMPT = "what digit is this ?"
 
 
-def digits_visual_tokens(images: Any) -> torch.Tensor:
-    """(M, 8, 8) digit scans (0..16) -> (M, 16, 6) with the package's featurizer (`tasks.digit_patch_tokens`): one
-    token per 2x2 patch = its 4 pixels in [0, 1] + (row, col)."""
-    import numpy as np
-
-    from .tasks import digit_patch_tokens
-
-    return torch.from_numpy(np.stack([digit_patch_tokens(image.astype(np.float32) / 16.0) for image in images]))
-
-
 def run_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     """MemVP vs input-space + LoRA on real digits at equal budget.
 
@@ -1013,9 +1003,10 @@ def run_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import LlamaForCausalLM
 
     from .local_models import FixedVocabTokenizer, tiny_llama_config
+    from .tasks import digit_scan_tokens
 
     digits = load_digits()
-    features = digits_visual_tokens(digits.images)
+    features = digit_scan_tokens(digits.images)
     targets = torch.from_numpy(digits.target).long()
     train_idx, test_idx = train_test_split(
         np.arange(len(targets)), test_size=0.2, random_state=args.seed, stratify=digits.target

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file
 
+from .checkpoint_io import WEIGHTS_NAME
 from .config import MemVPConfig
 
 _RESBLOCK = re.compile(r"(?:^|\.)resblocks\.(\d+)\.adapter_mlp\.(fc1|fc2)\.weight$")
@@ -99,7 +100,7 @@ def convert_authors_checkpoint(path: str, output_dir: str, **config_overrides: A
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     config, tensors = convert_authors_state(_model_state(checkpoint, path), **config_overrides)
     os.makedirs(output_dir, exist_ok=True)
-    save_file(tensors, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, os.path.join(output_dir, WEIGHTS_NAME), metadata={"format": "pt"})
     config.save_pretrained(output_dir)
     return config
 

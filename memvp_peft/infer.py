@@ -11,11 +11,13 @@ built-in digit patches) is read from `memvp_cli.json`, written by `memvp-train`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 from typing import Any, Optional, Sequence
 
+from .checkpoint_io import CONFIG_NAME
 from .cli_options import InferOptions, run_command
 
 CLI_RECORD = "memvp_cli.json"
@@ -34,11 +36,16 @@ def _read_cli_record(adapter: str) -> dict[str, Any]:
         return json.load(handle)
 
 
+@functools.lru_cache(maxsize=1)
+def _digit_scans() -> Any:
+    from sklearn.datasets import load_digits
+
+    return load_digits().images
+
+
 def _resolve_image(spec: str) -> Any:
     if spec.startswith("digits:"):
-        from sklearn.datasets import load_digits
-
-        images = load_digits().images
+        images = _digit_scans()
         try:
             return images[int(spec.split(":", 1)[1])]
         except (ValueError, IndexError) as error:
@@ -59,8 +66,8 @@ def load_for_inference(options: InferOptions):
     from .tasks import DigitPatchFeaturizer
     from .train import image_processor_for, load_base
 
-    if not os.path.isfile(os.path.join(options.adapter, "adapter_config.json")):
-        raise ValueError(f"{options.adapter} is not an adapter folder (no adapter_config.json); run memvp-train first.")
+    if not os.path.isfile(os.path.join(options.adapter, CONFIG_NAME)):
+        raise ValueError(f"{options.adapter} is not an adapter folder (no {CONFIG_NAME}); run memvp-train first.")
     config = PeftConfig.from_pretrained(options.adapter)
     base_path = options.model_name_or_path or config.base_model_name_or_path
     if not base_path or not os.path.isdir(base_path):

@@ -32,6 +32,15 @@ def digit_patch_tokens(image: np.ndarray) -> np.ndarray:
     return np.concatenate([patches, position], axis=1).astype(np.float32)
 
 
+def digit_scan_tokens(scans: np.ndarray) -> torch.Tensor:
+    """scikit-learn digit scans `(M, 8, 8)` with pixels in 0..16 -> visual tokens `(M, 16, 6)`.
+
+    The patch position is part of each token (like a vision encoder's positional embedding), so the projector alone
+    can tell where a stroke is; MemVP's per-slot position embeddings p_k/p_v add their own on top.
+    """
+    return torch.from_numpy(np.stack([digit_patch_tokens(scan.astype(np.float32) / 16.0) for scan in scans]))
+
+
 class DigitPatchFeaturizer:
     """An image-processor-shaped callable returning `image_features` (B, 16, 6) for any image (resized to 8x8)."""
 

@@ -132,17 +132,6 @@ def memvp_config(options: TrainOptions, visual_dim: int, tokens: int, encoder, k
 # ---------------------------------------------------------------------------------------------------------- training
 
 
-class _Records(torch.utils.data.Dataset):
-    def __init__(self, records: list[dict]) -> None:
-        self.records = records
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.records[index]
-
-
 def default_learning_rate(options: TrainOptions) -> float:
     if options.learning_rate is not None:
         return options.learning_rate
@@ -210,11 +199,12 @@ def train(options: TrainOptions) -> dict[str, Any]:
         model, tokenizer, kind = load_base(options.model_name_or_path, options.load_in_4bit, options.bf16)
     processor, input_name, visual_dim, tokens, encoder = visual_setup(options, model, kind)
     os.makedirs(options.output_dir, exist_ok=True)
-    if options.model_name_or_path is None:
-        base_dir = os.path.abspath(os.path.join(options.output_dir, "base_model"))
-        model.save_pretrained(base_dir)
-        tokenizer.save_pretrained(base_dir)
-        model.name_or_path = base_dir
+    base_path = options.model_name_or_path
+    if base_path is None:  # saved next to the adapter, so that memvp-infer (and the reload check below) can load it
+        base_path = os.path.abspath(os.path.join(options.output_dir, "base_model"))
+        model.save_pretrained(base_path)
+        tokenizer.save_pretrained(base_path)
+        model.name_or_path = base_path
     if options.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
     config = memvp_config(options, visual_dim, tokens, encoder, kind)
@@ -251,7 +241,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
         seed=options.seed,
         dataloader_num_workers=0,
     )
-    trainer = Trainer(model=peft_model, args=args, train_dataset=_Records(task.train), data_collator=collator,
+    trainer = Trainer(model=peft_model, args=args, train_dataset=task.train, data_collator=collator,
                       callbacks=[LossPrinter()])
     train_started = time.time()
     trainer.train(resume_from_checkpoint=options.resume_from_checkpoint)
@@ -280,18 +270,12 @@ def train(options: TrainOptions) -> dict[str, Any]:
         held_out = accuracy(answers, eval_records)
         print(f"held-out accuracy by generation: {held_out:.2%} on {len(eval_records)} samples")
 
-    # reload from disk onto a fresh base and answer again: what a user deploying the adapter gets
-    if options.model_name_or_path is None:
-        fresh, _ = build_embedded_base(options.seed)
-    else:
-        fresh, _, _ = load_base(options.model_name_or_path, options.load_in_4bit, options.bf16)
+    # reload the base and the adapter from disk and answer again: what a user deploying the adapter gets (the vision
+    # encoder is re-attached from the folder the adapter config records)
+    fresh, _, _ = load_base(base_path, options.load_in_4bit, options.bf16)
     reloaded = PeftModel.from_pretrained(fresh, options.output_dir)
     if not options.load_in_4bit:  # a 4-bit base is placed by bitsandbytes when it loads
         reloaded.to(next(peft_model.parameters()).device)  # answer on the device that trained, not on the CPU
-    if encoder is not None and reloaded.base_model._memvp_context.vision is None:
-        from .model import attach_vision_encoder
-
-        attach_vision_encoder(reloaded, encoder)
     reloaded_answers = generate_answers(reloaded, collator, eval_records, kind, tokenizer, options.max_new_tokens,
                                         progress=False)
     reloaded_accuracy = accuracy(reloaded_answers, eval_records)
