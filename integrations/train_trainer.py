@@ -49,6 +49,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
 from memvp_peft import MemVPConfig  # noqa: E402
 from memvp_peft.local_models import tiny_llama_config  # noqa: E402
+from memvp_peft.distributed import leave_process_group  # noqa: E402
 from memvp_peft.reporting import logged_losses  # noqa: E402
 
 PROMPT_IDS = [1, 5, 6, 7, 8]  # bos + a fixed "question"; the answer follows it
@@ -357,21 +358,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return info
 
 
-def shutdown() -> None:
-    """Tear the process group down explicitly, after every object that holds it is gone.
-
-    Left to interpreter exit, the gloo process groups held by the DeepSpeed engine are destroyed in no particular
-    order and a rank occasionally aborts with "terminate called without an active exception" after all work is done.
-    """
-    import gc
-
-    gc.collect()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 if __name__ == "__main__":
     try:
         main()
-    finally:
-        shutdown()
+    finally:  # explicit teardown: left to interpreter exit, a rank occasionally aborts after all work is done
+        leave_process_group()

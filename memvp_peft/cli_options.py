@@ -15,6 +15,28 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, get_type_hints
 
 
+def _check_ranges(options: Any, rules: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
+    """Reject out-of-range option values before any model is built: `--per_device_train_batch_size 0` should be one
+    clear line, not a traceback from deep inside the Trainer minutes later, and `--lora_rank -1` must not silently
+    train without LoRA. Options left at None (meaning "the default") are not checked."""
+    for name, (valid, expected) in rules.items():
+        value = getattr(options, name)
+        if value is not None and not valid(value):
+            raise ValueError(f"option '{name}' must be {expected}, got {value!r}.")
+
+
+def _positive(value: Any) -> bool:
+    return value > 0
+
+
+def _non_negative(value: Any) -> bool:
+    return value >= 0
+
+
+def _fraction(value: Any) -> bool:
+    return 0 <= value < 1
+
+
 @dataclass
 class TrainOptions:
     # ------------------------------------------------------------------ model
@@ -77,6 +99,27 @@ class TrainOptions:
     max_new_tokens: int = field(default=8, metadata={"help": "Tokens generated per held-out answer."})
     quick: bool = field(default=False, metadata={"help": "Smoke run: a few steps and a small evaluation (CI)."})
 
+    def __post_init__(self) -> None:
+        _check_ranges(self, {
+            "max_eval_samples": (_positive, "> 0"),
+            "max_length": (_positive, "> 0"),
+            "projector_hidden_dim": (_positive, "> 0"),
+            "lora_rank": (_non_negative, ">= 0 (0 = no LoRA)"),
+            "lora_alpha": (_positive, "> 0"),
+            "lora_dropout": (_fraction, "in [0, 1)"),
+            "num_train_epochs": (_positive, "> 0"),
+            "learning_rate": (_positive, "> 0"),
+            "per_device_train_batch_size": (_positive, "> 0"),
+            "gradient_accumulation_steps": (_positive, "> 0"),
+            "warmup_ratio": (_fraction, "a fraction of the steps in [0, 1)"),
+            "weight_decay": (_non_negative, ">= 0"),
+            "adam_beta2": (_fraction, "in [0, 1)"),
+            "logging_steps": (_positive, "> 0"),
+            "save_steps": (_non_negative, ">= 0 (0 = only at the end)"),
+            "threads": (_positive, "> 0"),
+            "max_new_tokens": (_positive, "> 0"),
+        })
+
 
 @dataclass
 class InferOptions:
@@ -89,6 +132,9 @@ class InferOptions:
     batch_size: int = field(default=16, metadata={"help": "Images answered per batch."})
     max_new_tokens: int = field(default=16, metadata={"help": "Maximum answer length in tokens."})
     output_file: Optional[str] = field(default=None, metadata={"help": "Write the answers as JSONL here."})
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, {"batch_size": (_positive, "> 0"), "max_new_tokens": (_positive, "> 0")})
 
 
 def _field_type(options_cls: type, name: str) -> Any:

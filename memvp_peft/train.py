@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .cli_options import TrainOptions, run_command
+from .distributed import leave_process_group
 
 DIGIT_WORDS = [str(d) for d in range(10)]
 PROMPT_CORPUS = ["Question: What digit is shown ?\nAnswer:"]
@@ -308,7 +309,10 @@ def train(options: TrainOptions) -> dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_command("memvp-train", TrainOptions, train, argv, __doc__.split("\n\n")[0])
+    try:
+        return run_command("memvp-train", TrainOptions, train, argv, __doc__.split("\n\n")[0])
+    finally:  # under torchrun, ranks > 0 finish while rank 0 still evaluates: each leaves the process group itself
+        leave_process_group()
 
 
 if __name__ == "__main__":

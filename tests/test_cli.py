@@ -85,6 +85,25 @@ def test_unknown_dataset_name(capsys):
     assert "unknown dataset 'imagenet'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [("--lora_rank", "-1", ">= 0"), ("--per_device_train_batch_size", "0", "> 0"), ("--learning_rate", "-1e-3", "> 0"),
+     ("--warmup_ratio", "2", "[0, 1)"), ("--max_new_tokens", "0", "> 0"), ("--save_steps", "-5", ">= 0")],
+)
+def test_out_of_range_train_option_is_one_error_line_before_any_work(flag, value, expected, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert train_main(["--quick", f"{flag}={value}", "--output_dir", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert f"option '{flag[2:]}' must be" in error and expected in error and f"got {float(value):g}" in error
+    assert not out.exists()  # rejected before a model was built or a folder written
+
+
+@pytest.mark.parametrize("flag", ["--batch_size", "--max_new_tokens"])
+def test_out_of_range_infer_option_is_rejected(flag, capsys):
+    assert infer_main([flag, "0", "--image", "digits:0"]) == 2
+    assert f"option '{flag[2:]}' must be > 0, got 0" in capsys.readouterr().err
+
+
 def test_infer_options_take_several_images():
     options = parse_options(InferOptions, ["--image", "a.png", "b.png", "--batch_size", "2"], "")
     assert options.image == ["a.png", "b.png"] and options.batch_size == 2
