@@ -18,23 +18,10 @@ import sys
 from typing import Any, Optional, Sequence
 
 from .checkpoint_io import CONFIG_NAME
+from .answering import generate_answers
+from .base_loading import image_processor_for, load_base
 from .cli_options import InferOptions, run_command
-
-CLI_RECORD = "memvp_cli.json"
-
-
-def write_cli_record(output_dir: str, record: dict[str, Any]) -> None:
-    with open(os.path.join(output_dir, CLI_RECORD), "w") as handle:
-        json.dump(record, handle, indent=2)
-
-
-def _read_cli_record(adapter: str) -> dict[str, Any]:
-    path = os.path.join(adapter, CLI_RECORD)
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as handle:
-        return json.load(handle)
-
+from .cli_record import CLI_RECORD, read_cli_record
 
 @functools.lru_cache(maxsize=1)
 def _digit_scans() -> Any:
@@ -64,7 +51,6 @@ def load_for_inference(options: InferOptions):
 
     from .data import MemVPDataCollator
     from .tasks import DigitPatchFeaturizer
-    from .train import image_processor_for, load_base
 
     if not os.path.isfile(os.path.join(options.adapter, CONFIG_NAME)):
         raise ValueError(f"{options.adapter} is not an adapter folder (no {CONFIG_NAME}); run memvp-train first.")
@@ -81,7 +67,7 @@ def load_for_inference(options: InferOptions):
     except ValueError as error:
         raise ValueError(f"the adapter {options.adapter} does not fit the base {base_path}: {error}") from error
     peft_model.to("cuda" if torch.cuda.is_available() else "cpu")  # the base loads on the CPU
-    record = _read_cli_record(options.adapter)
+    record = read_cli_record(options.adapter)
     if record.get("featurizer") == "digit_patches":
         processor, input_name = DigitPatchFeaturizer(), "image_features"
     else:
@@ -112,7 +98,6 @@ def load_for_inference(options: InferOptions):
 
 def infer(options: InferOptions) -> list[dict[str, Any]]:
     from .data import load_jsonl
-    from .train import generate_answers
 
     if options.input_file:
         if not os.path.isfile(options.input_file):

@@ -20,7 +20,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .answering import accuracy, generate_answers
+from .base_loading import image_processor_for, load_base
 from .cli_options import TrainOptions, run_command
+from .cli_record import write_cli_record
 from .distributed import leave_process_group
 
 DIGIT_WORDS = [str(d) for d in range(10)]
@@ -38,47 +41,6 @@ def build_embedded_base(seed: int):
     # initializer_range 0.1: with LlamaConfig's 0.02 a random lm_head caps every answer probability well below 1
     model = tiny_llama(tokenizer, hidden_size=128, layers=2, seed=seed, initializer_range=0.1, tie_word_embeddings=False)
     return model, tokenizer
-
-
-def load_base(path: str, load_in_4bit: bool, bf16: bool):
-    """(model, tokenizer, kind) for a local HF folder; kind is 'causal', 'seq2seq' or 'vlm'."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    if not os.path.isdir(path):
-        raise ValueError(f"model_name_or_path {path!r} is not a local folder (nothing is downloaded).")
-    config = AutoConfig.from_pretrained(path)
-    kwargs: dict[str, Any] = {}
-    if load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        compute = torch.bfloat16 if bf16 else torch.float32
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
-        )
-        kwargs["device_map"] = "cpu" if not torch.cuda.is_available() else None
-    if getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None:
-        from transformers import AutoModelForImageTextToText
-
-        model, kind = AutoModelForImageTextToText.from_pretrained(path, **kwargs), "vlm"
-    elif getattr(config, "is_encoder_decoder", False):
-        model, kind = AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs), "seq2seq"
-    else:
-        model, kind = AutoModelForCausalLM.from_pretrained(path, **kwargs), "causal"
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, kind
-
-
-def image_processor_for(folder: Optional[str], vision_config: Any):
-    """The folder's own image processor if it has one, else a CLIP-style one sized to the encoder."""
-    from transformers import AutoImageProcessor
-
-    from .local_models import clip_image_processor
-
-    if folder and os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
-        return AutoImageProcessor.from_pretrained(folder)
-    return clip_image_processor(int(vision_config.image_size))
 
 
 def visual_setup(options: TrainOptions, model, kind: str):
@@ -140,31 +102,6 @@ def default_learning_rate(options: TrainOptions) -> float:
         return 3e-2  # a frozen *random* LM must be steered through the memory alone: a large step is needed
     effective = options.per_device_train_batch_size * options.gradient_accumulation_steps
     return 1.125e-3 * effective / 32  # the authors' rate for batch 32, scaled linearly
-
-
-def generate_answers(model, collator, records: list[dict], kind: str, tokenizer, max_new_tokens: int,
-                     batch_size: int = 64, progress: bool = True) -> list[str]:
-    from tqdm.auto import tqdm
-
-    answers: list[str] = []
-    model.eval()
-    device = next(model.parameters()).device
-    for start in tqdm(range(0, len(records), batch_size), desc="answering", disable=not progress, leave=False):
-        chunk = records[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collator.prompts(chunk).items()}
-        with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new = out if kind == "seq2seq" else out[:, batch["input_ids"].shape[1] :]
-        answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
-    return answers
-
-
-def accuracy(answers: list[str], records: list[dict]) -> float:
-    from .tasks import normalise_answer, reference_answer
-
-    hits = sum(normalise_answer(a) == normalise_answer(reference_answer(r)) for a, r in zip(answers, records))
-    return hits / max(1, len(records))
 
 
 def ascii_image(image) -> list[str]:
@@ -256,8 +193,6 @@ def train(options: TrainOptions) -> dict[str, Any]:
         return {}
     if partitioned:
         unset_hf_deepspeed_config()  # the reload below is a plain single-process model: no zero.Init, no synced_gpus
-    from .infer import write_cli_record
-
     write_cli_record(options.output_dir, {
         "featurizer": "digit_patches" if input_name == "image_features" else None,
         "vision_model_name_or_path": options.vision_model_name_or_path,

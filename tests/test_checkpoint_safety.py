@@ -109,3 +109,13 @@ def test_checkpoint_missing_a_tensor_is_rejected(good):
     save_file(state, weights)
     with pytest.raises(ValueError, match="lacks 1 tensor"):
         PeftModel.from_pretrained(tiny_llama(), path)
+
+
+def test_crash_mid_cli_record_write_keeps_the_previous_record(tmp_path):
+    from memvp_peft.cli_record import read_cli_record, write_cli_record
+
+    write_cli_record(str(tmp_path), {"featurizer": "digit_patches", "kind": "causal"})
+    with pytest.raises(TypeError):  # json.dump fails half-way through: an object it cannot serialise
+        write_cli_record(str(tmp_path), {"kind": "causal", "vision_model_name_or_path": object()})
+    assert read_cli_record(str(tmp_path)) == {"featurizer": "digit_patches", "kind": "causal"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memvp_cli.json"]  # no partial file left behind

@@ -1,0 +1,54 @@
+"""Loading a local base model for `memvp-train` and `memvp-infer`.
+
+Both programs must load a base the same way -- the same Auto class for the same folder, the same tokenizer padding,
+the same image processor -- or an adapter trained by one would be evaluated by the other on a different model. Nothing
+is downloaded: a path that is not a local folder is a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+
+
+def load_base(path: str, load_in_4bit: bool, bf16: bool):
+    """(model, tokenizer, kind) for a local HF folder; kind is 'causal', 'seq2seq' or 'vlm'."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise ValueError(f"model_name_or_path {path!r} is not a local folder (nothing is downloaded).")
+    config = AutoConfig.from_pretrained(path)
+    kwargs: dict[str, Any] = {}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if bf16 else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+        )
+        kwargs["device_map"] = "cpu" if not torch.cuda.is_available() else None
+    if getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None:
+        from transformers import AutoModelForImageTextToText
+
+        model, kind = AutoModelForImageTextToText.from_pretrained(path, **kwargs), "vlm"
+    elif getattr(config, "is_encoder_decoder", False):
+        model, kind = AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs), "seq2seq"
+    else:
+        model, kind = AutoModelForCausalLM.from_pretrained(path, **kwargs), "causal"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, kind
+
+
+def image_processor_for(folder: Optional[str], vision_config: Any):
+    """The folder's own image processor if it has one, else a CLIP-style one sized to the encoder."""
+    from transformers import AutoImageProcessor
+
+    from .local_models import clip_image_processor
+
+    if folder and os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+        return AutoImageProcessor.from_pretrained(folder)
+    return clip_image_processor(int(vision_config.image_size))
