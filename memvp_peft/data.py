@@ -65,8 +65,9 @@ DEFAULT_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 #: The image placeholder used by LLaVA data.  MemVP does not put images in the sequence, so it is stripped.
 IMAGE_PLACEHOLDER = "<image>"
 
-_HUMAN_ROLES = frozenset({"human", "user"})
-_GPT_ROLES = frozenset({"gpt", "assistant"})
+#: The `from` values LLaVA-style data uses for the two sides of a conversation (case-insensitive).
+HUMAN_ROLES = frozenset({"human", "user"})
+GPT_ROLES = frozenset({"gpt", "assistant"})
 
 ImageLike = Any  # PIL.Image.Image | np.ndarray | str | os.PathLike | None
 PathLike = Union[str, "os.PathLike[str]"]
@@ -328,7 +329,7 @@ class MemVPDataCollator:
                 if not isinstance(value, str):
                     raise ValueError(f"{where}: conversation turn {t} 'value' must be a str, got {type(value).__name__}.")
                 expected_human = t % 2 == 0
-                if (expected_human and role not in _HUMAN_ROLES) or (not expected_human and role not in _GPT_ROLES):
+                if (expected_human and role not in HUMAN_ROLES) or (not expected_human and role not in GPT_ROLES):
                     raise ValueError(
                         f"{where}: conversation must alternate human/gpt starting with human; turn {t} is from "
                         f"{turn['from']!r} but {'human' if expected_human else 'gpt'} was expected."

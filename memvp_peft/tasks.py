@@ -17,7 +17,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .data import load_jsonl, load_llava_json
+from .data import GPT_ROLES, load_jsonl, load_llava_json
 
 DIGIT_QUESTION = "What digit is shown ?"
 DIGIT_PATCH_DIM = 6
@@ -115,6 +115,8 @@ def load_task(dataset: str, image_folder: Optional[str], eval_fraction: float, s
 
 
 def reference_answer(record: dict[str, Any]) -> str:
+    """The answer generation is scored against: the 'answer' field, or the first gpt turn of a conversation -- the
+    turn that answers the first question, which is the prompt `MemVPDataCollator.prompts` builds."""
     if "answer" in record:
         return str(record["answer"])
-    return next((t["value"] for t in record.get("conversations", []) if str(t.get("from")).lower() in ("gpt", "assistant")), "")
+    return next((t["value"] for t in record.get("conversations", []) if str(t.get("from")).lower() in GPT_ROLES), "")
