@@ -18,7 +18,8 @@ from typing import Any, Callable, Optional, Sequence, get_type_hints
 def _check_ranges(options: Any, rules: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
     """Reject out-of-range option values before any model is built: `--per_device_train_batch_size 0` should be one
     clear line, not a traceback from deep inside the Trainer minutes later, and `--lora_rank -1` must not silently
-    train without LoRA. Options left at None (meaning "the default") are not checked."""
+    train without LoRA. Options left at None (meaning "the default") are not checked. The MemVP options
+    (`projector_hidden_dim`, `visual_scale`, ...) are checked once, by `MemVPConfig`."""
     for name, (valid, expected) in rules.items():
         value = getattr(options, name)
         if value is not None and not valid(value):
@@ -103,7 +104,6 @@ class TrainOptions:
         _check_ranges(self, {
             "max_eval_samples": (_positive, "> 0"),
             "max_length": (_positive, "> 0"),
-            "projector_hidden_dim": (_positive, "> 0"),
             "lora_rank": (_non_negative, ">= 0 (0 = no LoRA)"),
             "lora_alpha": (_positive, "> 0"),
             "lora_dropout": (_fraction, "in [0, 1)"),

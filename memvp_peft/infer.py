@@ -17,11 +17,12 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-from .checkpoint_io import CONFIG_NAME
 from .answering import generate_answers
 from .base_loading import image_processor_for, load_base
+from .checkpoint_io import CONFIG_NAME
 from .cli_options import InferOptions, run_command
 from .cli_record import CLI_RECORD, read_cli_record
+
 
 @functools.lru_cache(maxsize=1)
 def _digit_scans() -> Any:
