@@ -48,6 +48,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
     import memvp_peft  # noqa: F401
 
 from memvp_peft import MemVPConfig  # noqa: E402
+from memvp_peft.tuner.save_load import atomic_saves  # noqa: E402
 from memvp_peft.distributed import leave_process_group  # noqa: E402
 from memvp_peft.local_models import tiny_llama_config  # noqa: E402
 from memvp_peft.reporting import logged_losses  # noqa: E402
@@ -304,6 +305,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         def on_step_end(self, targs, state, control, **kwargs):
             steps.append(int(state.global_step))
 
+    atomic_saves(peft_model)  # save_model / checkpoint-N stage their files (a crash keeps the previous adapter)
     trainer = Trainer(
         model=peft_model,
         args=training_args,

@@ -1,6 +1,7 @@
 """memvp-peft: Memory-Space Visual Prompting (MemVP, ICML 2024) as a peft tuner.
 
-`import memvp_peft` registers the `MEMVP` peft type, after which the usual peft entry points work:
+`import memvp_peft` registers the `MEMVP` peft type (and changes nothing else in peft), after which the usual peft
+entry points work:
 
     from peft import get_peft_model, PeftModel
     from memvp_peft import MemVPConfig
@@ -9,17 +10,27 @@
     out = pm(input_ids=ids, attention_mask=am, labels=labels, image_features=feats)
 
 Loading a saved MemVP adapter requires this import first; without it peft raises `KeyError: 'MEMVP'`.
+
+The package reads like the data flow: `vision` (frozen encoder -> patch features), `data` (records -> batches),
+`tuner` (the peft tuner: config, memory, layers, injection), `cli` (memvp-train / memvp-infer), `bench`
+(memvp-bench) and `convert` (the authors' checkpoints).
 """
 
-from .registration import MEMVP_PEFT_TYPE, register_memvp
-from . import checkpoint_io
-from .config import MemVPConfig
-from .layer import FFNMemoryLayer, KeyMemoryLayer, MemVPLayer, ValueMemoryLayer
-from .model import MemVPModel, attach_vision_encoder, memvp_parameters
-from .visual_memory import MemoryState, VisualMemory
-
-register_memvp()
-checkpoint_io.install()
+from .tuner import (
+    MEMVP_PEFT_TYPE,
+    FFNMemoryLayer,
+    KeyMemoryLayer,
+    MemoryState,
+    MemVPConfig,
+    MemVPLayer,
+    MemVPModel,
+    ValueMemoryLayer,
+    VisualMemory,
+    attach_vision_encoder,
+    memvp_parameters,
+    register_memvp,
+)
+from .tuner.save_load import save_adapter
 
 __version__ = "0.1.0"
 
@@ -35,4 +46,6 @@ __all__ = [
     "VisualMemory",
     "attach_vision_encoder",
     "memvp_parameters",
+    "register_memvp",
+    "save_adapter",
 ]

@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from .visual_memory import build_projector
+from .tuner.memory import build_projector
 
 METHODS = ("memvp", "input_lora", "text_lora")
 METHOD_LABELS = {
@@ -245,7 +245,7 @@ class MemVPMethod(Method):
         import memvp_peft  # noqa: F401  (registers the MEMVP peft type)
         from peft import get_peft_model
 
-        from .config import MemVPConfig
+        from .tuner.config import MemVPConfig
 
         self.num_slots = num_slots
         config = MemVPConfig(

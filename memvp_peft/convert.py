@@ -22,8 +22,8 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint_io import WEIGHTS_NAME
-from .config import MemVPConfig
+from .tuner.save_load import WEIGHTS_NAME
+from .tuner.config import MemVPConfig
 
 _RESBLOCK = re.compile(r"(?:^|\.)resblocks\.(\d+)\.adapter_mlp\.(fc1|fc2)\.weight$")
 _REQUIRED = (

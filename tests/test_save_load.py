@@ -6,7 +6,7 @@ from conftest import assert_fresh_process_reproduces, memvp_config, randomize_me
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from memvp_peft.layer import MemVPLayer
+from memvp_peft.tuner.layer import MemVPLayer
 
 
 @pytest.fixture

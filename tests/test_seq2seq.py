@@ -7,7 +7,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from reference_memvp import adapter_state, reference_seq2seq_logits
 
-from memvp_peft.layer import MemVPLayer
+from memvp_peft.tuner.layer import MemVPLayer
 
 VOCAB = 64
 

@@ -230,7 +230,7 @@ def test_vlm_base_targets_only_language_model_ffns():
     pm = get_peft_model(tiny_llava(), memvp_config(num_memory_slots=20))
     targets = pm.peft_config["default"].target_modules
     assert sorted(targets) == ["model.language_model.layers.0.mlp", "model.language_model.layers.1.mlp"]
-    from memvp_peft.layer import MemVPLayer
+    from memvp_peft.tuner.layer import MemVPLayer
 
     assert not any(isinstance(m, MemVPLayer) for m in pm.base_model.model.model.vision_tower.modules())
 

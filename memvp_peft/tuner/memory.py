@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vision import VisionBottleneck
+from ..vision import VisionBottleneck
 
 
 def init_projector(projector: nn.Sequential) -> None:

@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .memory_context import MemoryContext
-from .visual_memory import MemoryState
+from .scope import MemoryContext
+from .memory import MemoryState
 
 _WRAPPED_MARK = "_memvp_checkpoint_wrapper"
 

@@ -15,8 +15,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .visual_inputs import validate_pixel_values, validate_visual_inputs
-from .visual_memory import MemoryState
+from .input_checks import validate_pixel_values, validate_visual_inputs
+from .memory import MemoryState
 
 
 class MemoryContext:

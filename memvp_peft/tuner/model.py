@@ -22,14 +22,15 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .architectures import find_ffn_targets, model_hidden_size, partner_name, resolve_activation, role_of_target
+from .targets import find_ffn_targets, model_hidden_size, partner_name, resolve_activation, role_of_target
 from .checkpointing import make_checkpoint_pre_hook, unwrap_checkpoint_function
 from .config import MemVPConfig
 from .layer import MERGE_ERROR, FFNMemoryLayer, KeyMemoryLayer, MemVPLayer, ValueMemoryLayer
-from .memory_context import MemoryContext
-from .visual_inputs import VISUAL_INPUT_NAMES, infer_batch_size
-from .vision import VisionEncoder, describe_encoder, is_vlm, load_vision_encoder, vlm_vision_tower
-from .visual_memory import VisualMemory
+from .scope import MemoryContext
+from .input_checks import VISUAL_INPUT_NAMES, infer_batch_size
+from ..vision import VisionEncoder, describe_encoder, is_vlm, load_vision_encoder, vlm_vision_tower
+from .memory import VisualMemory
+from .save_load import refuse_partitioned_tensors
 
 _LAYER_CLASSES = {"ffn": FFNMemoryLayer, "key": KeyMemoryLayer, "value": ValueMemoryLayer}
 
@@ -373,6 +374,18 @@ class MemVPModel(BaseTuner):
         if marker in key:
             return key.replace(marker, "memvp_memory.")
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict,
+                                unwanted_adapter_names: list[str]) -> dict[str, torch.Tensor]:
+        """peft's selection of this adapter's tensors, refused before any file is written if one is a 0-element
+        ZeRO-3 partition (see `save_load.py`)."""
+        selected = super()._get_adapter_state_dict(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict,
+            unwanted_adapter_names=unwanted_adapter_names,
+        )
+        refuse_partitioned_tensors(selected, f"adapter {adapter_name!r}")
+        return selected
 
     @classmethod
     def _remap_adapter_state_dict_for_load(

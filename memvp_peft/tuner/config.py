@@ -15,9 +15,9 @@ from peft import LoraConfig
 from peft.config import PeftConfig
 from torch import nn
 
-from .architectures import MEMORY_SIDES
-from .registration import MEMVP_PEFT_TYPE
-from .vision import SharedModuleRef, describe_encoder
+from .targets import MEMORY_SIDES
+from .peft_type import MEMVP_PEFT_TYPE
+from ..vision import SharedModuleRef, describe_encoder
 
 #: Activation names accepted by `MemVPConfig.activation` (besides `None`, which means "the FFN's own activation").
 SUPPORTED_ACTIVATIONS = (

@@ -21,7 +21,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .memory_context import MemoryContext
+from .scope import MemoryContext
 
 MERGE_ERROR = (
     "MemVP cannot be merged into the base weights: its keys and values are computed from each input's image, so "
