@@ -15,6 +15,7 @@ with it) and are added in parallel to each encoder MLP by forward hooks while th
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Optional
 
 import torch
@@ -99,8 +100,9 @@ class VisionEncoder:
         self.has_cls = hasattr(getattr(root, "embeddings", None), "class_embedding")
         self.post_layernorm = getattr(root, "post_layernorm", None) if layernorm else None
         self.layers = _encoder_layers(model)
-        self._bottlenecks: Optional[nn.ModuleList] = None
-        self._bottleneck_scale = 0.0
+        # The bottlenecks of the running `features()` call, per thread: two threads encoding for different adapters
+        # (or one with and one without adapters) must never see each other's.
+        self._call = threading.local()
         self._hooks = [
             layer.mlp.register_forward_hook(self._make_bottleneck_hook(index)) for index, layer in enumerate(self.layers)
         ]
@@ -117,9 +119,10 @@ class VisionEncoder:
 
     def _make_bottleneck_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
-            if self._bottlenecks is None:
+            bottlenecks = getattr(self._call, "bottlenecks", None)
+            if bottlenecks is None:
                 return None
-            return output + self._bottleneck_scale * self._bottlenecks[index](args[0])
+            return output + self._call.scale * bottlenecks[index](args[0])
 
         return hook
 
@@ -131,7 +134,7 @@ class VisionEncoder:
         if reference.device != pixel_values.device:
             self.model.to(pixel_values.device)
         pixel_values = pixel_values.to(reference.dtype)
-        self._bottlenecks, self._bottleneck_scale = bottlenecks, scale
+        self._call.bottlenecks, self._call.scale = bottlenecks, scale
         try:
             with torch.set_grad_enabled(torch.is_grad_enabled() and bottlenecks is not None):
                 outputs = self.model(pixel_values=pixel_values, output_hidden_states=True)
@@ -141,8 +144,17 @@ class VisionEncoder:
                 if self.post_layernorm is not None:
                     hidden = self.post_layernorm(hidden)
         finally:
-            self._bottlenecks = None
+            self._call.bottlenecks = None
         return hidden
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_call")  # thread-local call state is never copied (deepcopy of a model, pickling)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._call = threading.local()
 
 
 def describe_encoder(model: nn.Module) -> str:
