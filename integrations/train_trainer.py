@@ -48,10 +48,10 @@ except ImportError:  # running from a source checkout without `pip install -e .`
     import memvp_peft  # noqa: F401
 
 from memvp_peft import MemVPConfig  # noqa: E402
-from memvp_peft.tuner.save_load import atomic_saves  # noqa: E402
+from memvp_peft.cli.reporting import logged_losses  # noqa: E402
 from memvp_peft.distributed import leave_process_group  # noqa: E402
 from memvp_peft.local_models import tiny_llama_config  # noqa: E402
-from memvp_peft.reporting import logged_losses  # noqa: E402
+from memvp_peft.tuner.save_load import atomic_saves  # noqa: E402
 
 PROMPT_IDS = [1, 5, 6, 7, 8]  # bos + a fixed "question"; the answer follows it
 ANSWER_BASE = 10  # answer token of class c is ANSWER_BASE + c

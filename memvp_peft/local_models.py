@@ -10,6 +10,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from .vision import clip_style_image_processor
+
 
 def build_word_tokenizer(corpus: Iterable[str], extra_words: Iterable[str] = ()):
     """A word-level `PreTrainedTokenizerFast` trained on `corpus` (prepends [BOS]; pad/eos/unk specials)."""
@@ -121,6 +123,5 @@ def tiny_clip(hidden_size: int = 32, layers: int = 2, image_size: int = 32, patc
 
 
 def clip_image_processor(image_size: int = 32):
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    """The image processor for `tiny_clip` inputs (32 pixels by default): `vision.clip_style_image_processor`."""
+    return clip_style_image_processor(image_size)

@@ -81,6 +81,18 @@ def load_vision_encoder(name_or_path: str) -> nn.Module:
     return AutoModel.from_pretrained(name_or_path)
 
 
+def clip_style_image_processor(image_size: int) -> Any:
+    """A `CLIPImageProcessor` for `image_size`-pixel inputs: shortest edge resized to `image_size`, centre-cropped to
+    a square, CLIP mean/std normalisation.
+
+    Why: an encoder or VLM folder saved without `preprocessor_config.json` (a bare `save_pretrained`) has no processor
+    of its own; `memvp-train` / `memvp-infer` then use this one, sized to the encoder's `image_size`.
+    """
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
 class VisionEncoder:
     """A frozen vision tower plus the feature-selection rules; deliberately not an `nn.Module` (never saved/trained)."""
 

@@ -144,7 +144,7 @@ def test_checkpoint_missing_a_tensor_is_rejected(good):
 
 
 def test_crash_mid_cli_record_write_keeps_the_previous_record(tmp_path):
-    from memvp_peft.cli_record import read_cli_record, write_cli_record
+    from memvp_peft.cli.record import read_cli_record, write_cli_record
 
     write_cli_record(str(tmp_path), {"featurizer": "digit_patches", "kind": "causal"})
     with pytest.raises(TypeError):  # json.dump fails half-way through: an object it cannot serialise

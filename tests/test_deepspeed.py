@@ -456,7 +456,7 @@ def test_memvp_train_under_zero3_trains_saves_and_answers(tmp_path, deepspeed_op
     "Connection closed by peer", NCCL hangs): the held-out answers come from the saved adapter, reloaded onto a
     single-process base."""
     from memvp_peft.tuner.save_load import check_adapter_file_complete
-    from memvp_peft.infer import main as infer_main
+    from memvp_peft.cli.infer import main as infer_main
 
     out = tmp_path / "out"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",

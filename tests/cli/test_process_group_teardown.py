@@ -36,7 +36,7 @@ def test_leave_process_group_is_a_no_op_outside_a_distributed_run():
 
 
 def test_memvp_train_leaves_the_process_group_even_when_the_options_are_rejected(capsys):
-    from memvp_peft.train import main
+    from memvp_peft.cli.train import main
 
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:

@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import torch
 
+from ..vision import clip_style_image_processor
+
 
 def load_base(path: str, load_in_4bit: bool, bf16: bool):
     """(model, tokenizer, kind) for a local HF folder; kind is 'causal', 'seq2seq' or 'vlm'."""
@@ -47,8 +49,6 @@ def image_processor_for(folder: Optional[str], vision_config: Any):
     """The folder's own image processor if it has one, else a CLIP-style one sized to the encoder."""
     from transformers import AutoImageProcessor
 
-    from .local_models import clip_image_processor
-
     if folder and os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
         return AutoImageProcessor.from_pretrained(folder)
-    return clip_image_processor(int(vision_config.image_size))
+    return clip_style_image_processor(int(vision_config.image_size))

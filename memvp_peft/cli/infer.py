@@ -1,0 +1,133 @@
+"""`memvp-infer`: answer questions about images with a base model + a MemVP adapter.
+
+    memvp-infer --adapter outputs/memvp-digits --image digits:0 digits:1 photo.png
+    memvp-infer --adapter out --input_file questions.jsonl --output_file answers.jsonl
+    python -m memvp_peft.infer --help
+
+The base defaults to the one the adapter records (`base_model_name_or_path` in adapter_config.json; the embedded demo
+model is saved next to its adapter). How images become the adapter's visual input (vision encoder, VLM tower, or the
+built-in digit patches) is read from `memvp_cli.json`, written by `memvp-train`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+from ..tuner.save_load import CONFIG_NAME, check_adapter_folder
+from .answering import generate_answers
+from .base_loading import image_processor_for, load_base
+from .options import InferOptions, run_command
+from .record import CLI_RECORD, read_cli_record
+
+
+@functools.lru_cache(maxsize=1)
+def _digit_scans() -> Any:
+    from sklearn.datasets import load_digits
+
+    return load_digits().images
+
+
+def _resolve_image(spec: str) -> Any:
+    if spec.startswith("digits:"):
+        images = _digit_scans()
+        try:
+            return images[int(spec.split(":", 1)[1])]
+        except (ValueError, IndexError) as error:
+            raise ValueError(f"{spec!r}: expected digits:INDEX with 0 <= INDEX < {len(images)}.") from error
+    if not os.path.isfile(spec):
+        raise ValueError(f"image file {spec} does not exist.")
+    return spec
+
+
+def load_for_inference(options: InferOptions):
+    """(peft model, tokenizer, collator, kind) for the adapter, with clear errors for wrong pairings."""
+    import torch
+    from peft import PeftConfig, PeftModel
+
+    import memvp_peft  # noqa: F401  (registers MEMVP)
+
+    from ..data import MemVPDataCollator
+    from ..tasks import DigitPatchFeaturizer
+
+    if not os.path.isfile(os.path.join(options.adapter, CONFIG_NAME)):
+        raise ValueError(f"{options.adapter} is not an adapter folder (no {CONFIG_NAME}); run memvp-train first.")
+    check_adapter_folder(options.adapter)
+    config = PeftConfig.from_pretrained(options.adapter)
+    base_path = options.model_name_or_path or config.base_model_name_or_path
+    if not base_path or not os.path.isdir(base_path):
+        raise ValueError(
+            f"base model {base_path!r} (from {'--model_name_or_path' if options.model_name_or_path else 'the adapter'}) "
+            "is not a local folder; pass --model_name_or_path."
+        )
+    model, tokenizer, kind = load_base(base_path, load_in_4bit=False, bf16=False)
+    try:
+        peft_model = PeftModel.from_pretrained(model, options.adapter).eval()
+    except ValueError as error:
+        raise ValueError(f"the adapter {options.adapter} does not fit the base {base_path}: {error}") from error
+    peft_model.to("cuda" if torch.cuda.is_available() else "cpu")  # the base loads on the CPU
+    record = read_cli_record(options.adapter)
+    if record.get("featurizer") == "digit_patches":
+        processor, input_name = DigitPatchFeaturizer(), "image_features"
+    else:
+        vision = record.get("vision_model_name_or_path")
+        if vision:  # an external encoder wins over a VLM's own tower, as in memvp-train
+            attached = peft_model.base_model._memvp_context.vision
+            if attached is None:
+                raise ValueError(
+                    f"the adapter was trained with the vision encoder {vision!r}, which is not a local folder here; "
+                    "load it with the Python API and `memvp_peft.attach_vision_encoder(peft_model, encoder)`."
+                )
+            processor = image_processor_for(vision, attached.model.config)
+        elif kind == "vlm":
+            processor = image_processor_for(base_path, model.config.vision_config)
+        else:
+            raise ValueError(
+                f"{options.adapter} does not say how to turn images into features (no {CLI_RECORD}); it was not "
+                "trained by memvp-train -- use the Python API with image_features or pixel_values."
+            )
+        input_name = "pixel_values"
+    collator = MemVPDataCollator(
+        tokenizer, processor, image_input_name=input_name,  # --input_file paths are resolved by load_jsonl
+        array_value_range=tuple(record["array_value_range"]) if record.get("array_value_range") else None,
+        seq2seq=(kind == "seq2seq"),
+    )
+    return peft_model, tokenizer, collator, kind
+
+
+def infer(options: InferOptions) -> list[dict[str, Any]]:
+    from ..data import load_jsonl
+
+    if options.input_file:
+        if not os.path.isfile(options.input_file):
+            raise ValueError(f"input file {options.input_file} does not exist.")
+        folder = options.image_folder or os.path.dirname(os.path.abspath(options.input_file))
+        records = load_jsonl(options.input_file, folder, require_answer=False)
+    elif options.image:
+        records = [{"image": _resolve_image(spec), "question": options.question, "source": spec} for spec in options.image]
+    else:
+        raise ValueError("nothing to answer: pass --image FILE [FILE ...] (or digits:INDEX) or --input_file.")
+    model, tokenizer, collator, kind = load_for_inference(options)
+    answers = generate_answers(model, collator, records, kind, tokenizer, options.max_new_tokens,
+                               batch_size=options.batch_size, progress=len(records) > options.batch_size)
+    results = []
+    for record, answer in zip(records, answers):
+        source = record.get("source") or record.get("image")
+        results.append({"image": str(source), "question": record.get("question"), "answer": answer})
+        print(f"{source}: {record.get('question')} -> {answer}")
+    if options.output_file:
+        with open(options.output_file, "w") as handle:
+            for row in results:
+                handle.write(json.dumps(row) + "\n")
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_command("memvp-infer", InferOptions, infer, argv, __doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
