@@ -106,3 +106,18 @@ def test_peak_allocated_bytes_sees_a_new_tensor():
 
     peak = bench.peak_allocated_bytes(lambda: torch.ones(1024, 1024).sum())
     assert peak >= 4 * 1024 * 1024
+
+
+def test_module_entry_point_and_console_script_target():
+    """`python -m memvp_peft.bench` runs the package's __main__; pyproject's `memvp_peft.bench:main` is that main."""
+    import subprocess
+    import sys
+
+    from memvp_peft.bench import cli
+
+    assert bench.main is cli.main
+    done = subprocess.run([sys.executable, "-m", "memvp_peft.bench", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: memvp-bench")
+    assert cli.DESCRIPTION in done.stdout and "--accuracy" in done.stdout

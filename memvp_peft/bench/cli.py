@@ -1,0 +1,118 @@
+"""`memvp-bench` / `python -m memvp_peft.bench`: the options, and which mode runs (sweep, profile, accuracy).
+
+Defaults depend on the mode (``--quick`` shrinks the model and the grid, ``--accuracy`` uses one thread), so they
+are resolved here, once, and every mode reads the finished namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .accuracy import accuracy_markdown, plot_accuracy, run_accuracy
+from .methods import METHODS
+from .profiling import profile_point
+from .report import markdown_report, plot_report, write_outputs
+from .sweep import run_sweep
+
+#: what ``--help`` prints above the options (the first line of the package docstring)
+DESCRIPTION = "Benchmark MemVP against input-space visual prompting + LoRA (LLaVA style) and text-only + LoRA."
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="memvp-bench", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model_name_or_path", default=None, help="local HF causal-LM folder (default: built-in Llama)")
+    parser.add_argument("--hidden_size", type=int, default=None, help="built-in model width (default 512)")
+    parser.add_argument("--num_layers", type=int, default=None, help="built-in model depth (default 4)")
+    parser.add_argument("--intermediate_size", type=int, default=None, help="built-in model FFN width (default 1376)")
+    parser.add_argument("--vocab_size", type=int, default=None, help="built-in model vocabulary (default 2000)")
+    parser.add_argument("--num_visual_tokens", "-N", type=int, nargs="+", default=None, help="default 64 256 576")
+    parser.add_argument("--text_lengths", "-T", type=int, nargs="+", default=None, help="default 32 64 256")
+    parser.add_argument("--batch_size", "-B", type=int, default=None, help="default 4")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per point (default 5)")
+    parser.add_argument("--new_tokens", type=int, default=32, help="greedy tokens generated for the decode timing")
+    parser.add_argument("--visual_dim", type=int, default=None, help="visual feature width (default 1024, CLIP-L)")
+    parser.add_argument("--extra_slots", type=int, default=64, help="MemVP slots beyond N (authors: 256 -> 320)")
+    parser.add_argument("--projector_hidden_dim", type=int, default=128)
+    parser.add_argument("--lora_r", type=int, default=8)
+    parser.add_argument("--lora_alpha", type=int, default=16)
+    parser.add_argument("--lora_dropout", type=float, default=0.05)
+    parser.add_argument("--lora_target_modules", default="q_proj,v_proj")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", default="docs/benchmarks")
+    parser.add_argument("--quick", action="store_true", help="CI smoke: tiny model, one point, one repeat (< 30 s)")
+    parser.add_argument("--no_memory", action="store_true", help="skip the (untimed) peak-memory runs")
+    parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write torch.profiler op tables of MemVP vs text-only + LoRA at --profile_point")
+    parser.add_argument("--profile_point", type=int, nargs=2, default=(256, 64), metavar=("N", "T"))
+    acc = parser.add_argument_group("accuracy at equal budget (--accuracy)")
+    acc.add_argument("--accuracy", action="store_true",
+                     help="run the digits accuracy comparison (MemVP vs input-space + LoRA) instead of the sweep")
+    acc.add_argument("--steps", type=int, default=None, help="training steps per method (default 1000; quick: 10)")
+    acc.add_argument("--lr", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2],
+                     help="peak learning rates tried for both methods; validation accuracy picks one per method")
+    acc.add_argument("--acc_batch_size", type=int, default=32)
+    acc.add_argument("--acc_hidden_size", type=int, default=128)
+    acc.add_argument("--acc_extra_slots", type=int, default=16, help="MemVP slots beyond the 16 visual tokens")
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    args.lora_targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+    quick = args.quick
+    if args.num_visual_tokens is None:
+        args.num_visual_tokens = [16] if quick else [64, 256, 576]
+    if args.text_lengths is None:
+        args.text_lengths = [16] if quick else [32, 64, 256]
+    if args.batch_size is None:
+        args.batch_size = 2 if quick else 4
+    if args.repeats is None:
+        args.repeats = 1 if quick else 5
+    if args.visual_dim is None:
+        args.visual_dim = 32 if quick else 1024
+    if args.accuracy:
+        args.threads = args.threads or 1  # tiny matrices: one thread beats two that wait on each other
+    elif quick:
+        args.threads = args.threads or 1
+        args.extra_slots = min(args.extra_slots, 16)
+        args.projector_hidden_dim = min(args.projector_hidden_dim, 32)
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # generation-config chatter would break the progress bar
+    if args.accuracy:
+        report = run_accuracy(args)
+        markdown = accuracy_markdown(report)
+        paths = write_outputs(report, output_dir, "accuracy", markdown, plot_accuracy)
+        print(markdown)
+    else:
+        start = time.perf_counter()
+        report = run_sweep(args)
+        report["meta"]["wall_time_s"] = round(time.perf_counter() - start, 1)
+        markdown = markdown_report(report)
+        paths = write_outputs(report, output_dir, "benchmark", markdown, plot_report)
+        print(markdown)
+        if args.profile:
+            paths.update(profile_point(args, output_dir))
+    print("wrote " + ", ".join(paths.values()))
+    report["paths"] = paths
+    return report
+

@@ -1,0 +1,154 @@
+"""How one call is measured: wall and CPU timers, the decode step clock, peak allocator bytes, KV-cache bytes.
+
+Apart from the sweep so that the sweep and the profiler time the very same calls, and so that what lies inside a
+timed region (and what does not: gradient resets, mode switches) is visible in one place.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .methods import Batch, Method
+
+
+def cache_nbytes(cache: Any) -> int:
+    """Bytes held by a HF KV cache (``DynamicCache`` with ``.layers`` or the legacy tuple of tuples)."""
+    if cache is None:
+        return 0
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        total = 0
+        for layer in layers:
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name, None)
+                if isinstance(tensor, torch.Tensor):
+                    total += tensor.numel() * tensor.element_size()
+        return total
+    if isinstance(cache, torch.Tensor):
+        return cache.numel() * cache.element_size()
+    if isinstance(cache, (tuple, list)):
+        return sum(cache_nbytes(item) for item in cache)
+    return 0
+
+
+@contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Silence the profiler's native (kineto) start/stop lines on fd 2; Python exceptions still propagate."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # pragma: no cover  (no real fd 2)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def peak_allocated_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes allocated by torch's CPU allocator while `fn` runs, above the level before it.
+
+    From the allocation/free events of ``torch.profiler`` with ``profile_memory=True`` (running sum of the event
+    sizes, in time order; frees of tensors that existed before count negative, so the number is the net growth).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events: list[tuple[int, int]] = []
+
+    def walk(node: Any) -> None:
+        if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
+            events.append((node.start_time_ns, int(node.extra_fields.alloc_size)))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    events.sort()
+    level = peak = 0
+    for _, size in events:
+        level += size
+        peak = max(peak, level)
+    return peak
+
+
+class _StepClock:
+    """StoppingCriteria that timestamps every generated token and never stops generation itself."""
+
+    def __init__(self) -> None:
+        from transformers import StoppingCriteria
+
+        outer = self
+
+        class Clock(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+                outer.stamps.append(time.perf_counter())
+                outer.cpu_stamps.append(time.process_time())
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        self.stamps: list[float] = []
+        self.cpu_stamps: list[float] = []
+        self.criteria = Clock()
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+    """Run `fn`; its wall-clock seconds and this process's CPU seconds (``time.process_time``).
+
+    With one torch thread the CPU time is the wall time minus the time the process sat descheduled: on a machine
+    shared with other jobs it is the steadier measure. With several threads it sums them (CPU-seconds).
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+
+
+def time_train_step(method: Method, batch: Batch) -> dict[str, float]:
+    method.train(True)
+    method.zero_grad()
+    _, timing = _timed(lambda: method.loss(batch).backward())
+    method.zero_grad()
+    return timing
+
+
+@torch.no_grad()
+def time_prefill(method: Method, batch: Batch) -> tuple[dict[str, float], int]:
+    method.train(False)
+    out, timing = _timed(lambda: method.prefill(batch))
+    return timing, cache_nbytes(out.past_key_values)
+
+
+@torch.no_grad()
+def time_generate(method: Method, batch: Batch, new_tokens: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(time to first token, decode seconds per token after the first) of one greedy generate call."""
+    from transformers import StoppingCriteriaList
+
+    method.train(False)
+    clock = _StepClock()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    out = method.generate(batch, new_tokens, stopping_criteria=StoppingCriteriaList([clock.criteria]))
+    stamps, cpu = clock.stamps, clock.cpu_stamps
+    generated = method.new_tokens(batch, out).shape[1]
+    if len(stamps) < 2 or generated != new_tokens:
+        raise RuntimeError(f"{method.name}: expected {new_tokens} new tokens, got {generated} ({len(stamps)} steps)")
+    steps = len(stamps) - 1
+    return (
+        {"wall": stamps[0] - start, "cpu": cpu[0] - cpu_start},
+        {"wall": (stamps[-1] - stamps[0]) / steps, "cpu": (cpu[-1] - cpu[0]) / steps},
+    )
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")

@@ -1,0 +1,170 @@
+"""The sweep's outputs: its markdown tables, its six-panel plot, and the JSON / markdown / PNG files of a report.
+
+`write_outputs` takes the markdown and the plot function, so the accuracy mode writes its three files the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .methods import METHOD_LABELS, METHODS
+
+
+def _mb(value: Optional[int]) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    meta = report["meta"]
+    model = meta["model"]
+    lines = [
+        "# memvp-bench results",
+        "",
+        f"Model: {meta['model_name_or_path']} ({model['model_type']}, width {model['hidden_size']}, "
+        f"{model['num_layers']} layers, FFN {model['intermediate_size']}, vocab {model['vocab_size']}, "
+        f"{model['parameters'] / 1e6:.1f}M params, {meta['dtype']}). Batch {meta['batch_size']}, visual_dim "
+        f"{meta['visual_dim']}, {meta['new_tokens']} new tokens, median of {meta['repeats']} interleaved repeats.",
+        f"Machine: {meta['processor']}, {meta['cpu_count']} CPUs, torch {meta['torch']} ({meta['torch_threads']} "
+        f"threads), transformers {meta['transformers']}, peft {meta['peft']}.",
+        f"Timing: {meta['timing']}.",
+        f"Memory: {meta['memory']}.",
+        "",
+        "| N | T | method | seq len | trainable | train step ms | prefill ms | decode ms/token | KV cache MB "
+        "| MemVP K/V MB | peak train MB | peak generate MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['N']} | {r['T']} | {r['label']} | {r['sequence_length']} | {r['trainable_params']:,} | "
+            f"{r['train_step_ms']:.1f} | {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | "
+            f"{_mb(r['kv_cache_bytes'])} | {_mb(r['visual_state_bytes']) if r['visual_state_bytes'] else '-'} | "
+            f"{_mb(r['peak_train_bytes'])} | {_mb(r['peak_generate_bytes'])} |"
+        )
+    lines += [
+        "",
+        "Ratios, each the median over the repeats of the per-repeat ratio (calls of one repeat ran back to back). "
+        "speed-up = input-space time / MemVP time; 'MemVP/x' = MemVP time / x time. Each cell: wall clock / CPU "
+        "time of the process [prediction from matmul FLOPs, `flop_model`; for MemVP/text that is the physical "
+        "floor: text-only + the memory branch + the projector, with MemVP's shorter backward].",
+        "",
+        "| N | T | train speed-up vs input | train MemVP/text | prefill speed-up vs input | prefill MemVP/text "
+        "| decode MemVP/input | decode MemVP/text |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(row: dict[str, Any], key: str, predicted: Optional[str] = None) -> str:
+        if key not in row:
+            return "-"
+        text = f"{row[key]:.2f} / {row.get('cpu_' + key, float('nan')):.2f}"
+        if predicted and predicted in row:
+            text += f" [{row[predicted]:.2f}]"
+        return text
+
+    for row in report["ratios"]:
+        lines.append(
+            f"| {row['N']} | {row['T']} | {cell(row, 'train_speedup_vs_input', 'flops_train_speedup_vs_input')} | "
+            f"{cell(row, 'train_memvp_over_text', 'floor_train_over_text')} | "
+            f"{cell(row, 'prefill_speedup_vs_input', 'flops_prefill_speedup_vs_input')} | "
+            f"{cell(row, 'prefill_memvp_over_text', 'floor_prefill_over_text')} | "
+            f"{cell(row, 'decode_memvp_over_input')} | {cell(row, 'decode_memvp_over_text')} |"
+        )
+    targets = report.get("targets", {})
+    if targets.get("checks"):
+        point = targets["point"]
+        lines += ["", f"Targets at N={point['N']}, T={point['T']}:", ""]
+        for check in targets["checks"]:
+            extra = f"; CPU time {check['cpu_value']}" if check.get("cpu_value") is not None else ""
+            if check.get("flops_predicted") is not None:
+                extra += f"; matmul FLOPs predict {check['flops_predicted']}"
+            lines.append(f"- {'met' if check['met'] else 'NOT met'}: {check['target']} (wall clock {check['value']}"
+                         f"{extra}; target {check['bound']})")
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    points = sorted({(r["N"], r["T"]) for r in results})
+    labels = [f"N={n}\nT={t}" for n, t in points]
+    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
+    panels = [
+        ("train_step_ms", "training step (fwd+bwd), ms", 1.0),
+        ("prefill_ms", "prefill latency, ms", 1.0),
+        ("decode_ms_per_token", "decode per token (KV cache), ms", 1.0),
+        ("peak_train_bytes", "peak train memory, MiB", 1 / 2**20),
+        ("kv_cache_bytes", "KV cache after prefill, MiB", 1 / 2**20),
+    ]
+    colors = {"memvp": "tab:green", "input_lora": "tab:red", "text_lora": "tab:gray"}
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    width = 0.8 / max(1, len(methods))
+    for ax, (key, title, scale) in zip(axes.flat, panels):
+        measured = False
+        for i, method in enumerate(methods):
+            values = []
+            for point in points:
+                row = next((r for r in results if (r["N"], r["T"]) == point and r["method"] == method), None)
+                value = row.get(key) if row else None
+                values.append(float("nan") if value is None else value * scale)
+            xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(points))]
+            ax.bar(xs, values, width, label=METHOD_LABELS[method], color=colors[method])
+            measured = measured or any(v > 0 for v in values if not math.isnan(v))
+        ax.set_title(title)
+        ax.set_xticks(range(len(points)))
+        ax.set_xticklabels(labels, fontsize=7)
+        if measured:
+            ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        ax.grid(axis="y", alpha=0.3)
+    ax = axes.flat[5]
+    ratios = report["ratios"]
+    xs = range(len(ratios))
+    for key, label, marker in (
+        ("train_speedup_vs_input", "train: input-space / MemVP", "o"),
+        ("prefill_speedup_vs_input", "prefill: input-space / MemVP", "s"),
+        ("train_memvp_over_text", "train: MemVP / text-only", "^"),
+        ("decode_memvp_over_input", "decode: MemVP / input-space", "v"),
+    ):
+        ax.plot(list(xs), [r.get(key, float("nan")) for r in ratios], marker=marker, label=label)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([f"N={r['N']}\nT={r['T']}" for r in ratios], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_title("ratios")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    meta = report["meta"]
+    fig.suptitle(
+        f"MemVP vs input-space + LoRA vs text-only + LoRA -- width {meta['model']['hidden_size']}, "
+        f"{meta['model']['num_layers']} layers, B={meta['batch_size']}, {meta['processor']}, "
+        f"{meta['torch_threads']} threads, torch {meta['torch']}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(report: dict[str, Any], output_dir: Path, stem: str, markdown: str,
+                  plot: Optional[Callable[[dict, Path], None]]) -> dict[str, str]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": output_dir / f"{stem}.json", "markdown": output_dir / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["markdown"].write_text(markdown)
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("matplotlib is not installed: no PNG written (pip install matplotlib)")
+        else:
+            paths["png"] = output_dir / f"{stem}.png"
+            plot(report, paths["png"])
+    return {k: str(v) for k, v in paths.items()}

@@ -1,0 +1,175 @@
+"""The speed and memory sweep: every (N, T) point, the methods interleaved, one result row per method and point.
+
+All methods are built on deep copies of one frozen base in one process and run back to back within each repeat
+(the first method rotating), so that load on a shared machine hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+from typing import Any, Optional
+
+import torch
+
+from .base_model import build_base_model, describe_model
+from .machine import cpu_name, load_average, package_version
+from .measure import median, peak_allocated_bytes, time_generate, time_prefill, time_train_step
+from .methods import METHOD_LABELS, METHODS, LoRAMethod, MemVPMethod, Method, make_batch
+from .ratios import check_targets, compute_ratios
+
+
+def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    base = build_base_model(args)
+    info = describe_model(base)
+    vocab = info["vocab_size"]
+    d = info["hidden_size"]
+    methods_wanted = [m for m in METHODS if m in args.methods]
+
+    # Each method owns a deep copy of the same frozen base (peft modifies the model in place).
+    lora_methods: dict[str, Method] = {}
+    for name in ("input_lora", "text_lora"):
+        if name in methods_wanted:
+            lora_methods[name] = LoRAMethod(
+                copy.deepcopy(base), name == "input_lora", args.visual_dim, args.projector_hidden_dim, args.lora_r,
+                args.lora_alpha, args.lora_dropout, args.lora_targets,
+            )
+    memvp_cache: dict[int, MemVPMethod] = {}
+
+    def method_for(name: str, visual_tokens: int) -> Method:
+        if name != "memvp":
+            return lora_methods[name]
+        slots = visual_tokens + args.extra_slots
+        if slots not in memvp_cache:
+            memvp_cache.clear()  # one MemVP model alive at a time
+            memvp_cache[slots] = MemVPMethod(copy.deepcopy(base), args.visual_dim, slots, args.projector_hidden_dim)
+        return memvp_cache[slots]
+
+    points = [(n, t) for n in args.num_visual_tokens for t in args.text_lengths]
+    load_start = load_average()
+    phases = 3
+    per_point = len(methods_wanted) * (phases * (args.repeats + 1) + (0 if args.no_memory else 2))
+    progress = tqdm(total=len(points) * per_point, desc="memvp-bench", unit="call", dynamic_ncols=True,
+                    disable=args.no_progress)
+    results = []
+    for point_index, (visual_tokens, text_len) in enumerate(points):
+        batch = make_batch(args.batch_size, text_len, visual_tokens, args.visual_dim, vocab, args.seed + point_index)
+        methods = [method_for(name, visual_tokens) for name in methods_wanted]
+        samples: dict[str, dict[str, list[float]]] = {
+            m.name: {f"{k}{c}": [] for k in ("train", "prefill", "ttft", "decode") for c in ("", "_cpu")}
+            for m in methods
+        }
+
+        def record(name: str, key: str, timing: dict[str, float]) -> None:
+            samples[name][key].append(timing["wall"])
+            samples[name][f"{key}_cpu"].append(timing["cpu"])
+
+        kv_bytes: dict[str, int] = {}
+        progress.set_postfix_str(f"N={visual_tokens} T={text_len}")
+        # warm-up (untimed): one call of every phase per method
+        for method in methods:
+            time_train_step(method, batch)
+            progress.update(1)
+            _, kv_bytes[method.name] = time_prefill(method, batch)
+            progress.update(1)
+            time_generate(method, batch, args.new_tokens)
+            progress.update(1)
+        # interleaved repeats: A, B, C, B, C, A, C, A, B, ... within each phase (the first method rotates so that no
+        # method always runs right after the same other one)
+        for repeat in range(args.repeats):
+            order = methods[repeat % len(methods):] + methods[: repeat % len(methods)]
+            for method in order:
+                record(method.name, "train", time_train_step(method, batch))
+                progress.update(1)
+            for method in order:
+                record(method.name, "prefill", time_prefill(method, batch)[0])
+                progress.update(1)
+            for method in order:
+                ttft, decode = time_generate(method, batch, args.new_tokens)
+                record(method.name, "ttft", ttft)
+                record(method.name, "decode", decode)
+                progress.update(1)
+        peaks: dict[str, dict[str, Optional[int]]] = {m.name: {"train": None, "generate": None} for m in methods}
+        if not args.no_memory:
+            for method in methods:
+                method.train(True)
+                method.zero_grad()
+                peaks[method.name]["train"] = peak_allocated_bytes(lambda: method.loss(batch).backward())
+                method.zero_grad()
+                progress.update(1)
+                method.train(False)
+                with torch.no_grad():
+                    peaks[method.name]["generate"] = peak_allocated_bytes(
+                        lambda: method.generate(batch, args.new_tokens)
+                    )
+                progress.update(1)
+        for method in methods:
+            s = samples[method.name]
+            results.append({
+                "N": visual_tokens,
+                "T": text_len,
+                "B": args.batch_size,
+                "method": method.name,
+                "label": METHOD_LABELS[method.name],
+                "sequence_length": method.sequence_length(batch),
+                "num_memory_slots": getattr(method, "num_slots", None),
+                "trainable_params": method.trainable_parameters(),
+                "train_step_ms": 1e3 * median(s["train"]),
+                "prefill_ms": 1e3 * median(s["prefill"]),
+                "ttft_ms": 1e3 * median(s["ttft"]),
+                "decode_ms_per_token": 1e3 * median(s["decode"]),
+                "train_step_cpu_ms": 1e3 * median(s["train_cpu"]),
+                "prefill_cpu_ms": 1e3 * median(s["prefill_cpu"]),
+                "decode_cpu_ms_per_token": 1e3 * median(s["decode_cpu"]),
+                "train_step_min_ms": 1e3 * min(s["train"]),
+                "prefill_min_ms": 1e3 * min(s["prefill"]),
+                "decode_min_ms_per_token": 1e3 * min(s["decode"]),
+                "kv_cache_bytes": kv_bytes[method.name],
+                "visual_state_bytes": method.visual_state_bytes(batch),
+                "peak_train_bytes": peaks[method.name]["train"],
+                "peak_generate_bytes": peaks[method.name]["generate"],
+                "samples_ms": {k: [round(1e3 * v, 3) for v in vals] for k, vals in s.items()},
+            })
+    progress.close()
+
+    meta = {
+        "command": "python -m memvp_peft.bench " + " ".join(args.argv),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": package_version("transformers"),
+        "peft": package_version("peft"),
+        "platform": platform.platform(),
+        "processor": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_start": load_start,
+        "loadavg_end": load_average(),
+        "model": info,
+        "model_name_or_path": args.model_name_or_path or "built-in LlamaConfig (random init)",
+        "batch_size": args.batch_size,
+        "visual_dim": args.visual_dim,
+        "projector_hidden_dim": args.projector_hidden_dim,
+        "extra_slots": args.extra_slots,
+        "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                 "targets": args.lora_targets},
+        "repeats": args.repeats,
+        "new_tokens": args.new_tokens,
+        "dtype": "float32",
+        "timing": (
+            "median of interleaved repeats (round-robin over the methods, first method rotated each repeat) after one "
+            "warm-up call; train step = forward + backward (optimizer "
+            "excluded); prefill = one forward with use_cache=True, logits_to_keep=1; decode = (t_last - t_first) / "
+            "(new_tokens - 1) from StoppingCriteria timestamps inside one greedy generate call"
+        ),
+        "memory": (
+            "peak bytes allocated by torch's CPU allocator above the level before the call, from "
+            "torch.profiler(profile_memory=True) allocation events, in a separate untimed run"
+        ),
+    }
+    report = {"meta": meta, "results": results, "ratios": compute_ratios(results, info, args)}
+    report["targets"] = check_targets(report["ratios"])
+    return report
