@@ -55,7 +55,7 @@ from transformers import LlamaForCausalLM  # noqa: E402
 
 from memvp_peft import MemVPConfig  # noqa: E402
 from memvp_peft.local_models import FixedVocabTokenizer, tiny_llama_config  # noqa: E402
-from memvp_peft.tasks import digit_scan_tokens  # noqa: E402
+from memvp_peft.data.digits import digit_scan_tokens  # noqa: E402
 
 # peft 0.21 probes `model.is_gradient_checkpointing`, which transformers 5 deprecates; nothing to act on here.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -46,7 +46,7 @@ def build_embedded_base(seed: int):
 
 def visual_setup(options: TrainOptions, model, kind: str):
     """(image processor/featurizer, input name, visual_dim, visual tokens per image, encoder module or None)."""
-    from ..tasks import DIGIT_PATCH_DIM, DIGIT_PATCH_TOKENS, DigitPatchFeaturizer
+    from ..data.digits import DIGIT_PATCH_DIM, DIGIT_PATCH_TOKENS, DigitPatchFeaturizer
     from ..vision import load_vision_encoder
 
     if options.vision_model_name_or_path:
@@ -122,7 +122,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
     from ..data import MemVPDataCollator
-    from ..tasks import load_task
+    from ..data.tasks import load_task
     from .reporting import LossPrinter, logged_losses, save_loss_curve, write_metrics
 
     started = time.time()

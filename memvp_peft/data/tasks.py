@@ -1,10 +1,8 @@
 """Datasets the command line knows: the built-in `digits` task, LLaVA conversation JSON and simple JSONL.
 
-`digits` is scikit-learn's 1,797 real 8x8 scans of handwritten digits, posed as visual question answering
-("What digit is shown ?" -> "7"). With the embedded model it needs no vision encoder: each image becomes 16 visual
-tokens, one per 2x2-pixel patch (the patch's 4 pixels plus its row/column), which play the role of CLIP patch
-features -- `DigitPatchFeaturizer`. Give `--vision_model_name_or_path` and the same images go through that encoder
-instead.
+`load_task` turns `--dataset` into train and held-out records; `reference_answer` and `normalise_answer` are how
+generated answers are scored against them. Give `--vision_model_name_or_path` and the digits go through that
+encoder; otherwise the embedded model reads them as patch tokens (`memvp_peft.data.digits`).
 """
 
 from __future__ import annotations
@@ -15,47 +13,19 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
-import torch
 
-from .data import GPT_ROLES, load_jsonl, load_llava_json
+from .digits import DIGIT_QUESTION
+from .formats import load_jsonl, load_llava_json
+from .prompts import GPT_ROLES
 
-DIGIT_QUESTION = "What digit is shown ?"
-DIGIT_PATCH_DIM = 6
-DIGIT_PATCH_TOKENS = 16
-
-
-def digit_patch_tokens(image: np.ndarray) -> np.ndarray:
-    """(8, 8) grey image in [0, 1] -> (16, 6): each 2x2 patch's pixels followed by its (row, column) in [0, 1]."""
-    patches = image.reshape(4, 2, 4, 2).transpose(0, 2, 1, 3).reshape(16, 4)
-    rows, cols = np.divmod(np.arange(16), 4)
-    position = np.stack([rows, cols], axis=1) / 3.0
-    return np.concatenate([patches, position], axis=1).astype(np.float32)
-
-
-def digit_scan_tokens(scans: np.ndarray) -> torch.Tensor:
-    """scikit-learn digit scans `(M, 8, 8)` with pixels in 0..16 -> visual tokens `(M, 16, 6)`.
-
-    The patch position is part of each token (like a vision encoder's positional embedding), so the projector alone
-    can tell where a stroke is; MemVP's per-slot position embeddings p_k/p_v add their own on top.
-    """
-    return torch.from_numpy(np.stack([digit_patch_tokens(scan.astype(np.float32) / 16.0) for scan in scans]))
-
-
-class DigitPatchFeaturizer:
-    """An image-processor-shaped callable returning `image_features` (B, 16, 6) for any image (resized to 8x8)."""
-
-    def __call__(self, images: list, return_tensors: str = "pt") -> dict[str, torch.Tensor]:
-        from PIL import Image
-
-        tokens = []
-        for image in images:
-            grey = image.convert("L").resize((8, 8), Image.BILINEAR)
-            tokens.append(digit_patch_tokens(np.asarray(grey, dtype=np.float32) / 255.0))
-        return {"pixel_values": torch.from_numpy(np.stack(tokens))}
+__all__ = ["Task", "load_digits_task", "load_task", "normalise_answer", "reference_answer"]
 
 
 @dataclass
 class Task:
+    """A dataset split for a run: `train` records, `eval` (held-out) records, and the value range of numpy images
+    (`(0, 16)` for the digit scans) that the collator needs to turn them into pixels."""
+
     name: str
     train: list[dict]
     eval: list[dict]
@@ -63,10 +33,12 @@ class Task:
 
 
 def normalise_answer(text: str) -> str:
+    """Lower case, full stops as spaces, single spaces: what exact-match scoring compares (so "Seven." == "seven")."""
     return " ".join(text.lower().replace(".", " ").split())
 
 
 def _split(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded shuffle of a file's records into (train, held-out); at least one record on each side."""
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}.")
     order = list(range(len(records)))
@@ -78,6 +50,7 @@ def _split(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[d
 
 
 def load_digits_task(eval_fraction: float, seed: int) -> Task:
+    """The 1,797 scikit-learn digit scans as records, split stratified by digit so every digit is held out alike."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

@@ -1,133 +1,23 @@
-"""Tests of memvp_peft.data: the MemVP collator and the dataset loaders.
-
-Everything is local: the tokenizer is trained in-test (`local_models.build_word_tokenizer`), the image processor is a
-`CLIPImageProcessor` built from arguments, the images are scikit-learn digits written to PNG files.
-"""
+"""Tests of memvp_peft.data.MemVPDataCollator: batches, labels, padding, images, errors, use in a Trainer."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 import torch
-
-from memvp_peft.data import (
-    DEFAULT_PROMPT_TEMPLATE,
-    IGNORE_INDEX,
-    MemVPDataCollator,
-    build_prompt,
-    load_jsonl,
-    load_llava_json,
-    strip_image_placeholder,
-    to_rgb_image,
+from data_fixtures import (  # noqa: F401  (fixtures are used by name)
+    DIGIT_NAMES,
+    IMAGE_SIDE,
+    answer_ids,
+    collator,
+    digits,
+    image_dir,
+    image_processor,
+    supervised_ids,
+    tokenizer,
 )
-from memvp_peft.local_models import build_word_tokenizer, clip_image_processor
 
-IMAGE_SIDE = 32
-DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
-# ---------------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tokenizer():
-    """Word-level, and it prepends BOS like Llama does, to check that BOS is kept and never supervised."""
-    return build_word_tokenizer([
-        "Question: What digit is shown in the image ?\nAnswer: " + " ".join(DIGIT_NAMES),
-        "Is the digit odd or even ? It is odd . It is even . yes no",
-        "Which image shows the larger digit ? The first one . The second one .",
-        "What color is the sky ? blue . Describe it . A handwritten digit on a dark background .",
-    ])
-
-
-@pytest.fixture(scope="module")
-def image_processor():
-    return clip_image_processor(IMAGE_SIDE)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    return data.images[:12], data.target[:12]
-
-
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory, digits):
-    """Digits as 8-bit grayscale PNG files: digit_0.png ... digit_11.png."""
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("images")
-    images, _ = digits
-    for i, image in enumerate(images):
-        Image.fromarray(np.rint(image * (255.0 / 16.0)).astype(np.uint8), mode="L").save(folder / f"digit_{i}.png")
-    (folder / "broken.png").write_bytes(b"this is not a png file at all")
-    return folder
-
-
-@pytest.fixture
-def collator(tokenizer, image_processor):
-    return MemVPDataCollator(tokenizer, image_processor, max_length=64)
-
-
-def supervised_ids(batch, row):
-    labels = batch["labels"][row]
-    return labels[labels != IGNORE_INDEX].tolist()
-
-
-def answer_ids(tokenizer, answer):
-    return tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-
-
-# ---------------------------------------------------------------------------------------------------------- helpers
-def test_build_prompt():
-    assert build_prompt("What digit?") == "Question: What digit?\nAnswer:"
-    assert build_prompt("What digit?", "seven") == "Question: What digit?\nAnswer: seven"
-    assert build_prompt("Q", template="USER: {question} ASSISTANT:") == "USER: Q ASSISTANT:"
-    assert DEFAULT_PROMPT_TEMPLATE.format(question="x") == build_prompt("x")
-    with pytest.raises(ValueError, match="question"):
-        build_prompt("Q", template="no field here")
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("<image>\nWhat digit is shown?", "What digit is shown?"),
-        ("What digit is shown?\n<image>", "What digit is shown?"),
-        ("Compare <image> and <image> please", "Compare and please"),
-        ("<image>", ""),
-        ("no placeholder", "no placeholder"),
-    ],
-)
-def test_strip_image_placeholder(text, expected):
-    assert strip_image_placeholder(text) == expected
-
-
-def test_to_rgb_image(digits, image_dir):
-    images, _ = digits
-    gray = images[0]  # 8x8 float64 in 0..16
-    auto = np.asarray(to_rgb_image(gray))
-    assert auto.shape == (8, 8, 3) and auto.dtype == np.uint8
-    assert auto.max() == 255 and (auto[..., 0] == auto[..., 1]).all()
-    fixed = np.asarray(to_rgb_image(gray, array_value_range=(0, 16)))
-    np.testing.assert_array_equal(fixed[..., 0], np.rint(gray / 16 * 255).astype(np.uint8))
-    assert np.asarray(to_rgb_image(np.zeros((4, 4)))).max() == 0
-    chw = np.asarray(to_rgb_image(np.random.default_rng(0).random((3, 5, 6))))
-    assert chw.shape == (5, 6, 3)
-    png = (image_dir / "digit_3.png").read_bytes()
-    from_file = np.asarray(to_rgb_image(str(image_dir / "digit_3.png")))
-    np.testing.assert_array_equal(np.asarray(to_rgb_image(png)), from_file)
-    np.testing.assert_array_equal(np.asarray(to_rgb_image({"bytes": png, "path": None})), from_file)
-    np.testing.assert_array_equal(np.asarray(to_rgb_image({"bytes": None, "path": "digit_3.png"}, image_dir)), from_file)
-    with pytest.raises(ValueError, match="cannot decode"):
-        to_rgb_image(b"garbage")
-    with pytest.raises(FileNotFoundError):
-        to_rgb_image("nope.png", image_dir)
-    with pytest.raises(ValueError, match="NaN"):
-        to_rgb_image(np.full((4, 4), np.nan))
-    with pytest.raises(ValueError, match="shape"):
-        to_rgb_image(np.zeros((2, 4, 4, 4)))
+from memvp_peft.data import IGNORE_INDEX, MemVPDataCollator, build_prompt
 
 
 # ---------------------------------------------------------------------------------------------------------- collator
@@ -285,122 +175,6 @@ def test_multi_image_records(collator, tokenizer, image_processor, digits, image
         MemVPDataCollator(tokenizer, image_processor, num_images=2)(
             [{"image": [images[0]] * 3, "question": "q", "answer": "a"}]
         )
-
-
-# ---------------------------------------------------------------------------------------------------------- LLaVA
-def _write_llava(tmp_path, records):
-    path = tmp_path / "llava.json"
-    path.write_text(json.dumps(records))
-    return path
-
-
-def test_llava_json_single_turn(tmp_path, image_dir, collator, tokenizer):
-    path = _write_llava(
-        tmp_path,
-        [
-            {"id": "a", "image": "digit_4.png",
-             "conversations": [{"from": "human", "value": "<image>\nWhat digit is shown in the image ?"},
-                               {"from": "gpt", "value": "four"}]},
-            {"id": "b", "conversations": [{"from": "human", "value": "What color is the sky ?"},
-                                          {"from": "gpt", "value": "blue ."}]},
-        ],
-    )
-    records = load_llava_json(path, image_dir)
-    assert records[0]["image"] == str(image_dir / "digit_4.png") and records[1]["image"] is None
-    batch = collator(records)
-    assert batch["image_mask"].tolist() == [True, False]
-    # "<image>" is gone: the row is exactly the plain prompt (no "<", "image", ">" tokens).
-    expected = tokenizer(build_prompt("What digit is shown in the image ?", "four"))["input_ids"]
-    expected += [tokenizer.eos_token_id]
-    assert batch["input_ids"][0, : len(expected)].tolist() == expected
-    assert int(batch["attention_mask"][0].sum()) == len(expected)
-    assert tokenizer.unk_token_id not in batch["input_ids"][0].tolist()
-    assert supervised_ids(batch, 0) == answer_ids(tokenizer, "four")
-
-    # Unresolved LLaVA records (relative path) work when the collator is given the image folder.
-    raw = json.loads(path.read_text())
-    via_folder = MemVPDataCollator(tokenizer, collator.image_processor, image_folder=image_dir)(raw)
-    assert torch.equal(via_folder["pixel_values"], batch["pixel_values"])
-
-
-def test_llava_json_multi_turn(tmp_path, image_dir, collator, tokenizer):
-    path = _write_llava(
-        tmp_path,
-        [{"id": "mt", "image": "digit_7.png",
-          "conversations": [{"from": "human", "value": "<image>\nWhat digit is shown in the image ?"},
-                            {"from": "gpt", "value": "seven"},
-                            {"from": "human", "value": "Is the digit odd or even ?"},
-                            {"from": "gpt", "value": "It is odd ."}]}],
-    )
-    batch = collator(load_llava_json(path, image_dir))
-    first = answer_ids(tokenizer, "seven")
-    second = answer_ids(tokenizer, "It is odd .")
-    assert supervised_ids(batch, 0) == first + second  # loss on every gpt turn
-    # Both human turns use the template and are unsupervised.
-    turn1 = tokenizer(build_prompt("What digit is shown in the image ?", "seven"))["input_ids"] + [2]
-    turn2 = tokenizer(build_prompt("Is the digit odd or even ?", "It is odd ."), add_special_tokens=False)["input_ids"]
-    assert batch["input_ids"][0].tolist() == turn1 + turn2 + [tokenizer.eos_token_id]
-    labels = batch["labels"][0].tolist()
-    n1 = len(tokenizer(build_prompt("What digit is shown in the image ?"))["input_ids"])
-    assert labels[:n1] == [IGNORE_INDEX] * n1
-    start2 = len(turn1)
-    n2 = len(tokenizer(build_prompt("Is the digit odd or even ?"), add_special_tokens=False)["input_ids"])
-    assert labels[start2 : start2 + n2] == [IGNORE_INDEX] * n2
-
-
-def test_load_llava_json_errors(tmp_path, image_dir):
-    bad = tmp_path / "bad.json"
-    bad.write_text('[{"conversations": [}]')
-    with pytest.raises(ValueError, match=r"bad\.json: invalid JSON at line 1"):
-        load_llava_json(bad, image_dir)
-    missing = _write_llava(tmp_path, [{"image": "digit_0.png", "conversations": [{"from": "human", "value": "q"},
-                                                                                 {"from": "gpt", "value": "a"}]},
-                                      {"image": "nope.png", "conversations": [{"from": "human", "value": "q"},
-                                                                              {"from": "gpt", "value": "a"}]}])
-    with pytest.raises(ValueError, match=r"llava\.json: entry 1: missing image file .*nope\.png"):
-        load_llava_json(missing, image_dir)
-    assert len(load_llava_json(missing, image_dir, check_images=False)) == 2
-    no_conv = _write_llava(tmp_path, [{"image": "digit_0.png"}])
-    with pytest.raises(ValueError, match=r"entry 0: LLaVA record has no 'conversations'"):
-        load_llava_json(no_conv, image_dir)
-
-
-# ---------------------------------------------------------------------------------------------------------- JSONL
-def test_load_jsonl(tmp_path, image_dir, collator, tokenizer):
-    path = tmp_path / "data.jsonl"
-    lines = [
-        {"image": "digit_5.png", "question": "What digit is shown ?", "answer": "five"},
-        {"image": None, "question": "What color is the sky ?", "answer": "blue ."},
-        {"image": ["digit_1.png", "digit_2.png"], "prompt": "Which image shows the larger digit ?",
-         "answer": "The second one .", "source": "synthetic"},
-    ]
-    path.write_text(json.dumps(lines[0]) + "\n\n" + "\n".join(json.dumps(x) for x in lines[1:]) + "\n")
-    records = load_jsonl(path, image_dir)
-    assert [r["answer"] for r in records] == ["five", "blue .", "The second one ."]
-    assert records[0]["image"] == str(image_dir / "digit_5.png")
-    assert records[2]["image"] == [str(image_dir / "digit_1.png"), str(image_dir / "digit_2.png")]
-    assert records[2]["source"] == "synthetic"
-    batch = collator(records)
-    assert batch["image_mask"].tolist() == [[True, False], [False, False], [True, True]]
-    assert supervised_ids(batch, 0) == answer_ids(tokenizer, "five")
-
-
-@pytest.mark.parametrize(
-    "bad_line, message",
-    [
-        ('{"image": "digit_0.png", "question": "q", "answer": "a"', r"line 3: invalid JSON"),
-        ('["not", "an", "object"]', r"line 3: expected a JSON object"),
-        ('{"image": "digit_0.png", "answer": "a"}', r"line 3: missing 'question'"),
-        ('{"image": "digit_0.png", "question": "q", "answer": "  "}', r"line 3: missing or empty 'answer'"),
-        ('{"image": "missing.png", "question": "q", "answer": "a"}', r"line 3: missing image file .*missing\.png"),
-    ],
-)
-def test_load_jsonl_errors(tmp_path, image_dir, bad_line, message):
-    path = tmp_path / "data.jsonl"
-    good = json.dumps({"image": "digit_0.png", "question": "q", "answer": "a"})
-    path.write_text(good + "\n" + good + "\n" + bad_line + "\n")
-    with pytest.raises(ValueError, match=r"data\.jsonl: " + message):
-        load_jsonl(path, image_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------- errors

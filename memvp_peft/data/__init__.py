@@ -1,0 +1,43 @@
+"""Records -> batches: the data side of MemVP.
+
+MemVP puts the image into the FFN *memory* of the language model, not into the token sequence, so the text of a
+record is tokenized as plain text (any LLaVA ``<image>`` placeholder is removed, not expanded) and its images travel
+beside it as ``pixel_values`` plus an ``image_mask``.  The modules follow a record through that path:
+
+* ``formats``       -- dataset files -> records: ``load_llava_json`` (LLaVA conversations), ``load_jsonl``;
+* ``conversations`` -- a record (simple or LLaVA) -> its checked (question, answer) turns;
+* ``prompts``       -- the prompt template and ``build_prompt``, shared by training and generation;
+* ``tokenization``  -- turns -> ids with answer-only labels (``IGNORE_INDEX``), truncation, padding;
+* ``images``        -- any image form -> an RGB PIL image (``to_rgb_image``);
+* ``image_batching``-- a batch's images -> ``pixel_values``/``image_features`` and ``image_mask``;
+* ``collator``      -- ``MemVPDataCollator``, which puts those together for the ``Trainer`` and for ``generate``;
+* ``digits``, ``tasks`` -- the command line's datasets: the built-in digits task (and its patch-token featurizer
+  for the embedded model), ``load_task`` and answer scoring.
+"""
+
+from .collator import MemVPDataCollator
+from .formats import load_jsonl, load_llava_json
+from .images import to_rgb_image
+from .prompts import (
+    DEFAULT_PROMPT_TEMPLATE,
+    GPT_ROLES,
+    HUMAN_ROLES,
+    IMAGE_PLACEHOLDER,
+    build_prompt,
+    strip_image_placeholder,
+)
+from .tokenization import IGNORE_INDEX
+
+__all__ = [
+    "DEFAULT_PROMPT_TEMPLATE",
+    "GPT_ROLES",
+    "HUMAN_ROLES",
+    "IGNORE_INDEX",
+    "IMAGE_PLACEHOLDER",
+    "MemVPDataCollator",
+    "build_prompt",
+    "load_jsonl",
+    "load_llava_json",
+    "strip_image_placeholder",
+    "to_rgb_image",
+]

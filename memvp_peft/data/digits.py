@@ -1,0 +1,56 @@
+"""The built-in `digits` task's images as visual tokens, for the embedded model that has no vision encoder.
+
+`digits` is scikit-learn's 1,797 real 8x8 scans of handwritten digits, posed as visual question answering
+("What digit is shown ?" -> "7"). With the embedded model it needs no vision encoder: each image becomes 16 visual
+tokens, one per 2x2-pixel patch (the patch's 4 pixels plus its row/column), which play the role of CLIP patch
+features -- `DigitPatchFeaturizer` for the collator (any image), `digit_scan_tokens` for the raw scans (the benchmark
+and the example). Both go through `digit_patch_tokens`, so the tokens are the same either way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DIGIT_PATCH_DIM",
+    "DIGIT_PATCH_TOKENS",
+    "DIGIT_QUESTION",
+    "DigitPatchFeaturizer",
+    "digit_patch_tokens",
+    "digit_scan_tokens",
+]
+
+DIGIT_QUESTION = "What digit is shown ?"
+DIGIT_PATCH_DIM = 6
+DIGIT_PATCH_TOKENS = 16
+
+
+def digit_patch_tokens(image: np.ndarray) -> np.ndarray:
+    """(8, 8) grey image in [0, 1] -> (16, 6): each 2x2 patch's pixels followed by its (row, column) in [0, 1]."""
+    patches = image.reshape(4, 2, 4, 2).transpose(0, 2, 1, 3).reshape(16, 4)
+    rows, cols = np.divmod(np.arange(16), 4)
+    position = np.stack([rows, cols], axis=1) / 3.0
+    return np.concatenate([patches, position], axis=1).astype(np.float32)
+
+
+def digit_scan_tokens(scans: np.ndarray) -> torch.Tensor:
+    """scikit-learn digit scans `(M, 8, 8)` with pixels in 0..16 -> visual tokens `(M, 16, 6)`.
+
+    The patch position is part of each token (like a vision encoder's positional embedding), so the projector alone
+    can tell where a stroke is; MemVP's per-slot position embeddings p_k/p_v add their own on top.
+    """
+    return torch.from_numpy(np.stack([digit_patch_tokens(scan.astype(np.float32) / 16.0) for scan in scans]))
+
+
+class DigitPatchFeaturizer:
+    """An image-processor-shaped callable returning `image_features` (B, 16, 6) for any image (resized to 8x8)."""
+
+    def __call__(self, images: list, return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        from PIL import Image
+
+        tokens = []
+        for image in images:
+            grey = image.convert("L").resize((8, 8), Image.BILINEAR)
+            tokens.append(digit_patch_tokens(np.asarray(grey, dtype=np.float32) / 255.0))
+        return {"pixel_values": torch.from_numpy(np.stack(tokens))}
