@@ -51,7 +51,7 @@ def load_for_inference(options: InferOptions):
     import memvp_peft  # noqa: F401  (registers MEMVP)
 
     from ..data import MemVPDataCollator
-    from ..tasks import DigitPatchFeaturizer
+    from ..data.digits import DigitPatchFeaturizer
 
     if not os.path.isfile(os.path.join(options.adapter, CONFIG_NAME)):
         raise ValueError(f"{options.adapter} is not an adapter folder (no {CONFIG_NAME}); run memvp-train first.")
