@@ -185,6 +185,7 @@ def run_accuracy(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def accuracy_markdown(report: dict[str, Any]) -> str:
+    """The accuracy report as markdown: the selected run per method first, then every (method, lr) run."""
     meta = report["meta"]
     lines = [
         "# memvp-bench accuracy at equal budget",
@@ -215,6 +216,7 @@ def accuracy_markdown(report: dict[str, Any]) -> str:
 
 
 def plot_accuracy(report: dict[str, Any], path: Path) -> None:
+    """Loss curves of every run (the selected ones drawn bold), labelled with held-out accuracy and train time."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -24,6 +24,8 @@ QUICK_MODEL = dict(
 
 
 def build_base_model(args: argparse.Namespace) -> nn.Module:
+    """The frozen base: a local HF causal LM (``--model_name_or_path``) or a seeded random Llama of the chosen
+    shape, long enough for the longest prompt + generation of the sweep."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if args.model_name_or_path:
@@ -49,6 +51,7 @@ def build_base_model(args: argparse.Namespace) -> nn.Module:
 
 
 def describe_model(model: nn.Module) -> dict[str, Any]:
+    """The base's shape under one set of names, whichever of the usual config spellings it uses."""
     config = model.config
     get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)  # noqa: E731
     return {

@@ -26,6 +26,7 @@ DESCRIPTION = "Benchmark MemVP against input-space visual prompting + LoRA (LLaV
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The options, with the mode-dependent defaults (``--quick``, ``--accuracy``) filled in."""
     parser = argparse.ArgumentParser(
         prog="memvp-bench", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -89,6 +90,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    """Run the chosen mode, write its JSON / markdown / PNG (and profiler files), print the markdown; the report
+    (with the written ``paths``) is returned for callers such as the tests."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
     if args.threads:

@@ -12,6 +12,7 @@ from typing import Optional
 
 
 def package_version(package: str) -> Optional[str]:
+    """The installed version of `package`, or None where its metadata is missing."""
     try:
         from importlib.metadata import version
 
@@ -21,6 +22,7 @@ def package_version(package: str) -> Optional[str]:
 
 
 def load_average() -> Optional[list[float]]:
+    """The 1/5/15-minute load average (None where the platform has none): how busy the machine was."""
     try:
         return [round(v, 2) for v in os.getloadavg()]
     except (AttributeError, OSError):  # pragma: no cover
@@ -28,6 +30,7 @@ def load_average() -> Optional[list[float]]:
 
 
 def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux, else what `platform` knows)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

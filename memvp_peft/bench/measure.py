@@ -116,6 +116,7 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
 
 
 def time_train_step(method: Method, batch: Batch) -> dict[str, float]:
+    """One forward + backward; the gradients are reset before and after, outside the timed region."""
     method.train(True)
     method.zero_grad()
     _, timing = _timed(lambda: method.loss(batch).backward())
@@ -125,6 +126,7 @@ def time_train_step(method: Method, batch: Batch) -> dict[str, float]:
 
 @torch.no_grad()
 def time_prefill(method: Method, batch: Batch) -> tuple[dict[str, float], int]:
+    """One forward over the prompt as `generate` does first; its timing and the bytes of the KV cache it built."""
     method.train(False)
     out, timing = _timed(lambda: method.prefill(batch))
     return timing, cache_nbytes(out.past_key_values)
@@ -151,4 +153,5 @@ def time_generate(method: Method, batch: Batch, new_tokens: int) -> tuple[dict[s
 
 
 def median(values: list[float]) -> float:
+    """Median of `values`, NaN for none (a phase that was not measured)."""
     return float(statistics.median(values)) if values else float("nan")

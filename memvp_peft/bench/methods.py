@@ -28,6 +28,7 @@ METHOD_LABELS = {
 
 
 def count_trainable(modules: list[nn.Module]) -> int:
+    """Trainable parameters of `modules`, each counted once even where modules share it."""
     seen, total = set(), 0
     for module in modules:
         for param in module.parameters():
@@ -39,6 +40,7 @@ def count_trainable(modules: list[nn.Module]) -> int:
 
 @dataclass
 class Batch:
+    """One benchmark batch: the text (labels = ids) and the visual features each method feeds its own way."""
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
@@ -100,6 +102,7 @@ class Method:
 
 
 def _generate_kwargs(model: nn.Module, new_tokens: int) -> dict[str, Any]:
+    """Greedy generation of exactly `new_tokens` tokens, with a pad id (the config's, else its eos, else 0)."""
     config = model.config if hasattr(model, "config") else None
     pad = getattr(config, "pad_token_id", None)
     eos = getattr(config, "eos_token_id", None)
@@ -108,6 +111,7 @@ def _generate_kwargs(model: nn.Module, new_tokens: int) -> dict[str, Any]:
 
 
 class MemVPMethod(Method):
+    """This package's tuner: the features go into the FFN memory, the sequence stays T tokens long."""
     name = "memvp"
 
     def __init__(self, base: nn.Module, visual_dim: int, num_slots: int, projector_hidden_dim: int) -> None:
@@ -170,6 +174,7 @@ class LoRAMethod(Method):
 
 
 def make_batch(batch_size: int, text_len: int, visual_tokens: int, visual_dim: int, vocab: int, seed: int) -> Batch:
+    """A seeded random batch: token ids from 4 up (the lowest ids are special tokens) and Gaussian visual features."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, vocab, (batch_size, text_len), generator=generator)
     return Batch(

@@ -77,6 +77,8 @@ FLOP_PREDICTION = {
 
 
 def check_targets(ratios: list[dict[str, Any]], point: tuple[int, int] = (256, 64)) -> dict[str, Any]:
+    """The targets at `point` (N=256, T=64 by default): met or not, wall and CPU time, with the FLOP
+    prediction beside each."""
     row = next((r for r in ratios if (r["N"], r["T"]) == point), None)
     if row is None:
         return {"point": None, "checks": []}

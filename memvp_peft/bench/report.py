@@ -14,10 +14,12 @@ from .methods import METHOD_LABELS, METHODS
 
 
 def _mb(value: Optional[int]) -> str:
+    """Bytes as MiB with one decimal, 'n/a' for a memory run that was skipped."""
     return "n/a" if value is None else f"{value / 2**20:.1f}"
 
 
 def markdown_report(report: dict[str, Any]) -> str:
+    """The sweep as markdown: the setup, one row per (N, T, method), the ratios with their predictions, the targets."""
     meta = report["meta"]
     model = meta["model"]
     lines = [
@@ -85,6 +87,7 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:
+    """Five panels of per-method bars over the (N, T) points (log scale) and one panel of the ratios."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,6 +158,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
 
 def write_outputs(report: dict[str, Any], output_dir: Path, stem: str, markdown: str,
                   plot: Optional[Callable[[dict, Path], None]]) -> dict[str, str]:
+    """Write ``<stem>.json`` and ``<stem>.md`` (and ``<stem>.png`` where matplotlib is installed); the written paths."""
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / f"{stem}.json", "markdown": output_dir / f"{stem}.md"}
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")

@@ -22,6 +22,7 @@ from .ratios import check_targets, compute_ratios
 
 
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure every method at every (N, T) point; the report with its results, meta, ratios and targets."""
     from tqdm.auto import tqdm
 
     base = build_base_model(args)
