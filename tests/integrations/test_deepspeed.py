@@ -11,7 +11,7 @@ Every test launches `integrations/train_trainer.py` (the documented recipe) as a
 
 The runs are forced onto the CPU (`--use_cpu always`, `DS_ACCELERATOR=cpu`, no visible CUDA device) so the file
 behaves the same on a GPU runner. The DeepSpeed C++ ops are JIT-compiled once by a session fixture
-(tests/distributed/build_deepspeed_ops.py; minutes the very first time, cached afterwards).
+(tests/integrations/distributed/build_deepspeed_ops.py; minutes the very first time, cached afterwards).
 
 Runtime on 2 CPU cores with the ops cached: about 4 minutes (15 launches of 15-25 s each).
 
@@ -44,7 +44,7 @@ import torch
 pytest.importorskip("deepspeed")
 pytest.importorskip("accelerate")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "integrations" / "train_trainer.py"
 DS_CONFIGS = ROOT / "integrations" / "deepspeed"
 ACCELERATE_CONFIGS = ROOT / "integrations" / "accelerate"

@@ -1,4 +1,5 @@
-"""Build (or load from the cache) the DeepSpeed C++ ops that the CPU runs of tests/test_deepspeed.py need.
+"""Build (or load from the cache) the DeepSpeed C++ ops that the CPU runs of tests/integrations/test_deepspeed.py
+need.
 
 On a CPU-only machine DeepSpeed JIT-compiles, on first use:
 
