@@ -36,7 +36,7 @@ GOOD = torch.randn(2, 4, 16)
 def test_bad_visual_input_raises_value_error_and_model_stays_usable(pm, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pm(input_ids=IDS, **kwargs)
-    assert pm.base_model._memvp_context.states is None
+    assert pm.base_model._memvp_runtime.active() is None
     with torch.no_grad():
         pm(input_ids=IDS, image_features=GOOD)
 

@@ -95,5 +95,5 @@ def test_sampling_with_num_return_sequences_expands_memory(pm, inputs):
 def test_generate_rejects_bad_features_and_stays_usable(pm, inputs):
     with pytest.raises(ValueError, match="batch"):
         _generate(pm, dict(inputs, image_features=torch.randn(2, 4, 16)))
-    assert pm.base_model._memvp_context.states is None
+    assert pm.base_model._memvp_runtime.active() is None
     _generate(pm, inputs)

@@ -84,7 +84,7 @@ def test_unload_returns_the_untouched_base_model(batch):
     randomize_memory(pm)
     unloaded = pm.unload()
     assert not any(isinstance(m, MemVPLayer) for m in unloaded.modules())
-    assert "forward" not in unloaded.__dict__ and not hasattr(unloaded, "_memvp_context")
+    assert "forward" not in unloaded.__dict__ and not hasattr(unloaded, "_memvp_runtime")
     assert set(unloaded.state_dict()) == set(reference)
     for key, value in unloaded.state_dict().items():
         assert torch.equal(value, reference[key]), key

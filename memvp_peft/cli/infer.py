@@ -75,7 +75,7 @@ def load_for_inference(options: InferOptions):
     else:
         vision = record.get("vision_model_name_or_path")
         if vision:  # an external encoder wins over a VLM's own tower, as in memvp-train
-            attached = peft_model.base_model._memvp_context.vision
+            attached = peft_model.base_model.vision_encoder
             if attached is None:
                 raise ValueError(
                     f"the adapter was trained with the vision encoder {vision!r}, which is not a local folder here; "

@@ -2,13 +2,23 @@
 
 Everything a user can get wrong about `image_features` and `image_mask` is caught here, before any state changes,
 with a `ValueError` that says what was expected and what arrived.
+
+Shapes, dtypes and types are metadata: checking them is free. Checking *values* (NaN/inf features, a 0/1 integer
+mask, placeholder tokens in the text) needs a reduction whose result the host reads -- on an accelerator that is a
+host-device synchronisation, which on every training step stalls the GPU pipeline, and under `torch.compile` a graph
+break. So value checks (`values_checkable`) run in eager mode on CPU tensors, where they cost one cheap reduction and
+no sync (data pipelines and tests live there), and on accelerator tensors only when `MEMVP_CHECK_VALUES=1` is set (a
+debugging switch: one sync per check). Under `torch.compile` they are skipped: the traced graph stays whole.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
+
+CHECK_VALUES_ENV = "MEMVP_CHECK_VALUES"
 
 VISUAL_INPUT_NAMES = ("image_features", "image_mask", "pixel_values")
 
@@ -22,6 +32,13 @@ def infer_batch_size(args: tuple, kwargs: dict[str, Any]) -> Optional[int]:
     if args and isinstance(args[0], torch.Tensor):
         return args[0].shape[0]
     return None
+
+
+def values_checkable(tensor: torch.Tensor) -> bool:
+    """Whether a value check of `tensor` may run here (see the module docstring: never a hidden host-device sync)."""
+    if torch.compiler.is_compiling():
+        return False
+    return tensor.device.type in ("cpu", "meta") or os.environ.get(CHECK_VALUES_ENV, "") == "1"
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -45,7 +62,7 @@ def _check_mask(image_mask: Any, batch: int, images: int) -> Optional[torch.Tens
     if image_mask.dtype != torch.bool:
         if image_mask.is_floating_point() or image_mask.is_complex():
             raise ValueError(f"MemVP: `image_mask` must be a bool (or 0/1 integer) tensor, got dtype {image_mask.dtype}.")
-        if bool(((image_mask != 0) & (image_mask != 1)).any()):
+        if values_checkable(image_mask) and bool(((image_mask != 0) & (image_mask != 1)).any()):
             raise ValueError("MemVP: an integer `image_mask` may only contain 0 and 1.")
         image_mask = image_mask != 0
     if image_mask.dim() == 1:
@@ -66,7 +83,7 @@ def validate_pixel_values(pixel_values: Any, batch_size: Optional[int]) -> tuple
         raise ValueError(f"MemVP: `pixel_values` must be a floating point tensor, got dtype {pixel_values.dtype}.")
     if batch_size is not None and pixel_values.shape[0] != batch_size:
         raise ValueError(f"MemVP: `pixel_values` batch ({pixel_values.shape[0]}) must equal the input batch ({batch_size}).")
-    if not _all_finite(pixel_values):
+    if values_checkable(pixel_values) and not _all_finite(pixel_values):
         raise ValueError("MemVP: `pixel_values` contains NaN or inf values.")
     if pixel_values.dim() == 4:
         return pixel_values, 1
@@ -122,7 +139,7 @@ def validate_visual_inputs(
         )
     if tokens == 0:
         raise ValueError("MemVP: `image_features` has 0 visual tokens; pass at least one token or omit the features.")
-    if not _all_finite(image_features):
+    if values_checkable(image_features) and not _all_finite(image_features):
         raise ValueError("MemVP: `image_features` contains NaN or inf values.")
     mask = _check_mask(image_mask, batch, images)
     features = image_features.reshape(batch, images * tokens, width)

@@ -9,8 +9,8 @@ Two shapes of FFN exist in the wild, and the paper's formula maps onto both exac
   value layer splits the memory activations off and reads `s * Dropout(.) V`. This is literally "K appended to W1,
   V appended to W2".
 
-The layers own no parameters: keys and values come from the shared `MemoryContext` (one memory per forward, shared
-by all layers). The memory depends on the image, so nothing can be merged into the base weights.
+The layers own no parameters: keys and values come from the active call of the shared `MemoryRuntime` (one memory
+per forward or generate() call, shared by all layers; see scope.py). The memory depends on the image, so nothing can be merged into the base weights.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .scope import MemoryContext
+from .scope import MemoryRuntime
 
 MERGE_ERROR = (
     "MemVP cannot be merged into the base weights: its keys and values are computed from each input's image, so "
@@ -36,13 +36,13 @@ class MemVPLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("memvp_dropout",)
     other_param_names = ("memvp_scale", "memvp_num_slots")
 
-    def __init__(self, base_layer: nn.Module, context: MemoryContext) -> None:
+    def __init__(self, base_layer: nn.Module, runtime: MemoryRuntime) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.memvp_dropout = nn.ModuleDict({})
         self.memvp_scale: dict[str, float] = {}
         self.memvp_num_slots: dict[str, int] = {}
-        self._memvp_context = context
+        self._memvp_runtime = runtime
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -64,7 +64,7 @@ class MemVPLayer(nn.Module, BaseTunerLayer):
         for name in self.active_adapters:
             if name not in self.memvp_scale:
                 continue
-            keys, values = self._memvp_context.state_for(name).for_input(x.shape[0], x.dtype, x.device)
+            keys, values = self._memvp_runtime.state_for(name).for_input(x.shape[0], x.dtype, x.device)
             found.append((name, keys, values))
         return found
 
@@ -72,7 +72,7 @@ class MemVPLayer(nn.Module, BaseTunerLayer):
         """View `x` as `(B, T, width)`: OPT flattens the tokens of all samples to `(B*T, width)` before its FFN."""
         if x.dim() >= 3:
             return x
-        batch = self._memvp_context.batch_size
+        batch = self._memvp_runtime.batch_size()
         if batch is None or x.shape[0] % batch != 0:
             raise RuntimeError(
                 f"MemVP: the FFN received a flattened input of shape {tuple(x.shape)} but the batch size of the running "
@@ -95,8 +95,8 @@ class FFNMemoryLayer(MemVPLayer):
 
     other_param_names = MemVPLayer.other_param_names + ("memvp_activation",)
 
-    def __init__(self, base_layer: nn.Module, context: MemoryContext) -> None:
-        super().__init__(base_layer, context)
+    def __init__(self, base_layer: nn.Module, runtime: MemoryRuntime) -> None:
+        super().__init__(base_layer, runtime)
         self.memvp_activation: dict[str, Callable] = {}
 
     def update_layer(self, adapter_name: str, config: Any, activation: Optional[Callable] = None) -> None:
@@ -137,8 +137,8 @@ class KeyMemoryLayer(MemVPLayer):
 class ValueMemoryLayer(MemVPLayer):
     """W2 of a plain FFN with the memory values appended: splits off the memory activations and reads them."""
 
-    def __init__(self, base_layer: nn.Module, context: MemoryContext) -> None:
-        super().__init__(base_layer, context)
+    def __init__(self, base_layer: nn.Module, runtime: MemoryRuntime) -> None:
+        super().__init__(base_layer, runtime)
         in_features = getattr(base_layer, "in_features", None) or getattr(base_layer, "nx", None)
         if in_features is None:
             raise ValueError(f"Cannot read the input width of {type(base_layer).__name__} for MemVP.")

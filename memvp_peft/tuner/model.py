@@ -1,20 +1,18 @@
-"""`MemVPModel`: injection and plumbing of MemVP as a peft tuner (the math lives in `layer.py`/`visual_memory.py`).
+"""`MemVPModel`: injection and plumbing of MemVP as a peft tuner (the math lives in `layer.py`/`memory.py`).
 
 What this class adds on top of peft's `BaseTuner`:
 
 * one `VisualMemory` per adapter in the `memvp_memory` ModuleDict (projector + p_k + p_v, shared by all layers),
   with its own trainability handling (peft's generic code only walks the wrapped model);
-* a forward entry point on the base model that accepts `image_features`/`image_mask` (so the HF `Trainer` keeps those
-  dataset columns) and computes the memory once per forward;
-* `generate()` that computes the memory once per call and keeps it for every decode step;
-* gradient checkpointing support (`checkpointing.py`), merge refusal, and `unload()` that restores the base model.
+* `forward` / `generate` entry points that turn a call's visual inputs into that call's memory (`entry.py`,
+  `scope.py`), and entry wrappers on the base model for the paths that reach it directly;
+* gradient checkpointing support (`checkpointing.py`), save/load rules (`save_load.py`), merge refusal, and
+  `unload()` that restores the base model.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
-import types
 from typing import Any, Optional
 
 import torch
@@ -23,95 +21,23 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .targets import find_ffn_targets, model_hidden_size, partner_name, resolve_activation, role_of_target
-from .checkpointing import make_checkpoint_pre_hook, unwrap_checkpoint_function
+from .entry import (
+    call_with_memory,
+    generate_with_memory,
+    install_entry,
+    make_layer_pre_hook,
+    remove_entry,
+    underlying_forward,
+    unwrap_checkpoint_function,
+)
 from .config import MemVPConfig
 from .layer import MERGE_ERROR, FFNMemoryLayer, KeyMemoryLayer, MemVPLayer, ValueMemoryLayer
-from .scope import MemoryContext
-from .input_checks import VISUAL_INPUT_NAMES, infer_batch_size
+from .scope import MemoryRuntime
 from ..vision import VisionEncoder, describe_encoder, is_vlm, load_vision_encoder, vlm_vision_tower
 from .memory import VisualMemory
 from .save_load import refuse_partitioned_tensors
 
 _LAYER_CLASSES = {"ffn": FFNMemoryLayer, "key": KeyMemoryLayer, "value": ValueMemoryLayer}
-
-
-def _reject_image_placeholders(context: MemoryContext, args: tuple, kwargs: dict) -> None:
-    token = context.image_token_id
-    input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-    if token is None or not isinstance(input_ids, torch.Tensor) or not bool((input_ids == token).any()):
-        return
-    raise ValueError(
-        f"MemVP: `input_ids` contain the VLM's image placeholder token (id {token}). MemVP puts the image into the FFN "
-        "memory, not the sequence: build the text without `<image>` placeholders (memvp_peft.data.MemVPDataCollator "
-        "does this) and pass the image as `pixel_values`."
-    )
-
-
-def _without_memvp(context: MemoryContext, pixel_values: Any, kwargs: dict) -> dict:
-    """Base-model kwargs when the adapter is disabled: a VLM base gets its `pixel_values` back and behaves exactly as
-    without MemVP (image features are MemVP's own input and are dropped)."""
-    if pixel_values is not None and context.image_token_id is not None:
-        kwargs["pixel_values"] = pixel_values
-    return kwargs
-
-
-def _visual_forward(self, *args: Any, image_features=None, image_mask=None, pixel_values=None, **kwargs: Any):
-    """Forward of a MemVP-adapted base model: compute the visual memory once, then run the model's own forward.
-
-    `pixel_values` never reach the base model: on a VLM base the language model runs on the text alone.
-    """
-    context: MemoryContext = self._memvp_context
-    base_forward = type(self).forward
-    if not context.enabled:
-        return base_forward(self, *args, **_without_memvp(context, pixel_values, kwargs))
-    _reject_image_placeholders(context, args, kwargs)
-    batch_size = infer_batch_size(args, kwargs)
-    no_visual_input = image_features is None and image_mask is None and pixel_values is None
-    if no_visual_input and context.states is not None:
-        # inside generate(): the memory of this call is already pinned (and follows beam expansion)
-        states = context.states
-    else:
-        states = context.compute(context.active_adapters, image_features, image_mask, batch_size, pixel_values)
-    with context.use(states, batch_size):
-        return base_forward(self, *args, **kwargs)
-
-
-def _visual_generate(self, *args: Any, image_features=None, image_mask=None, pixel_values=None, **kwargs: Any):
-    """`generate()` of a MemVP-adapted model: the memory is computed once per call and kept for every decode step.
-
-    Beam search and `num_return_sequences` expand the batch with `repeat_interleave`; the layers expand the memory the
-    same way (`MemoryState.for_input`), so it follows every hypothesis.
-    """
-    context: MemoryContext = self._memvp_context
-    if not context.enabled:
-        return type(self).generate(self, *args, **_without_memvp(context, pixel_values, kwargs))
-    _reject_image_placeholders(context, args, kwargs)
-    batch_size = infer_batch_size(args, kwargs)
-    states = context.compute(context.active_adapters, image_features, image_mask, batch_size, pixel_values)
-    with context.use(states, batch_size):
-        return type(self).generate(self, *args, **kwargs)
-
-
-def _bind_copy(function: Any, model: nn.Module, name: str, signature: Optional[inspect.Signature] = None) -> Any:
-    """Bind a copy of `function` to `model` as its instance attribute `name` (deepcopy-safe, marked as ours)."""
-    copy = types.FunctionType(function.__code__, function.__globals__, name, None, function.__closure__)
-    copy.__kwdefaults__ = dict(function.__kwdefaults__)
-    copy.__doc__ = function.__doc__
-    if signature is not None:
-        copy.__signature__ = signature
-    copy._memvp_wrapper = True
-    return types.MethodType(copy, model)
-
-
-def _signature_with_visual_inputs(forward: Any) -> inspect.Signature:
-    signature = inspect.signature(forward)
-    params = [p for p in signature.parameters.values() if p.name not in VISUAL_INPUT_NAMES]
-    extra = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in VISUAL_INPUT_NAMES
-    ]
-    var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
-    params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    return signature.replace(parameters=params + extra + var_kw)
 
 
 class MemVPModel(BaseTuner):
@@ -130,8 +56,27 @@ class MemVPModel(BaseTuner):
         if "memvp_memory" in self._modules:
             return
         self.memvp_memory = nn.ModuleDict({})
-        self._memvp_context = MemoryContext(self.memvp_memory, self.peft_config)
+        self._memvp_runtime = MemoryRuntime(self.memvp_memory, self.peft_config)
         self._memvp_hook_handles: list = []
+
+    # ------------------------------------------------------------------------------------------------- entry points
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's forward with this call's visual memory (`image_features`/`image_mask`/`pixel_values`).
+
+        `pixel_values` never reach the base model: on a VLM base the language model runs on the text alone.
+        """
+        return call_with_memory(self._memvp_runtime, self.memvp_memory, underlying_forward(self.model), args, kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's `generate()`; the memory is computed once per call and read by every decode step."""
+        install_entry(self.model, self._memvp_runtime, with_generate=False)  # see install_entry: decode steps enter here
+        return generate_with_memory(self._memvp_runtime, self.memvp_memory, self.model.generate, args, kwargs)
+
+    @property
+    def vision_encoder(self) -> Optional[Any]:
+        """The attached `memvp_peft.vision.VisionEncoder` (frozen, not saved), or None."""
+        return self._memvp_runtime.vision
 
     def _pre_injection_hook(self, model: nn.Module, config: MemVPConfig, adapter_name: str) -> None:
         self._ensure_memvp_state()
@@ -179,7 +124,7 @@ class MemVPModel(BaseTuner):
             role = role_of_target(target_name)
             # `target` may be a LoRA layer of this adapter's `lora_config` (injected first): wrap it as it is, so the
             # LoRA update stays in the FFN's W1/W2 and the memory is appended after it.
-            layer = _LAYER_CLASSES[role](target, self._memvp_context)
+            layer = _LAYER_CLASSES[role](target, self._memvp_runtime)
             layer.set_adapter([adapter_name])
         activation = None
         if isinstance(layer, FFNMemoryLayer):
@@ -216,16 +161,16 @@ class MemVPModel(BaseTuner):
         if reference is not None:
             self.attach_vision_encoder(reference.module, configs=[config])
         elif config.vision_encoder is not None and os.path.exists(config.vision_encoder):
-            current = self._memvp_context.vision
+            current = self._memvp_runtime.vision
             if current is None or describe_encoder(current.model) != config.vision_encoder:
                 self.attach_vision_encoder(load_vision_encoder(config.vision_encoder), configs=[config])
             else:
                 self.attach_vision_encoder(current.model, configs=[config])
         elif is_vlm(self.model):
-            self._memvp_context.image_token_id = _image_token_id(self.model)
+            self._memvp_runtime.image_token_id = _image_token_id(self.model)
             self.attach_vision_encoder(vlm_vision_tower(self.model), configs=[config])
-        elif self._memvp_context.vision is not None:
-            self.attach_vision_encoder(self._memvp_context.vision.model, configs=[config])
+        elif self._memvp_runtime.vision is not None:
+            self.attach_vision_encoder(self._memvp_runtime.vision.model, configs=[config])
         if config.vision_adapter_dim and not config.vision_num_layers:
             raise ValueError(
                 "MemVP: vision_adapter_dim > 0 needs a vision encoder at injection time (to size one adapter per "
@@ -238,7 +183,7 @@ class MemVPModel(BaseTuner):
         Checks that its width matches `visual_dim` (and its depth the saved vision adapters) of every adapter.
         """
         configs = list(self.peft_config.values()) if configs is None else configs
-        current = self._memvp_context.vision
+        current = self._memvp_runtime.vision
         if current is not None and current.model is not encoder:
             current.detach()
             current = None
@@ -261,7 +206,7 @@ class MemVPModel(BaseTuner):
             if config.vision_encoder is None:
                 config.vision_encoder = describe_encoder(encoder)
             current = vision
-        self._memvp_context.vision = current
+        self._memvp_runtime.vision = current
 
     # ----------------------------------------------------------------------------------------------------- LoRA part
 
@@ -301,39 +246,32 @@ class MemVPModel(BaseTuner):
                 )
 
     def _install_runtime_hooks(self) -> None:
-        """Forward entry point, context bookkeeping and checkpoint hooks (idempotent; re-run for every new adapter)."""
+        """Entry wrappers, runtime bookkeeping and layer pre-hooks (idempotent; re-run for every new adapter)."""
         model = self.model
-        context = self._memvp_context
-        context.active_adapters = self.active_adapters
-        model._memvp_context = context
-        if not getattr(model.__dict__.get("forward"), "_memvp_wrapper", False):
-            signature = _signature_with_visual_inputs(type(model).forward)
-            model.forward = _bind_copy(_visual_forward, model, "forward", signature)
-        if hasattr(type(model), "generate") and not getattr(model.__dict__.get("generate"), "_memvp_wrapper", False):
-            model.generate = _bind_copy(_visual_generate, model, "generate")
+        runtime = self._memvp_runtime
+        runtime.active_adapters = self.active_adapters
+        install_entry(model, runtime, with_generate=True)
+        for inner in _inner_entry_modules(model):
+            install_entry(inner, runtime, with_generate=False)
         for handle in self._memvp_hook_handles:
             handle.remove()
         self._memvp_hook_handles = []
-        pre_hook = make_checkpoint_pre_hook(context)
+        pre_hook = make_layer_pre_hook(runtime)
         for module in model.modules():
             if isinstance(module, GradientCheckpointingLayer) and any(
                 isinstance(m, MemVPLayer) for m in module.modules()
             ):
-                self._memvp_hook_handles.append(module.register_forward_pre_hook(pre_hook))
+                self._memvp_hook_handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
 
     def _remove_runtime_hooks(self) -> None:
         for handle in getattr(self, "_memvp_hook_handles", []):
             handle.remove()
         self._memvp_hook_handles = []
-        model = self.model
-        for module in model.modules():
+        for module in self.model.modules():
             unwrap_checkpoint_function(module)
-        for name in ("forward", "generate"):
-            if getattr(model.__dict__.get(name), "_memvp_wrapper", False):
-                del model.__dict__[name]
-        model.__dict__.pop("_memvp_context", None)
-        if self._memvp_context.vision is not None:
-            self._memvp_context.vision.detach()
+            remove_entry(module)
+        if self._memvp_runtime.vision is not None:
+            self._memvp_runtime.vision.detach()
 
     # ---------------------------------------------------------------------------------------------------- trainability
 
@@ -351,18 +289,18 @@ class MemVPModel(BaseTuner):
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
-        self._memvp_context.active_adapters = self.active_adapters
+        self._memvp_runtime.active_adapters = self.active_adapters
         self._sync_memory_trainability(inference_mode=inference_mode)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)
-        self._memvp_context.enabled = enabled
+        self._memvp_runtime.enabled = enabled
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         if adapter_name in self.memvp_memory:
             del self.memvp_memory[adapter_name]
-        self._memvp_context.active_adapters = self.active_adapters
+        self._memvp_runtime.active_adapters = self.active_adapters
 
     # -------------------------------------------------------------------------------------------------- state dict keys
 
@@ -470,6 +408,24 @@ class MemVPModel(BaseTuner):
             # LoRA layers nested inside a wrapped FFN are only reachable once the MemVP wrapper is gone
             model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
         return model
+
+
+def _inner_entry_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules below the top model that callers reach directly and that hold MemVP layers: the backbone
+    (`model.base_model`, which TRL's fused LM head calls with the forward's kwargs) and the encoder of an
+    encoder-decoder model (which `generate()` runs itself, with the model kwargs)."""
+    found = []
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    encoder = model.get_encoder() if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else None
+    for module in (backbone, encoder):
+        if (
+            isinstance(module, nn.Module)
+            and module is not model
+            and all(module is not m for m in found)
+            and any(isinstance(m, MemVPLayer) for m in module.modules())
+        ):
+            found.append(module)
+    return found
 
 
 def _image_token_id(model: nn.Module) -> Optional[int]:

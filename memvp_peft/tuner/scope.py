@@ -1,16 +1,31 @@
-"""`MemoryContext`: the per-forward visual memory shared by the tuner and every wrapped FFN.
+"""The per-call visual memory: one `CallMemory` per forward / `generate()` call, visible only inside that call.
 
-The memory is a side input of the forward pass (it depends on the image) but HF decoder layers only hand the hidden
-states to their MLP. Instead of threading a new argument through every architecture, the tuner opens a *scope*
-around each forward / generate call in which `states` holds the keys/values of every active adapter, computed once;
-the layers read them from here. The context is a plain object referenced by the layers, never a submodule, so its
-tensors are neither saved nor moved twice.
+The memory is a side input of the forward pass (it depends on the image), but HF decoder layers only hand the hidden
+states to their MLP. Instead of threading a new argument through every architecture, the entry point of a call
+(`entry.py`) computes the keys/values of every active adapter once and *activates* them for the duration of the call;
+the FFN layers read the active call from here.
+
+Three rules make that safe:
+
+* **Per thread.** The active call lives in a `threading.local`, so two threads (or the replicas `nn.DataParallel`
+  runs in threads) calling one model with different images each see their own memory. A call is one synchronous
+  Python call, so asyncio tasks cannot interleave inside it. (`contextvars` would say the same, but TorchDynamo cannot
+  trace `ContextVar.set`, and the hot path must compile as one graph.)
+* **Strictly nested.** `activate` returns the previous value and `restore` puts it back in a `finally`: after a call
+  returns, raises or is interrupted, nothing of it is left behind. A later text-only call never reads a finished
+  call's image.
+* **Never inferred.** `generate()` does not leave its memory active between decode steps; it hands its `CallMemory`
+  to each of its own decode steps explicitly (`entry.CALL_KWARG`), so a text-only forward a `LogitsProcessor` makes
+  in between is text-only.
+
+Gradient checkpointing recomputes layers inside backward, after the call returned (possibly on an autograd thread):
+`checkpointing.py` captures the active call at forward time and re-activates it around the recomputation.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Optional
+import threading
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -19,44 +34,100 @@ from .input_checks import validate_pixel_values, validate_visual_inputs
 from .memory import MemoryState
 
 
-class MemoryContext:
+class CallMemory:
+    """The keys/values of every active adapter for one forward or `generate()` call (immutable once built)."""
+
+    __slots__ = ("states",)
+
+    def __init__(self, states: dict[str, MemoryState]) -> None:
+        self.states = states
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for state in self.states.values() for t in state.tensors()]
+
+    def __deepcopy__(self, memo: dict) -> "CallMemory":
+        # generate() may copy its model kwargs; the memory of the call is the same object for every decode step.
+        return self
+
+    def __copy__(self) -> "CallMemory":
+        return self
+
+
+class ActiveCall(NamedTuple):
+    """What a layer reads during a call: the call's memory and the batch size of the running forward (OPT flattens
+    tokens to `(B*T, d)` before its FFN; beam search makes decode batches larger than the call's)."""
+
+    memory: CallMemory
+    batch_size: Optional[int]
+
+
+class MemoryRuntime:
+    """Shared, per-tuner runtime state: the adapters' memories, the vision encoder, and the active call per thread.
+
+    Referenced by every MemVP layer and by the base model's entry wrappers; a plain object, never a submodule, so
+    its tensors are neither saved nor moved twice.
+    """
+
     def __init__(self, memories: nn.ModuleDict, configs: dict) -> None:
         self.memories = memories
         self.configs = configs
-        self.states: Optional[dict[str, MemoryState]] = None
-        # Batch size of the running forward: some FFNs (OPT) see tokens flattened to (B*T, d) and need it to find
-        # which sample a token row belongs to.
-        self.batch_size: Optional[int] = None
         self.active_adapters: list[str] = []
         self.enabled = True
         self.vision = None  # VisionEncoder turning pixel_values into features, when one is attached
         self.image_token_id: Optional[int] = None  # VLM bases: placeholder tokens that must not be in the text
+        self._local = threading.local()
+
+    # ------------------------------------------------------------------------------------------------ the active call
+
+    def active(self) -> Optional[ActiveCall]:
+        return getattr(self._local, "call", None)
+
+    def activate(self, call: Optional[ActiveCall]) -> Optional[ActiveCall]:
+        """Make `call` the active one in this thread; returns the previous one, for `restore`."""
+        previous = getattr(self._local, "call", None)
+        self._local.call = call
+        return previous
+
+    def restore(self, previous: Optional[ActiveCall]) -> None:
+        self._local.call = previous
 
     def state_for(self, adapter_name: str) -> MemoryState:
-        """The memory a layer must read now: the scoped one, else the image-independent learned memory."""
-        if self.states is not None:
-            state = self.states.get(adapter_name)
+        """The memory a layer reads now: the active call's, else (a layer run outside any call) the learned,
+        image-independent memory p_k/p_v."""
+        call = self.active()
+        if call is not None:
+            state = call.memory.states.get(adapter_name)
             if state is not None:
                 return state
         return self.memories[adapter_name]()
 
-    def compute(
+    def batch_size(self) -> Optional[int]:
+        call = self.active()
+        return None if call is None else call.batch_size
+
+    # ------------------------------------------------------------------------------------------ building the memory
+
+    def build(
         self,
-        adapter_names: list[str],
+        memories: nn.ModuleDict,
         image_features: Optional[torch.Tensor],
         image_mask: Optional[torch.Tensor],
+        pixel_values: Optional[torch.Tensor],
         batch_size: Optional[int],
-        pixel_values: Optional[torch.Tensor] = None,
-    ) -> dict[str, MemoryState]:
-        """Validate the visual inputs and compute K/V once for every active adapter."""
+    ) -> CallMemory:
+        """Validate the visual inputs of a call and compute K/V once for every active adapter.
+
+        `memories` is passed by the caller (the tuner's own ModuleDict): an `nn.DataParallel` replica of the tuner
+        computes with its replica's parameters, on its device.
+        """
         if pixel_values is not None and image_features is not None:
             raise ValueError("MemVP: pass either `pixel_values` or `image_features`, not both.")
         shared_features = None
         states = {}
-        for name in adapter_names:
-            if name not in self.memories:
+        for name in self.active_adapters:
+            if name not in memories:
                 continue
-            config, memory = self.configs[name], self.memories[name]
+            config, memory = self.configs[name], memories[name]
             features = image_features
             if pixel_values is not None:
                 if memory.vision_adapters is not None:
@@ -69,7 +140,7 @@ class MemoryContext:
                 features, image_mask, batch_size, config.visual_dim, config.num_memory_slots
             )
             states[name] = memory(features, mask)
-        return states
+        return CallMemory(states)
 
     def _encode(
         self, pixel_values: torch.Tensor, batch_size: Optional[int], adapters: Optional[nn.ModuleList], scale: float
@@ -86,12 +157,13 @@ class MemoryContext:
             features = features.reshape(pixel_values.shape[0], images, *features.shape[1:])
         return features
 
-    @contextmanager
-    def use(self, states: Optional[dict[str, MemoryState]], batch_size: Optional[int] = None) -> Iterator[None]:
-        previous = self.states, self.batch_size
-        self.states = states
-        self.batch_size = batch_size
-        try:
-            yield
-        finally:
-            self.states, self.batch_size = previous
+    # ------------------------------------------------------------------------------------------------ copy / pickle
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_local")  # an active call belongs to a running call in one thread, never to a copy
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()

@@ -1,0 +1,244 @@
+"""Entry points: where a call's visual inputs become its `CallMemory`, for every way users reach the model.
+
+* `PeftModel.forward` -> `MemVPModel.forward` -> `call_with_memory` (the Trainer, TRL and plain calls go this way).
+  The tuner then calls the base model's underlying forward -- or a forward a trainer installed over ours (TRL's fused
+  LM head replaces `get_base_model().forward` and calls the backbone directly): the call is already active, so the
+  layers read the images either way.
+* `PeftModel.generate` -> `MemVPModel.generate` -> `generate_with_memory`: the memory is built once and handed to the
+  model's own decode steps as the keyword `memvp_call`; HF's `generate` forwards unknown model kwargs to every step
+  (and, for encoder-decoder models, to the encoder call), where the entry wrapper picks it up.
+* The base model (and the encoder of an encoder-decoder model) carries an instance `forward` wrapper whose
+  signature names `image_features`/`image_mask`/`pixel_values` -- so the HF `Trainer` keeps those dataset columns --
+  and `memvp_call`, so `generate` validates it. The wrapper reads its runtime from the module it is bound to, so a
+  deep copy of the model gets its own.
+
+A nested entry without visual inputs inside an active call belongs to that call (a trainer's replaced forward
+calling ours as its original); outside any call it is text-only. Visual inputs that arrive at a decoder layer never
+went through an entry point: `make_layer_pre_hook` raises instead of letting the model train text-only.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .checkpointing import wrap_checkpoint_function
+from .input_checks import VISUAL_INPUT_NAMES, infer_batch_size, values_checkable
+from .scope import ActiveCall, CallMemory, MemoryRuntime
+
+CALL_KWARG = "memvp_call"
+_ENTRY_MARK = "_memvp_entry"
+RUNTIME_ATTR = "_memvp_runtime"
+
+
+def _pop_visual_inputs(kwargs: dict) -> tuple[Any, Any, Any]:
+    return tuple(kwargs.pop(name, None) for name in VISUAL_INPUT_NAMES)  # type: ignore[return-value]
+
+
+def _reject_image_placeholders(runtime: MemoryRuntime, args: tuple, kwargs: dict) -> None:
+    token = runtime.image_token_id
+    input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    if token is None or not isinstance(input_ids, torch.Tensor) or not values_checkable(input_ids):
+        return
+    if bool((input_ids == token).any()):
+        raise ValueError(
+            f"MemVP: `input_ids` contain the VLM's image placeholder token (id {token}). MemVP puts the image into the "
+            "FFN memory, not the sequence: build the text without `<image>` placeholders "
+            "(memvp_peft.data.MemVPDataCollator does this) and pass the image as `pixel_values`."
+        )
+
+
+def _disabled_kwargs(runtime: MemoryRuntime, pixel_values: Any, kwargs: dict) -> dict:
+    """Base-model kwargs when the adapter is disabled: a VLM base gets its `pixel_values` back and behaves exactly as
+    without MemVP (image features are MemVP's own input and are dropped)."""
+    if pixel_values is not None and runtime.image_token_id is not None:
+        kwargs["pixel_values"] = pixel_values
+    return kwargs
+
+
+def call_with_memory(
+    runtime: MemoryRuntime, memories: nn.ModuleDict, forward: Callable, args: tuple, kwargs: dict
+) -> Any:
+    """Run `forward(*args, **kwargs)` with this call's memory active (see the module docstring for which memory)."""
+    features, mask, pixels = _pop_visual_inputs(kwargs)
+    pinned: Optional[CallMemory] = kwargs.pop(CALL_KWARG, None)
+    if not runtime.enabled:
+        return forward(*args, **_disabled_kwargs(runtime, pixels, kwargs))
+    has_visual = features is not None or mask is not None or pixels is not None
+    batch_size = infer_batch_size(args, kwargs)
+    active = runtime.active()
+    if pinned is not None:
+        if has_visual:
+            raise ValueError("MemVP: a generate() step received visual inputs besides the memory of its own call.")
+        memory = pinned
+    elif not has_visual and active is not None:
+        memory = active.memory
+    else:
+        _reject_image_placeholders(runtime, args, kwargs)
+        memory = runtime.build(memories, features, mask, pixels, batch_size)
+    previous = runtime.activate(ActiveCall(memory, batch_size))
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        runtime.restore(previous)
+
+
+def generate_with_memory(
+    runtime: MemoryRuntime, memories: nn.ModuleDict, generate: Callable, args: tuple, kwargs: dict
+) -> Any:
+    """Build the memory once and hand it to every decode step of this `generate()` call, and only to those.
+
+    Beam search and `num_return_sequences` expand the batch with `repeat_interleave`; the layers expand the memory
+    the same way (`MemoryState.for_input`), so it follows every hypothesis.
+    """
+    features, mask, pixels = _pop_visual_inputs(kwargs)
+    pinned: Optional[CallMemory] = kwargs.pop(CALL_KWARG, None)
+    if not runtime.enabled:
+        return generate(*args, **_disabled_kwargs(runtime, pixels, kwargs))
+    if pinned is None:
+        _reject_image_placeholders(runtime, args, kwargs)
+        pinned = runtime.build(memories, features, mask, pixels, infer_batch_size(args, kwargs))
+    elif features is not None or mask is not None or pixels is not None:
+        raise ValueError("MemVP: generate() received visual inputs besides the memory of its own call.")
+    return generate(*args, **kwargs, **{CALL_KWARG: pinned})
+
+
+# ------------------------------------------------------------------------------------- wrappers on the base model
+
+
+def _make_entry(method: str, inner_key: Optional[str]) -> Callable:
+    """The entry wrapper for `module.<method>`: it calls the forward/generate that was installed before it (kept in the
+    module's `__dict__` under `inner_key`), else the class's own. The closure holds only that key, so a deep copy of
+    the model gets wrappers that call the copy's own methods and read the copy's runtime."""
+
+    def entry(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        inner = self.__dict__.get(inner_key) if inner_key else None
+        inner = inner or functools.partial(getattr(type(self), method), self)
+        runtime: Optional[MemoryRuntime] = self.__dict__.get(RUNTIME_ATTR)
+        if runtime is None:  # unloaded: a wrapper someone else still calls passes straight through
+            return inner(*args, **kwargs)
+        if method == "generate":
+            install_entry(self, runtime, with_generate=False)  # decode steps must enter through ours (install_entry)
+            return generate_with_memory(runtime, runtime.memories, inner, args, kwargs)
+        return call_with_memory(runtime, runtime.memories, inner, args, kwargs)
+
+    return entry
+
+
+def _signature_with_memvp_inputs(function: Callable) -> inspect.Signature:
+    signature = inspect.signature(function)
+    names = (*VISUAL_INPUT_NAMES, CALL_KWARG)
+    params = [p for p in signature.parameters.values() if p.name not in names]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in names]
+    var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    return signature.replace(parameters=params + extra + var_kw)
+
+
+def _bind(function: Callable, module: nn.Module, name: str, inner_key: Optional[str],
+          signature: Optional[inspect.Signature]) -> Any:
+    """`function` as a marked method of `module` (`types.MethodType`, so a deep copy rebinds it to the copy)."""
+    function.__name__ = function.__qualname__ = name
+    if signature is not None:
+        function.__signature__ = signature
+    setattr(function, _ENTRY_MARK, True)
+    function._memvp_inner_key = inner_key
+    return types.MethodType(function, module)
+
+
+def is_entry(function: Any) -> bool:
+    return getattr(function, _ENTRY_MARK, False)
+
+
+def _wrap(module: nn.Module, method: str, signature: Optional[inspect.Signature]) -> None:
+    current = module.__dict__.get(method)
+    if is_entry(current):
+        return
+    inner_key = None
+    if current is not None:  # someone's own forward/generate (e.g. a trainer's): kept, and called inside ours
+        inner_key = f"_memvp_inner_{method}_{sum(k.startswith(f'_memvp_inner_{method}_') for k in module.__dict__)}"
+        module.__dict__[inner_key] = current
+    module.__dict__[method] = _bind(_make_entry(method, inner_key), module, method, inner_key, signature)
+
+
+def install_entry(module: nn.Module, runtime: MemoryRuntime, with_generate: bool) -> None:
+    """Give `module` the entry wrappers (idempotent). A forward/generate someone installed before us is kept and
+    called inside ours.
+
+    Re-run at the start of every `generate()`: a trainer may have installed its own forward over ours since (TRL's
+    fused LM head does), and the decode steps must enter through ours -- HF's `generate` checks the `memvp_call`
+    keyword against the outermost forward's signature, and ours is the one that turns it into the active call.
+    """
+    module.__dict__[RUNTIME_ATTR] = runtime
+    _wrap(module, "forward", _signature_with_memvp_inputs(type(module).forward))
+    if with_generate and hasattr(type(module), "generate"):
+        _wrap(module, "generate", None)
+
+
+def remove_entry(module: nn.Module) -> None:
+    """Undo `install_entry`: what was installed before ours comes back (ours may sit in several layers when a trainer
+    wrapped it in between; each layer gives back its inner one)."""
+    for method in ("forward", "generate"):
+        current = module.__dict__.get(method)
+        while is_entry(current):
+            inner_key = current._memvp_inner_key
+            del module.__dict__[method]
+            if inner_key is not None:
+                module.__dict__[method] = module.__dict__.pop(inner_key)
+            current = module.__dict__.get(method)
+    module.__dict__.pop(RUNTIME_ATTR, None)
+
+
+def underlying_forward(module: nn.Module) -> Callable:
+    """What the tuner's forward calls: the module's forward *behind* our entry wrapper (the tuner already made the
+    call active), or a forward installed over ours (which calls ours as its original, a nested entry)."""
+    current = module.__dict__.get("forward")
+    if current is None:
+        return module.forward
+    if is_entry(current):
+        inner_key = current._memvp_inner_key
+        return (module.__dict__.get(inner_key) if inner_key else None) or functools.partial(type(module).forward, module)
+    return current
+
+
+# --------------------------------------------------------------------------------------- decoder-layer pre-hook
+
+
+def make_layer_pre_hook(runtime: MemoryRuntime) -> Callable:
+    """Forward pre-hook of every decoder/encoder layer holding MemVP layers.
+
+    * Visual inputs (or a decode step's memory) in the layer's kwargs never went through an entry point -- e.g. a
+      forward that calls the backbone directly with `**kwargs` -- and would be ignored: refuse loudly.
+    * Gradient checkpointing: wrap the layer's checkpoint function so the recomputation in backward sees the memory of
+      the call that ran the forward (installed lazily: users enable checkpointing after `get_peft_model`).
+    """
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        leaked = [name for name in (*VISUAL_INPUT_NAMES, CALL_KWARG) if kwargs.get(name) is not None]
+        if leaked:
+            raise ValueError(
+                f"MemVP: {leaked} reached the decoder layer {type(module).__name__} without passing through MemVP's "
+                "entry point, so the images would be ignored. Call the PeftModel (its forward/generate), or the base "
+                "model's own forward; a forward that calls the backbone directly with the visual inputs in its "
+                "kwargs bypasses the visual memory."
+            )
+        if not (getattr(module, "gradient_checkpointing", False) and module.training):
+            return
+        current = getattr(module, "_gradient_checkpointing_func", None)
+        if current is not None and not is_entry(current):
+            wrapped = wrap_checkpoint_function(current, runtime)
+            setattr(wrapped, _ENTRY_MARK, True)
+            module._gradient_checkpointing_func = wrapped
+
+    return pre_hook
+
+
+def unwrap_checkpoint_function(module: nn.Module) -> None:
+    current = getattr(module, "_gradient_checkpointing_func", None)
+    if current is not None and is_entry(current):
+        module._gradient_checkpointing_func = current.__wrapped__
