@@ -36,7 +36,7 @@ and `ratios` (what FLOPs predict, the paired ratios, the targets), `report` (mar
 
 from .accuracy import DIGIT_WORDS, PROMPT, accuracy_markdown, plot_accuracy, run_accuracy
 from .base_model import DEFAULT_MODEL, QUICK_MODEL, build_base_model, describe_model
-from .cli import DESCRIPTION, main, parse_args
+from .cli import DESCRIPTION, main, parse_args, run
 from .flops import flop_model, forward_flops_per_token
 from .measure import cache_nbytes, peak_allocated_bytes, time_generate, time_prefill, time_train_step
 from .methods import METHOD_LABELS, METHODS, Batch, LoRAMethod, MemVPMethod, Method, count_trainable, make_batch
@@ -70,6 +70,7 @@ __all__ = [
     "flop_model",
     "forward_flops_per_token",
     "main",
+    "run",
     "make_batch",
     "markdown_report",
     "parse_args",

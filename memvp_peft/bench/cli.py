@@ -89,7 +89,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run the chosen mode, write its JSON / markdown / PNG (and profiler files), print the markdown; the report
     (with the written ``paths``) is returned for callers such as the tests."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -119,3 +119,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     report["paths"] = paths
     return report
 
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """The console script `memvp-bench`: `run`, then exit 0 (setuptools' wrapper passes the return value to
+    `sys.exit`, which would print a returned report and exit 1)."""
+    run(argv)

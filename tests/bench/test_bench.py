@@ -25,7 +25,7 @@ def _positive(value) -> bool:
 
 @pytest.mark.slow
 def test_quick_sweep_writes_json_markdown_and_png(tmp_path):
-    report = bench.main(["--quick", "--output_dir", str(tmp_path), "--no_progress"])
+    report = bench.run(["--quick", "--output_dir", str(tmp_path), "--no_progress"])
 
     for name in ("benchmark.json", "benchmark.md", "benchmark.png"):
         assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
@@ -70,7 +70,7 @@ def test_quick_sweep_writes_json_markdown_and_png(tmp_path):
 
 @pytest.mark.slow
 def test_quick_accuracy_writes_reports(tmp_path):
-    report = bench.main(["--accuracy", "--quick", "--output_dir", str(tmp_path), "--no_progress"])
+    report = bench.run(["--accuracy", "--quick", "--output_dir", str(tmp_path), "--no_progress"])
     for name in ("accuracy.json", "accuracy.md", "accuracy.png"):
         assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
     data = json.loads((tmp_path / "accuracy.json").read_text())
@@ -121,3 +121,13 @@ def test_module_entry_point_and_console_script_target():
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: memvp-bench")
     assert cli.DESCRIPTION in done.stdout and "--accuracy" in done.stdout
+
+
+def test_console_script_main_returns_nothing_so_a_finished_run_exits_0(monkeypatch):
+    """setuptools' console-script wrapper does `sys.exit(main())`: a returned report would print and exit 1."""
+    from memvp_peft.bench import cli
+
+    ran = []
+    monkeypatch.setattr(cli, "run", lambda argv=None: ran.append(argv) or {"paths": {}})
+    assert cli.main(["--quick"]) is None
+    assert ran == [["--quick"]]
