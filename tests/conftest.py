@@ -10,6 +10,10 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
+# tests/ and its package-mirror folders: fresh-process checks import helpers from any of them
+_TEST_DIRS = [os.path.dirname(__file__)] + sorted(
+    entry.path for entry in os.scandir(os.path.dirname(__file__)) if entry.is_dir() and not entry.name.startswith((".", "_"))
+)
 
 import memvp_peft  # noqa: E402,F401  (registers the MEMVP peft type)
 from memvp_peft.local_models import tiny_llama_config  # noqa: E402
@@ -69,7 +73,7 @@ def assert_fresh_process_reproduces(tmp_path, imports: str, base_expr: str, adap
     script = textwrap.dedent(
         f"""
         import sys, torch
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        sys.path[:0] = {_TEST_DIRS!r}
         import memvp_peft
         from peft import PeftModel
         {imports}
