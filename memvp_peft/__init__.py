@@ -30,22 +30,9 @@ from .tuner import (
     memvp_parameters,
     register_memvp,
 )
+from .tuner import __all__ as _tuner_names
 from .tuner.save_load import save_adapter
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "MEMVP_PEFT_TYPE",
-    "FFNMemoryLayer",
-    "KeyMemoryLayer",
-    "MemVPConfig",
-    "MemVPLayer",
-    "MemVPModel",
-    "MemoryState",
-    "ValueMemoryLayer",
-    "VisualMemory",
-    "attach_vision_encoder",
-    "memvp_parameters",
-    "register_memvp",
-    "save_adapter",
-]
+__all__ = [*_tuner_names, "save_adapter"]
