@@ -2,8 +2,9 @@
 
 The rules live where peft asks each tuner for them, so importing memvp_peft changes nothing for other peft users:
 
-* saving -- `MemVPModel._get_adapter_state_dict` calls `refuse_partitioned_tensors` before peft writes a byte: a
-  DeepSpeed ZeRO-3 rank holding 0-element partitions must never replace a good adapter with empty tensors;
+* saving -- `MemVPModel._get_adapter_state_dict` calls `refuse_partitioned_tensors` before peft writes the weights
+  or the config (only its model card, README.md, is written by then): a DeepSpeed ZeRO-3 rank holding 0-element
+  partitions must never replace a good adapter with empty tensors;
 * loading -- `MemVPModel._remap_adapter_state_dict_for_load` insists on every adapter tensor with the right shape
   (peft only warns about missing keys; for MemVP a missing projector would silently stay random).
 
