@@ -69,6 +69,9 @@ EXPECTED_TARGETS = {
 }
 
 ARCH_PARAMS = list(ARCHITECTURES)
+# Llama's image / mixed / text-only logits are compared with the reference in test_faithful_math.py (more cases,
+# and a check that the comparison catches a wrong memory); here only the other architectures.
+REFERENCE_ARCH_PARAMS = [arch for arch in ARCH_PARAMS if arch != "llama"]
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
@@ -116,21 +119,21 @@ def test_auto_targeting_wraps_every_layer_ffn(arch):
     assert wrapped_names(peft_model) == expected
 
 
-@pytest.mark.parametrize("arch", ARCH_PARAMS)
+@pytest.mark.parametrize("arch", REFERENCE_ARCH_PARAMS)
 def test_image_batch_logits_match_reference(arch):
     base = build(arch)
     config = memvp()
     compare(adapt(base, config), base, config, image_features=inputs()[2])
 
 
-@pytest.mark.parametrize("arch", ARCH_PARAMS)
+@pytest.mark.parametrize("arch", REFERENCE_ARCH_PARAMS)
 def test_mixed_batch_logits_match_reference(arch):
     base = build(arch)
     config = memvp()
     compare(adapt(base, config), base, config, image_features=inputs()[2], image_mask=torch.tensor([1, 0, 1]))
 
 
-@pytest.mark.parametrize("arch", ARCH_PARAMS)
+@pytest.mark.parametrize("arch", REFERENCE_ARCH_PARAMS)
 def test_text_only_logits_match_reference(arch):
     base = build(arch)
     config = memvp()
