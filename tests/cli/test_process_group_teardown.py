@@ -1,8 +1,9 @@
 """`leave_process_group`: how a launched memvp-train / recipe process leaves torch.distributed.
 
 The two-process behaviour (a rank that finishes early no longer aborts with "terminate called without an active
-exception") is exercised by tests/test_deepspeed.py::test_memvp_train_under_zero3_trains_saves_and_answers; these
-tests pin the single-process contract that makes it safe to call unconditionally.
+exception") is exercised by
+tests/integrations/test_deepspeed.py::test_memvp_train_under_zero3_trains_saves_and_answers; these tests pin the
+single-process contract that makes it safe to call unconditionally.
 """
 
 import socket
