@@ -155,10 +155,11 @@ def is_entry(function: Any) -> bool:
     return getattr(function, _ENTRY_MARK, False)
 
 
-def _wrap(module: nn.Module, method: str, signature: Optional[inspect.Signature]) -> None:
+def _wrap(module: nn.Module, method: str) -> None:
     current = module.__dict__.get(method)
     if is_entry(current):
         return
+    signature = _signature_with_memvp_inputs(type(module).forward) if method == "forward" else None
     inner_key = None
     if current is not None:  # someone's own forward/generate (e.g. a trainer's): kept, and called inside ours
         inner_key = f"_memvp_inner_{method}_{sum(k.startswith(f'_memvp_inner_{method}_') for k in module.__dict__)}"
@@ -175,9 +176,9 @@ def install_entry(module: nn.Module, runtime: MemoryRuntime, with_generate: bool
     keyword against the outermost forward's signature, and ours is the one that turns it into the active call.
     """
     module.__dict__[RUNTIME_ATTR] = runtime
-    _wrap(module, "forward", _signature_with_memvp_inputs(type(module).forward))
+    _wrap(module, "forward")
     if with_generate and hasattr(type(module), "generate"):
-        _wrap(module, "generate", None)
+        _wrap(module, "generate")
 
 
 def remove_entry(module: nn.Module) -> None:
