@@ -2,7 +2,7 @@
 
 Both programs must load a base the same way -- the same Auto class for the same folder, the same tokenizer padding,
 the same image processor -- or an adapter trained by one would be evaluated by the other on a different model. Nothing
-is downloaded: a path that is not a local folder is a clear error.
+is downloaded: a path that is not a local model folder is a clear error that says what to pass instead.
 """
 
 from __future__ import annotations
@@ -15,12 +15,29 @@ import torch
 from ..vision import clip_style_image_processor
 
 
+#: what a base model path must be, and how to get a Hub model there (the programs never download)
+LOCAL_MODEL_FOLDER = (
+    "a local Hugging Face model folder (config.json, the weights and the tokenizer files, as save_pretrained writes "
+    "them). Hub ids are not downloaded: save the Hub model first -- `AutoModelForCausalLM.from_pretrained(ID)"
+    ".save_pretrained(DIR)` and the same for its tokenizer, or `hf download ID --local-dir DIR` -- and pass DIR"
+)
+
+
+def check_base_folder(path: str, what: str = "model_name_or_path") -> None:
+    """Refuse a base path that cannot be a local model folder, before anything loads: `what` names where the path
+    came from (a flag, or the adapter's record), so that the message says what the user should change."""
+    if not os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is not a local folder; pass {LOCAL_MODEL_FOLDER}.")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{what} {path!r} is a folder but not a Hugging Face model (no config.json); "
+                         f"pass {LOCAL_MODEL_FOLDER}.")
+
+
 def load_base(path: str, load_in_4bit: bool, bf16: bool):
     """(model, tokenizer, kind) for a local HF folder; kind is 'causal', 'seq2seq' or 'vlm'."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    if not os.path.isdir(path):
-        raise ValueError(f"model_name_or_path {path!r} is not a local folder (nothing is downloaded).")
+    check_base_folder(path)
     config = AutoConfig.from_pretrained(path)
     kwargs: dict[str, Any] = {}
     if load_in_4bit:

@@ -19,9 +19,9 @@ from typing import Any, Optional, Sequence
 
 from ..tuner.save_load import CONFIG_NAME, check_adapter_folder
 from .answering import generate_answers
-from .base_loading import image_processor_for, load_base
+from .base_loading import LOCAL_MODEL_FOLDER, check_base_folder, image_processor_for, load_base
 from .options import InferOptions, run_command
-from .record import CLI_RECORD, read_cli_record
+from .record import CLI_RECORD, read_adapter_config, read_cli_record
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,21 +32,76 @@ def _digit_scans() -> Any:
 
 
 def _resolve_image(spec: str) -> Any:
+    """An image file path, or the array of `digits:INDEX` -- a negative INDEX would count from the end (numpy), which
+    is never what was meant, so only 0 <= INDEX < 1797 is accepted."""
     if spec.startswith("digits:"):
         images = _digit_scans()
+        expected = f"{spec!r}: expected digits:INDEX with 0 <= INDEX < {len(images)}."
         try:
-            return images[int(spec.split(":", 1)[1])]
-        except (ValueError, IndexError) as error:
-            raise ValueError(f"{spec!r}: expected digits:INDEX with 0 <= INDEX < {len(images)}.") from error
+            index = int(spec.split(":", 1)[1])
+        except ValueError as error:
+            raise ValueError(expected) from error
+        if not 0 <= index < len(images):
+            raise ValueError(expected)
+        return images[index]
     if not os.path.isfile(spec):
         raise ValueError(f"image file {spec} does not exist.")
     return spec
 
 
+def _check_output_file(options: InferOptions) -> None:
+    """Refuse an `--output_file` that cannot be written before anything is loaded or answered: finding out after all
+    the answering loses the run (and an output file that is the input file would replace the questions)."""
+    path = options.output_file
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"--output_file {path} is a folder; pass a file path, e.g. {os.path.join(path, 'answers.jsonl')}.")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--output_file {path}: the folder {folder} does not exist; create it first.")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"--output_file {path} cannot be written (no permission).")
+    if options.input_file and os.path.exists(path) and os.path.samefile(path, options.input_file):
+        raise ValueError(f"--output_file {path} is also the --input_file: the answers would replace the questions; "
+                         "pass another file.")
+
+
+def _write_answers(path: str, results: list[dict[str, Any]]) -> None:
+    """Write the JSONL through a staged file moved into place: an interrupted write keeps the previous file whole."""
+    staged = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(staged, "w") as handle:
+            for row in results:
+                handle.write(json.dumps(row) + "\n")
+        os.replace(staged, path)
+    finally:
+        if os.path.exists(staged):
+            os.remove(staged)
+
+
+def _base_path(options: InferOptions, recorded: Optional[str]) -> str:
+    """The base folder to load: `--model_name_or_path`, else the one the adapter records; each refusal says what to
+    pass instead (a recorded path that moved away needs the flag, a wrong flag needs a local model folder)."""
+    if options.model_name_or_path:
+        check_base_folder(options.model_name_or_path, "--model_name_or_path")
+        return options.model_name_or_path
+    if not recorded:
+        raise ValueError(f"{os.path.join(options.adapter, CONFIG_NAME)} records no base model "
+                         "(base_model_name_or_path); pass --model_name_or_path with the local folder of the base it "
+                         "was trained on.")
+    if not os.path.isdir(recorded):
+        where = "" if os.path.isabs(recorded) else f" (read relative to the current folder {os.getcwd()})"
+        raise ValueError(f"the adapter records the base model {recorded!r}{where}, which is not a local folder here; "
+                         f"pass --model_name_or_path with that base model as {LOCAL_MODEL_FOLDER}.")
+    check_base_folder(recorded, "the base model the adapter records,")
+    return recorded
+
+
 def load_for_inference(options: InferOptions):
     """(peft model, tokenizer, collator, kind) for the adapter, with clear errors for wrong pairings."""
     import torch
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
 
     import memvp_peft  # noqa: F401  (registers MEMVP)
 
@@ -56,20 +111,15 @@ def load_for_inference(options: InferOptions):
     if not os.path.isfile(os.path.join(options.adapter, CONFIG_NAME)):
         raise ValueError(f"{options.adapter} is not an adapter folder (no {CONFIG_NAME}); run memvp-train first.")
     check_adapter_folder(options.adapter)
-    config = PeftConfig.from_pretrained(options.adapter)
-    base_path = options.model_name_or_path or config.base_model_name_or_path
-    if not base_path or not os.path.isdir(base_path):
-        raise ValueError(
-            f"base model {base_path!r} (from {'--model_name_or_path' if options.model_name_or_path else 'the adapter'}) "
-            "is not a local folder; pass --model_name_or_path."
-        )
+    config = read_adapter_config(options.adapter)  # both files are checked before the base loads
+    record = read_cli_record(options.adapter)
+    base_path = _base_path(options, config.base_model_name_or_path)
     model, tokenizer, kind = load_base(base_path, load_in_4bit=False, bf16=False)
     try:
         peft_model = PeftModel.from_pretrained(model, options.adapter).eval()
     except ValueError as error:
         raise ValueError(f"the adapter {options.adapter} does not fit the base {base_path}: {error}") from error
     peft_model.to("cuda" if torch.cuda.is_available() else "cpu")  # the base loads on the CPU
-    record = read_cli_record(options.adapter)
     if record.get("featurizer") == "digit_patches":
         processor, input_name = DigitPatchFeaturizer(), "image_features"
     else:
@@ -99,13 +149,19 @@ def load_for_inference(options: InferOptions):
 
 
 def infer(options: InferOptions) -> list[dict[str, Any]]:
+    """Answer every question; everything that can be checked without a model (the output file, the questions and
+    images, then the adapter's files) is checked before the first model loads."""
     from ..data import load_jsonl
 
+    _check_output_file(options)
     if options.input_file:
         if not os.path.isfile(options.input_file):
             raise ValueError(f"input file {options.input_file} does not exist.")
         folder = options.image_folder or os.path.dirname(os.path.abspath(options.input_file))
         records = load_jsonl(options.input_file, folder, require_answer=False)
+        if not records:
+            raise ValueError(f"input file {options.input_file} holds no questions (it is empty or has only blank "
+                             'lines); write one {"image": ..., "question": ...} object per line.')
     elif options.image:
         records = [{"image": _resolve_image(spec), "question": options.question, "source": spec} for spec in options.image]
     else:
@@ -119,9 +175,7 @@ def infer(options: InferOptions) -> list[dict[str, Any]]:
         results.append({"image": str(source), "question": record.get("question"), "answer": answer})
         print(f"{source}: {record.get('question')} -> {answer}")
     if options.output_file:
-        with open(options.output_file, "w") as handle:
-            for row in results:
-                handle.write(json.dumps(row) + "\n")
+        _write_answers(options.output_file, results)
     return results
 
 
