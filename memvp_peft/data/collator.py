@@ -161,7 +161,7 @@ class MemVPDataCollator:
         batch = self._encoder_inputs(records)
         answers = []
         for index, record in enumerate(records):
-            turns = record_turns(record, f"record {index}", self.image_placeholder)
+            turns = record_turns(record, record_label(index, record), self.image_placeholder)
             answers.append(encode_answer(self.tokenizer, turns[0][1]))
         batch["labels"] = pad_labels(answers)
         return batch

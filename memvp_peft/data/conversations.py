@@ -13,11 +13,19 @@ from typing import Any, Optional
 
 from .prompts import GPT_ROLES, HUMAN_ROLES, IMAGE_PLACEHOLDER, strip_image_placeholder
 
-__all__ = ["record_label", "record_turns"]
+__all__ = ["ORIGIN_FIELD", "record_label", "record_turns"]
+
+# The field in which the dataset loaders (`load_llava_json`, `load_jsonl`) record where a record came from, e.g.
+# "data.jsonl: line 7" or "llava.json: entry 12 (id='0001')"; a field of the record, so it travels wherever the
+# record goes (a shuffled split, a Trainer's batches, a `datasets.Dataset`).
+ORIGIN_FIELD = "memvp_origin"
 
 
 def record_label(index: int, record: Any) -> str:
-    """How errors name a record of a batch: its position, and its ``id`` when it has one."""
+    """How errors name a record of a batch: its place in its dataset file when a loader recorded it (the position
+    in a shuffled batch says nothing about which line to fix), else its position in the batch and its ``id``."""
+    if isinstance(record, Mapping) and isinstance(record.get(ORIGIN_FIELD), str):
+        return record[ORIGIN_FIELD]
     rid = record.get("id") if isinstance(record, Mapping) else None
     return f"record {index}" + (f" (id={rid!r})" if rid is not None else "")
 

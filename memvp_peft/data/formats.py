@@ -1,83 +1,135 @@
 """Dataset files -> records: LLaVA conversation JSON (or JSON Lines) and simple image/question/answer JSONL.
 
-The loaders check what a file can get wrong -- invalid JSON, a non-object entry, a missing field, an image file that
-does not exist -- and report it with the file and the entry or line, at load time rather than hours into training.
-Image paths are resolved against ``image_folder`` here, so the records go to a :class:`MemVPDataCollator` as they
-are.  The structure of a conversation (human/gpt alternation, non-empty answers) is the collator's to check
-(:func:`memvp_peft.data.conversations.record_turns`), for records from any source.
+The loaders check what a file can get wrong -- invalid JSON or UTF-8, a non-object entry, a missing field, an image
+path leading outside ``image_folder``, an image file that is missing, not an image or over the pixel limit
+(:mod:`.image_files`) -- and report it with the file and the entry or line, at load time rather than hours into
+training.  Image paths are resolved against ``image_folder`` here, so the records go to a
+:class:`MemVPDataCollator` as they are.  The structure of a conversation (human/gpt alternation, non-empty answers)
+is the collator's to check (:func:`memvp_peft.data.conversations.record_turns`), for records from any source; each
+record carries its place in the file (:data:`ORIGIN_FIELD`) so that those errors name the dataset line too.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from typing import Any, Optional, Union
 
+from .conversations import ORIGIN_FIELD
+from .image_files import check_image_files, image_pixel_limit, resolve_image_path
 from .images import PathLike
 
 __all__ = ["load_jsonl", "load_llava_json"]
 
 
-def _resolve_image_field(
-    value: Any, image_folder: Optional[PathLike], check_images: bool, where: str
-) -> Union[None, str, list[Optional[str]]]:
-    """Resolve an ``image`` field (path or list of paths) against ``image_folder``; check the files exist."""
-    if value is None or value == "":
-        return None
+class _Images:
+    """One load's image policy, and the (path, where) pairs its records name, checked together at the end."""
 
-    def one(item: Any, label: str) -> Optional[str]:
-        if item is None:
+    def __init__(self, dataset: str, image_folder: Optional[PathLike], check: bool, decode: bool,
+                 max_image_pixels: Optional[int], allow_outside: bool) -> None:
+        self.folder = os.fspath(image_folder) if image_folder is not None else os.path.dirname(dataset)
+        self.check, self.decode, self.allow_outside = check, decode, allow_outside
+        self.max_pixels = image_pixel_limit(max_image_pixels)  # a bad limit is refused before the file is read
+        self.pending: list[tuple[str, str]] = []
+
+    def resolve(self, value: Any, where: str) -> Union[None, str, list[Optional[str]]]:
+        """An ``image`` field (a path or a list of paths) resolved against the folder; missing/null is text-only."""
+        if value is None or value == "":
             return None
-        if not isinstance(item, str) or not item:
-            raise ValueError(f"{label}: 'image' must be a file path (str), got {item!r}.")
-        path = item
-        if image_folder is not None and not os.path.isabs(path):
-            path = os.path.join(os.fspath(image_folder), path)
-        if check_images and not os.path.isfile(path):
-            raise ValueError(f"{label}: missing image file {path!r}.")
-        return path
 
-    if isinstance(value, list):
-        return [one(item, f"{where}, image {k}") for k, item in enumerate(value)]
-    return one(value, where)
+        def one(item: Any, label: str) -> Optional[str]:
+            if item is None:
+                return None
+            path = resolve_image_path(item, self.folder, self.allow_outside, label)
+            self.pending.append((path, label))
+            return path
+
+        if isinstance(value, list):
+            return [one(item, f"{where}, image {k}") for k, item in enumerate(value)]
+        return one(value, where)
+
+    def check_all(self) -> None:
+        if self.check:
+            check_image_files(self.pending, self.decode, self.max_pixels)
+
+
+def _where(base: str, item: Any) -> str:
+    """How errors (and the collator, through ``ORIGIN_FIELD``) name a record: its place in the file, and its id."""
+    rid = item.get("id") if isinstance(item, dict) else None
+    return base + (f" (id={rid!r})" if rid is not None else "")
+
+
+def _parse_line(line: str, where: str) -> Any:
+    try:
+        return json.loads(line.rstrip("\r\n"))  # with its newline, an unfinished line's error would be on "line 2"
+    except json.JSONDecodeError as exc:  # a line on its own: json's column is the column in the file
+        raise ValueError(f"{where}, column {exc.colno}: invalid JSON: {exc.msg}.") from exc
+
+
+def _utf8_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line; split on "\\n" only, as json counts lines."""
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}: line {lineno}: not UTF-8 text (byte {exc.start + 1}: {exc.reason}).") from exc
+            if line.strip():
+                yield lineno, line
+
+
+def _read_text(path: str) -> str:
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        lineno = raw.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{path}: line {lineno}: not UTF-8 text ({exc.reason}).") from exc
 
 
 def load_llava_json(
-    path: PathLike, image_folder: Optional[PathLike] = None, *, check_images: bool = True
+    path: PathLike,
+    image_folder: Optional[PathLike] = None,
+    *,
+    check_images: bool = True,
+    decode_images: bool = True,
+    max_image_pixels: Optional[int] = None,
+    allow_outside_image_folder: bool = False,
 ) -> list[dict[str, Any]]:
     """Load a LLaVA-format JSON file (a list of ``{"id", "image", "conversations"}``); also accepts JSON Lines.
 
-    Image paths are resolved against ``image_folder`` (absolute paths are kept) so the records can go straight to a
-    :class:`MemVPDataCollator` without it.  Records without ``image`` are text-only.  Each record's structure
-    (human/gpt alternation, non-empty answers) is checked by the collator; this function checks the file itself,
-    the ``conversations`` field and, with ``check_images``, that every image file exists -- one bad path is
-    reported at load time with its file and entry, not hours into training.  Errors are ``ValueError``s naming the
-    file and the entry (index in the list, or line number for JSON Lines).
+    Image paths are resolved against ``image_folder`` (default: the dataset file's folder) so the records can go
+    straight to a :class:`MemVPDataCollator` without it; a path leading outside the folder (absolute, or with
+    ``..``) is refused unless ``allow_outside_image_folder=True``.  Records without ``image`` are text-only.  With
+    ``check_images`` every image file is opened: it must exist, be an image within ``max_image_pixels`` (default:
+    ``PIL.Image.MAX_IMAGE_PIXELS``) and, with ``decode_images``, decode completely (``decode_images=False`` reads
+    only the header: much faster on large datasets, and corrupt pixel data is then found by the collator).  Each
+    record's structure (human/gpt alternation, non-empty answers) is checked by the collator; this function checks
+    the file itself and the ``conversations`` field.  Errors are ``ValueError``s naming the file and the entry
+    (index in the list and id, or line number for JSON Lines; line and column for invalid JSON); nothing is
+    written.
     """
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    images = _Images(path, image_folder, check_images, decode_images, max_image_pixels, allow_outside_image_folder)
+    text = _read_text(path)
     try:
         data = json.loads(text)
-        entries: list[tuple[str, Any]]
         if isinstance(data, dict):
             data = [data]
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}.")
-        entries = [(f"{path}: entry {i}", item) for i, item in enumerate(data)]
+        entries = [(_where(f"{path}: entry {i}", item), item) for i, item in enumerate(data)]
     except json.JSONDecodeError as exc:
-        lines = text.splitlines()
-        non_empty = [line for line in lines if line.strip()]
-        if len(non_empty) <= 1:
-            raise ValueError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+        # JSON Lines reads as one object followed by "Extra data"; anything else is a JSON error where json says.
+        if exc.msg != "Extra data" or not text.lstrip().startswith("{"):
+            raise ValueError(f"{path}: line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}.") from exc
         entries = []
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                entries.append((f"{path}: line {lineno}", json.loads(line)))
-            except json.JSONDecodeError as line_exc:
-                raise ValueError(f"{path}: line {lineno}: invalid JSON: {line_exc.msg}") from line_exc
+        for lineno, line in enumerate(text.split("\n"), start=1):
+            if line.strip():
+                item = _parse_line(line, f"{path}: line {lineno}")
+                entries.append((_where(f"{path}: line {lineno}", item), item))
     records = []
     for where, item in entries:
         if not isinstance(item, dict):
@@ -87,42 +139,49 @@ def load_llava_json(
         if not isinstance(item["conversations"], list) or not item["conversations"]:
             raise ValueError(f"{where}: 'conversations' must be a non-empty list.")
         record = dict(item)
-        record["image"] = _resolve_image_field(item.get("image"), image_folder, check_images, where)
+        record["image"] = images.resolve(item.get("image"), where)
+        record[ORIGIN_FIELD] = where
         records.append(record)
+    images.check_all()
     return records
 
 
 def load_jsonl(
-    path: PathLike, image_folder: Optional[PathLike] = None, *, check_images: bool = True, require_answer: bool = True
+    path: PathLike,
+    image_folder: Optional[PathLike] = None,
+    *,
+    check_images: bool = True,
+    require_answer: bool = True,
+    decode_images: bool = True,
+    max_image_pixels: Optional[int] = None,
+    allow_outside_image_folder: bool = False,
 ) -> list[dict[str, Any]]:
     """Load a simple JSON Lines file: one ``{"image": ..., "question": ..., "answer": ...}`` object per line.
 
-    ``image`` may be absent/null (text-only row), a path (relative to ``image_folder``) or a list of paths;
-    ``prompt`` is accepted instead of ``question``.  Other fields are kept.  Blank lines are skipped.  Errors are
-    ``ValueError``s naming the file and line: invalid JSON, a non-object line, missing question or answer, a blank
-    answer, and (with ``check_images``) a missing image file. ``require_answer=False`` reads question files for
-    inference, where ``answer`` may be absent.
+    ``image`` may be absent/null (text-only row), a path (relative to ``image_folder``, default: the file's folder)
+    or a list of paths; ``prompt`` is accepted instead of ``question``.  Other fields are kept.  Blank lines are
+    skipped.  Errors are ``ValueError``s naming the file and line: invalid JSON (with its column) or UTF-8, a
+    non-object line, missing question or answer, a blank answer, and the image checks of :func:`load_llava_json`
+    (the same ``check_images``, ``decode_images``, ``max_image_pixels`` and ``allow_outside_image_folder``).
+    ``require_answer=False`` reads question files for inference, where ``answer`` may be absent.
     """
     path = os.fspath(path)
+    images = _Images(path, image_folder, check_images, decode_images, max_image_pixels, allow_outside_image_folder)
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {lineno}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno}).") from exc
-            if not isinstance(item, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}.")
-            question = item.get("question", item.get("prompt"))
-            if not isinstance(question, str):
-                raise ValueError(f"{where}: missing 'question' (or 'prompt') string field.")
-            answer = item.get("answer")
-            if require_answer and (not isinstance(answer, str) or not answer.strip()):
-                raise ValueError(f"{where}: missing or empty 'answer' string field.")
-            record = dict(item)
-            record["image"] = _resolve_image_field(item.get("image"), image_folder, check_images, where)
-            records.append(record)
+    for lineno, line in _utf8_lines(path):
+        item = _parse_line(line, f"{path}: line {lineno}")
+        where = _where(f"{path}: line {lineno}", item)
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}.")
+        question = item.get("question", item.get("prompt"))
+        if not isinstance(question, str):
+            raise ValueError(f"{where}: missing 'question' (or 'prompt') string field.")
+        answer = item.get("answer")
+        if require_answer and (not isinstance(answer, str) or not answer.strip()):
+            raise ValueError(f"{where}: missing or empty 'answer' string field.")
+        record = dict(item)
+        record["image"] = images.resolve(item.get("image"), where)
+        record[ORIGIN_FIELD] = where
+        records.append(record)
+    images.check_all()
     return records

@@ -67,8 +67,20 @@ def load_digits_task(eval_fraction: float, seed: int) -> Task:
     )
 
 
-def load_task(dataset: str, image_folder: Optional[str], eval_fraction: float, seed: int) -> Task:
-    """`digits`, a LLaVA `.json` or a `.jsonl`; errors name what was expected."""
+def load_task(
+    dataset: str,
+    image_folder: Optional[str],
+    eval_fraction: float,
+    seed: int,
+    *,
+    allow_outside_image_folder: bool = False,
+    decode_images: bool = True,
+) -> Task:
+    """`digits`, a LLaVA `.json` or a `.jsonl`; errors name what was expected.
+
+    A file's images are checked as it loads (see `load_llava_json`): `--allow_outside_image_folder` and
+    `--no-decode_images` of `memvp-train` arrive here.
+    """
     if dataset == "digits":
         return load_digits_task(eval_fraction, seed)
     if dataset.endswith(".json") or dataset.endswith(".jsonl"):
@@ -76,7 +88,8 @@ def load_task(dataset: str, image_folder: Optional[str], eval_fraction: float, s
             raise ValueError(f"dataset file {dataset} does not exist.")
         folder = image_folder or os.path.dirname(os.path.abspath(dataset))
         loader = load_llava_json if dataset.endswith(".json") else load_jsonl
-        records = loader(dataset, folder)
+        records = loader(dataset, folder, allow_outside_image_folder=allow_outside_image_folder,
+                         decode_images=decode_images)
         if not records:
             raise ValueError(f"dataset file {dataset} holds no records.")
         train, held_out = _split(records, eval_fraction, seed)

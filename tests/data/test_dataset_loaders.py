@@ -83,7 +83,7 @@ def test_llava_json_multi_turn(tmp_path, image_dir, collator, tokenizer):
 def test_load_llava_json_errors(tmp_path, image_dir):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"conversations": [}]')
-    with pytest.raises(ValueError, match=r"bad\.json: invalid JSON at line 1"):
+    with pytest.raises(ValueError, match=r"bad\.json: line 1, column 21: invalid JSON: Expecting value"):
         load_llava_json(bad, image_dir)
     missing = _write_llava(tmp_path, [{"image": "digit_0.png", "conversations": [{"from": "human", "value": "q"},
                                                                                  {"from": "gpt", "value": "a"}]},
@@ -120,7 +120,7 @@ def test_load_jsonl(tmp_path, image_dir, collator, tokenizer):
 @pytest.mark.parametrize(
     "bad_line, message",
     [
-        ('{"image": "digit_0.png", "question": "q", "answer": "a"', r"line 3: invalid JSON"),
+        ('{"image": "digit_0.png", "question": "q", "answer": "a"', r"line 3, column 56: invalid JSON: Expecting ',' delimiter"),
         ('["not", "an", "object"]', r"line 3: expected a JSON object"),
         ('{"image": "digit_0.png", "answer": "a"}', r"line 3: missing 'question'"),
         ('{"image": "digit_0.png", "question": "q", "answer": "  "}', r"line 3: missing or empty 'answer'"),
