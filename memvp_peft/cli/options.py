@@ -58,6 +58,8 @@ class TrainOptions:
         metadata={"help": "'digits' (scikit-learn handwritten digits, built in), a LLaVA conversation .json, or a .jsonl with image/question/answer."},
     )
     image_folder: Optional[str] = field(default=None, metadata={"help": "Folder that relative image paths in the dataset refer to."})
+    allow_outside_image_folder: bool = field(default=False, metadata={"help": "Accept dataset image paths outside --image_folder (absolute, or with '..'); refused by default."})
+    decode_images: bool = field(default=True, metadata={"help": "Decode every dataset image when the dataset loads (--no-decode_images: header and size only, faster on large datasets)."})
     eval_fraction: float = field(default=0.2, metadata={"help": "Held-out fraction used for the accuracy by generation."})
     max_eval_samples: int = field(default=400, metadata={"help": "At most this many held-out samples are answered at the end."})
     max_length: int = field(default=256, metadata={"help": "Maximum text length in tokens (the sequence never holds image tokens)."})
@@ -129,6 +131,7 @@ class InferOptions:
     question: str = field(default="What digit is shown ?", metadata={"help": "Question asked about each image."})
     input_file: Optional[str] = field(default=None, metadata={"help": "JSONL with image/question per line (an answer field, if any, is ignored)."})
     image_folder: Optional[str] = field(default=None, metadata={"help": "Folder for relative image paths in --input_file."})
+    allow_outside_image_folder: bool = field(default=False, metadata={"help": "Accept --input_file image paths outside --image_folder (absolute, or with '..'); refused by default."})
     batch_size: int = field(default=16, metadata={"help": "Images answered per batch."})
     max_new_tokens: int = field(default=16, metadata={"help": "Maximum answer length in tokens."})
     output_file: Optional[str] = field(default=None, metadata={"help": "Write the answers as JSONL here."})
