@@ -130,7 +130,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
     set_seed(options.seed)
-    task = load_task(options.dataset, options.image_folder, options.eval_fraction, options.seed)
+    task = load_task(options.dataset, options.image_folder, options.eval_fraction, options.seed,
+                     allow_outside_image_folder=options.allow_outside_image_folder, decode_images=options.decode_images)
     if options.model_name_or_path is None:
         model, tokenizer = build_embedded_base(options.seed)
         kind = "causal"
