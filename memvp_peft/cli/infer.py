@@ -158,7 +158,8 @@ def infer(options: InferOptions) -> list[dict[str, Any]]:
         if not os.path.isfile(options.input_file):
             raise ValueError(f"input file {options.input_file} does not exist.")
         folder = options.image_folder or os.path.dirname(os.path.abspath(options.input_file))
-        records = load_jsonl(options.input_file, folder, require_answer=False)
+        records = load_jsonl(options.input_file, folder, require_answer=False,
+                             allow_outside_image_folder=options.allow_outside_image_folder)
         if not records:
             raise ValueError(f"input file {options.input_file} holds no questions (it is empty or has only blank "
                              'lines); write one {"image": ..., "question": ...} object per line.')
