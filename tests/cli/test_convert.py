@@ -75,3 +75,73 @@ def test_not_a_memvp_checkpoint_is_rejected(tmp_path):
         convert_authors_checkpoint(str(tmp_path / "other.pth"), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="does not exist"):
         convert_authors_checkpoint(str(tmp_path / "missing.pth"), str(tmp_path / "out"))
+
+
+def _convert_error(tmp_path, capsys, checkpoint) -> str:
+    """`python -m memvp_peft.convert` on `checkpoint`: exit 2, one error line, no traceback, nothing written."""
+    assert main([str(checkpoint), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m memvp_peft.convert: error: ") and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
+    return err
+
+
+def test_zero_byte_checkpoint_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    assert "empty.pth" in _convert_error(tmp_path, capsys, tmp_path / "empty.pth")
+
+
+def test_garbage_checkpoint_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "garbage.pth").write_bytes(b"this is not a checkpoint" * 100)
+    assert "not a PyTorch checkpoint" in _convert_error(tmp_path, capsys, tmp_path / "garbage.pth")
+
+
+def test_checkpoint_that_is_not_a_dict_is_one_line_exit_2(tmp_path, capsys):
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    assert "expected a dict" in _convert_error(tmp_path, capsys, tmp_path / "list.pth")
+
+
+def test_non_memvp_checkpoint_is_one_line_exit_2(tmp_path, capsys):
+    torch.save({"model": {"layers.0.weight": torch.zeros(2)}}, tmp_path / "other.pth")
+    assert "not a MemVP checkpoint" in _convert_error(tmp_path, capsys, tmp_path / "other.pth")
+
+
+def test_missing_checkpoint_is_one_line_exit_2(tmp_path, capsys):
+    assert "does not exist" in _convert_error(tmp_path, capsys, tmp_path / "missing.pth")
+
+
+def _edited_checkpoint(path, key, change):
+    model = synthetic_checkpoint(path, blocks=1)
+    model[key] = change(model[key])
+    torch.save({"model": model}, path)
+
+
+@pytest.mark.parametrize("key", ["adapter_emb1", "adapter_proj.fc2.bias",
+                                 "backbone.visual.transformer.resblocks.0.adapter_mlp.fc1.weight"])
+def test_non_finite_tensor_is_refused_naming_it(tmp_path, capsys, key):
+    def poison(tensor):
+        tensor = tensor.clone()
+        tensor.view(-1)[0] = float("nan")
+        return tensor
+
+    _edited_checkpoint(tmp_path / "nan.pth", key, poison)
+    error = _convert_error(tmp_path, capsys, tmp_path / "nan.pth")
+    assert key in error and "NaN or inf" in error
+
+
+@pytest.mark.parametrize("key", ["adapter_emb2", "adapter_proj.fc1.weight"])
+def test_integer_tensor_is_refused_naming_it(tmp_path, capsys, key):
+    _edited_checkpoint(tmp_path / "int.pth", key, lambda tensor: tensor.round().to(torch.int64))
+    error = _convert_error(tmp_path, capsys, tmp_path / "int.pth")
+    assert key in error and "torch.int64" in error and "floating-point" in error
+
+
+def test_checkpoint_with_the_authors_args_namespace_converts(tmp_path):
+    """The authors' `save_model` stores `'args': argparse.Namespace(...)`, which weights_only loading refuses unless
+    allowed; the converter allows that one class (and still no code runs)."""
+    import argparse
+
+    model = synthetic_checkpoint(tmp_path / "memvp.pth", blocks=0)
+    torch.save({"model": model, "epoch": 19, "args": argparse.Namespace(lr=9e-3, adapter_dim=12, llm_model="7B")},
+               tmp_path / "memvp.pth")
+    assert convert_authors_checkpoint(str(tmp_path / "memvp.pth"), str(tmp_path / "out")).num_memory_slots == 8
