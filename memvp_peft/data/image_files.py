@@ -116,8 +116,8 @@ def _check_one(path: str, where: str, decode: bool, max_pixels: Optional[int]) -
         width, height = size
         raise ValueError(
             f"{where}: image {path!r} is {width}x{height} = {width * height:,} pixels, over the pixel limit of "
-            f"{max_pixels:,} (a decompression bomb, or an image far larger than an encoder needs). Pass "
-            "max_image_pixels to change the limit (default: PIL.Image.MAX_IMAGE_PIXELS)."
+            f"{max_pixels:,} (a decompression bomb, or an image far larger than an encoder needs). The limit is "
+            "max_image_pixels= of the loader, by default PIL.Image.MAX_IMAGE_PIXELS."
         )
 
 

@@ -249,3 +249,22 @@ def test_seq2seq_batch_names_the_dataset_line(tmp_path, image_dir, tokenizer, im
     seq2seq = MemVPDataCollator(tokenizer, image_processor, max_length=64, seq2seq=True)
     with pytest.raises(ValueError, match=r"llava\.json: entry 0 \(id='q'\): conversation must alternate"):
         seq2seq(records)
+
+
+def test_infer_refuses_question_images_outside_image_folder_unless_allowed(tmp_path, image_dir, capsys):
+    from memvp_peft.cli.infer import main as infer_main
+
+    questions = _write_jsonl(tmp_path, [{"image": str(image_dir / "digit_0.png"), "question": "q"}], name="q.jsonl")
+    argv = ["--adapter", str(tmp_path / "no_adapter"), "--input_file", str(questions)]
+    assert infer_main(argv) == 2  # the questions are read before any model: the adapter's absence comes later
+    assert "q.jsonl: line 1: image path" in capsys.readouterr().err
+    assert infer_main(argv + ["--allow_outside_image_folder"]) == 2
+    error = capsys.readouterr().err
+    assert "outside image_folder" not in error and "no_adapter" in error
+
+
+@pytest.mark.parametrize("limit", [0, -5, 1.5, True])
+def test_max_image_pixels_that_is_not_a_positive_int_is_refused(tmp_path, limit):
+    path = _write_jsonl(tmp_path, [QA])
+    with pytest.raises(ValueError, match=r"max_image_pixels must be a positive int or None"):
+        load_jsonl(path, max_image_pixels=limit)
