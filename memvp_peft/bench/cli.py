@@ -22,6 +22,8 @@ from .report import markdown_report, plot_report, write_outputs
 from .sweep import run_sweep
 
 #: what ``--help`` prints above the options (the first line of the package docstring)
+#: where results go unless --output_dir says otherwise (beside memvp-train's outputs/memvp-digits)
+DEFAULT_OUTPUT_DIR = "outputs/memvp-bench"
 DESCRIPTION = "Benchmark MemVP against input-space visual prompting + LoRA (LLaVA style) and text-only + LoRA."
 
 
@@ -50,7 +52,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_dir", default="docs/benchmarks")
+    # not docs/benchmarks: run from the repository root, that default overwrote the results the docs cite
+    parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
+                        help=f"folder for the JSON / markdown / PNG (default: {DEFAULT_OUTPUT_DIR}, relative to the "
+                             "current folder; the docs' results were written with --output_dir docs/benchmarks)")
     parser.add_argument("--quick", action="store_true", help="CI smoke: tiny model, one point, one repeat (< 30 s)")
     parser.add_argument("--no_memory", action="store_true", help="skip the (untimed) peak-memory runs")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
