@@ -92,8 +92,12 @@ def _base_path(options: InferOptions, recorded: Optional[str]) -> str:
                          "was trained on.")
     if not os.path.isdir(recorded):
         where = "" if os.path.isabs(recorded) else f" (read relative to the current folder {os.getcwd()})"
+        beside = os.path.join(options.adapter, "base_model")  # the embedded base, when its run folder was moved
+        hint = (f"--model_name_or_path {beside} (the base memvp-train saved next to this adapter)"
+                if os.path.isfile(os.path.join(beside, "config.json"))
+                else f"--model_name_or_path with that base model as {LOCAL_MODEL_FOLDER}")
         raise ValueError(f"the adapter records the base model {recorded!r}{where}, which is not a local folder here; "
-                         f"pass --model_name_or_path with that base model as {LOCAL_MODEL_FOLDER}.")
+                         f"pass {hint}.")
     check_base_folder(recorded, "the base model the adapter records,")
     return recorded
 

@@ -171,3 +171,15 @@ def test_input_file_lines_need_no_answer(adapter, tmp_path, capsys):
     (tmp_path / "q.jsonl").write_text(json.dumps({"image": None, "question": "What digit is shown ?"}) + "\n")
     assert infer_main(["--adapter", str(adapter), "--input_file", str(tmp_path / "q.jsonl")]) == 0
     assert capsys.readouterr().out.count("->") == 1
+
+
+def test_moved_run_folder_points_at_the_base_saved_beside_the_adapter(trained_folder, tmp_path, capsys):
+    """memvp-train records the embedded base by absolute path; after the run folder moves, the error names the copy
+    of the base that moved with it."""
+    moved = tmp_path / "moved"
+    shutil.copytree(trained_folder, moved)
+    _edit_config(moved, lambda data: data.update(base_model_name_or_path=str(tmp_path / "old-place" / "base_model")))
+    assert infer_main(["--adapter", str(moved), "--image", "digits:0"]) == 2
+    assert f"--model_name_or_path {moved / 'base_model'}" in _error(capsys)
+    assert infer_main(["--adapter", str(moved), "--image", "digits:0", "--model_name_or_path",
+                       str(moved / "base_model")]) == 0
