@@ -145,3 +145,11 @@ def test_checkpoint_with_the_authors_args_namespace_converts(tmp_path):
     torch.save({"model": model, "epoch": 19, "args": argparse.Namespace(lr=9e-3, adapter_dim=12, llm_model="7B")},
                tmp_path / "memvp.pth")
     assert convert_authors_checkpoint(str(tmp_path / "memvp.pth"), str(tmp_path / "out")).num_memory_slots == 8
+
+
+def test_output_dir_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
+    synthetic_checkpoint(tmp_path / "memvp.pth", blocks=0)
+    (tmp_path / "out").write_text("my notes")
+    assert main([str(tmp_path / "memvp.pth"), str(tmp_path / "out")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert (tmp_path / "out").read_text() == "my notes"
