@@ -56,7 +56,8 @@ def _check_output_file(options: InferOptions) -> None:
     if not path:
         return
     if os.path.isdir(path):
-        raise ValueError(f"--output_file {path} is a folder; pass a file path, e.g. {os.path.join(path, 'answers.jsonl')}.")
+        example = os.path.join(path, "answers.jsonl")
+        raise ValueError(f"--output_file {path} is a folder; pass a file path, e.g. {example}.")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"--output_file {path}: the folder {folder} does not exist; create it first.")

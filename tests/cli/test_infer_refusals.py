@@ -21,7 +21,8 @@ from memvp_peft.local_models import build_word_tokenizer, tiny_llama
 
 @pytest.fixture(scope="module")
 def trained_folder(tmp_path_factory):
-    """An adapter folder as memvp-train writes it: adapter + base_model/ (recorded by absolute path) + memvp_cli.json."""
+    """An adapter folder as memvp-train writes it: the adapter, base_model/ (recorded by absolute path) and
+    memvp_cli.json."""
     folder = tmp_path_factory.mktemp("run")
     tokenizer = build_word_tokenizer(["Question: What digit is shown ?\nAnswer:"], [str(d) for d in range(10)])
     model = tiny_llama(tokenizer, hidden_size=32)
@@ -62,11 +63,13 @@ def _edit_config(adapter, change) -> None:
 
 def test_adapter_answers_and_writes_the_output_file(adapter, tmp_path, capsys):
     """The fixture is a working adapter: the refusals below are about the broken part only."""
-    assert infer_main(["--adapter", str(adapter), "--image", "digits:0", "--output_file", str(tmp_path / "a.jsonl")]) == 0
-    assert [json.loads(line)["image"] for line in (tmp_path / "a.jsonl").read_text().splitlines()] == ["digits:0"]
+    target = tmp_path / "a.jsonl"
+    assert infer_main(["--adapter", str(adapter), "--image", "digits:0", "--output_file", str(target)]) == 0
+    assert [json.loads(line)["image"] for line in target.read_text().splitlines()] == ["digits:0"]
 
 
-@pytest.mark.parametrize("text", ["{garbage", "[1, 2]", "null", '"MEMVP"', ""], ids=["garbage", "list", "null", "string", "empty"])
+@pytest.mark.parametrize("text", ["{garbage", "[1, 2]", "null", '"MEMVP"', ""],
+                         ids=["garbage", "list", "null", "string", "empty"])
 def test_adapter_config_that_is_not_a_json_object_is_one_error_naming_the_file(adapter, text, capsys):
     (adapter / "adapter_config.json").write_text(text)
     assert infer_main(["--adapter", str(adapter), "--image", "digits:0"]) == 2
@@ -115,7 +118,8 @@ def test_output_file_in_a_missing_folder_is_refused_before_any_work(adapter, tmp
 
 def test_output_file_that_is_a_folder_is_refused_before_any_work(adapter, tmp_path, capsys):
     (tmp_path / "answers").mkdir()
-    assert infer_main(["--adapter", str(adapter), "--image", "digits:0", "--output_file", str(tmp_path / "answers")]) == 2
+    target = tmp_path / "answers"
+    assert infer_main(["--adapter", str(adapter), "--image", "digits:0", "--output_file", str(target)]) == 2
     assert "is a folder" in _error(capsys)
     assert os.listdir(tmp_path / "answers") == []
 
