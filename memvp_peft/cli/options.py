@@ -2,7 +2,8 @@
 
 Key names follow what users know from LLaMA-Factory and the HF `TrainingArguments` (`model_name_or_path`,
 `learning_rate`, `per_device_train_batch_size`, `lora_rank`, `load_in_4bit`, `deepspeed`, ...). Flags override the
-YAML. An unknown YAML key is an error with a suggestion ("did you mean ...?"), never silently ignored.
+YAML. An unknown YAML key or flag is an error with a suggestion ("did you mean ...?"), never silently ignored, and a
+flag is never abbreviated: argparse's prefix matching took `--lr 0.01` as `--lr_scheduler_type 0.01`.
 """
 
 from __future__ import annotations
@@ -10,16 +11,55 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, get_type_hints
+
+FLOAT32_MAX = 3.4028234663852886e38
+# names users bring from other tools, which difflib's spelling distance cannot connect to ours
+ALIASES = {"lr": "learning_rate", "epochs": "num_train_epochs", "num_epochs": "num_train_epochs",
+           "batch_size": "per_device_train_batch_size", "bs": "per_device_train_batch_size", "steps": "max_steps",
+           "wd": "weight_decay", "warmup": "warmup_ratio", "rank": "lora_rank", "model": "model_name_or_path",
+           "overwrite": "overwrite_output_dir", "resume": "resume_from_checkpoint"}
+
+
+def did_you_mean(name: str, known: Sequence[str], prefix: str = "") -> str:
+    """" Did you mean '<closest known name>'?" or "": the same hint for a misspelt YAML key and a misspelt flag.
+
+    Why an alias table as well as difflib: `lr` is too short to be close to `learning_rate` by spelling, and the one
+    name that starts with it (`lr_scheduler_type`) is the wrong guess that argparse's abbreviation matching made.
+    """
+    bare = name.removeprefix("no-")
+    alias = ALIASES.get(bare)
+    if alias in known:
+        guess = alias if bare == name else f"no-{alias}"
+        if guess in known:
+            return f" Did you mean '{prefix}{guess}'?"
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" Did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+def _check_finite(options: Any) -> None:
+    """Refuse a float option that is not a finite number float32 can hold: `--visual_scale inf`, `--memory_scale
+    1e300` (inf once the fp32 adapter multiplies by it) or `--learning_rate inf` trained an all-NaN adapter and exited
+    0. NaN would also slip past the range checks' comparisons for options that have none (`memory_dropout`)."""
+    for item in dataclasses.fields(options):
+        value = getattr(options, item.name)
+        if _field_type(type(options), item.name) is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+                raise ValueError(
+                    f"option '{item.name}' must be a finite number (float32 holds |x| <= 3.4e38), got {value!r}."
+                )
 
 
 def _check_ranges(options: Any, rules: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
     """Reject out-of-range option values before any model is built: `--per_device_train_batch_size 0` should be one
     clear line, not a traceback from deep inside the Trainer minutes later, and `--lora_rank -1` must not silently
     train without LoRA. Options left at None (meaning "the default") are not checked. The MemVP options
-    (`projector_hidden_dim`, `visual_scale`, ...) are checked once, by `MemVPConfig`."""
+    (`projector_hidden_dim`, `visual_scale`, ...) are checked once, by `MemVPConfig`, except what the CLI itself
+    interprets: `num_memory_slots` (None derives it from the visual tokens, so 0 must not mean "the default") and
+    finiteness (`_check_finite`, for every float option)."""
     for name, (valid, expected) in rules.items():
         value = getattr(options, name)
         if value is not None and not valid(value):
@@ -79,7 +119,8 @@ class TrainOptions:
         metadata={"help": "Comma-separated module names LoRA targets (default: peft's choice for the architecture, e.g. q_proj,v_proj for Llama, q,v for T5)."},
     )
     # ------------------------------------------------------------------ training
-    output_dir: str = field(default="outputs/memvp-digits", metadata={"help": "Where the adapter, metrics.json and loss_curve.png go."})
+    output_dir: str = field(default="outputs/memvp-digits", metadata={"help": "Where the adapter, metrics.json and loss_curve.png go: a new or empty folder, or one holding a previous run with --overwrite_output_dir."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace the run in a non-empty output_dir (its checkpoint-* folders are removed); without it such a folder is refused."})
     num_train_epochs: float = field(default=20.0, metadata={"help": "Epochs (authors: 20). Ignored when max_steps > 0."})
     max_steps: int = field(default=-1, metadata={"help": "Total optimiser steps; overrides num_train_epochs when > 0."})
     learning_rate: Optional[float] = field(default=None, metadata={"help": "Peak learning rate (default: the authors' 1.125e-3 at batch 32, scaled linearly with the batch; 3e-2 for the embedded digits demo, whose frozen LM is random)."})
@@ -103,7 +144,9 @@ class TrainOptions:
     quick: bool = field(default=False, metadata={"help": "Smoke run: a few steps and a small evaluation (CI)."})
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check_ranges(self, {
+            "num_memory_slots": (_positive, "> 0 (leave it unset for the default)"),
             "max_eval_samples": (_positive, "> 0"),
             "max_length": (_positive, "> 0"),
             "lora_rank": (_non_negative, ">= 0 (0 = no LoRA)"),
@@ -165,7 +208,7 @@ def _help_text(item: dataclasses.Field) -> str:
 
 
 def build_parser(options_cls: type, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     parser.add_argument("config", nargs="?", default=None, help="optional YAML file with any of the options below")
     for item in dataclasses.fields(options_cls):
         kind = _field_type(options_cls, item.name)
@@ -196,9 +239,7 @@ def load_yaml_options(path: str, options_cls: type) -> dict[str, Any]:
     known = [f.name for f in dataclasses.fields(options_cls)]
     for key in data:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ValueError(f"{path}: unknown option '{key}'.{hint}")
+            raise ValueError(f"{path}: unknown option '{key}'.{did_you_mean(str(key), known)}")
     return {key: _yaml_value(path, key, value, _field_type(options_cls, key)) for key, value in data.items()}
 
 
@@ -223,15 +264,39 @@ def _yaml_value(path: str, key: str, value: Any, kind: Any) -> Any:
         return str(value)
     try:
         converted = kind(value)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:  # OverflowError: `max_steps: .inf`
         raise ValueError(f"{problem}.") from error
     if kind is int and isinstance(value, float) and converted != value:
         raise ValueError(f"{problem} (a whole number).")
     return converted
 
 
+def check_flags(options_cls: type, argv: Sequence[str]) -> None:
+    """Refuse an unknown `--flag` with the closest valid one, before argparse sees it.
+
+    Why not argparse's own "unrecognized arguments" error: it names no alternative, and it only comes after the
+    other flags were parsed -- an unknown flag's value could even be taken as the positional YAML path.
+    """
+    known = ["help"]
+    for item in dataclasses.fields(options_cls):
+        known.append(item.name)
+        if _field_type(options_cls, item.name) is bool:
+            known.append(f"no-{item.name}")
+    for token in argv:
+        if token == "--":  # everything after it is positional
+            return
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0]
+            if name not in known:
+                raise ValueError(f"unknown option '--{name}'.{did_you_mean(name, known, prefix='--')}")
+
+
 def parse_options(options_cls: type, argv: Optional[Sequence[str]], description: str) -> Any:
+    import sys
+
     parser = build_parser(options_cls, description)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_flags(options_cls, argv)
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     config_path = args.pop("config")

@@ -7,12 +7,19 @@
 A run writes into `output_dir`: the adapter (`adapter_config.json`, `adapter_model.safetensors`), `metrics.json`,
 `loss_curve.png`, and for the embedded model its base (`base_model/`) so that `memvp-infer` can load it again. At the
 end the adapter is reloaded from disk onto a fresh base and answers a few held-out images.
+
+Nothing is written before every check has passed -- the options, the output folder, the dataset, the base, the MemVP
+and LoRA configs, the `TrainingArguments`: a refused call leaves a previous run in `output_dir` byte-identical. A
+folder holding a run is only replaced with `--overwrite_output_dir`, or continued with a `--resume_from_checkpoint`
+inside it.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -25,7 +32,7 @@ from ..tuner.save_load import atomic_saves
 from .answering import accuracy, generate_answers
 from .base_loading import image_processor_for, load_base
 from .options import TrainOptions, run_command
-from .record import write_cli_record
+from .record import CLI_RECORD, write_cli_record
 
 DIGIT_WORDS = [str(d) for d in range(10)]
 PROMPT_CORPUS = ["Question: What digit is shown ?\nAnswer:"]
@@ -73,7 +80,9 @@ def memvp_config(options: TrainOptions, visual_dim: int, tokens: int, encoder, k
 
     from ..tuner.config import MemVPConfig
 
-    slots = options.num_memory_slots or max(tokens + 16, math.ceil(tokens * 1.25))
+    slots = options.num_memory_slots
+    if slots is None:  # not `or`: an explicit 0 is MemVPConfig's to refuse (the CLI refuses it first), not "default"
+        slots = max(tokens + 16, math.ceil(tokens * 1.25))
     lora = None
     if options.lora_rank > 0:
         targets = [t.strip() for t in options.lora_target.split(",") if t.strip()] if options.lora_target else None
@@ -91,6 +100,94 @@ def memvp_config(options: TrainOptions, visual_dim: int, tokens: int, encoder, k
         lora_config=lora,
         task_type="SEQ_2_SEQ_LM" if kind == "seq2seq" else "CAUSAL_LM",
     )
+
+
+# ------------------------------------------------------------------------------------------------------ the run folder
+
+# what a memvp-train run writes into output_dir, besides its checkpoint-* folders
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", CLI_RECORD, "metrics.json", "loss_curve.png",
+             "training_args.bin", "base_model")
+
+
+def _is_inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def check_request(options: TrainOptions) -> list[str]:
+    """The refusals that need no model, before anything is loaded; returns what `--overwrite_output_dir` removes.
+
+    Why these are checked up front: each used to fail (or be ignored) only after `output_dir/base_model/` had been
+    rewritten, which leaves a previous adapter next to a different base -- memvp-infer then answers garbage, exit 0.
+    """
+    if options.load_in_4bit and options.model_name_or_path is None:
+        raise ValueError("--load_in_4bit quantises a base loaded from --model_name_or_path; the embedded demo base is "
+                         "built in memory and not quantised: pass --model_name_or_path or drop --load_in_4bit.")
+    if options.fp16 and not torch.cuda.is_available():
+        raise ValueError("--fp16 (float16 mixed precision) needs a CUDA GPU and none is available: use --bf16 on a "
+                         "CPU, or no mixed precision.")
+    resume = options.resume_from_checkpoint
+    if resume is not None and not os.path.isfile(os.path.join(resume, "trainer_state.json")):
+        raise ValueError(f"resume_from_checkpoint {resume!r} is not a checkpoint folder (no trainer_state.json): pass "
+                         "a checkpoint-N folder that a run with --save_steps wrote.")
+    return check_output_dir(options)
+
+
+def check_output_dir(options: TrainOptions) -> list[str]:
+    """Refuse an `output_dir` that is a file, or a non-empty folder (the HF convention) unless the run replaces it
+    (`--overwrite_output_dir`) or continues it (`--resume_from_checkpoint` one of its checkpoints). Returns the paths a
+    replacing run removes once every check has passed: the previous run's own files and `checkpoint-*` folders, so
+    that old checkpoints are not mixed with the new ones and a failed new run cannot leave the old adapter next to a
+    new base. Anything else in the folder is left alone."""
+    out = options.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"output_dir {out!r} is a file, not a folder: pass a new or empty folder.")
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if not entries:
+        return []
+    ours = [name for name in entries if name in RUN_FILES or name.startswith("checkpoint-")]
+    resume = options.resume_from_checkpoint
+    if resume is not None and _is_inside(resume, out):
+        if options.overwrite_output_dir:
+            raise ValueError(f"--overwrite_output_dir would remove the run in {out!r}, including {resume!r} that "
+                             "--resume_from_checkpoint continues from: drop --overwrite_output_dir to continue that run.")
+        return []  # continuing this folder's run: its checkpoints are kept, the Trainer writes the later ones
+    if not options.overwrite_output_dir:
+        shown = ", ".join((ours or entries)[:4]) + (", ..." if len(ours or entries) > 4 else "")
+        what = f"already holds a run ({shown})" if ours else f"is not empty ({shown})"
+        raise ValueError(f"output_dir {out!r} {what}: pass --overwrite_output_dir to replace it, or another "
+                         "--output_dir.")
+    return [os.path.join(out, name) for name in ours]
+
+
+def _process_group():
+    dist = torch.distributed
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def start_run_folder(output_dir: str, replaced: list[str], embedded_base) -> None:
+    """The run's first write, once every check has passed: remove the replaced run's files, write the embedded base.
+
+    Under a launcher every rank checked the folder; the barrier before rank 0 changes it keeps a slower rank from
+    finding rank 0's new files and refusing the run, and the one after keeps the others from going on before it is
+    done. The rank is the process group's (a single process is rank 0), not a RANK variable left in the environment.
+    """
+    group = _process_group()
+    if group is not None:
+        group.barrier()
+    if group is None or group.get_rank() == 0:
+        for path in replaced:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        os.makedirs(output_dir, exist_ok=True)
+        if embedded_base is not None:
+            model, tokenizer, path = embedded_base
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+    if group is not None:
+        group.barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------- training
@@ -123,32 +220,35 @@ def train(options: TrainOptions) -> dict[str, Any]:
 
     from ..data import MemVPDataCollator
     from ..data.tasks import load_task
-    from .reporting import LossPrinter, logged_losses, save_loss_curve, write_metrics
+    from .reporting import (logged_losses, print_each_loss_once, save_loss_curve, without_peft_probe_warning,
+                            write_metrics)
 
     started = time.time()
+    replaced = check_request(options)
     threads = options.threads or (1 if options.model_name_or_path is None else None)
     if threads:
         torch.set_num_threads(threads)
     set_seed(options.seed)
     task = load_task(options.dataset, options.image_folder, options.eval_fraction, options.seed,
                      allow_outside_image_folder=options.allow_outside_image_folder, decode_images=options.decode_images)
+    embedded_base = None
     if options.model_name_or_path is None:
         model, tokenizer = build_embedded_base(options.seed)
         kind = "causal"
+        # saved next to the adapter (so that memvp-infer and the reload check below can load it) once every check has
+        # passed; the copy is the base as built, before get_peft_model changes the model
+        base_path = os.path.abspath(os.path.join(options.output_dir, "base_model"))
+        embedded_base = (copy.deepcopy(model), tokenizer, base_path)
+        model.name_or_path = base_path  # what adapter_config.json records as the base
     else:
         model, tokenizer, kind = load_base(options.model_name_or_path, options.load_in_4bit, options.bf16)
+        base_path = options.model_name_or_path
     processor, input_name, visual_dim, tokens, encoder = visual_setup(options, model, kind)
-    os.makedirs(options.output_dir, exist_ok=True)
-    base_path = options.model_name_or_path
-    if base_path is None:  # saved next to the adapter, so that memvp-infer (and the reload check below) can load it
-        base_path = os.path.abspath(os.path.join(options.output_dir, "base_model"))
-        model.save_pretrained(base_path)
-        tokenizer.save_pretrained(base_path)
-        model.name_or_path = base_path
-    if options.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
+    if options.load_in_4bit:  # checkpointing is the Trainer's (activation_checkpointing below), as without 4-bit
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = memvp_config(options, visual_dim, tokens, encoder, kind)
-    peft_model = get_peft_model(model, config)
+    with without_peft_probe_warning():
+        peft_model = get_peft_model(model, config)  # refuses an unknown --lora_target
     peft_model.print_trainable_parameters()
     collator = MemVPDataCollator(
         tokenizer, processor, max_length=options.max_length,  # image paths are already resolved by load_task
@@ -172,18 +272,19 @@ def train(options: TrainOptions) -> dict[str, Any]:
         save_steps=options.save_steps if options.save_steps > 0 else 500,
         bf16=options.bf16,
         fp16=options.fp16,
-        gradient_checkpointing=options.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
+        activation_checkpointing=options.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
         deepspeed=options.deepspeed,
         use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False,  # the collator needs the raw image/question/answer columns
         report_to=[],
         seed=options.seed,
         dataloader_num_workers=0,
-    )
+    )  # checks the scheduler name, the precision and the DeepSpeed JSON; under a launcher, joins the process group
+    start_run_folder(options.output_dir, replaced, embedded_base)  # the first write: every check above has passed
     atomic_saves(peft_model)  # trainer.save_model and checkpoint-N stage their files: a crash keeps the previous adapter
-    trainer = Trainer(model=peft_model, args=args, train_dataset=task.train, data_collator=collator,
-                      callbacks=[LossPrinter()])
+    trainer = Trainer(model=peft_model, args=args, train_dataset=task.train, data_collator=collator)
+    print_each_loss_once(trainer)
     train_started = time.time()
     trainer.train(resume_from_checkpoint=options.resume_from_checkpoint)
     train_time = time.time() - train_started
@@ -212,7 +313,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
     # reload the base and the adapter from disk and answer again: what a user deploying the adapter gets (the vision
     # encoder is re-attached from the folder the adapter config records)
     fresh, _, _ = load_base(base_path, options.load_in_4bit, options.bf16)
-    reloaded = PeftModel.from_pretrained(fresh, options.output_dir)
+    with without_peft_probe_warning():
+        reloaded = PeftModel.from_pretrained(fresh, options.output_dir)
     if not options.load_in_4bit:  # a 4-bit base is placed by bitsandbytes when it loads
         reloaded.to(next(peft_model.parameters()).device)  # answer on the device that trained, not on the CPU
     reloaded_answers = generate_answers(reloaded, collator, eval_records, kind, tokenizer, options.max_new_tokens,
