@@ -144,7 +144,7 @@ def convert_authors_checkpoint(path: str, output_dir: str, **config_overrides: A
 
 def main(argv: Optional[list[str]] = None) -> int:
     """The command line: 0 after a conversion; a refused file is one `error:` line on stderr and 2, like a bad flag."""
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("checkpoint", help="the authors' .pth file")
     parser.add_argument("output_dir", help="folder for the peft adapter")
     parser.add_argument("--base_model_name_or_path", default=None, help="recorded in adapter_config.json")

@@ -30,6 +30,7 @@ DESCRIPTION = "Benchmark MemVP against input-space visual prompting + LoRA (LLaV
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """The options, with the mode-dependent defaults (``--quick``, ``--accuracy``) filled in."""
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # '--repeat 3' must not silently mean --repeats (or a later, longer flag)
         prog="memvp-bench", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model_name_or_path", default=None, help="local HF causal-LM folder (default: built-in Llama)")

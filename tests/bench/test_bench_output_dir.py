@@ -28,3 +28,14 @@ def test_documented_commands_that_write_docs_benchmarks_say_so_explicitly():
         if "--help" in words or "..." in words:
             continue
         assert "--output_dir" in words, command
+
+
+def test_abbreviated_flags_are_refused():
+    """`--repeat 3` must not be taken for `--repeats 3` (argparse's prefix matching is off)."""
+    import pytest
+
+    from memvp_peft.bench.cli import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--repeat", "3"])
+    assert parse_args(["--repeats", "3"]).repeats == 3
