@@ -94,7 +94,12 @@ def clip_style_image_processor(image_size: int) -> Any:
 
 
 class VisionEncoder:
-    """A frozen vision tower plus the feature-selection rules; deliberately not an `nn.Module` (never saved/trained)."""
+    """A frozen vision tower plus the feature-selection rules; deliberately not an `nn.Module` (never saved/trained).
+
+    Building one reads the encoder and changes nothing, so a tuner can check it against every adapter first;
+    `attach()` then freezes the encoder and hooks its block MLPs, and `detach()` takes the hooks off again. Keeping
+    the two apart is what lets a refused `attach_vision_encoder` leave the previous encoder as it was.
+    """
 
     def __init__(
         self,
@@ -103,7 +108,7 @@ class VisionEncoder:
         select_strategy: str = "default",
         layernorm: bool = True,
     ) -> None:
-        self.model = model.eval().requires_grad_(False)
+        self.model = model
         self.feature_layer = feature_layer
         self.select_strategy = select_strategy
         self.layernorm = layernorm
@@ -115,15 +120,35 @@ class VisionEncoder:
         # The bottlenecks of the running `features()` call, per thread: two threads encoding for different adapters
         # (or one with and one without adapters) must never see each other's.
         self._call = threading.local()
+        self._hooks: list = []
+
+    def check_feature_layer(self, layer: Optional[int] = None) -> None:
+        """Raise a ValueError unless `layer` (default: `feature_layer`) indexes one of the encoder's hidden states
+        (the embeddings and one per block) -- else the first `pixel_values` would fail with an IndexError."""
+        layer = self.feature_layer if layer is None else layer
+        states = self.num_layers + 1
+        if not -states <= layer < states:
+            raise ValueError(
+                f"MemVP: vision_feature_layer={layer} is out of range for {describe_encoder(self.model)!r}, "
+                f"which has {states} hidden states (the embeddings and {self.num_layers} blocks): use an index in "
+                f"[{-states}, {states - 1}] (-2 = the penultimate block, as in the paper)."
+            )
+
+    def attach(self) -> None:
+        """Freeze the encoder and hook every block MLP (idempotent: a second call re-registers, never doubles)."""
+        self.detach()
+        self.model.eval().requires_grad_(False)
         self._hooks = [
             layer.mlp.register_forward_hook(self._make_bottleneck_hook(index)) for index, layer in enumerate(self.layers)
         ]
 
     def detach(self) -> None:
-        """Remove the adapter hooks from the encoder (on `unload()`)."""
+        """Remove the adapter hooks from the encoder (on `unload()`, or when another encoder replaces this one).
+
+        The handles are kept: removing is idempotent, and a rollback that restores the hook dicts of a model holding
+        this encoder (a VLM's own tower) brings their entries back, which the next `attach()` then removes."""
         for handle in self._hooks:
             handle.remove()
-        self._hooks = []
 
     @property
     def num_layers(self) -> int:

@@ -8,8 +8,12 @@ at construction, so a typo fails before any model is touched.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional, Union
+import difflib
+import math
+import os
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Union
 
 from peft import LoraConfig
 from peft.config import PeftConfig
@@ -159,6 +163,15 @@ class MemVPConfig(PeftConfig):
         default=None,
         metadata={"help": "Filled in when an encoder is attached: its block count (sizes the vision adapters)."},
     )
+    base_num_layers: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Filled in at injection: how many transformer layers the base model has. The layers own no tensors, "
+                "so this is what tells an adapter loaded onto a base of another depth (refused) from the right one."
+            )
+        },
+    )
     lora_config: Optional[dict] = field(
         default=None,
         metadata={
@@ -190,6 +203,36 @@ class MemVPConfig(PeftConfig):
         if isinstance(self.exclude_modules, set):
             self.exclude_modules = sorted(self.exclude_modules)
 
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any
+    ) -> "MemVPConfig":
+        """peft's loading, plus a note of the folder on the config (not saved): injecting a config that came from a
+        folder is the first half of a load, and a load refused in its second half (the weights) must undo it."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = str(pretrained_model_name_or_path)
+        config._memvp_source_folder = os.path.join(folder, subfolder) if subfolder else folder
+        return config
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict:
+        """The keys of an `adapter_config.json` that MemVPConfig knows; the others are named in one warning (with the
+        field a typo most likely meant) and dropped, instead of peft's hint to upgrade peft."""
+        kwargs = super().check_kwargs(**kwargs)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(key for key in kwargs if key not in known)
+        if unknown:
+            named = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                named.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+            warnings.warn(
+                f"MemVP: adapter_config.json holds keys MemVPConfig does not know, ignored: {', '.join(named)}. "
+                "A typo, or a config written by a newer memvp-peft.",
+                stacklevel=2,
+            )
+        return {key: value for key, value in kwargs.items() if key in known}
+
     def lora_peft_config(self) -> Optional[LoraConfig]:
         """The LoRA part as a `LoraConfig` (None when this adapter is MemVP only)."""
         if self.lora_config is None:
@@ -197,19 +240,38 @@ class MemVPConfig(PeftConfig):
         return LoraConfig(**{**self.lora_config, "inference_mode": self.inference_mode})
 
     def _validate(self) -> None:
-        def positive_int(name: str) -> None:
+        def positive_int(name: str, optional: bool = False) -> None:
             value = getattr(self, name)
+            if optional and value is None:
+                return
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"MemVPConfig.{name} must be a positive integer, got {value!r}.")
 
+        def probability(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"MemVPConfig.{name} must be a number in [0, 1), got {value!r}.")
+
+        def names(name: str, value: Any) -> None:
+            if value is None or (isinstance(value, str) and value):
+                return
+            if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) and v for v in value):
+                return
+            raise ValueError(f"MemVPConfig.{name} must be a module name, a regex or a list of names, got {value!r}.")
+
         for name in ("visual_dim", "num_memory_slots", "projector_hidden_dim"):
             positive_int(name)
+        for name in ("vision_num_layers", "base_num_layers"):
+            positive_int(name, optional=True)
         for name in ("visual_scale", "memory_scale", "key_init_std", "vision_adapter_scale"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+            # math.isfinite: `value != value` lets inf through, and an infinite scale trains an all-NaN adapter
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"MemVPConfig.{name} must be a finite number >= 0, got {value!r}.")
-        if not isinstance(self.memory_dropout, (int, float)) or not 0.0 <= self.memory_dropout < 1.0:
-            raise ValueError(f"MemVPConfig.memory_dropout must be in [0, 1), got {self.memory_dropout!r}.")
+        probability("memory_dropout")
+        probability("vision_adapter_dropout")
+        names("target_modules", self.target_modules)
+        names("exclude_modules", self.exclude_modules)
         if self.activation is not None and self.activation not in SUPPORTED_ACTIVATIONS:
             raise ValueError(
                 f"MemVPConfig.activation must be None (the FFN's own activation) or one of {SUPPORTED_ACTIVATIONS}, "
@@ -222,10 +284,17 @@ class MemVPConfig(PeftConfig):
                 "MemVPConfig.vision_feature_select_strategy must be 'default' (drop CLS) or 'full', got "
                 f"{self.vision_feature_select_strategy!r}."
             )
+        if isinstance(self.vision_feature_layer, bool) or not isinstance(self.vision_feature_layer, int):
+            raise ValueError(
+                f"MemVPConfig.vision_feature_layer must be an integer index of the encoder's hidden states (-2 = the "
+                f"penultimate block), got {self.vision_feature_layer!r}."
+            )
+        if not isinstance(self.vision_feature_layernorm, bool):
+            raise ValueError(
+                f"MemVPConfig.vision_feature_layernorm must be True or False, got {self.vision_feature_layernorm!r}."
+            )
         if isinstance(self.vision_adapter_dim, bool) or not isinstance(self.vision_adapter_dim, int) or self.vision_adapter_dim < 0:
             raise ValueError(f"MemVPConfig.vision_adapter_dim must be an integer >= 0, got {self.vision_adapter_dim!r}.")
-        if not isinstance(self.vision_adapter_dropout, (int, float)) or not 0.0 <= self.vision_adapter_dropout < 1.0:
-            raise ValueError(f"MemVPConfig.vision_adapter_dropout must be in [0, 1), got {self.vision_adapter_dropout!r}.")
         if self.vision_encoder is not None and not isinstance(self.vision_encoder, str):
             raise ValueError(
                 "MemVPConfig.vision_encoder must be a local path or a built vision model, got "
@@ -233,11 +302,21 @@ class MemVPConfig(PeftConfig):
             )
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("MemVPConfig.layers_pattern only makes sense together with layers_to_transform.")
+        if self.layers_pattern is not None and not (
+            (isinstance(self.layers_pattern, str) and self.layers_pattern)
+            or (isinstance(self.layers_pattern, list) and all(isinstance(p, str) and p for p in self.layers_pattern))
+        ):
+            raise ValueError(
+                "MemVPConfig.layers_pattern must be the name of the layer stack (e.g. 'layers', 'h') or a list of "
+                f"names, got {self.layers_pattern!r}."
+            )
         if self.layers_to_transform is not None:
             indices = (
                 [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
             )
-            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices):
+            if not isinstance(indices, (list, tuple)) or any(
+                isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices
+            ):
                 raise ValueError(
                     f"MemVPConfig.layers_to_transform must hold non-negative layer indices, got {self.layers_to_transform!r}."
                 )

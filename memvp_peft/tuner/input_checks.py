@@ -46,6 +46,19 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
 
 
+def check_cast_finite(cast: torch.Tensor, source_dtype: torch.dtype, name: str) -> None:
+    """After a cast to the compute dtype: values that were finite in `source_dtype` may not be (1e39 in float64 is inf
+    in float32). The check before the cast cannot see that, so this one runs on what the projector really reads --
+    only when the cast changed the dtype, and only where value checks may run (`values_checkable`)."""
+    if cast.dtype == source_dtype or not values_checkable(cast) or _all_finite(cast):
+        return
+    raise ValueError(
+        f"MemVP: `{name}` ({str(source_dtype).replace('torch.', '')}) holds values that are not finite in the "
+        f"projector's dtype {str(cast.dtype).replace('torch.', '')} (magnitudes above "
+        f"{torch.finfo(cast.dtype).max:.3g} overflow to inf); rescale the features."
+    )
+
+
 def _check_mask(image_mask: Any, batch: int, images: int) -> Optional[torch.Tensor]:
     """`image_mask` as a (B, images) bool tensor; accepts (B,) (one flag per sample) and, for several images, (B, I)."""
     if image_mask is None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..vision import VisionBottleneck
+from .input_checks import check_cast_finite
 
 
 def init_projector(projector: nn.Sequential) -> None:
@@ -88,7 +89,9 @@ class VisualMemory(nn.Module):
             # parameters in the same order (their gradient all-reduces then match).
             unused = self.projector(weight.new_zeros(1, 1, self.visual_dim)).sum() * 0.0
             return MemoryState(self.key_pos + unused, self.value_pos + unused)
-        projected = self.projector(image_features.to(weight.dtype)) * self.visual_scale
+        features = image_features.to(weight.dtype)
+        check_cast_finite(features, image_features.dtype, "image_features")
+        projected = self.projector(features) * self.visual_scale
         if image_mask is not None:  # (B,) per sample or (B, N) per visual token
             mask = image_mask.to(device=projected.device, dtype=projected.dtype)
             projected = projected * (mask[:, None, None] if mask.dim() == 1 else mask[..., None])

@@ -6,8 +6,10 @@ What this class adds on top of peft's `BaseTuner`:
   with its own trainability handling (peft's generic code only walks the wrapped model);
 * `forward` / `generate` entry points that turn a call's visual inputs into that call's memory (`entry.py`,
   `scope.py`), and entry wrappers on the base model for the paths that reach it directly;
-* gradient checkpointing support (`checkpointing.py`), save/load rules (`save_load.py`), merge refusal, and
-  `unload()` that restores the base model.
+* gradient checkpointing support (`checkpointing.py`), save/load rules (`save_load.py`, `load_checks.py`), merge
+  refusal, and `unload()` that restores the base model;
+* all-or-nothing injection and loading: what can be checked first is (`injection_checks.py`), what fails later is
+  rolled back (`rollback.py`), so a refused call leaves the caller's model exactly as it was.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .targets import find_ffn_targets, model_hidden_size, partner_name, resolve_activation, role_of_target
+from .targets import find_ffn_targets, model_hidden_size, resolve_activation, role_of_target
 from .entry import (
     call_with_memory,
     generate_with_memory,
@@ -36,6 +38,10 @@ from .scope import MemoryRuntime
 from ..vision import VisionEncoder, describe_encoder, is_vlm, load_vision_encoder, vlm_vision_tower
 from .memory import VisualMemory
 from .save_load import refuse_partitioned_tensors
+from .injection_checks import check_before_injection
+from .load_checks import check_adapter_tensors
+from .lora_part import inject_lora, merge_lora_layers
+from .rollback import InjectionUndo
 
 _LAYER_CLASSES = {"ffn": FFNMemoryLayer, "key": KeyMemoryLayer, "value": ValueMemoryLayer}
 
@@ -58,6 +64,8 @@ class MemVPModel(BaseTuner):
         self.memvp_memory = nn.ModuleDict({})
         self._memvp_runtime = MemoryRuntime(self.memvp_memory, self.peft_config)
         self._memvp_hook_handles: list = []
+        # adapter -> the undo of its injection, while the weights of an adapter read from a folder are not loaded yet
+        self._memvp_pending_loads: dict[str, InjectionUndo] = {}
 
     # ------------------------------------------------------------------------------------------------- entry points
 
@@ -100,10 +108,18 @@ class MemVPModel(BaseTuner):
             vision_adapter_dim=config.vision_adapter_dim,
             vision_adapter_dropout=config.vision_adapter_dropout,
         )
-        device = next((p.device for p in self.model.parameters() if p.device.type != "meta"), None)
+        self.memvp_memory[adapter_name] = memory
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """The memory goes where the base model is. Under `low_cpu_mem_usage=True` it is created on the meta device
+        and stays there until the load materialises it (peft calls this method on every module after such a load)."""
+        memory = self.memvp_memory[adapter_name] if adapter_name in self.memvp_memory else None
+        if memory is None or any(p.device.type == "meta" for p in memory.parameters()):
+            return
+        device = device or next((p.device for p in self.model.parameters() if p.device.type != "meta"), None)
         if device is not None:
             memory.to(device)
-        self.memvp_memory[adapter_name] = memory
 
     def _create_and_replace(
         self,
@@ -143,54 +159,89 @@ class MemVPModel(BaseTuner):
         setattr(parent, child_name, new_module)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """All or nothing: checked before anything changes, rolled back if it fails later (see the module docstring).
+
+        A config read from a folder is the first half of a load: its undo is kept until the weights are accepted
+        (`_remap_adapter_state_dict_for_load`), so refused weights undo the injection too.
+        """
         self._ensure_memvp_state()
-        self._attach_configured_encoder(self.peft_config[adapter_name])
-        lora_config = self.peft_config[adapter_name].lora_peft_config()
-        if lora_config is not None:
-            self._inject_lora(model, adapter_name, lora_config, kwargs.get("low_cpu_mem_usage", False))
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
-        self._check_plain_ffn_pairs(model, adapter_name)
-        self._install_runtime_hooks()
-        self._sync_memory_trainability()
+        config = self.peft_config[adapter_name]
+        undo = InjectionUndo(self, adapter_name)
+        try:
+            check_before_injection(self, model, config)
+            replaced = self._attach_configured_encoder(config)
+            lora_config = config.lora_peft_config()
+            if lora_config is not None:
+                inject_lora(model, adapter_name, lora_config, kwargs.get("low_cpu_mem_usage", False))
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+            self._install_runtime_hooks()
+            self._sync_memory_trainability()
+        except BaseException:
+            undo.restore(self)
+            raise
+        if replaced is not None and replaced is not self._memvp_runtime.vision:
+            replaced.detach()
+        if getattr(config, "_memvp_source_folder", None) is not None:
+            self._memvp_pending_loads[adapter_name] = undo
+
+    def _abort_pending_load(self, adapter_name: str) -> None:
+        """The weights read for `adapter_name` were refused: undo its injection (if it was injected for them)."""
+        undo = self._memvp_pending_loads.pop(adapter_name, None)
+        if undo is not None:
+            undo.restore(self)
 
     # ------------------------------------------------------------------------------------------------- vision encoder
 
-    def _attach_configured_encoder(self, config: MemVPConfig) -> None:
-        """Attach the encoder this adapter names: a built module, a local folder, or the VLM base's own tower."""
+    def _attach_configured_encoder(self, config: MemVPConfig) -> Optional[VisionEncoder]:
+        """Attach the encoder this adapter names: a built module, a local folder, or the VLM base's own tower.
+
+        Returns the encoder this replaced, still hooked: the injection detaches it once it has succeeded.
+        """
+        runtime = self._memvp_runtime
         reference = getattr(config, "_vision_encoder_module", None)
+        encoder = None
         if reference is not None:
-            self.attach_vision_encoder(reference.module, configs=[config])
+            encoder = reference.module
         elif config.vision_encoder is not None and os.path.exists(config.vision_encoder):
-            current = self._memvp_runtime.vision
-            if current is None or describe_encoder(current.model) != config.vision_encoder:
-                self.attach_vision_encoder(load_vision_encoder(config.vision_encoder), configs=[config])
+            current = runtime.vision
+            if current is not None and describe_encoder(current.model) == config.vision_encoder:
+                encoder = current.model
             else:
-                self.attach_vision_encoder(current.model, configs=[config])
+                encoder = load_vision_encoder(config.vision_encoder)
         elif is_vlm(self.model):
-            self._memvp_runtime.image_token_id = _image_token_id(self.model)
-            self.attach_vision_encoder(vlm_vision_tower(self.model), configs=[config])
-        elif self._memvp_runtime.vision is not None:
-            self.attach_vision_encoder(self._memvp_runtime.vision.model, configs=[config])
+            runtime.image_token_id = _image_token_id(self.model)
+            encoder = vlm_vision_tower(self.model)
+        elif runtime.vision is not None:
+            encoder = runtime.vision.model
+        replaced = None
+        if encoder is not None:
+            replaced = self._switch_vision(self._checked_vision(encoder, [config]), [config], detach_replaced=False)
         if config.vision_adapter_dim and not config.vision_num_layers:
             raise ValueError(
                 "MemVP: vision_adapter_dim > 0 needs a vision encoder at injection time (to size one adapter per "
                 "encoder block): pass `vision_encoder=` a built CLIP/SigLIP model or a local folder."
             )
+        return replaced
 
     def attach_vision_encoder(self, encoder: nn.Module, configs: Optional[list[MemVPConfig]] = None) -> None:
         """Use `encoder` (CLIP/SigLIP vision model, frozen, not saved) to turn `pixel_values` into features.
 
-        Checks that its width matches `visual_dim` (and its depth the saved vision adapters) of every adapter.
+        Checks that its width matches `visual_dim` (and its depth the saved vision adapters, its hidden states
+        `vision_feature_layer`) of every adapter before anything changes: a refused encoder leaves the previous one
+        attached, hooks included, and is itself neither hooked nor frozen.
         """
         configs = list(self.peft_config.values()) if configs is None else configs
+        self._switch_vision(self._checked_vision(encoder, configs), configs)
+
+    def _checked_vision(self, encoder: nn.Module, configs: list[MemVPConfig]) -> VisionEncoder:
+        """The `VisionEncoder` for `encoder` (the attached one if it is the same model), checked against `configs`."""
         current = self._memvp_runtime.vision
-        if current is not None and current.model is not encoder:
-            current.detach()
-            current = None
+        vision = current if current is not None and current.model is encoder else None
         for config in configs:
-            vision = current or VisionEncoder(
+            vision = vision or VisionEncoder(
                 encoder, config.vision_feature_layer, config.vision_feature_select_strategy, config.vision_feature_layernorm
             )
+            vision.check_feature_layer(config.vision_feature_layer)
             if vision.hidden_size != config.visual_dim:
                 raise ValueError(
                     f"MemVP: the vision encoder {describe_encoder(encoder)!r} outputs features of width "
@@ -202,48 +253,24 @@ class MemVPModel(BaseTuner):
                     f"MemVP: the adapter was trained with a {config.vision_num_layers}-block vision encoder but "
                     f"{describe_encoder(encoder)!r} has {vision.num_layers} blocks."
                 )
+        return vision
+
+    def _switch_vision(
+        self, vision: VisionEncoder, configs: list[MemVPConfig], detach_replaced: bool = True
+    ) -> Optional[VisionEncoder]:
+        """Make the checked `vision` the runtime's encoder and record it in `configs`; returns the one it replaced."""
+        runtime = self._memvp_runtime
+        replaced = runtime.vision
+        for config in configs:
             config.vision_num_layers = vision.num_layers
             if config.vision_encoder is None:
-                config.vision_encoder = describe_encoder(encoder)
-            current = vision
-        self._memvp_runtime.vision = current
-
-    # ----------------------------------------------------------------------------------------------------- LoRA part
-
-    def _inject_lora(self, model: nn.Module, adapter_name: str, lora_config: Any, low_cpu_mem_usage: bool) -> None:
-        """Inject the LoRA part of this adapter with peft's own LoRA machinery, before MemVP wraps the FFNs.
-
-        LoRA first, so that it can target linears inside an FFN (`mlp.gate_proj`); MemVP then wraps the FFN whole and
-        the LoRA keys become `mlp.base_layer.gate_proj.lora_A...`. The temporary LoraModel overwrites
-        `model.peft_config`; we put ours back.
-        """
-        from peft.tuners.lora import LoraLayer, LoraModel
-
-        previous = model.__dict__.pop("peft_config", None)  # else LoraModel would add its config to ours
-        try:
-            LoraModel(model, lora_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
-        finally:
-            model.__dict__.pop("peft_config", None)
-            if previous is not None:
-                model.peft_config = previous
-        if not any(isinstance(m, LoraLayer) and adapter_name in m.lora_A for m in model.modules()):
-            raise ValueError(
-                f"MemVP: lora_config.target_modules={lora_config.target_modules} matched no module for adapter "
-                f"{adapter_name!r} (modules inside an FFN that another adapter already wraps cannot take a new LoRA)."
-            )
-
-    def _check_plain_ffn_pairs(self, model: nn.Module, adapter_name: str) -> None:
-        for name, module in model.named_modules():
-            if not isinstance(module, (KeyMemoryLayer, ValueMemoryLayer)) or adapter_name not in module.memvp_scale:
-                continue
-            parent_name, _, child_name = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            partner = getattr(parent, partner_name(child_name), None)
-            if not isinstance(partner, MemVPLayer) or adapter_name not in partner.memvp_scale:
-                raise ValueError(
-                    f"MemVP: {name} was wrapped but its partner {parent_name}.{partner_name(child_name)} was not; the "
-                    "two linears of a plain FFN (W1 holds the keys, W2 the values) must be targeted together."
-                )
+                config.vision_encoder = describe_encoder(vision.model)
+        if vision is not replaced:
+            vision.attach()
+            if replaced is not None and detach_replaced:
+                replaced.detach()
+        runtime.vision = vision
+        return None if replaced is vision else replaced
 
     def _install_runtime_hooks(self) -> None:
         """Entry wrappers, runtime bookkeeping and layer pre-hooks (idempotent; re-run for every new adapter)."""
@@ -298,6 +325,7 @@ class MemVPModel(BaseTuner):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
+        self._memvp_pending_loads.pop(adapter_name, None)
         if adapter_name in self.memvp_memory:
             del self.memvp_memory[adapter_name]
         self._memvp_runtime.active_adapters = self.active_adapters
@@ -329,31 +357,23 @@ class MemVPModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """Map checkpoint keys to this model and insist that every adapter tensor is present with the right shape.
+        """Map checkpoint keys to this model and accept exactly the adapter's own tensors (`load_checks.py`): every
+        one present, of the right shape and kind, and nothing else -- peft would load a stray key into the base.
 
-        peft only warns about missing keys; for MemVP a missing projector or position embedding would silently leave
-        random weights in place, so we fail instead and say which tensor does not fit.
+        A refusal of the weights an adapter was injected for (`from_pretrained`, `load_adapter`) also undoes that
+        injection, so the refused load leaves the model as it was before the call.
         """
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
-
-        expected = _filter_state_dict_by_key_prefixes(
-            model.state_dict(), _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
-        )
-        missing = sorted(k for k in expected if k not in remapped and "dropout" not in k)
-        if missing:
-            raise ValueError(
-                f"the adapter checkpoint lacks {len(missing)} tensor(s) this model needs, e.g. "
-                f"{[cls._remove_adapter_name_from_key(k, adapter_name) for k in missing[:3]]}"
-            )
-        for key, tensor in remapped.items():
-            want = expected.get(key)
-            if want is not None and tuple(want.shape) != tuple(tensor.shape) and want.numel() != 0:
-                raise ValueError(
-                    f"tensor {cls._remove_adapter_name_from_key(key, adapter_name)} has shape {tuple(tensor.shape)} "
-                    f"in the checkpoint but the model expects {tuple(want.shape)} (adapter trained for another base "
-                    "model or config?)"
-                )
+        tuner = getattr(model, "base_model", None)
+        tuner = tuner if isinstance(tuner, MemVPModel) else None
+        try:
+            remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+            check_adapter_tensors(model, adapter_name, remapped, lambda k: cls._remove_adapter_name_from_key(k, adapter_name))
+        except BaseException:
+            if tuner is not None:
+                tuner._abort_pending_load(adapter_name)
+            raise
+        if tuner is not None:
+            tuner._memvp_pending_loads.pop(adapter_name, None)
         return remapped
 
     # ----------------------------------------------------------------------------------------------- merge and unload
@@ -376,20 +396,13 @@ class MemVPModel(BaseTuner):
         saved from it holds the visual memory only (its `lora_config` is cleared), to be loaded onto the *merged*
         base.
         """
-        from peft.tuners.lora import LoraLayer
-        from peft.utils import _get_submodules
-
         inactive = [n for n, c in self.peft_config.items() if c.lora_config and n not in self.active_adapters]
         if inactive:
             raise ValueError(
                 f"MemVP: merge_lora() merges the active adapter's LoRA, but the inactive adapters {inactive} also hold "
                 "LoRA weights that would be lost; delete them (delete_adapter) or activate them first."
             )
-        for name, module in list(self.model.named_modules()):
-            if isinstance(module, LoraLayer):
-                module.merge(safe_merge=safe_merge)
-                parent, _, child_name = _get_submodules(self.model, name)
-                setattr(parent, child_name, module.get_base_layer())
+        merge_lora_layers(self.model, safe_merge)
         for config in self.peft_config.values():
             config.lora_config = None
 

@@ -60,16 +60,20 @@ def _is_vision_path(name: str) -> bool:
     return any(part in _VISION_NAMES for part in name.split("."))
 
 
+def find_layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """(qualified name, ModuleList) of the language model's layer stack(s): one, or encoder and decoder."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and not _is_vision_path(name)
+        and name.rsplit(".", 1)[-1] in _LAYER_STACK_NAMES
+    ]
+
+
 def find_decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(qualified name, module) of every block in the language model's layer stack(s)."""
-    found = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or _is_vision_path(name):
-            continue
-        if name.rsplit(".", 1)[-1] not in _LAYER_STACK_NAMES:
-            continue
-        found.extend((f"{name}.{i}", layer) for i, layer in enumerate(module))
-    return found
+    return [(f"{name}.{i}", layer) for name, stack in find_layer_stacks(model) for i, layer in enumerate(stack)]
 
 
 def _t5_ffn_targets(layer_name: str, layer: nn.Module) -> Optional[list[str]]:
@@ -192,6 +196,74 @@ def role_of_target(target_name: str) -> str:
     if target_name in VALUE_NAMES:
         return "value"
     return "ffn"
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def _is_single_layer(module: nn.Module) -> bool:
+    """A leaf that holds a weight (Linear, GPT-2 Conv1D, Embedding): one matrix, not an FFN block."""
+    return not any(True for _ in module.children()) and isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
+def _not_an_ffn(model: nn.Module, key: str, module: nn.Module, detected: Optional[set[str]]) -> str:
+    parent_name = key.rpartition(".")[0]
+    parent = _unwrapped(model.get_submodule(parent_name)) if parent_name else None
+    if parent is not None and _is_single_layer(module) and (
+        (detected is not None and parent_name in detected) or hasattr(parent, "down_proj")
+    ):
+        return (
+            f"MemVP: target_modules matched {key}, but {key} is a linear inside the FFN {parent_name}; MemVP wraps a "
+            f"GLU FFN whole (its memory branch has no gate): target {parent_name.rsplit('.', 1)[-1]!r}, or leave "
+            "target_modules=None to find every FFN."
+        )
+    example = f" -- here e.g. {sorted(detected)[0]!r} --" if detected else ""
+    return (
+        f"MemVP: target_modules matched {key}, but {key} is not an FFN block ({type(module).__name__}). MemVP appends "
+        f"the image to the key-value memory of the FFN blocks, so target those{example} or leave target_modules=None."
+    )
+
+
+def check_ffn_targets(model: nn.Module, matched: list[tuple[str, nn.Module]], activation: Optional[str]) -> None:
+    """Refuse, before anything is wrapped, targets that are no FFN block (an attention, the LM head, a linear inside a
+    GLU FFN, a whole decoder layer), a plain-FFN linear without its partner, or an FFN whose activation is unknown.
+
+    On a model whose FFNs are found automatically, the targets must be among them; on another architecture the checks
+    are structural (no single linear, no attention, no decoder layer), since the user names the FFN there.
+    """
+    layers = {name for name, _ in find_decoder_layers(model)}
+    try:
+        detected: Optional[set[str]] = set(find_ffn_targets(model))
+    except ValueError:
+        detected = None
+    else:  # a plain FFN's module (GPT-2's `mlp`, T5's `DenseReluDense`) may also be wrapped whole
+        detected |= {t.rpartition(".")[0] for t in detected if role_of_target(t.rsplit(".", 1)[-1]) != "ffn"} - layers
+    names = {key for key, _ in matched}
+    for key, module in matched:
+        leaf, base = key.rsplit(".", 1)[-1], _unwrapped(module)
+        role = role_of_target(leaf)
+        if detected is not None:
+            wrong = key not in detected
+        else:
+            wrong = key in layers or "attn" in leaf or "attention" in leaf or (role == "ffn" and _is_single_layer(base))
+        if wrong:
+            raise ValueError(_not_an_ffn(model, key, base, detected))
+        if role == "ffn":
+            resolve_activation(base, activation)
+            continue
+        parent_name = key.rpartition(".")[0]
+        partner = f"{parent_name}.{partner_name(leaf)}" if parent_name else partner_name(leaf)
+        if partner not in names:
+            raise ValueError(
+                f"MemVP: {key} was wrapped but its partner {partner} was not; the two linears of a plain FFN (W1 holds "
+                "the keys, W2 the values) must be targeted together."
+            )
+        if activation is not None:
+            raise ValueError(
+                f"MemVP: `activation` cannot be overridden for the plain FFN linear {key!r}: its memory activations "
+                "pass through the FFN's own activation (K is appended to W1). Leave activation=None."
+            )
 
 
 def partner_name(target_name: str) -> str:
