@@ -218,3 +218,21 @@ def test_help_prints_no_future_warning():
     done = subprocess.run([sys.executable, "-W", "always::FutureWarning", "-m", "memvp_peft.cli.train", "--help"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "FutureWarning" not in done.stderr
+
+
+# ------------------------------------------------------------------------------------------- docs
+
+
+def test_training_md_lists_every_option_with_its_real_default():
+    """docs/training.md's table says what `memvp-train --help` says (its `lora_target` default once differed)."""
+    import dataclasses
+    import pathlib
+    import re
+
+    from memvp_peft.cli.options import TrainOptions
+
+    page = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
+    table = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", page, flags=re.M))
+    expected = {f.name: f'"{f.default}"' if isinstance(f.default, str) else str(f.default)
+                for f in dataclasses.fields(TrainOptions)}
+    assert {name: table.get(name) for name in expected} == expected
