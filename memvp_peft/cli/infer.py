@@ -22,6 +22,7 @@ from .answering import generate_answers
 from .base_loading import LOCAL_MODEL_FOLDER, check_base_folder, image_processor_for, load_base
 from .options import InferOptions, run_command
 from .record import CLI_RECORD, read_adapter_config, read_cli_record
+from .reporting import without_peft_probe_warning
 
 
 @functools.lru_cache(maxsize=1)
@@ -121,7 +122,8 @@ def load_for_inference(options: InferOptions):
     base_path = _base_path(options, config.base_model_name_or_path)
     model, tokenizer, kind = load_base(base_path, load_in_4bit=False, bf16=False)
     try:
-        peft_model = PeftModel.from_pretrained(model, options.adapter).eval()
+        with without_peft_probe_warning():  # peft's probe of a deprecated transformers property: nothing to act on
+            peft_model = PeftModel.from_pretrained(model, options.adapter).eval()
     except ValueError as error:
         raise ValueError(f"the adapter {options.adapter} does not fit the base {base_path}: {error}") from error
     peft_model.to("cuda" if torch.cuda.is_available() else "cpu")  # the base loads on the CPU
