@@ -46,11 +46,12 @@ def _check_finite(options: Any) -> None:
     0. NaN would also slip past the range checks' comparisons for options that have none (`memory_dropout`)."""
     for item in dataclasses.fields(options):
         value = getattr(options, item.name)
-        if _field_type(type(options), item.name) is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
-                raise ValueError(
-                    f"option '{item.name}' must be a finite number (float32 holds |x| <= 3.4e38), got {value!r}."
-                )
+        if _field_type(type(options), item.name) is not float or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)) and (not math.isfinite(value) or abs(value) > FLOAT32_MAX):
+            raise ValueError(
+                f"option '{item.name}' must be a finite number (float32 holds |x| <= 3.4e38), got {value!r}."
+            )
 
 
 def _check_ranges(options: Any, rules: dict[str, tuple[Callable[[Any], bool], str]]) -> None:

@@ -150,7 +150,7 @@ def check_output_dir(options: TrainOptions) -> list[str]:
     if resume is not None and _is_inside(resume, out):
         if options.overwrite_output_dir:
             raise ValueError(f"--overwrite_output_dir would remove the run in {out!r}, including {resume!r} that "
-                             "--resume_from_checkpoint continues from: drop --overwrite_output_dir to continue that run.")
+                             "--resume_from_checkpoint continues from: drop --overwrite_output_dir to continue it.")
         return []  # continuing this folder's run: its checkpoints are kept, the Trainer writes the later ones
     if not options.overwrite_output_dir:
         shown = ", ".join((ours or entries)[:4]) + (", ..." if len(ours or entries) > 4 else "")

@@ -213,6 +213,15 @@ def test_a_run_raises_no_future_warning(quick_run_output):
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
 
 
+def test_memvp_infer_raises_no_future_warning(previous_run, capsys):
+    from memvp_peft.cli.infer import main as infer_main
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert infer_main(["--adapter", str(previous_run), "--image", "digits:0"]) == 0
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+
+
 @pytest.mark.slow
 def test_help_prints_no_future_warning():
     done = subprocess.run([sys.executable, "-W", "always::FutureWarning", "-m", "memvp_peft.cli.train", "--help"],
