@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -107,6 +108,8 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # generation-config chatter would break the progress bar
+    # peft's get_peft_model probes transformers' deprecated `is_gradient_checkpointing`: nothing for a user to act on
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     if args.accuracy:
         report = run_accuracy(args)
         markdown = accuracy_markdown(report)
