@@ -21,6 +21,7 @@ from torch import nn
 
 from .targets import MEMORY_SIDES
 from .peft_type import MEMVP_PEFT_TYPE
+from .save_load import recover_adapter_folder
 from ..vision import SharedModuleRef, describe_encoder
 
 #: Activation names accepted by `MemVPConfig.activation` (besides `None`, which means "the FFN's own activation").
@@ -209,6 +210,8 @@ class MemVPConfig(PeftConfig):
     ) -> "MemVPConfig":
         """peft's loading, plus a note of the folder on the config (not saved): injecting a config that came from a
         folder is the first half of a load, and a load refused in its second half (the weights) must undo it."""
+        if os.path.isdir(str(pretrained_model_name_or_path)):  # a save killed mid-way is finished first (save_load.py)
+            recover_adapter_folder(str(pretrained_model_name_or_path))
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         folder = str(pretrained_model_name_or_path)
         config._memvp_source_folder = os.path.join(folder, subfolder) if subfolder else folder
