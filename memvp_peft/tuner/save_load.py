@@ -1,4 +1,4 @@
-"""MemVP's rules for adapter files: what may be saved, what must be loaded, and an atomic, rank-0-only save.
+"""MemVP's rules for adapter files: what may be saved, what must be loaded, and a whole-folder, rank-0-only save.
 
 The rules live where peft asks each tuner for them, so importing memvp_peft changes nothing for other peft users:
 
@@ -8,26 +8,61 @@ The rules live where peft asks each tuner for them, so importing memvp_peft chan
 * loading -- `MemVPModel._remap_adapter_state_dict_for_load` insists on every adapter tensor with the right shape
   (peft only warns about missing keys; for MemVP a missing projector would silently stay random).
 
-`PeftModel.save_pretrained` writes files in place, one after the other (peft does so for every tuner). Where a crash
-must never cost the previous adapter -- memvp-train, the Trainer recipe -- `save_adapter(model, folder)` stages the
-whole save next to the target and then moves it in file by file (weights before config), and `atomic_saves(model)`
+`PeftModel.save_pretrained` writes its files in place, one after the other (peft does so for every tuner): a kill
+between them leaves new weights next to the old `adapter_config.json`. Where a crash must never cost the previous
+adapter -- memvp-train, the Trainer recipe -- `save_adapter(model, folder)` saves the complete adapter into a staging
+folder *next to* the target (same filesystem), checks it, and then switches the whole folder at once; `atomic_saves`
 makes one PeftModel *instance* save that way, so the HF `Trainer` (which calls `model.save_pretrained`) does too.
-`check_adapter_folder` reads a folder before loading and names the file when it is incomplete.
+
+How the switch is made, and why:
+
+* **Folder swap** (the usual way): the user's other files in the target (`base_model/`, `checkpoint-N/`,
+  `metrics.json`, ...) are hard-linked into the staged folder, then one `renameat2(RENAME_EXCHANGE)` swaps the two
+  folders; the old one (now at the staging path) is removed. At every instant the path is a real folder holding
+  exactly the old or exactly the new adapter, so even plain `PeftModel.from_pretrained` by another process never
+  sees half a save, and no recovery is needed. A symlinked adapter folder swapped with `os.replace` would give the
+  same atomicity on any POSIX system, but `mv folder elsewhere` would then move only the link, and the `Trainer`'s
+  checkpoint rotation (`shutil.rmtree`) refuses symlinks; a real folder keeps working with every tool.
+* **Journal** (where no swap is possible: not Linux, a filesystem without RENAME_EXCHANGE such as NFS, a target that
+  is a mount point, a parent folder we may not write, or a process working inside the target, which a swap would
+  leave in a deleted folder): the staged files go into `<target>/.memvp-saving-*`, which is renamed to
+  `.memvp-ready-*` (the marker: "complete, roll forward") and then moved in file by file. A half-done move is finished
+  by the next save and before a load (`check_adapter_folder`, and `MemVPConfig.from_pretrained`, which
+  `PeftModel.from_pretrained` calls before it reads any weights).
+
+Leftovers of killed saves (`.<name>.memvp-saving-*` beside the target, `.memvp-saving-*` inside it) are removed on
+the next save and before a load, unless their name says they belong to a save still running on this machine.
+`check_adapter_folder` names the file when an adapter is incomplete; `adapter_model.bin`
+(`safe_serialization=False`) is accepted and read with `torch.load(weights_only=True)`, as peft loads it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 import types
-from typing import Any, Mapping
+import zlib
+from typing import Any, Mapping, Optional
 
 import torch
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+BIN_WEIGHTS_NAME = "adapter_model.bin"
 CONFIG_NAME = "adapter_config.json"
+MODEL_CARD = "README.md"
+ADAPTER_FILES = (WEIGHTS_NAME, BIN_WEIGHTS_NAME, CONFIG_NAME)  # a new save drops the old ones it does not rewrite
 STAGING_PREFIX = ".memvp-saving-"
+READY_PREFIX = ".memvp-ready-"
+MANIFEST = ".memvp-manifest.json"
+APPLYING_GRACE_S = 60.0  # a journal another machine touched more recently than this may still be being applied
+_HOST = format(zlib.crc32(socket.gethostname().encode()), "08x")
 
 
 def refuse_partitioned_tensors(state_dict: Mapping[str, torch.Tensor], where: str = "the adapter") -> None:
@@ -42,67 +77,342 @@ def refuse_partitioned_tensors(state_dict: Mapping[str, torch.Tensor], where: st
 
 
 def check_adapter_file_complete(path: str) -> None:
-    """Raise a ValueError if a saved adapter file is unreadable or holds empty (partitioned) tensors."""
-    from safetensors import safe_open
+    """Raise a ValueError if a saved adapter file is unreadable or holds empty (partitioned) tensors.
 
-    try:
-        with safe_open(path, framework="pt") as handle:
-            empty = [key for key in handle.keys() if handle.get_slice(key).get_shape().count(0)]
-    except Exception as error:  # safetensors raises its own error types
-        raise ValueError(f"MemVP adapter file {path} is truncated or not a safetensors file: {error}") from error
+    `.bin` files are read as peft reads them, with `torch.load(weights_only=True)`: a file that would need arbitrary
+    unpickling is refused, never executed."""
+    if path.endswith(".bin"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # zipfile, pickle and torch raise their own error types
+            raise ValueError(
+                f"MemVP adapter file {path} is truncated or not a torch file that loads with weights_only=True: "
+                f"{error}"
+            ) from error
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"MemVP adapter file {path} does not hold a name -> tensor mapping.")
+        empty = [key for key, value in state.items() if value.numel() == 0]
+    else:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as handle:
+                empty = [key for key in handle.keys() if handle.get_slice(key).get_shape().count(0)]
+        except Exception as error:  # safetensors raises its own error types
+            raise ValueError(f"MemVP adapter file {path} is truncated or not a safetensors file: {error}") from error
     if empty:
         raise ValueError(f"MemVP adapter file {path} holds 0-element tensors {empty[:5]} (unconsolidated ZeRO-3 save).")
 
 
+def adapter_weights_file(folder: str) -> Optional[str]:
+    """The weights file peft loads from `folder`: adapter_model.safetensors, else adapter_model.bin, else None."""
+    for name in (WEIGHTS_NAME, BIN_WEIGHTS_NAME):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
 def check_adapter_folder(folder: str) -> None:
-    """Check that `folder` holds a complete adapter (config + readable weights) before anything loads it."""
+    """Finish or clean up an interrupted save of `folder`, then check that it holds a complete adapter (config +
+    readable weights) before anything loads it."""
+    folder = os.fspath(folder)
+    if os.path.isdir(folder):
+        recover_adapter_folder(folder)
     if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
         raise ValueError(f"{folder} is not an adapter folder (no {CONFIG_NAME}).")
-    weights = os.path.join(folder, WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        raise ValueError(f"MemVP adapter folder {folder} has no {WEIGHTS_NAME} (was the save interrupted?).")
+    weights = adapter_weights_file(folder)
+    if weights is None:
+        raise ValueError(
+            f"MemVP adapter folder {folder} has no {WEIGHTS_NAME} or {BIN_WEIGHTS_NAME} (was the save interrupted?)."
+        )
     check_adapter_file_complete(weights)
 
 
 def global_rank() -> int:
-    """This process's rank: from the initialised process group, else the launcher's `RANK`, else 0."""
+    """This process's rank in the initialised `torch.distributed` process group; 0 without one.
+
+    The launcher's `RANK` variable alone is not trusted: left over in a shell, it made a single process skip its
+    save, and a run then reloaded (and reported on) the previous adapter. Every multi-process training this project
+    supports (torchrun / DeepSpeed / accelerate through the Trainer) has initialised the group before it saves."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", "0"))
+    return 0
 
 
-def _move_tree(source: str, target: str) -> None:
-    """Move every file of `source` into `target` with atomic per-file replaces, weights first and config last."""
-    entries = sorted(os.listdir(source), key=lambda name: (name == CONFIG_NAME, name))
-    for name in entries:
-        src, dst = os.path.join(source, name), os.path.join(target, name)
-        if os.path.isdir(src):
-            os.makedirs(dst, exist_ok=True)
-            _move_tree(src, dst)
+# ------------------------------------------------------------------------------------------- leftovers and recovery
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would send CTRL_C_EVENT on Windows: assume the owner may be running
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:  # a killed process its parent has not reaped yet is a zombie: dead for our purpose
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _owner() -> str:
+    return f"{_HOST}-{os.getpid()}-"
+
+
+def _may_be_running(tail: str, path: str, saving: bool, journal: bool) -> bool:
+    """Whether the leftover named `<prefix><tail>` may belong to a save still in progress (then it is left alone).
+
+    Names carry `<host hash>-<pid>-`: on this machine a live pid decides. A save is the only writer of its folder
+    (global rank 0), so at save time another machine's leftover is stale; at load time another machine's staging folder
+    is kept, and its journal is applied only once untouched for APPLYING_GRACE_S (applying one takes milliseconds)."""
+    host, _, rest = tail.partition("-")
+    pid = rest.partition("-")[0]
+    if not pid.isdigit():
+        return False  # not ours, or from a version without owners in the names
+    if host == _HOST:
+        return int(pid) != os.getpid() and _process_alive(int(pid))
+    if saving:
+        return False
+    if not journal:
+        return True
+    try:
+        return time.time() - os.stat(path).st_mtime < APPLYING_GRACE_S
+    except OSError:
+        return False
+
+
+def _is_obsolete(relative: str, manifest_dirs: set) -> bool:
+    """An old adapter file in a folder the new save writes, which the new save did not write."""
+    return os.path.basename(relative) in ADAPTER_FILES and os.path.dirname(relative) in manifest_dirs
+
+
+def _roll_forward(target: str, ready: str) -> None:
+    """Move a complete journalled save into `target` (weights before config); safe to repeat after a kill."""
+    try:
+        with open(os.path.join(ready, MANIFEST)) as handle:
+            manifest = json.load(handle)
+    except FileNotFoundError:  # written before the rename to .memvp-ready-: gone only once applied (or by the user)
+        shutil.rmtree(ready, ignore_errors=True)
+        return
+    for relative in sorted(manifest, key=lambda name: (os.path.basename(name) == CONFIG_NAME, name)):
+        source, destination = os.path.join(ready, relative), os.path.join(target, relative)
+        if os.path.lexists(source):
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            os.replace(source, destination)
+    dirs = {os.path.dirname(relative) for relative in manifest}
+    for folder in dirs:
+        for name in ADAPTER_FILES:
+            if os.path.join(folder, name) not in manifest:
+                try:
+                    os.remove(os.path.join(target, folder, name))
+                except FileNotFoundError:
+                    pass
+    _fsync_dir(target)
+    done = os.path.join(target, STAGING_PREFIX + os.path.basename(ready)[len(READY_PREFIX):])
+    try:
+        os.rename(ready, done)  # one step from "to apply" to "garbage": a kill in the rmtree leaves no half marker
+    except OSError:
+        return  # applied and renamed meanwhile by another process
+    shutil.rmtree(done, ignore_errors=True)
+
+
+def recover_adapter_folder(folder: str, saving: bool = False) -> None:
+    """Finish a journalled save that a kill interrupted and remove staging leftovers of `folder` (see module docs).
+
+    Called by `save_adapter` before it saves and by `check_adapter_folder` / `MemVPConfig.from_pretrained` before a
+    load; a folder without leftovers is only listed, never written."""
+    target = os.path.realpath(os.fspath(folder))
+    if os.path.isdir(target):
+        for name in sorted(os.listdir(target)):
+            path = os.path.join(target, name)
+            if name.startswith(READY_PREFIX):
+                if not _may_be_running(name[len(READY_PREFIX):], path, saving, journal=True):
+                    try:
+                        _roll_forward(target, path)
+                    except (OSError, ValueError) as error:
+                        raise ValueError(
+                            f"{target} holds an interrupted MemVP save ({name}) that could not be completed: {error}"
+                        ) from error
+            elif name.startswith(STAGING_PREFIX):
+                if not _may_be_running(name[len(STAGING_PREFIX):], path, saving, journal=False):
+                    shutil.rmtree(path, ignore_errors=True)
+    parent, base = os.path.split(target)
+    prefix = f".{base}{STAGING_PREFIX}"
+    try:
+        beside = os.listdir(parent)
+    except OSError:
+        return
+    for name in beside:
+        path = os.path.join(parent, name)
+        if name.startswith(prefix) and not _may_be_running(name[len(prefix):], path, saving, journal=False):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------- the switch
+
+
+def _exchange(first: str, second: str) -> None:
+    """Swap two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); OSError where that is not possible."""
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if function is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available here")
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if function(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), first, None, second)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        handle = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # some filesystems cannot sync a folder; the data files themselves were synced
+    finally:
+        os.close(handle)
+
+
+def _files_under(folder: str) -> list:
+    found = []
+    for root, _, files in os.walk(folder):
+        found += [os.path.relpath(os.path.join(root, name), folder) for name in files]
+    return sorted(found)
+
+
+def _sync_files(folder: str, relatives: list) -> None:
+    """Flush the new files to disk before they replace the old ones (a power cut must not leave empty files)."""
+    for relative in relatives:
+        handle = os.open(os.path.join(folder, relative), os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+    for root, _, _ in os.walk(folder):
+        _fsync_dir(root)
+
+
+def _carry_over(source: str, destination: str, manifest: list, move: bool) -> None:
+    """Put every entry of `source` that the new save does not replace into `destination` (hard links, else copies;
+    `move=True` renames instead: the late pass after the swap, for files another process wrote into the old folder)."""
+    written, dirs = set(manifest), {os.path.dirname(relative) for relative in manifest}
+    for root, subdirs, files in os.walk(source):
+        relative_root = os.path.relpath(root, source)
+        relative_root = "" if relative_root == "." else relative_root
+        subdirs[:] = [d for d in subdirs if not d.startswith(".memvp-")]
+        for name in [d for d in subdirs if os.path.islink(os.path.join(root, d))] + files:
+            relative = os.path.join(relative_root, name)
+            src, dst = os.path.join(root, name), os.path.join(destination, relative)
+            if relative in written or _is_obsolete(relative, dirs) or os.path.lexists(dst):
+                continue
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            if move:
+                os.rename(src, dst)
+            elif os.path.islink(src):
+                os.symlink(os.readlink(src), dst)
+            else:
+                try:
+                    os.link(src, dst)
+                except OSError:  # a filesystem without hard links
+                    shutil.copy2(src, dst)
+        subdirs[:] = [d for d in subdirs if not os.path.islink(os.path.join(root, d))]
+        for name in subdirs:
+            os.makedirs(os.path.join(destination, relative_root, name), exist_ok=True)
+
+
+def _working_inside(target: str) -> bool:
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        return False
+    return cwd == target or cwd.startswith(target + os.sep)
+
+
+def _journal(staging: str, target: str, manifest: list) -> None:
+    """Switch by moving the new files in one by one behind a `.memvp-ready-*` marker (see the module docstring)."""
+    if os.path.dirname(staging) != target:  # staged beside the target, maybe on another filesystem: copy it in
+        inside = tempfile.mkdtemp(prefix=STAGING_PREFIX + _owner(), dir=target)
+        for relative in manifest:
+            os.makedirs(os.path.dirname(os.path.join(inside, relative)), exist_ok=True)
+            shutil.copy2(os.path.join(staging, relative), os.path.join(inside, relative))
+        _sync_files(inside, manifest)
+        staging = inside
+    with open(os.path.join(staging, MANIFEST), "w") as handle:
+        json.dump(manifest, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync_dir(staging)
+    ready = os.path.join(target, READY_PREFIX + os.path.basename(staging)[len(STAGING_PREFIX):])
+    os.rename(staging, ready)  # from here on the new adapter wins, whatever happens
+    _fsync_dir(target)
+    _roll_forward(target, ready)
+
+
+def _switch(staging: str, target: str, manifest: list) -> None:
+    """Make `target` hold the staged adapter (plus the target's other files), by a swap where possible."""
+    parent = os.path.dirname(target)
+    if not os.path.lexists(target):
+        os.rename(staging, target)
+        _fsync_dir(parent)
+        return
+    if os.path.dirname(staging) == parent and not _working_inside(target):
+        try:
+            _carry_over(target, staging, manifest, move=False)
+            _sync_files(staging, [])
+            _exchange(staging, target)
+        except OSError:
+            pass  # nothing has changed in the target: fall back to the journal
         else:
-            os.replace(src, dst)
+            _carry_over(staging, target, manifest, move=True)  # written into the old folder during the swap
+            _fsync_dir(parent)
+            return
+    _journal(staging, target, manifest)
+
+
+def _staging_folder(target: str) -> str:
+    """A fresh staging folder beside the target (the swap needs the same filesystem), else inside it (journal)."""
+    parent, base = os.path.split(target)
+    try:
+        return tempfile.mkdtemp(prefix=f".{base}{STAGING_PREFIX}{_owner()}", dir=parent)
+    except OSError:  # a parent we may not write, or a name too long for the prefix
+        os.makedirs(target, exist_ok=True)
+        return tempfile.mkdtemp(prefix=STAGING_PREFIX + _owner(), dir=target)
 
 
 def save_adapter(peft_model: Any, save_directory: str, *args: Any, **kwargs: Any) -> None:
-    """`peft_model.save_pretrained(save_directory, ...)`, staged: the previous adapter stays until the new one is whole.
+    """`peft_model.save_pretrained(save_directory, ...)`, switched in whole: the folder holds exactly the previous
+    adapter until it holds exactly the new one, whenever the process dies.
 
-    Only global rank 0 writes (and only when `is_main_process` is not False). The save goes to a temporary folder
-    inside `save_directory`, is checked (readable, no 0-element tensors) and then moved into place with `os.replace`,
-    weights before config; the staging folder is removed whatever happens.
-    """
+    Only global rank 0 writes (and only when `is_main_process` is not False). A half-done earlier save is finished or
+    cleaned up first; the save goes to a staging folder, is checked (readable, no 0-element tensors), flushed to disk
+    and switched in (module docstring); the staging folder is removed whatever happens. Other files in the folder
+    stay; old adapter weights the new save does not rewrite (e.g. `.bin` after a safetensors save) are dropped."""
     if not kwargs.get("is_main_process", True) or global_rank() != 0:
         return None
-    save = type(peft_model).save_pretrained
-    os.makedirs(save_directory, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=save_directory)
+    target = os.path.realpath(os.fspath(save_directory))
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise ValueError(f"cannot save the adapter into {save_directory}: it exists and is not a folder.")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    recover_adapter_folder(target, saving=True)
+    staging = _staging_folder(target)
     try:
-        save(peft_model, staging, *args, **kwargs)
-        for folder, _, files in os.walk(staging):
-            if WEIGHTS_NAME in files:
-                check_adapter_file_complete(os.path.join(folder, WEIGHTS_NAME))
-        _move_tree(staging, save_directory)
+        if os.path.isfile(os.path.join(target, MODEL_CARD)):  # peft updates an existing model card: keep user edits
+            shutil.copy2(os.path.join(target, MODEL_CARD), os.path.join(staging, MODEL_CARD))
+        type(peft_model).save_pretrained(peft_model, staging, *args, **kwargs)
+        manifest = _files_under(staging)
+        for relative in manifest:
+            if os.path.basename(relative) in (WEIGHTS_NAME, BIN_WEIGHTS_NAME):
+                check_adapter_file_complete(os.path.join(staging, relative))
+        _sync_files(staging, manifest)
+        _switch(staging, target, manifest)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # after a swap: the old folder
     return None
 
 

@@ -3,6 +3,8 @@
 `memvp_peft.save_adapter` (and a model made `atomic_saves`) stages the save; plain `PeftModel.save_pretrained` is
 peft's own, but MemVP's tuner hooks still refuse partitioned tensors before it writes and strict shapes on load."""
 
+import json
+import multiprocessing
 import os
 
 import pytest
@@ -75,13 +77,52 @@ def test_partitioned_empty_tensors_are_refused_and_previous_adapter_kept(good, b
     torch.testing.assert_close(_reload_logits(path, batch), logits, rtol=0, atol=0)
 
 
-def test_only_rank_zero_writes(tmp_path, monkeypatch):
+def _save_as_rank(rank, store, model, folder):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        save_adapter(model, f"{folder}/rank{rank}")
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_only_rank_zero_of_the_process_group_writes(tmp_path):
     pm = get_peft_model(tiny_llama(), memvp_config())
-    monkeypatch.setenv("RANK", "1")
-    save_adapter(pm, tmp_path / "adapter")
+    context = multiprocessing.get_context("fork")  # the model is built once, here, and inherited by both ranks
+    ranks = [context.Process(target=_save_as_rank, args=(r, tmp_path / "store", pm, tmp_path)) for r in (0, 1)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(120)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    check_adapter_folder(str(tmp_path / "rank0"))
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_a_stray_rank_variable_without_a_process_group_still_saves(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")  # e.g. left over from a torchrun shell; no process group in this process
+    save_adapter(get_peft_model(tiny_llama(), memvp_config()), tmp_path / "adapter")
+    check_adapter_folder(str(tmp_path / "adapter"))
+
+
+def test_is_main_process_false_skips_the_save(tmp_path):
+    save_adapter(get_peft_model(tiny_llama(), memvp_config()), tmp_path / "adapter", is_main_process=False)
     assert not (tmp_path / "adapter").exists()
-    save_adapter(pm, tmp_path / "adapter2", is_main_process=False)
-    assert not (tmp_path / "adapter2").exists()
+
+
+@pytest.mark.slow
+def test_memvp_train_with_a_stray_rank_variable_saves_its_adapter(tmp_path, monkeypatch):
+    from memvp_peft.cli.train import main as train_main
+
+    monkeypatch.setenv("RANK", "1")
+    out = tmp_path / "run"
+    assert train_main(["--output_dir", str(out), "--max_steps", "2", "--max_eval_samples", "4",
+                       "--num_memory_slots", "24", "--per_device_train_batch_size", "4"]) == 0
+    check_adapter_folder(str(out))
+    assert json.loads((out / "adapter_config.json").read_text())["num_memory_slots"] == 24
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_steps"] == 2 and metrics["reloaded_heldout_accuracy"] == metrics["heldout_accuracy"]
 
 
 def test_truncated_adapter_file_is_named_in_the_error(good):
@@ -151,3 +192,72 @@ def test_crash_mid_cli_record_write_keeps_the_previous_record(tmp_path):
         write_cli_record(str(tmp_path), {"kind": "causal", "vision_model_name_or_path": object()})
     assert read_cli_record(str(tmp_path)) == {"featurizer": "digit_patches", "kind": "causal"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memvp_cli.json"]  # no partial file left behind
+
+
+# ------------------------------------------------------------------------------ adapter_model.bin (safe_serialization=False)
+
+
+@pytest.mark.parametrize("how", ["save_adapter", "plain_save_pretrained"])
+def test_bin_adapter_passes_the_folder_check_and_reloads(tmp_path, batch, how):
+    pm = get_peft_model(tiny_llama(), memvp_config())
+    randomize_memory(pm, seed=4)
+    if how == "save_adapter":
+        save_adapter(pm, tmp_path, safe_serialization=False)
+    else:
+        pm.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").exists() and not (tmp_path / "adapter_model.safetensors").exists()
+    check_adapter_folder(str(tmp_path))
+    with torch.no_grad():
+        expected = pm.eval()(**batch).logits
+    torch.testing.assert_close(_reload_logits(tmp_path, batch), expected, rtol=0, atol=0)
+
+
+def test_truncated_bin_adapter_is_named_in_the_error(tmp_path):
+    save_adapter(get_peft_model(tiny_llama(), memvp_config()), tmp_path, safe_serialization=False)
+    weights = tmp_path / "adapter_model.bin"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"adapter_model\.bin is truncated or not"):
+        check_adapter_folder(str(tmp_path))
+
+
+class _NotATensor:
+    pass
+
+
+def test_bin_adapter_holding_arbitrary_objects_is_refused_without_unpickling_them(tmp_path):
+    save_adapter(get_peft_model(tiny_llama(), memvp_config()), tmp_path, safe_serialization=False)
+    torch.save({"base_model.memvp_memory.key_pos": _NotATensor()}, tmp_path / "adapter_model.bin")
+    with pytest.raises(ValueError, match=r"adapter_model\.bin .*weights_only"):
+        check_adapter_folder(str(tmp_path))
+
+
+def test_saving_safetensors_over_a_bin_adapter_leaves_one_weights_file(tmp_path, batch):
+    save_adapter(get_peft_model(tiny_llama(), memvp_config()), tmp_path, safe_serialization=False)
+    pm = get_peft_model(tiny_llama(), memvp_config())
+    randomize_memory(pm, seed=5)
+    save_adapter(pm, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    with torch.no_grad():
+        expected = pm.eval()(**batch).logits
+    torch.testing.assert_close(_reload_logits(tmp_path, batch), expected, rtol=0, atol=0)
+
+
+def test_memvp_infer_answers_with_a_bin_adapter(tmp_path, capsys):
+    from memvp_peft import MemVPConfig
+    from memvp_peft.cli.infer import main as infer_main
+    from memvp_peft.cli.record import write_cli_record
+    from memvp_peft.data.digits import DIGIT_PATCH_DIM
+    from memvp_peft.local_models import build_word_tokenizer
+    from memvp_peft.local_models import tiny_llama as word_llama
+
+    tokenizer = build_word_tokenizer(["Question: What digit is shown ?\nAnswer:"], [str(d) for d in range(10)])
+    base = word_llama(tokenizer, hidden_size=32)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    base.name_or_path = str(tmp_path / "base")
+    pm = get_peft_model(base, MemVPConfig(visual_dim=DIGIT_PATCH_DIM, num_memory_slots=24))
+    save_adapter(pm, tmp_path / "adapter", safe_serialization=False)
+    write_cli_record(str(tmp_path / "adapter"), {"featurizer": "digit_patches", "kind": "causal"})
+    capsys.readouterr()
+    assert infer_main(["--adapter", str(tmp_path / "adapter"), "--image", "digits:0", "--max_new_tokens", "1"]) == 0
+    assert "digits:0" in capsys.readouterr().out
