@@ -72,14 +72,20 @@ def check_layer_selection(model: nn.Module, config: MemVPConfig) -> None:
 def check_vision_encoder_folder(config: MemVPConfig) -> None:
     """A `vision_encoder` the user named as a folder must exist (else `pixel_values` would fail much later).
 
-    An adapter loaded from a folder records the encoder it was trained with, possibly another machine's path or an
-    in-memory model: that one is attached again by hand (`attach_vision_encoder`), so it is not refused here.
+    A config that was injected before (saved, then loaded: `vision_num_layers` / `base_num_layers` are filled in at
+    injection) records the encoder it was trained with, possibly another machine's path or an in-memory model: that
+    one is attached again by hand (`attach_vision_encoder`), so it is not refused here.
     """
     name = config.vision_encoder
+    recorded = (
+        config.vision_num_layers is not None
+        or config.base_num_layers is not None
+        or getattr(config, "_memvp_source_folder", None) is not None
+    )
     if (
         name is None
+        or recorded
         or getattr(config, "_vision_encoder_module", None) is not None
-        or getattr(config, "_memvp_source_folder", None) is not None
         or name.startswith(IN_MEMORY_PREFIX)
         or os.path.exists(name)
     ):
@@ -115,9 +121,9 @@ def matched_targets(tuner: Any, model: nn.Module, config: MemVPConfig) -> list[t
 
 def check_before_injection(tuner: Any, model: nn.Module, config: MemVPConfig) -> None:
     """Every check that needs no change to the model, in the order a user would fix them."""
+    check_vision_encoder_folder(config)  # first: check_depth records base_num_layers
     check_depth(model, config)
     check_layer_selection(model, config)
-    check_vision_encoder_folder(config)
     check_source_folder(config)
     tuner._prepare_adapter_config(config, {})
     check_ffn_targets(model, matched_targets(tuner, model, config), config.activation)

@@ -14,7 +14,6 @@ What this class adds on top of peft's `BaseTuner`:
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import torch
@@ -35,13 +34,14 @@ from .entry import (
 from .config import MemVPConfig
 from .layer import MERGE_ERROR, FFNMemoryLayer, KeyMemoryLayer, MemVPLayer, ValueMemoryLayer
 from .scope import MemoryRuntime
-from ..vision import VisionEncoder, describe_encoder, is_vlm, load_vision_encoder, vlm_vision_tower
+from ..vision import VisionEncoder
 from .memory import VisualMemory
 from .save_load import refuse_partitioned_tensors
 from .injection_checks import check_before_injection
 from .load_checks import check_adapter_tensors
 from .lora_part import inject_lora, merge_lora_layers
 from .rollback import InjectionUndo
+from .vision_attach import checked_vision, configured_encoder, switch_vision
 
 _LAYER_CLASSES = {"ffn": FFNMemoryLayer, "key": KeyMemoryLayer, "value": ValueMemoryLayer}
 
@@ -142,14 +142,9 @@ class MemVPModel(BaseTuner):
             # LoRA update stays in the FFN's W1/W2 and the memory is appended after it.
             layer = _LAYER_CLASSES[role](target, self._memvp_runtime)
             layer.set_adapter([adapter_name])
-        activation = None
+        activation = None  # plain FFN linears use the FFN's own (an override was refused before injection)
         if isinstance(layer, FFNMemoryLayer):
             activation = resolve_activation(layer.get_base_layer(), peft_config.activation)
-        elif peft_config.activation is not None:
-            raise ValueError(
-                f"MemVP: `activation` cannot be overridden for the plain FFN linear {current_key!r}: its memory "
-                "activations pass through the FFN's own activation (K is appended to W1). Leave activation=None."
-            )
         layer.update_layer(adapter_name, peft_config, activation)
         if layer is not target:
             self._replace_module(parent, target_name, layer, target)
@@ -193,29 +188,13 @@ class MemVPModel(BaseTuner):
     # ------------------------------------------------------------------------------------------------- vision encoder
 
     def _attach_configured_encoder(self, config: MemVPConfig) -> Optional[VisionEncoder]:
-        """Attach the encoder this adapter names: a built module, a local folder, or the VLM base's own tower.
-
-        Returns the encoder this replaced, still hooked: the injection detaches it once it has succeeded.
-        """
-        runtime = self._memvp_runtime
-        reference = getattr(config, "_vision_encoder_module", None)
-        encoder = None
-        if reference is not None:
-            encoder = reference.module
-        elif config.vision_encoder is not None and os.path.exists(config.vision_encoder):
-            current = runtime.vision
-            if current is not None and describe_encoder(current.model) == config.vision_encoder:
-                encoder = current.model
-            else:
-                encoder = load_vision_encoder(config.vision_encoder)
-        elif is_vlm(self.model):
-            runtime.image_token_id = _image_token_id(self.model)
-            encoder = vlm_vision_tower(self.model)
-        elif runtime.vision is not None:
-            encoder = runtime.vision.model
+        """Attach the encoder this adapter names (see `vision_attach.configured_encoder`). Returns the encoder this
+        replaced, still hooked: the injection detaches it once it has succeeded."""
+        encoder = configured_encoder(self.model, self._memvp_runtime, config)
         replaced = None
         if encoder is not None:
-            replaced = self._switch_vision(self._checked_vision(encoder, [config]), [config], detach_replaced=False)
+            vision = checked_vision(self._memvp_runtime, encoder, [config])
+            replaced = switch_vision(self._memvp_runtime, vision, [config], detach_replaced=False)
         if config.vision_adapter_dim and not config.vision_num_layers:
             raise ValueError(
                 "MemVP: vision_adapter_dim > 0 needs a vision encoder at injection time (to size one adapter per "
@@ -231,46 +210,7 @@ class MemVPModel(BaseTuner):
         attached, hooks included, and is itself neither hooked nor frozen.
         """
         configs = list(self.peft_config.values()) if configs is None else configs
-        self._switch_vision(self._checked_vision(encoder, configs), configs)
-
-    def _checked_vision(self, encoder: nn.Module, configs: list[MemVPConfig]) -> VisionEncoder:
-        """The `VisionEncoder` for `encoder` (the attached one if it is the same model), checked against `configs`."""
-        current = self._memvp_runtime.vision
-        vision = current if current is not None and current.model is encoder else None
-        for config in configs:
-            vision = vision or VisionEncoder(
-                encoder, config.vision_feature_layer, config.vision_feature_select_strategy, config.vision_feature_layernorm
-            )
-            vision.check_feature_layer(config.vision_feature_layer)
-            if vision.hidden_size != config.visual_dim:
-                raise ValueError(
-                    f"MemVP: the vision encoder {describe_encoder(encoder)!r} outputs features of width "
-                    f"{vision.hidden_size} but MemVPConfig.visual_dim={config.visual_dim}; set visual_dim to the "
-                    "encoder's hidden size."
-                )
-            if config.vision_num_layers is not None and config.vision_num_layers != vision.num_layers:
-                raise ValueError(
-                    f"MemVP: the adapter was trained with a {config.vision_num_layers}-block vision encoder but "
-                    f"{describe_encoder(encoder)!r} has {vision.num_layers} blocks."
-                )
-        return vision
-
-    def _switch_vision(
-        self, vision: VisionEncoder, configs: list[MemVPConfig], detach_replaced: bool = True
-    ) -> Optional[VisionEncoder]:
-        """Make the checked `vision` the runtime's encoder and record it in `configs`; returns the one it replaced."""
-        runtime = self._memvp_runtime
-        replaced = runtime.vision
-        for config in configs:
-            config.vision_num_layers = vision.num_layers
-            if config.vision_encoder is None:
-                config.vision_encoder = describe_encoder(vision.model)
-        if vision is not replaced:
-            vision.attach()
-            if replaced is not None and detach_replaced:
-                replaced.detach()
-        runtime.vision = vision
-        return None if replaced is vision else replaced
+        switch_vision(self._memvp_runtime, checked_vision(self._memvp_runtime, encoder, configs), configs)
 
     def _install_runtime_hooks(self) -> None:
         """Entry wrappers, runtime bookkeeping and layer pre-hooks (idempotent; re-run for every new adapter)."""
@@ -439,15 +379,6 @@ def _inner_entry_modules(model: nn.Module) -> list[nn.Module]:
         ):
             found.append(module)
     return found
-
-
-def _image_token_id(model: nn.Module) -> Optional[int]:
-    config = getattr(model, "config", None)
-    for attr in ("image_token_id", "image_token_index"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 def attach_vision_encoder(peft_model: nn.Module, encoder: nn.Module) -> None:

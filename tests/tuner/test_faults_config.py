@@ -138,6 +138,21 @@ def test_a_vision_encoder_folder_that_does_not_exist_is_refused(tmp_path):
     assert_untouched(model, pristine)
 
 
+def test_an_adapter_recording_an_encoder_folder_that_is_gone_still_loads(tmp_path):
+    import shutil
+
+    import memvp_peft
+
+    clip().save_pretrained(tmp_path / "clip")
+    pm = get_peft_model(tiny_llama(), memvp_config(num_memory_slots=20, vision_encoder=str(tmp_path / "clip")))
+    pm.save_pretrained(tmp_path / "adapter")
+    shutil.rmtree(tmp_path / "clip")
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    assert loaded.base_model.vision_encoder is None
+    memvp_peft.attach_vision_encoder(loaded, clip())
+    loaded(input_ids=torch.randint(3, 64, (1, 4)), pixel_values=torch.randn(1, 3, 32, 32))
+
+
 @pytest.mark.parametrize("layer", [3, -4])
 def test_a_vision_feature_layer_beyond_the_encoder_is_refused(layer):
     model = tiny_llama()

@@ -141,3 +141,20 @@ def test_a_copy_of_a_folder_loads_as_a_second_adapter(saved, tmp_path):
     pm = PeftModel.from_pretrained(tiny_llama(), saved)
     pm.load_adapter(tmp_path / "copy", "other")
     assert set(pm.base_model.memvp_memory) == {"default", "other"}
+
+
+def test_from_pretrained_low_cpu_mem_usage_loads_a_real_vision_encoder_from_its_folder(tmp_path):
+    from memvp_peft.local_models import tiny_clip
+
+    tiny_clip(hidden_size=16).save_pretrained(tmp_path / "clip")
+    config = memvp_config(num_memory_slots=20, vision_encoder=str(tmp_path / "clip"), vision_adapter_dim=4)
+    pm = get_peft_model(tiny_llama(), config)
+    randomize_memory(pm)
+    pm.save_pretrained(tmp_path / "adapter")
+    normal = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    low = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter", low_cpu_mem_usage=True)
+    assert not any(p.device.type == "meta" for p in low.base_model.vision_encoder.model.parameters())
+    ids, pixels = torch.randint(3, 64, (2, 5)), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(low(input_ids=ids, pixel_values=pixels).logits,
+                           normal(input_ids=ids, pixel_values=pixels).logits)

@@ -1,0 +1,88 @@
+"""Which vision encoder an adapter uses, and swapping it on the runtime without a half-done state.
+
+`attach_vision_encoder` (and the injection of an adapter that names an encoder) runs in two steps: `checked_vision`
+builds the `VisionEncoder` -- which reads the encoder and changes nothing -- and checks it against every adapter
+(width = `visual_dim`, depth = the saved vision adapters, `vision_feature_layer` in range); only then does
+`switch_vision` hook the new encoder, unhook the old one and record the encoder in the configs. A refused encoder
+therefore leaves the previous one attached with its adapter hooks. During an injection the old encoder stays hooked
+until the injection has succeeded (`MemVPModel.inject_adapter` detaches it), so a rollback needs no re-hooking.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from peft.utils.integrations import _skip_init_on_device
+from torch import nn
+
+from ..vision import VisionEncoder, describe_encoder, is_vlm, load_vision_encoder, vlm_vision_tower
+from .config import MemVPConfig
+from .scope import MemoryRuntime
+
+
+def image_token_id(model: nn.Module) -> Optional[int]:
+    config = getattr(model, "config", None)
+    for attr in ("image_token_id", "image_token_index"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def configured_encoder(model: nn.Module, runtime: MemoryRuntime, config: MemVPConfig) -> Optional[nn.Module]:
+    """The encoder `config` names: a built module, a local folder (loaded once), the VLM base's own tower, or the one
+    already attached. None when there is none (features come as `image_features`)."""
+    reference = getattr(config, "_vision_encoder_module", None)
+    if reference is not None:
+        return reference.module
+    if config.vision_encoder is not None and os.path.exists(config.vision_encoder):
+        current = runtime.vision
+        if current is not None and describe_encoder(current.model) == config.vision_encoder:
+            return current.model
+        with _skip_init_on_device():  # a frozen encoder, not adapter weights: real even under low_cpu_mem_usage
+            return load_vision_encoder(config.vision_encoder)
+    if is_vlm(model):
+        runtime.image_token_id = image_token_id(model)
+        return vlm_vision_tower(model)
+    return runtime.vision.model if runtime.vision is not None else None
+
+
+def checked_vision(runtime: MemoryRuntime, encoder: nn.Module, configs: list[MemVPConfig]) -> VisionEncoder:
+    """The `VisionEncoder` for `encoder` (the attached one if it is the same model), checked against `configs`."""
+    current = runtime.vision
+    vision = current if current is not None and current.model is encoder else None
+    for config in configs:
+        vision = vision or VisionEncoder(
+            encoder, config.vision_feature_layer, config.vision_feature_select_strategy, config.vision_feature_layernorm
+        )
+        vision.check_feature_layer(config.vision_feature_layer)
+        if vision.hidden_size != config.visual_dim:
+            raise ValueError(
+                f"MemVP: the vision encoder {describe_encoder(encoder)!r} outputs features of width "
+                f"{vision.hidden_size} but MemVPConfig.visual_dim={config.visual_dim}; set visual_dim to the "
+                "encoder's hidden size."
+            )
+        if config.vision_num_layers is not None and config.vision_num_layers != vision.num_layers:
+            raise ValueError(
+                f"MemVP: the adapter was trained with a {config.vision_num_layers}-block vision encoder but "
+                f"{describe_encoder(encoder)!r} has {vision.num_layers} blocks."
+            )
+    return vision
+
+
+def switch_vision(
+    runtime: MemoryRuntime, vision: VisionEncoder, configs: list[MemVPConfig], detach_replaced: bool = True
+) -> Optional[VisionEncoder]:
+    """Make the checked `vision` the runtime's encoder and record it in `configs`; returns the one it replaced."""
+    replaced = runtime.vision
+    for config in configs:
+        config.vision_num_layers = vision.num_layers
+        if config.vision_encoder is None:
+            config.vision_encoder = describe_encoder(vision.model)
+    if vision is not replaced:
+        vision.attach()
+        if replaced is not None and detach_replaced:
+            replaced.detach()
+    runtime.vision = vision
+    return None if replaced is vision else replaced
