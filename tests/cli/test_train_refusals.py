@@ -119,6 +119,13 @@ def test_an_output_dir_that_is_a_file_is_one_error_line(tmp_path, capsys):
     assert path.read_text() == "precious"
 
 
+def test_an_output_dir_below_a_file_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "results.txt").write_text("precious")
+    code = train_main([*FAST, "--output_dir", str(tmp_path / "results.txt" / "run")])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and "cannot be created" in error and "is a file" in error
+
+
 @pytest.mark.slow
 def test_overwrite_output_dir_replaces_the_run_and_removes_its_checkpoints(run_dir):
     assert train_main([*FAST, "--overwrite_output_dir", "--output_dir", str(run_dir)]) == 0
