@@ -82,6 +82,6 @@ def check_adapter_tensors(
         if _kind(tensor.dtype) != _kind(want.dtype):
             raise ValueError(
                 f"tensor {file_key(key)} is stored as {str(tensor.dtype).replace('torch.', '')} in the adapter file, "
-                f"but the model's tensor is {str(want.dtype).replace('torch.', '')}: a {_kind(tensor.dtype)} tensor "
-                f"cannot hold {_kind(want.dtype)} weights (a damaged or hand-edited file?)."
+                f"but the model's tensor is {str(want.dtype).replace('torch.', '')}: {_kind(tensor.dtype)} values "
+                f"cannot stand for {_kind(want.dtype)} weights (a damaged or hand-edited file?)."
             )

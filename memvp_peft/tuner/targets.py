@@ -256,8 +256,8 @@ def check_ffn_targets(model: nn.Module, matched: list[tuple[str, nn.Module]], ac
         partner = f"{parent_name}.{partner_name(leaf)}" if parent_name else partner_name(leaf)
         if partner not in names:
             raise ValueError(
-                f"MemVP: {key} was wrapped but its partner {partner} was not; the two linears of a plain FFN (W1 holds "
-                "the keys, W2 the values) must be targeted together."
+                f"MemVP: target_modules matches {key} but not its partner {partner}; the two linears of a plain FFN "
+                "(W1 holds the keys, W2 the values) must be targeted together."
             )
         if activation is not None:
             raise ValueError(
