@@ -18,11 +18,14 @@ How the switch is made, and why:
 
 * **Folder swap** (the usual way): the user's other files in the target (`base_model/`, `checkpoint-N/`,
   `metrics.json`, ...) are hard-linked into the staged folder, then one `renameat2(RENAME_EXCHANGE)` swaps the two
-  folders; the old one (now at the staging path) is removed. At every instant the path is a real folder holding
-  exactly the old or exactly the new adapter, so even plain `PeftModel.from_pretrained` by another process never
-  sees half a save, and no recovery is needed. A symlinked adapter folder swapped with `os.replace` would give the
-  same atomicity on any POSIX system, but `mv folder elsewhere` would then move only the link, and the `Trainer`'s
-  checkpoint rotation (`shutil.rmtree`) refuses symlinks; a real folder keeps working with every tool.
+  folders; files another process wrote into the old folder meanwhile (a DDP rank's `rng_state_1.pth`) are moved
+  over, and the old folder (now at the staging path) is removed. At every instant the path is a real folder holding
+  exactly the old or exactly the new adapter, so a kill at any moment leaves a folder that even plain
+  `PeftModel.from_pretrained` loads whole, with no recovery step. (A load running *while* a save swaps can still
+  read the config before the swap and the weights after it: peft opens them one by one, by path.) A symlinked
+  adapter folder swapped with `os.replace` would give the same atomicity on any POSIX system, but `mv folder
+  elsewhere` would then move only the link, and the `Trainer`'s checkpoint rotation (`shutil.rmtree`) refuses
+  symlinks; a real folder keeps working with every tool.
 * **Journal** (where no swap is possible: not Linux, a filesystem without RENAME_EXCHANGE such as NFS, a target that
   is a mount point, a parent folder we may not write, or a process working inside the target, which a swap would
   leave in a deleted folder): the staged files go into `<target>/.memvp-saving-*`, which is renamed to
@@ -299,8 +302,8 @@ def _sync_files(folder: str, relatives: list) -> None:
 
 
 def _carry_over(source: str, destination: str, manifest: list, move: bool) -> None:
-    """Put every entry of `source` that the new save does not replace into `destination` (hard links, else copies;
-    `move=True` renames instead: the late pass after the swap, for files another process wrote into the old folder)."""
+    """Put every entry of `source` that the new save does not replace into `destination`: hard links (OSError where
+    impossible), or with `move=True` renames -- the pass after the swap, for files another process wrote meanwhile."""
     written, dirs = set(manifest), {os.path.dirname(relative) for relative in manifest}
     for root, subdirs, files in os.walk(source):
         relative_root = os.path.relpath(root, source)
@@ -316,11 +319,8 @@ def _carry_over(source: str, destination: str, manifest: list, move: bool) -> No
                 os.rename(src, dst)
             elif os.path.islink(src):
                 os.symlink(os.readlink(src), dst)
-            else:
-                try:
-                    os.link(src, dst)
-                except OSError:  # a filesystem without hard links
-                    shutil.copy2(src, dst)
+            else:  # no copy when that fails (no hard links here, a mount point inside): the caller takes the journal
+                os.link(src, dst)
         subdirs[:] = [d for d in subdirs if not os.path.islink(os.path.join(root, d))]
         for name in subdirs:
             os.makedirs(os.path.join(destination, relative_root, name), exist_ok=True)

@@ -77,6 +77,13 @@ def test_partitioned_empty_tensors_are_refused_and_previous_adapter_kept(good, b
     torch.testing.assert_close(_reload_logits(path, batch), logits, rtol=0, atol=0)
 
 
+def test_saving_into_a_file_is_refused_and_the_file_kept(tmp_path):
+    (tmp_path / "adapter").write_text("not a folder")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        save_adapter(get_peft_model(tiny_llama(), memvp_config()), tmp_path / "adapter")
+    assert (tmp_path / "adapter").read_text() == "not a folder" and sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
 def _save_as_rank(rank, store, model, folder):
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
@@ -194,7 +201,7 @@ def test_crash_mid_cli_record_write_keeps_the_previous_record(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memvp_cli.json"]  # no partial file left behind
 
 
-# ------------------------------------------------------------------------------ adapter_model.bin (safe_serialization=False)
+# ------------------------------------------------------------------------- adapter_model.bin (safe_serialization=False)
 
 
 @pytest.mark.parametrize("how", ["save_adapter", "plain_save_pretrained"])

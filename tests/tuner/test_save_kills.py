@@ -65,7 +65,9 @@ def test_sigkill_mid_save_leaves_exactly_the_old_or_the_new_adapter(tmp_path, wo
     old, new = _adapter(OLD_SLOTS, seed=1), _adapter(NEW_SLOTS, seed=2)
     references = {OLD_SLOTS: get_peft_model_state_dict(old), NEW_SLOTS: get_peft_model_state_dict(new)}
     save_adapter(old, folder)
-    (tmp_path / "adapter" / "notes.txt").write_text("kept")  # a file of the user's: survives every save
+    (tmp_path / "adapter" / "notes.txt").write_text("kept")  # the user's files and folders survive every save
+    (tmp_path / "adapter" / "checkpoint-1").mkdir()
+    (tmp_path / "adapter" / "checkpoint-1" / "trainer_state.json").write_text("{}")
     rng = random.Random(12)
     seen, mid_save = set(), 0
     context = multiprocessing.get_context("fork")
@@ -78,6 +80,7 @@ def test_sigkill_mid_save_leaves_exactly_the_old_or_the_new_adapter(tmp_path, wo
         mid_save += bool(_leftovers(folder))
         seen.add(_load_exactly_one_of(folder, references))
         assert (tmp_path / "adapter" / "notes.txt").read_text() == "kept"
+        assert (tmp_path / "adapter" / "checkpoint-1" / "trainer_state.json").read_text() == "{}"
     assert seen == {OLD_SLOTS, NEW_SLOTS}  # the kills did land on both sides of the switch
     assert mid_save > 0  # and in the middle of saves, not only between them
     save_adapter(new, folder)
