@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, get_type_hints
 
 FLOAT32_MAX = 3.4028234663852886e38
+# the `deepspeed` launcher appends `--local_rank=N` to the program's arguments (unless --no_local_rank); the same rank
+# is in the LOCAL_RANK variable it sets, which is what the Trainer reads, so the flag is accepted and not used
+LAUNCHER_FLAGS = ("local_rank", "local-rank")
 # names users bring from other tools, which difflib's spelling distance cannot connect to ours
 ALIASES = {"lr": "learning_rate", "epochs": "num_train_epochs", "num_epochs": "num_train_epochs",
            "batch_size": "per_device_train_batch_size", "bs": "per_device_train_batch_size", "steps": "max_steps",
@@ -211,6 +214,8 @@ def _help_text(item: dataclasses.Field) -> str:
 def build_parser(options_cls: type, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     parser.add_argument("config", nargs="?", default=None, help="optional YAML file with any of the options below")
+    parser.add_argument(*(f"--{flag}" for flag in LAUNCHER_FLAGS), dest="launcher_local_rank", type=int,
+                        default=None, help=argparse.SUPPRESS)
     for item in dataclasses.fields(options_cls):
         kind = _field_type(options_cls, item.name)
         help_text = _help_text(item)
@@ -278,7 +283,7 @@ def check_flags(options_cls: type, argv: Sequence[str]) -> None:
     Why not argparse's own "unrecognized arguments" error: it names no alternative, and it only comes after the
     other flags were parsed -- an unknown flag's value could even be taken as the positional YAML path.
     """
-    known = ["help"]
+    known = ["help", *LAUNCHER_FLAGS]
     for item in dataclasses.fields(options_cls):
         known.append(item.name)
         if _field_type(options_cls, item.name) is bool:
@@ -301,6 +306,7 @@ def parse_options(options_cls: type, argv: Optional[Sequence[str]], description:
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     config_path = args.pop("config")
+    args.pop("launcher_local_rank")
     if config_path:
         values.update(load_yaml_options(config_path, options_cls))
     values.update({k: v for k, v in args.items() if v is not None})

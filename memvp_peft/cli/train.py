@@ -142,12 +142,13 @@ def check_output_dir(options: TrainOptions) -> list[str]:
     out = options.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"output_dir {out!r} is a file, not a folder: pass a new or empty folder.")
-    ancestor = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ValueError(f"output_dir {out!r} cannot be created: {ancestor!r} is "
-                         f"{'not a writable folder' if os.path.isdir(ancestor) else 'a file'}.")
+    existing = os.path.abspath(out)  # the folder itself, or the nearest folder above it that exists
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"output_dir {out!r} cannot be created: {existing!r} is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir {out!r} cannot be written: {existing!r} is not a writable folder.")
     entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if not entries:
         return []

@@ -87,6 +87,14 @@ def test_a_misspelt_negated_flag_gets_a_did_you_mean(tmp_path, capsys):
     assert "Did you mean '--no-bf16'?" in error
 
 
+@pytest.mark.parametrize("flag", ["--local_rank=1", "--local-rank=1"])
+def test_the_deepspeed_launchers_local_rank_flag_is_accepted(flag):
+    """`deepspeed -m memvp_peft.train ...` appends --local_rank=N (docs/training.md names that launcher)."""
+    from memvp_peft.cli.options import TrainOptions, parse_options
+
+    assert parse_options(TrainOptions, ["--quick", flag], "").quick is True
+
+
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite_output_dir"]], ids=["plain", "overwrite"])
 def test_an_unknown_lora_target_is_refused_before_the_folder_is_touched(overwrite, run_dir, capsys):
     error = _refused([*FAST, "--lora_rank", "4", "--lora_target", "nope", *overwrite], run_dir, capsys)
