@@ -61,12 +61,21 @@ def test_a_refused_lora_part_of_a_second_adapter_leaves_the_model_as_it_was():
 
 
 def test_a_refused_add_adapter_leaves_the_model_as_it_was():
-    pm = get_peft_model(tiny_llama(), memvp_config())
+    pm = get_peft_model(gpt2(), memvp_config())
     pristine = copy.deepcopy(pm)
-    with pytest.raises(ValueError):
-        pm.add_adapter("other", memvp_config(target_modules=["down_proj"]))
+    with pytest.raises(ValueError, match="must be targeted together"):
+        pm.add_adapter("other", memvp_config(target_modules=["c_fc"]))
     assert_untouched(pm, pristine)
-    assert set(pm.peft_config) == {"default"}
+    assert set(pm.peft_config) == {"default"} and set(pm.base_model.memvp_memory) == {"default"}
+
+
+def test_a_failure_after_the_lora_part_was_injected_removes_it_again():
+    model = tiny_llama()
+    pristine = copy.deepcopy(model)
+    lora = LoraConfig(r=4, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="excluded"):  # peft's own check, after the LoRA part is in
+        get_peft_model(model, memvp_config(exclude_modules=["mlp"], lora_config=lora))
+    assert_untouched(model, pristine)
 
 
 def test_a_failed_load_adapter_leaves_no_second_adapter(tmp_path):
