@@ -24,6 +24,8 @@ from .peft_type import MEMVP_PEFT_TYPE
 from .save_load import recover_adapter_folder
 from ..vision import SharedModuleRef, describe_encoder
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
 #: Activation names accepted by `MemVPConfig.activation` (besides `None`, which means "the FFN's own activation").
 SUPPORTED_ACTIVATIONS = (
     "silu",
@@ -268,9 +270,17 @@ class MemVPConfig(PeftConfig):
             positive_int(name, optional=True)
         for name in ("visual_scale", "memory_scale", "key_init_std", "vision_adapter_scale"):
             value = getattr(self, name)
-            # math.isfinite: `value != value` lets inf through, and an infinite scale trains an all-NaN adapter
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"MemVPConfig.{name} must be a finite number >= 0, got {value!r}.")
+            # an infinite scale (or one beyond float32, inf in every compute dtype) trains an all-NaN adapter
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or not 0 <= value <= _FLOAT32_MAX
+            ):
+                raise ValueError(
+                    f"MemVPConfig.{name} must be a finite number >= 0 (at most {_FLOAT32_MAX:.3g}, the float32 "
+                    f"range), got {value!r}."
+                )
         probability("memory_dropout")
         probability("vision_adapter_dropout")
         names("target_modules", self.target_modules)
