@@ -16,11 +16,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import MemVPConfig
-from .save_load import CONFIG_NAME, WEIGHTS_NAME, check_adapter_file_complete
+from .save_load import BIN_WEIGHTS_NAME, CONFIG_NAME, WEIGHTS_NAME, adapter_weights_file, check_adapter_file_complete
 from .targets import check_ffn_targets, find_layer_stacks
 
 IN_MEMORY_PREFIX = "<in-memory "
-_BIN_WEIGHTS_NAME = "adapter_model.bin"
 
 
 def _as_list(value: Any) -> list:
@@ -102,11 +101,12 @@ def check_source_folder(config: MemVPConfig) -> None:
     folder = getattr(config, "_memvp_source_folder", None)
     if folder is None or not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
         return  # not a local folder (a Hub id): peft downloads the weights itself
-    weights = os.path.join(folder, WEIGHTS_NAME)
-    if os.path.isfile(weights):
-        check_adapter_file_complete(weights)
-    elif not os.path.isfile(os.path.join(folder, _BIN_WEIGHTS_NAME)):
-        raise ValueError(f"MemVP adapter folder {folder} has no {WEIGHTS_NAME} (was the save interrupted?).")
+    weights = adapter_weights_file(folder)
+    if weights is None:
+        raise ValueError(
+            f"MemVP adapter folder {folder} has no {WEIGHTS_NAME} or {BIN_WEIGHTS_NAME} (was the save interrupted?)."
+        )
+    check_adapter_file_complete(weights)
 
 
 def matched_targets(tuner: Any, model: nn.Module, config: MemVPConfig) -> list[tuple[str, nn.Module]]:
