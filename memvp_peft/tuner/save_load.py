@@ -69,7 +69,17 @@ _HOST = format(zlib.crc32(socket.gethostname().encode()), "08x")
 
 
 def refuse_partitioned_tensors(state_dict: Mapping[str, torch.Tensor], where: str = "the adapter") -> None:
-    """Raise a ValueError when a tensor about to be saved has 0 elements (an unconsolidated ZeRO-3 partition)."""
+    """Raise a ValueError when a tensor about to be saved is a partition: 0 elements (an unconsolidated ZeRO-3
+    partition) or an FSDP2 `DTensor` (each rank holds a shard; writing it fails deep inside safetensors)."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = [key for key, value in state_dict.items() if isinstance(value, DTensor)]
+    if sharded:
+        raise ValueError(
+            f"MemVP refused to save {where}: tensors {sharded[:5]} are FSDP2-sharded DTensors. Gather the trainable "
+            "tensors on every rank (`tensor.full_tensor()`) and save on rank 0 with `state_dict=` "
+            "(integrations/train_fsdp.py shows how)."
+        )
     empty = [key for key, value in state_dict.items() if isinstance(value, torch.Tensor) and value.numel() == 0]
     if empty:
         raise ValueError(

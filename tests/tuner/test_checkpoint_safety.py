@@ -268,3 +268,33 @@ def test_memvp_infer_answers_with_a_bin_adapter(tmp_path, capsys):
     capsys.readouterr()
     assert infer_main(["--adapter", str(tmp_path / "adapter"), "--image", "digits:0", "--max_new_tokens", "1"]) == 0
     assert "digits:0" in capsys.readouterr().out
+
+
+def test_fsdp2_sharded_tensors_are_refused_with_the_way_out(tmp_path):
+    """A plain save of an FSDP2-sharded model hands peft DTensors; MemVP names them instead of failing in safetensors."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import socket, torch, torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+        from memvp_peft.tuner.save_load import refuse_partitioned_tensors
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = {"memvp_memory.key_pos": distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)])}
+        try:
+            refuse_partitioned_tensors(sharded)
+        except ValueError as error:
+            print(error)
+        refuse_partitioned_tensors({"memvp_memory.key_pos": sharded["memvp_memory.key_pos"].full_tensor()})
+        dist.destroy_process_group()
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "FSDP2-sharded DTensors" in done.stdout and "full_tensor()" in done.stdout
