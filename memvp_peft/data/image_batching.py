@@ -22,6 +22,11 @@ from .images import PathLike, pillow_image_module, to_rgb_image
 __all__ = ["batch_images", "blank_image_shape", "process_images", "record_images"]
 
 
+# Image-carrying fields of other dataset layouts (the Hub/TRL `images` list, precomputed tensors, video) that this
+# collator does not read: a record holding one is refused rather than silently trained text-only.
+UNREAD_IMAGE_FIELDS = ("images", "pixel_values", "image_features", "video", "videos", "frames")
+
+
 def record_images(
     record: Mapping[str, Any],
     where: str,
@@ -36,6 +41,16 @@ def record_images(
     ``ValueError`` naming the record, the image's index in its list and the ``image_folder`` paths were resolved
     against.
     """
+    unread = [key for key in UNREAD_IMAGE_FIELDS if record.get(key) is not None]
+    if unread:
+        # A column the collator would not read means a batch that trains text-only while the user believes it sees
+        # the images: refuse instead.
+        raise ValueError(
+            f"{where}: has {unread} but MemVPDataCollator reads a record's images from its 'image' field only (a "
+            "path, PIL image, array or bytes, or a list of them for several images). Rename the column to 'image' "
+            "(e.g. `dataset.rename_column('images', 'image')`); precomputed features go to the model as "
+            "`image_features=` directly, not through this collator."
+        )
     raw = record.get("image")
     if raw is None:
         return [], False
