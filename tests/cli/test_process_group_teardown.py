@@ -6,21 +6,15 @@ tests/integrations/test_deepspeed.py::test_memvp_train_under_zero3_trains_saves_
 single-process contract that makes it safe to call unconditionally.
 """
 
-import socket
 
 import torch
 
 from memvp_peft.distributed import leave_process_group
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from process_launch import free_port
 
 
 def test_leave_process_group_destroys_a_joined_group():
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         assert torch.distributed.is_initialized()
         leave_process_group()
@@ -39,7 +33,7 @@ def test_leave_process_group_is_a_no_op_outside_a_distributed_run():
 def test_memvp_train_leaves_the_process_group_even_when_the_options_are_rejected(capsys):
     from memvp_peft.cli.train import main
 
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         assert main(["--quick", "--lora_rank", "-1", "--output_dir", "/nonexistent/never"]) == 2
         assert not torch.distributed.is_initialized()

@@ -32,7 +32,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,7 @@ BUILD_OPS = Path(__file__).resolve().parent / "distributed" / "build_deepspeed_o
 
 sys.path.insert(0, str(RECIPE.parent))
 import train_trainer as recipe  # noqa: E402  (the recipe's data, model and adapter builders)
+from process_launch import free_port, launcher_env  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -66,30 +66,8 @@ LM_HEAD_SCALE = 10.0  # see the `checkpoint` fixture
 # ------------------------------------------------------------------------------------------------------- launching
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONUNBUFFERED="1",
-        DS_ACCELERATOR="cpu",  # never pick up a GPU: these tests are about the CPU/gloo path
-        CUDA_VISIBLE_DEVICES="",
-        PYTHONWARNINGS="ignore",
-    )
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    env.pop("LOCAL_RANK", None)
-    return env
-
-
 def _launch(launcher: str, args: list[str], expect_success: bool = True) -> subprocess.CompletedProcess:
-    port = str(_free_port())
+    port = str(free_port())
     if launcher == "torchrun":
         prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     elif launcher == "deepspeed":
@@ -126,7 +104,7 @@ def _run_together(commands: list[list[str]], what: str) -> list[tuple[int, str]]
         files = [open(Path(logs) / f"{n}.log", "w+") for n in range(len(commands))]
         procs = [
             subprocess.Popen(
-                command, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
+                command, cwd=ROOT, env=launcher_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
                 start_new_session=True,
             )  # fmt: skip
             for command, log in zip(commands, files)
@@ -187,7 +165,7 @@ def _common(output_dir: Path, checkpoint: Path, *extra: str) -> list[str]:
 def deepspeed_ops():
     """JIT-build DeepSpeed's CPU ops once (shm comm, fused_adam, cpu_adam) before any multi-process run."""
     result = subprocess.run(
-        [sys.executable, str(BUILD_OPS)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1200
+        [sys.executable, str(BUILD_OPS)], cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=1200
     )
     assert result.returncode == 0, f"building the DeepSpeed ops failed:\n{(result.stdout + result.stderr)[-4000:]}"
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -417,7 +395,7 @@ def test_two_node_launch_lines(launcher, tmp_path, deepspeed_ops, checkpoint):
     * `accelerate launch --config_file integrations/accelerate/multi_node.yaml --machine_rank N ...` (ZeRO-3 from
       the shipped yaml; num_processes/main_process_ip overridden on the command line as the yaml explains)."""
     out = tmp_path / "out"
-    port = str(_free_port())
+    port = str(free_port())
     if launcher == "deepspeed-hostfile":
         hostfile = tmp_path / "hostfile"
         hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
@@ -481,7 +459,7 @@ def test_memvp_train_under_zero3_trains_saves_and_answers(tmp_path, deepspeed_op
 
     out = tmp_path / "out"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "memvp_peft.train", "--quick", "--deepspeed", str(DS_CONFIGS / "zero3.json"),
+               str(free_port()), "-m", "memvp_peft.train", "--quick", "--deepspeed", str(DS_CONFIGS / "zero3.json"),
                "--output_dir", str(out), "--per_device_train_batch_size", str(BATCH)]  # fmt: skip
     ((returncode, output),) = _run_together([command], "memvp-train under ZeRO-3")
     assert returncode == 0, f"{_error_lines(output)}\n{output[-4000:]}"

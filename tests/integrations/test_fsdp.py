@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +37,7 @@ ACCELERATE_CONFIG = ROOT / "integrations" / "fsdp" / "fsdp2.yaml"
 
 sys.path.insert(0, str(RECIPE.parent))
 import train_fsdp as recipe  # noqa: E402  (the recipe's data, model and unsharded replay)
+from process_launch import free_port, launcher_env  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -46,23 +46,9 @@ RUN_ARGS = ["--max_steps", "6", "--per_device_batch_size", "8", "--text_only_eve
 LOSS_TOLERANCE = 1e-5  # float reduction order: FSDP2 averages two per-rank gradients, the replay one summed loss
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
-
-
 def _launch(command: list[str]) -> str:
     """Run a launcher in its own process group; on timeout kill the whole group (the ranks are grandchildren)."""
-    proc = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(command, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=RUN_TIMEOUT)
@@ -76,7 +62,7 @@ def _launch(command: list[str]) -> str:
 
 
 def _torchrun(script: Path, *args: str) -> str:
-    port = str(_free_port())
+    port = str(free_port())
     prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     return _launch([*prefix, str(script), *args])
 
@@ -139,7 +125,7 @@ def accelerate_probe(tmp_path_factory) -> list[dict]:
     probe = tmp_path_factory.mktemp("probe") / "probe.py"
     probe.write_text(PROBE)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
-               "--main_process_port", str(_free_port()), str(probe)]
+               "--main_process_port", str(free_port()), str(probe)]
     _launch(command)
     return [json.loads((probe.parent / f"rank_{r}.json").read_text()) for r in (0, 1)]
 
