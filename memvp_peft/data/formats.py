@@ -49,6 +49,13 @@ class _Images:
             return [one(item, f"{where}, image {k}") for k, item in enumerate(value)]
         return one(value, where)
 
+    def record(self, item: dict, where: str) -> dict:
+        """The record as the collator gets it: its image field resolved, its place in the file attached."""
+        record = dict(item)
+        record["image"] = self.resolve(item.get("image"), where)
+        record[ORIGIN_FIELD] = where
+        return record
+
     def check_all(self) -> None:
         if self.check:
             check_image_files(self.pending, self.decode, self.max_pixels)
@@ -138,10 +145,7 @@ def load_llava_json(
             raise ValueError(f"{where}: LLaVA record has no 'conversations' field.")
         if not isinstance(item["conversations"], list) or not item["conversations"]:
             raise ValueError(f"{where}: 'conversations' must be a non-empty list.")
-        record = dict(item)
-        record["image"] = images.resolve(item.get("image"), where)
-        record[ORIGIN_FIELD] = where
-        records.append(record)
+        records.append(images.record(item, where))
     images.check_all()
     return records
 
@@ -179,9 +183,6 @@ def load_jsonl(
         answer = item.get("answer")
         if require_answer and (not isinstance(answer, str) or not answer.strip()):
             raise ValueError(f"{where}: missing or empty 'answer' string field.")
-        record = dict(item)
-        record["image"] = images.resolve(item.get("image"), where)
-        record[ORIGIN_FIELD] = where
-        records.append(record)
+        records.append(images.record(item, where))
     images.check_all()
     return records
