@@ -62,10 +62,16 @@ def load_base(path: str, load_in_4bit: bool, bf16: bool):
     return model, tokenizer, kind
 
 
+# Where a checkpoint folder keeps its image processor: transformers 4 (and an image processor saved on its own) writes
+# preprocessor_config.json; transformers 5 saves a whole processor (e.g. a Llava one) as processor_config.json only.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
 def image_processor_for(folder: Optional[str], vision_config: Any):
-    """The folder's own image processor if it has one, else a CLIP-style one sized to the encoder."""
+    """The folder's own image processor if it saved one (either layout; its mean/std/size are what the encoder was
+    trained with), else a CLIP-style one sized to the encoder."""
     from transformers import AutoImageProcessor
 
-    if folder and os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+    if folder and any(os.path.isfile(os.path.join(folder, name)) for name in PROCESSOR_FILES):
         return AutoImageProcessor.from_pretrained(folder)
     return clip_style_image_processor(int(vision_config.image_size))
