@@ -28,7 +28,6 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     base = build_base_model(args)
     info = describe_model(base)
     vocab = info["vocab_size"]
-    d = info["hidden_size"]
     methods_wanted = [m for m in METHODS if m in args.methods]
 
     # Each method owns a deep copy of the same frozen base (peft modifies the model in place).

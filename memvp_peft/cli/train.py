@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..distributed import leave_process_group
-from ..tuner.save_load import atomic_saves
+from ..tuner.save_load import atomic_saves, global_rank
 from .answering import accuracy, generate_answers
 from .base_loading import image_processor_for, load_base
 from .options import TrainOptions, run_command
@@ -167,11 +167,6 @@ def check_output_dir(options: TrainOptions) -> list[str]:
     return [os.path.join(out, name) for name in ours]
 
 
-def _process_group():
-    dist = torch.distributed
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
 def start_run_folder(output_dir: str, replaced: list[str], embedded_base) -> None:
     """The run's first write, once every check has passed: remove the replaced run's files, write the embedded base.
 
@@ -179,10 +174,10 @@ def start_run_folder(output_dir: str, replaced: list[str], embedded_base) -> Non
     finding rank 0's new files and refusing the run, and the one after keeps the others from going on before it is
     done. The rank is the process group's (a single process is rank 0), not a RANK variable left in the environment.
     """
-    group = _process_group()
-    if group is not None:
-        group.barrier()
-    if group is None or group.get_rank() == 0:
+    launched = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if launched:
+        torch.distributed.barrier()
+    if global_rank() == 0:
         for path in replaced:
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
@@ -193,8 +188,8 @@ def start_run_folder(output_dir: str, replaced: list[str], embedded_base) -> Non
             model, tokenizer, path = embedded_base
             model.save_pretrained(path)
             tokenizer.save_pretrained(path)
-    if group is not None:
-        group.barrier()
+    if launched:
+        torch.distributed.barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------- training

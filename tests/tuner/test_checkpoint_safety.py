@@ -278,12 +278,11 @@ def test_fsdp2_sharded_tensors_are_refused_with_the_way_out(tmp_path):
 
     code = textwrap.dedent(
         """
-        import socket, torch, torch.distributed as dist
+        import sys, torch, torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Shard, distribute_tensor
         from memvp_peft.tuner.save_load import refuse_partitioned_tensors
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+        port = int(sys.argv[1])
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
         mesh = init_device_mesh("cpu", (1,))
         sharded = {"memvp_memory.key_pos": distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)])}
@@ -295,6 +294,8 @@ def test_fsdp2_sharded_tensors_are_refused_with_the_way_out(tmp_path):
         dist.destroy_process_group()
         """
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    from process_launch import free_port
+
+    done = subprocess.run([sys.executable, "-c", code, str(free_port())], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "FSDP2-sharded DTensors" in done.stdout and "full_tensor()" in done.stdout
