@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..distributed import leave_process_group
+from ..distributed import leave_process_group, wait_for_every_rank
 from ..tuner.save_load import atomic_saves, global_rank
 from .answering import accuracy, generate_answers
 from .base_loading import image_processor_for, load_base
@@ -296,6 +296,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
     # the saved adapter reloaded onto a single-process base below -- the model users deploy.
     partitioned = is_deepspeed_zero3_enabled()
     if not trainer.is_world_process_zero():
+        wait_for_every_rank()  # until rank 0 has answered: no rank leaves while a peer still holds the group
         return {}
     if partitioned:
         unset_hf_deepspeed_config()  # the reload below is a plain single-process model: no zero.Init, no synced_gpus
@@ -347,6 +348,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
     }
     write_metrics(os.path.join(options.output_dir, "metrics.json"), metrics)
     print(f"wrote {options.output_dir}/metrics.json and loss_curve.png ({metrics['wall_time_s']:.0f} s in total)")
+    wait_for_every_rank()  # the other ranks wait here for rank 0: they leave the process group together
     return metrics
 
 
