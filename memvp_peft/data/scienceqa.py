@@ -1,0 +1,191 @@
+"""ScienceQA (Lu et al. 2022) -> multiple-choice records, from either of the two layouts it is distributed in.
+
+MemVP's headline result is ScienceQA, so `--dataset scienceqa:DIR` reads the data exactly as the authors' code does
+(github JieShibo/MemVP, ``util/datasets.py``) and hands the collator *multiple-choice records* --
+``question``, ``choices``, integer ``answer``, ``hint`` (and ``caption`` when asked) -- which
+:mod:`.multiple_choice` renders with the paper's QCM-A prompt. Keeping the rendering there (not here) means a
+ScienceQA problem and any other multiple-choice record are prompted the same way, at training and at answering time.
+
+The two layouts:
+
+* the ScienceQA repository (``problems.json`` = {pid: {question, choices, answer, hint, image, subject, grade, ...,
+  split}}, ``pid_splits.json`` = {split: [pid, ...]}, ``images/<split>/<pid>/image.png``, optional
+  ``captions.json`` = {"captions": {pid: text}});
+* the Hub parquet export (one row per problem: ``image`` as ``{"bytes", "path"}`` or null, ``question``,
+  ``choices``, integer ``answer``, ``hint``, ``subject``, ``grade``, ...), as files ``<split>-*.parquet`` or
+  ``<split>.parquet`` in DIR or ``DIR/data``. It has no problem ids: a row's id is ``<split>-<index>``.
+
+Each record also carries what scoring needs (``subject``, ``grade``, ``has_image``, ``has_hint``) -- the columns of
+the paper's table are computed from these, never re-derived from the prompt.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, Optional
+
+from .conversations import ORIGIN_FIELD
+from .images import PathLike
+
+__all__ = ["SCIENCEQA_PREFIX", "SCIENCEQA_SPLITS", "is_scienceqa_dataset", "load_scienceqa"]
+
+#: `--dataset scienceqa:DIR` names a ScienceQA folder in either layout.
+SCIENCEQA_PREFIX = "scienceqa:"
+
+#: The splits of the repository layout (`pid_splits.json`); the Hub export calls `val` `validation`.
+SCIENCEQA_SPLITS = ("train", "val", "test", "trainval", "minitrain", "minival", "minitest")
+_HUB_NAMES = {"val": "validation", "validation": "validation", "train": "train", "test": "test"}
+_FIELDS = ("question", "choices", "answer")
+
+
+def is_scienceqa_dataset(dataset: str) -> bool:
+    """Whether a `--dataset` value names ScienceQA (``scienceqa:DIR``)."""
+    return isinstance(dataset, str) and dataset.startswith(SCIENCEQA_PREFIX)
+
+
+def load_scienceqa(folder: PathLike, split: str, use_caption: bool = False) -> list[dict[str, Any]]:
+    """The problems of one split of a ScienceQA folder as multiple-choice records (layouts in the module docstring).
+
+    Args:
+        folder: the folder (``scienceqa:`` prefix allowed): ``problems.json`` there means the repository layout,
+            parquet files the Hub export.
+        split: ``train``, ``val``, ``test`` (and the repository's ``trainval``/``mini*``).
+        use_caption: add the problem's caption from ``captions.json`` to the context, as the authors' ``--use_caption``
+            does (their training script leaves it off; their ``eval.py`` turns it on). A missing ``captions.json``
+            is then an error; a problem without a caption gets none.
+
+    Problems without an image are text-only records (no ``image``): they train and answer with the memory off.
+    Every problem is checked (question text, 2+ choices, an answer index among them, an existing image file) and a
+    bad one is a ``ValueError`` naming the file and the problem.
+    """
+    folder = os.fspath(folder)
+    if folder.startswith(SCIENCEQA_PREFIX):
+        folder = folder[len(SCIENCEQA_PREFIX):]
+    if not folder or not os.path.isdir(folder):
+        raise ValueError(f"ScienceQA: {folder!r} is not a folder; expected the ScienceQA repository layout "
+                         "(problems.json, pid_splits.json, images/) or a folder of the Hub export's parquet files.")
+    if not isinstance(split, str) or not split:
+        raise ValueError(f"ScienceQA: split must be a split name such as 'train' or 'test', got {split!r}.")
+    if os.path.isfile(os.path.join(folder, "problems.json")):
+        records = _load_repository_layout(folder, split, use_caption)
+    else:
+        if use_caption:
+            raise ValueError("ScienceQA: use_caption needs captions.json, which only the repository layout has "
+                             f"({folder!r} holds the Hub export).")
+        records = _load_hub_layout(folder, split)
+    if not records:
+        raise ValueError(f"ScienceQA: split {split!r} of {folder!r} holds no problems.")
+    return records
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError as exc:
+        raise ValueError(f"ScienceQA: {path} is missing (the repository layout needs problems.json and "
+                         "pid_splits.json).") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"ScienceQA: {path} is not valid JSON: {exc}.") from exc
+
+
+def _load_repository_layout(folder: str, split: str, use_caption: bool) -> list[dict[str, Any]]:
+    problems = _read_json(os.path.join(folder, "problems.json"))
+    splits = _read_json(os.path.join(folder, "pid_splits.json"))
+    if not isinstance(problems, dict) or not isinstance(splits, dict):
+        raise ValueError(f"ScienceQA: {folder}: problems.json and pid_splits.json must each hold a JSON object.")
+    if split not in splits:
+        raise ValueError(f"ScienceQA: unknown split {split!r}; pid_splits.json has {sorted(splits)}.")
+    captions: Mapping[str, str] = {}
+    if use_caption:
+        data = _read_json(os.path.join(folder, "captions.json"))
+        captions = data.get("captions", {}) if isinstance(data, dict) else {}
+    image_split = "val" if split == "validation" else split
+    records = []
+    for pid in splits[split]:
+        pid = str(pid)
+        where = f"{os.path.join(folder, 'problems.json')}: problem {pid!r}"
+        problem = problems.get(pid)
+        if not isinstance(problem, dict):
+            raise ValueError(f"{where}: listed in pid_splits.json[{split!r}] but not in problems.json.")
+        image = None
+        if problem.get("image"):
+            # the authors read images/<split>/<pid>/image.png; the split folder is the problem's own for trainval/mini*
+            own_split = str(problem.get("split") or image_split)
+            image = os.path.join(folder, "images", own_split, pid, str(problem["image"]))
+            if not os.path.isfile(image):
+                raise ValueError(f"{where}: its image file {image} is missing.")
+        caption = captions.get(pid, "") if use_caption else None
+        records.append(_record(pid, problem, image, caption, where))
+    return records
+
+
+def _hub_files(folder: str, split: str) -> list[str]:
+    name = _HUB_NAMES.get(split, split)
+    found: list[str] = []
+    for base in (folder, os.path.join(folder, "data")):
+        found += sorted(glob.glob(os.path.join(base, f"{name}-*.parquet")))
+        found += sorted(glob.glob(os.path.join(base, f"{name}.parquet")))
+    return found
+
+
+def _load_hub_layout(folder: str, split: str) -> list[dict[str, Any]]:
+    files = _hub_files(folder, split)
+    if not files:
+        present = sorted({os.path.basename(p).split("-")[0].split(".")[0]
+                          for base in (folder, os.path.join(folder, "data"))
+                          for p in glob.glob(os.path.join(base, "*.parquet"))})
+        if not present:
+            raise ValueError(f"ScienceQA: {folder!r} has neither problems.json (the repository layout) nor parquet "
+                             "files (the Hub export).")
+        raise ValueError(f"ScienceQA: no parquet files for split {split!r} in {folder!r}; splits present: {present}.")
+    import pyarrow.parquet as parquet  # a dependency of `datasets`; only this layout needs it
+
+    records = []
+    for path in files:
+        table = parquet.read_table(path)
+        missing = [name for name in _FIELDS if name not in table.column_names]
+        if missing:
+            raise ValueError(f"ScienceQA: {path} lacks the column(s) {missing}; columns: {table.column_names}.")
+        for index, row in enumerate(table.to_pylist()):
+            pid = f"{split}-{len(records)}"
+            where = f"{path}: row {index}"
+            image = row.get("image")
+            if isinstance(image, Mapping) and not image.get("bytes") and not image.get("path"):
+                image = None
+            records.append(_record(pid, row, image, None, where))
+    return records
+
+
+def _record(pid: str, problem: Mapping[str, Any], image: Any, caption: Optional[str], where: str) -> dict[str, Any]:
+    """One checked multiple-choice record with the fields scoring needs."""
+    question, choices, answer = problem.get("question"), problem.get("choices"), problem.get("answer")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: 'question' must be a non-empty str, got {question!r}.")
+    if not isinstance(choices, (list, tuple)) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        raise ValueError(f"{where}: 'choices' must be a list of 2 or more str, got {choices!r}.")
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise ValueError(f"{where}: 'answer' must be the index of one of its {len(choices)} choices, got {answer!r}.")
+    hint = problem.get("hint") or ""
+    if not isinstance(hint, str):
+        raise ValueError(f"{where}: 'hint' must be a str or empty, got {type(hint).__name__}.")
+    record: dict[str, Any] = {
+        "id": pid,
+        "question": question,
+        "choices": list(choices),
+        "answer": answer,
+        "hint": hint,
+        "subject": str(problem.get("subject") or ""),
+        "grade": str(problem.get("grade") or ""),
+        "has_image": image is not None,
+        "has_hint": bool(hint),
+        ORIGIN_FIELD: where,
+    }
+    if caption is not None:
+        record["caption"] = caption
+    if image is not None:
+        record["image"] = image
+    return record

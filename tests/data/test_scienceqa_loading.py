@@ -1,0 +1,98 @@
+"""`load_scienceqa`: both ScienceQA layouts become the same checked multiple-choice records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memvp_peft.data.scienceqa import is_scienceqa_dataset, load_scienceqa
+from scienceqa_fixture import scienceqa_problems, write_hub_layout, write_repository_layout
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return scienceqa_problems(num_image=9, num_text=6)
+
+
+@pytest.fixture
+def repository(tmp_path, problems):
+    return write_repository_layout(tmp_path / "sqa", problems)
+
+
+def test_the_repository_layout_gives_one_record_per_problem_of_the_split(repository, problems):
+    records = load_scienceqa(repository, "test")
+    expected = [pid for pid, p in problems.items() if p["split"] == "test"]
+    assert [r["id"] for r in records] == expected
+    first = records[0]
+    assert first["question"] == problems[first["id"]]["question"]
+    assert first["choices"] == problems[first["id"]]["choices"] and first["answer"] == problems[first["id"]]["answer"]
+
+
+def test_image_problems_point_at_their_image_file_and_text_problems_have_none(repository):
+    records = load_scienceqa(repository, "train")
+    with_image = [r for r in records if r["has_image"]]
+    without = [r for r in records if not r["has_image"]]
+    assert with_image and without
+    assert all(r["image"].endswith(f"images/train/{r['id']}/image.png") for r in with_image)
+    assert all("image" not in r for r in without)
+
+
+def test_captions_join_the_record_only_when_asked(repository):
+    assert all("caption" not in r for r in load_scienceqa(repository, "test"))
+    captioned = load_scienceqa(repository, "test", use_caption=True)
+    assert {r["caption"] for r in captioned if r["has_image"]} == {"A handwritten digit."}
+    assert {r["caption"] for r in captioned if not r["has_image"]} == {""}
+
+
+def test_the_hub_layout_gives_the_same_problems_as_the_repository_layout(tmp_path, repository, problems):
+    hub = write_hub_layout(tmp_path / "hub", problems)
+    for split in ("train", "val", "test"):
+        ours = load_scienceqa(hub, split)
+        theirs = load_scienceqa(repository, split)
+        keys = ("question", "choices", "answer", "hint", "subject", "grade", "has_image", "has_hint")
+        assert [{k: r[k] for k in keys} for r in ours] == [{k: r[k] for k in keys} for r in theirs]
+        assert all(isinstance(r["image"], dict) and r["image"]["bytes"] for r in ours if r["has_image"])
+
+
+def test_the_scienceqa_prefix_is_recognised_and_accepted(repository):
+    assert is_scienceqa_dataset(f"scienceqa:{repository}") and not is_scienceqa_dataset(str(repository))
+    assert len(load_scienceqa(f"scienceqa:{repository}", "val")) == len(load_scienceqa(repository, "val"))
+
+
+def test_an_unknown_split_is_refused_with_the_splits_there_are(repository):
+    with pytest.raises(ValueError, match=r"unknown split 'dev'; pid_splits.json has \['test', 'train', 'trainval', 'val'\]"):
+        load_scienceqa(repository, "dev")
+
+
+def test_a_missing_image_file_is_refused_naming_the_problem(repository, problems):
+    pid = next(pid for pid, p in problems.items() if p["split"] == "test" and p["image"])
+    (repository / "images" / "test" / pid / "image.png").unlink()
+    with pytest.raises(ValueError, match=rf"problem '{pid}': its image file .* is missing"):
+        load_scienceqa(repository, "test")
+
+
+def test_an_answer_outside_the_choices_is_refused_naming_the_problem(repository):
+    data = json.loads((repository / "problems.json").read_text())
+    pid = json.loads((repository / "pid_splits.json").read_text())["test"][0]
+    data[pid]["answer"] = len(data[pid]["choices"])
+    (repository / "problems.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"problem '{pid}': 'answer' must be the index of one of its"):
+        load_scienceqa(repository, "test")
+
+
+def test_a_folder_of_neither_layout_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="neither problems.json .* nor parquet files"):
+        load_scienceqa(tmp_path, "test")
+
+
+def test_captions_with_the_hub_layout_are_refused(tmp_path, problems):
+    hub = write_hub_layout(tmp_path / "hub", problems)
+    with pytest.raises(ValueError, match="use_caption needs captions.json"):
+        load_scienceqa(hub, "test", use_caption=True)
+
+
+def test_trainval_reads_each_problems_image_from_its_own_split_folder(repository):
+    records = load_scienceqa(repository, "trainval")
+    folders = {r["image"].split("/images/")[1].split("/")[0] for r in records if r["has_image"]}
+    assert folders == {"train", "val"}
