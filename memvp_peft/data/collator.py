@@ -1,32 +1,27 @@
-"""Turning (image, question, answer) records into MemVP training and generation batches.
+"""Turning dataset records into MemVP training and generation batches.
 
 MemVP puts the image into the FFN *memory* of the language model, not into the token sequence.  So unlike a LLaVA
 collator, this one never inserts image placeholder tokens: the text is tokenized as plain text and the images travel
 separately as ``pixel_values`` (plus an ``image_mask`` saying which rows/slots really hold an image).  That is the
-whole point of the method (the sequence stays short), and it is why any ``<image>`` placeholder found in
-LLaVA-format conversations is *removed* from the text rather than expanded.
+whole point of the method (the sequence stays short), and it is why any ``<image>`` placeholder (or
+``{"type": "image"}`` entry) of a record's text is *removed* rather than expanded.
 
-Two record formats are accepted by :class:`MemVPDataCollator`:
+A record's text may come in any layout of :mod:`.conversations` -- a simple ``question``/``answer``, a
+multiple-choice ``question``/``choices``/int ``answer`` (the authors' ScienceQA prompt), LLaVA ``conversations``, TRL
+``messages``, the_cauldron ``texts`` -- and its images in ``image`` or ``images`` (paths, PIL images, arrays, bytes,
+``datasets.Image`` values; one or a list) or as precomputed ``pixel_values`` / ``image_features``.  For example::
 
-* a *simple* record::
-
-      {"image": PIL.Image | np.ndarray | "path.png" | bytes | None | [several of those],
-       "question": "What digit is this?",       # or "prompt"
-       "answer": "seven"}
-
-* a LLaVA *conversation* record (``image`` relative to ``image_folder``)::
-
-      {"image": "coco/0001.jpg",                 # or a list, or absent for text-only
-       "conversations": [{"from": "human", "value": "<image>\\nWhat is shown?"},
-                         {"from": "gpt",   "value": "A cat."},
-                         ...]}                     # multi-turn: loss on every gpt turn
+    {"images": [<PIL>], "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
+                                      {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}]}
 
 Rows without an image are fine (ScienceQA has text-only questions): their ``pixel_values`` are zeros and their
-``image_mask`` is False, so the memory is switched off for them.
+``image_mask`` is False, so the memory is switched off for them.  An image the collator would not use is an error,
+never silently text-only training.  docs/datasets.md has the table of layouts.
 
-The collator only orchestrates; each concern lives in its own module: reading a record's turns
-(:mod:`.conversations`), tokens, labels and padding (:mod:`.tokenization`, which also shows the layout of a row),
-images (:mod:`.images`, :mod:`.image_batching`).
+The collator only orchestrates; each concern lives in its own module: a record's text (:mod:`.conversations`,
+:mod:`.chat_layouts`, :mod:`.multiple_choice`), tokens, labels and padding (:mod:`.tokenization` with a prompt
+template, :mod:`.chat_template` with the base's chat template), images (:mod:`.images`, :mod:`.image_batching`,
+:mod:`.precomputed`).
 """
 
 from __future__ import annotations
@@ -36,21 +31,44 @@ from typing import Any, Optional
 
 import torch
 
-from .conversations import record_label, record_turns
-from .image_batching import batch_images, blank_image_shape, record_images
+from .chat_template import ChatTemplateRenderer, chat_template_of
+from .conversations import Dialogue, record_dialogue, record_label
+from .image_batching import (
+    RAW_IMAGE_FIELDS,
+    assemble_images,
+    blank_image_shape,
+    image_field,
+    process_images,
+    record_images,
+)
 from .images import PathLike
+from .precomputed import precomputed_images
 from .prompts import DEFAULT_PROMPT_TEMPLATE, IMAGE_PLACEHOLDER, build_prompt
 from .tokenization import (
     count_leading_special_tokens,
     encode_answer,
     encode_prompt,
     encode_turns,
+    labels_of,
     left_pad,
     pad_labels,
     right_pad,
 )
 
 __all__ = ["MemVPDataCollator"]
+
+
+class _RecordImages:
+    """One record's images on their way into the batch: raw RGB images (to process) or precomputed tensors."""
+
+    __slots__ = ("raw", "tensors", "is_list", "field")
+
+    def __init__(self, raw: list[Any], tensors: list[torch.Tensor], is_list: bool, field: Optional[str]) -> None:
+        self.raw, self.tensors, self.is_list, self.field = raw, tensors, is_list, field
+
+    @property
+    def count(self) -> int:
+        return len(self.raw) + len(self.tensors)
 
 
 class MemVPDataCollator:
@@ -66,14 +84,21 @@ class MemVPDataCollator:
             attention mask, not by its id, so this is safe).
         image_processor: a HF image processor (e.g. ``CLIPImageProcessor``) called as
             ``image_processor(images=[...], return_tensors="pt")["pixel_values"]``; it must produce one fixed size.
-            ``None`` is allowed for purely textual data: then no ``pixel_values``/``image_mask`` are returned and a
-            record with an image raises.
+            ``None`` is allowed for purely textual data and for precomputed ``pixel_values``/``image_features``: a
+            record with a raw image then raises.
         max_length: longest row in tokens (``None``: no limit).  An over-long row first loses tokens from the *start of
-            its first question* (BOS kept), so the answer -- the only supervised part -- survives; if the answers alone
-            are still too long, the row is cut on the right.
-        prompt_template: template of every human turn, with a ``{question}`` field (see :func:`build_prompt`).
-        answer_only_loss: ``True`` (default): labels are -100 except on answer tokens and the EOS after each answer.
-            ``False``: every non-padding token is supervised.
+            its first question* (BOS and a chat template's header kept), so the answer -- the only supervised part --
+            survives; if the answers alone are still too long, the row is cut on the right.
+        prompt_template: template of every user turn, with a ``{question}`` field (see :func:`build_prompt`); default
+            ``"Question: {question}\\nAnswer:"``.  Giving one means "use it": the chat template is then not used
+            (unless ``chat_template=True``, which is a contradiction and refused).
+        chat_template: ``None`` (default): render with the base's chat template (the tokenizer's, else the
+            processor's) when it has one and no ``prompt_template`` was given; otherwise with the prompt template.
+            ``True``: the chat template, required.  ``False``: the prompt template, always.  Seq2seq never uses one.
+            ``uses_chat_template`` says what was decided (see :mod:`.chat_template` for how it renders).
+        answer_only_loss: ``True`` (default): labels are -100 except on answer tokens and the EOS after each answer
+            (with a chat template: the assistant turns, end-of-turn tokens included).  ``False``: every non-padding
+            token is supervised.
         num_images: ``None``: a batch where no record has a *list* of images gives ``pixel_values`` ``(B, C, H, W)``
             and ``image_mask`` ``(B,)``; a batch with at least one list gives ``(B, I, C, H, W)`` / ``(B, I)`` with
             ``I`` the longest list in that batch.  An int ``I`` always gives the 5-D layout with exactly ``I`` slots
@@ -85,7 +110,8 @@ class MemVPDataCollator:
         pad_to_multiple_of: pad the sequence length up to a multiple of this (tensor-core friendly shapes).
         image_input_name: the model input the images become: ``"pixel_values"`` (images for a vision encoder, the
             processor returns ``(N, C, H, W)``) or ``"image_features"`` (a featurizer such as
-            ``DigitPatchFeaturizer`` returns visual tokens ``(N, tokens, dim)``).
+            ``DigitPatchFeaturizer`` returns visual tokens ``(N, tokens, dim)``).  Precomputed tensors must be this
+            kind.
         seq2seq: encoder-decoder layout: a training batch is the prompt as encoder input and the answer (+EOS) as
             ``labels`` (see :meth:`seq2seq_batch`); :meth:`prompts` gives the same right-padded encoder input.
     """
@@ -95,7 +121,7 @@ class MemVPDataCollator:
         tokenizer: Any,
         image_processor: Any,
         max_length: Optional[int] = 2048,
-        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        prompt_template: Optional[str] = None,
         answer_only_loss: bool = True,
         num_images: Optional[int] = None,
         image_folder: Optional[PathLike] = None,
@@ -104,6 +130,7 @@ class MemVPDataCollator:
         pad_to_multiple_of: Optional[int] = None,
         image_input_name: str = "pixel_values",
         seq2seq: bool = False,
+        chat_template: Optional[bool] = None,
     ) -> None:
         if image_input_name not in ("pixel_values", "image_features"):
             raise ValueError(
@@ -122,11 +149,12 @@ class MemVPDataCollator:
             raise ValueError(f"MemVPDataCollator: num_images must be >= 1 or None, got {num_images}")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ValueError(f"MemVPDataCollator: pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
-        build_prompt("x", template=prompt_template)  # validates the template early
+        template = DEFAULT_PROMPT_TEMPLATE if prompt_template is None else prompt_template
+        build_prompt("x", template=template)  # validates the template early
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.max_length = max_length
-        self.prompt_template = prompt_template
+        self.prompt_template = template
         self.answer_only_loss = answer_only_loss
         self.num_images = num_images
         self.image_folder = image_folder
@@ -135,84 +163,157 @@ class MemVPDataCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.image_input_name = image_input_name
         self.seq2seq = seq2seq
+        self._chat = self._chat_renderer(chat_template, prompt_template is not None)
         self._bos_len: Optional[int] = None
-        self._empty_image: Optional[tuple[torch.Size, torch.dtype]] = None
+        self._image_shape: Optional[tuple[torch.Size, torch.dtype]] = None
+
+    def _chat_renderer(self, chat_template: Optional[bool], explicit_prompt_template: bool):
+        """The decision of the ``chat_template`` argument (rule in the class docstring)."""
+        if chat_template is not None and not isinstance(chat_template, bool):
+            raise ValueError(
+                f"MemVPDataCollator: chat_template must be True, False or None, got {chat_template!r} (to use another "
+                "template, set `tokenizer.chat_template` to it)."
+            )
+        available = chat_template_of(self.tokenizer, self.image_processor)
+        if chat_template is True:
+            if available is None:
+                raise ValueError(
+                    "MemVPDataCollator: chat_template=True but neither the tokenizer nor the processor has a chat "
+                    "template; set `tokenizer.chat_template`, or use chat_template=None/False for the prompt template."
+                )
+            if explicit_prompt_template:
+                raise ValueError(
+                    "MemVPDataCollator: chat_template=True and a prompt_template were both given; a row is rendered "
+                    "with one of them: drop prompt_template, or pass chat_template=False."
+                )
+            if self.seq2seq:
+                raise ValueError("MemVPDataCollator: chat_template=True with seq2seq=True: encoder-decoder rows use "
+                                 "the prompt template.")
+        use = chat_template if chat_template is not None else (
+            available is not None and not explicit_prompt_template and not self.seq2seq)
+        return ChatTemplateRenderer(self.tokenizer, available) if use else None
+
+    @property
+    def uses_chat_template(self) -> bool:
+        """Whether rows are rendered with the base's chat template (else with ``prompt_template``)."""
+        return self._chat is not None
 
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """A training batch: prompt + answer tokens, answer-only labels, right padding, images."""
         if self.seq2seq:
             return self.seq2seq_batch(records)
-        texts, per_record_images, any_list = self._read(records, with_answers=True)
+        texts, images = self._read(records, with_answers=True, answer_prefix="")
         batch = self._right_pad([ids for ids, _ in texts], [labels for _, labels in texts])
-        return self._add_images(batch, per_record_images, any_list)
+        return self._add_images(batch, images)
 
-    def prompts(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def prompts(self, records: Sequence[Mapping[str, Any]], answer_prefix: str = "") -> dict[str, torch.Tensor]:
         """A generation batch: each record's first question as a prompt, with its images. Answers, if present, are
         ignored. Decoder-only: LEFT-padded (`generate` continues from the last position). Seq2seq: the encoder input,
-        right-padded like `seq2seq_batch` (models with absolute positions, e.g. BART, must see the same positions)."""
+        right-padded like `seq2seq_batch` (models with absolute positions, e.g. BART, must see the same positions).
+
+        `answer_prefix` is the start of the answer, put where the answer begins in a training row, e.g.
+        `"The answer is"` to score multiple choice by the next token (decoder-only)."""
         if self.seq2seq:
+            if answer_prefix:
+                raise ValueError("MemVPDataCollator.prompts: answer_prefix is for decoder-only prompts; a seq2seq "
+                                 "answer starts in the decoder.")
             return self._encoder_inputs(records)
-        texts, per_record_images, any_list = self._read(records, with_answers=False)
+        texts, images = self._read(records, with_answers=False, answer_prefix=answer_prefix)
         batch = left_pad([ids for ids, _ in texts], self.tokenizer.pad_token_id)
-        return self._add_images(batch, per_record_images, any_list)
+        return self._add_images(batch, images)
 
     def seq2seq_batch(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Encoder-decoder layout: the prompt feeds the encoder, the answer (+EOS) is the decoder's `labels`."""
         batch = self._encoder_inputs(records)
         answers = []
         for index, record in enumerate(records):
-            turns = record_turns(record, record_label(index, record), self.image_placeholder)
-            answers.append(encode_answer(self.tokenizer, turns[0][1]))
+            dialogue = record_dialogue(record, record_label(index, record), self.image_placeholder)
+            answers.append(encode_answer(self.tokenizer, dialogue.exchanges[0][1], dialogue.separator))
         batch["labels"] = pad_labels(answers)
         return batch
 
     def _encoder_inputs(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Each record's first question, right-padded, with its images: the encoder side of a seq2seq batch."""
-        texts, per_record_images, any_list = self._read(records, with_answers=False)
+        texts, images = self._read(records, with_answers=False, answer_prefix="")
         batch = self._right_pad([ids for ids, _ in texts], [ids for ids, _ in texts])
         batch.pop("labels")
-        return self._add_images(batch, per_record_images, any_list)
+        return self._add_images(batch, images)
 
-    def _read(self, records: Sequence[Mapping[str, Any]], with_answers: bool):
-        """Each record's (ids, labels) and RGB images, and whether any record gave a list of images."""
+    def _read(self, records: Sequence[Mapping[str, Any]], with_answers: bool, answer_prefix: str):
+        """Each record's (ids, labels) and images; a batch mixing raw images and precomputed tensors is refused."""
         if not isinstance(records, Sequence) or len(records) == 0:
             raise ValueError("MemVPDataCollator: expected a non-empty list of records.")
         texts: list[tuple[list[int], list[int]]] = []
-        per_record_images: list[list[Any]] = []
-        any_list = False
+        per_record: list[_RecordImages] = []
         for index, record in enumerate(records):
             where = record_label(index, record)
             if not isinstance(record, Mapping):
                 raise ValueError(f"{where}: a record must be a dict, got {type(record).__name__}.")
+            dialogue = record_dialogue(record, where, self.image_placeholder, need_answer=with_answers)
             if with_answers:
-                texts.append(self._encode_record(record, where))
+                texts.append(self._encode_record(dialogue, where))
             else:
-                question = record_turns(record, where, self.image_placeholder, need_answer=False)[0][0]
-                ids = encode_prompt(self.tokenizer, question, self.prompt_template)
+                ids = self._encode_prompt(dialogue, where, answer_prefix)
                 texts.append((ids, ids))
-            images, is_list = record_images(
-                record,
-                where,
-                image_processor=self.image_processor,
-                image_folder=self.image_folder,
-                array_value_range=self.array_value_range,
-            )
-            if self.num_images is not None and len(images) > self.num_images:
-                raise ValueError(f"{where}: has {len(images)} images but num_images={self.num_images}.")
-            any_list = any_list or is_list
-            per_record_images.append(images)
-        return texts, per_record_images, any_list
+            images = self._record_images(record, where)
+            if dialogue.image_entries is not None and dialogue.image_entries != images.count:
+                raise ValueError(
+                    f"{where}: its messages hold {dialogue.image_entries} {{'type': 'image'}} entries but the record "
+                    f"gives {images.count} images; each image entry stands for one image, in order."
+                )
+            if self.num_images is not None and images.count > self.num_images:
+                raise ValueError(f"{where}: has {images.count} images but num_images={self.num_images}.")
+            per_record.append(images)
+        self._refuse_mixed_sources(records, per_record)
+        return texts, per_record
 
-    def _encode_record(self, record: Mapping[str, Any], where: str) -> tuple[list[int], list[int]]:
+    def _encode_record(self, dialogue: Dialogue, where: str) -> tuple[list[int], list[int]]:
+        if self._chat is not None:
+            ids, supervised = self._chat.encode(dialogue, where, self.max_length)
+            return ids, labels_of(ids, supervised, self.answer_only_loss)
         return encode_turns(
             self.tokenizer,
-            record_turns(record, where, self.image_placeholder),
+            dialogue,
             where,
             template=self.prompt_template,
             max_length=self.max_length,
             answer_only_loss=self.answer_only_loss,
             leading_special=self._leading_special,
         )
+
+    def _encode_prompt(self, dialogue: Dialogue, where: str, answer_prefix: str) -> list[int]:
+        if self._chat is not None:
+            return self._chat.encode_prompt(dialogue, where, answer_prefix)
+        return encode_prompt(self.tokenizer, dialogue, self.prompt_template, answer_prefix)
+
+    def _record_images(self, record: Mapping[str, Any], where: str) -> _RecordImages:
+        field = image_field(record, where)
+        if field is None:
+            return _RecordImages([], [], False, None)
+        if field in RAW_IMAGE_FIELDS:
+            raw, is_list = record_images(
+                record[field],
+                where,
+                image_processor=self.image_processor,
+                image_folder=self.image_folder,
+                array_value_range=self.array_value_range,
+            )
+            return _RecordImages(raw, [], is_list, field)
+        tensors, is_list = precomputed_images(record[field], field, where, self.image_input_name)
+        return _RecordImages([], tensors, is_list, field)
+
+    @staticmethod
+    def _refuse_mixed_sources(records: Sequence[Mapping[str, Any]], per_record: list[_RecordImages]) -> None:
+        """Raw images are processed and precomputed tensors are not: one batch holding both would put two different
+        things side by side in one tensor."""
+        raw = next((i for i, images in enumerate(per_record) if images.raw), None)
+        precomputed = next((i for i, images in enumerate(per_record) if images.tensors), None)
+        if raw is not None and precomputed is not None:
+            raise ValueError(
+                f"MemVPDataCollator: the batch mixes raw images ({record_label(raw, records[raw])}: "
+                f"'{per_record[raw].field}') with precomputed tensors ({record_label(precomputed, records[precomputed])}"
+                f": '{per_record[precomputed].field}'); a dataset gives one or the other."
+            )
 
     def _leading_special(self) -> int:
         """How many special tokens (e.g. BOS) the tokenizer puts in front of a text; found once, when first needed."""
@@ -223,25 +324,32 @@ class MemVPDataCollator:
     def _right_pad(self, all_ids: list[list[int]], all_labels: list[list[int]]) -> dict[str, torch.Tensor]:
         return right_pad(all_ids, all_labels, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
-    def _add_images(
-        self, batch: dict[str, torch.Tensor], per_record_images: list[list[Any]], any_list: bool
-    ) -> dict[str, torch.Tensor]:
-        if self.image_processor is None:
-            return batch
-        pixel_values, image_mask = batch_images(
-            per_record_images,
-            any_list,
-            image_processor=self.image_processor,
-            image_input_name=self.image_input_name,
-            num_images=self.num_images,
-            blank_shape=self._empty_image_shape,
+    def _add_images(self, batch: dict[str, torch.Tensor], per_record: list[_RecordImages]) -> dict[str, torch.Tensor]:
+        """The image columns: processed raw images or the precomputed tensors, zeros and a False mask where a row
+        has none.  A batch without any image gets zeros of the shape seen before (or the processor's); with neither
+        (a text-only collator) it gets no image columns."""
+        flat = [image for images in per_record for image in images.raw]
+        processed = process_images(self.image_processor, flat, self.image_input_name) if flat else None
+        tensors: list[list[torch.Tensor]] = []
+        cursor = 0
+        for images in per_record:
+            if images.raw:
+                assert processed is not None
+                tensors.append(list(processed[cursor : cursor + len(images.raw)]))
+                cursor += len(images.raw)
+            else:
+                tensors.append(images.tensors)
+        if any(tensors):
+            first = next(t for row in tensors for t in row)
+            self._image_shape = (first.shape, first.dtype)
+        elif self._image_shape is None:
+            if self.image_processor is None:
+                return batch
+            self._image_shape = blank_image_shape(self.image_processor, self.image_input_name)
+        any_list = any(images.is_list for images in per_record)
+        pixel_values, image_mask = assemble_images(
+            tensors, any_list, num_images=self.num_images, blank=self._image_shape
         )
         batch[self.image_input_name] = pixel_values
         batch["image_mask"] = image_mask
         return batch
-
-    def _empty_image_shape(self) -> tuple[torch.Size, torch.dtype]:
-        """Shape of one processed image, found once by processing a black image (for all-text-only batches)."""
-        if self._empty_image is None:
-            self._empty_image = blank_image_shape(self.image_processor, self.image_input_name)
-        return self._empty_image

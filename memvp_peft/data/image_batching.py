@@ -10,8 +10,9 @@ really hold an image -- the memory is switched off where it is False.  Layouts:
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import numpy as np
@@ -19,39 +20,65 @@ import torch
 
 from .images import PathLike, pillow_image_module, to_rgb_image
 
-__all__ = ["batch_images", "blank_image_shape", "process_images", "record_images"]
+__all__ = [
+    "PRECOMPUTED_FIELDS",
+    "RAW_IMAGE_FIELDS",
+    "UNREAD_IMAGE_FIELDS",
+    "assemble_images",
+    "blank_image_shape",
+    "image_field",
+    "process_images",
+    "record_images",
+]
 
 
-# Image-carrying fields of other dataset layouts (the Hub/TRL `images` list, precomputed tensors, video) that this
-# collator does not read: a record holding one is refused rather than silently trained text-only.
-UNREAD_IMAGE_FIELDS = ("images", "pixel_values", "image_features", "video", "videos", "frames")
+#: The fields a record's images are read from: raw images (one, or a list) and precomputed tensors.
+RAW_IMAGE_FIELDS = ("image", "images")
+PRECOMPUTED_FIELDS = ("pixel_values", "image_features")
+# Image-carrying fields this collator does not read yet (video): a record holding one is refused rather than
+# silently trained text-only.
+UNREAD_IMAGE_FIELDS = ("video", "videos", "frames")
 
 
-def record_images(
-    record: Mapping[str, Any],
-    where: str,
-    *,
-    image_processor: Any,
-    image_folder: Optional[PathLike],
-    array_value_range: Optional[tuple[float, float]],
-) -> tuple[list[Any], bool]:
-    """Images of a record as RGB PIL images, and whether the record gave a list (multi-image layout).
+def image_field(record: Mapping[str, Any], where: str) -> Optional[str]:
+    """The one field a record's images come from, or None for a text-only record.
 
-    ``None`` entries of a list are skipped (their slot stays empty).  A missing or unreadable image is a
-    ``ValueError`` naming the record, the image's index in its list and the ``image_folder`` paths were resolved
-    against.
+    A record with images in two fields (``image`` and ``images``, or raw images and precomputed tensors) is refused:
+    reading one would drop the other without a word.  Video fields are refused too (not read yet).
     """
     unread = [key for key in UNREAD_IMAGE_FIELDS if record.get(key) is not None]
     if unread:
         # A column the collator would not read means a batch that trains text-only while the user believes it sees
         # the images: refuse instead.
         raise ValueError(
-            f"{where}: has {unread} but MemVPDataCollator reads a record's images from its 'image' field only (a "
-            "path, PIL image, array or bytes, or a list of them for several images). Rename the column to 'image' "
-            "(e.g. `dataset.rename_column('images', 'image')`); precomputed features go to the model as "
-            "`image_features=` directly, not through this collator."
+            f"{where}: has {unread} but MemVPDataCollator does not read video (video/videos/frames) yet; it reads "
+            "images from 'image' or 'images' (paths, PIL images, arrays, bytes, datasets.Image values) and "
+            "precomputed 'pixel_values'/'image_features' tensors. Drop the column, or give frames as 'images'."
         )
-    raw = record.get("image")
+    present = [key for key in RAW_IMAGE_FIELDS + PRECOMPUTED_FIELDS if record.get(key) is not None]
+    if len(present) > 1:
+        raise ValueError(
+            f"{where}: has images in several fields {present}; give them in one: 'image' or 'images' (one image or "
+            "a list), or precomputed 'pixel_values' / 'image_features'."
+        )
+    return present[0] if present else None
+
+
+def record_images(
+    raw: Any,
+    where: str,
+    *,
+    image_processor: Any,
+    image_folder: Optional[PathLike],
+    array_value_range: Optional[tuple[float, float]],
+) -> tuple[list[Any], bool]:
+    """The raw images of a record's ``image``/``images`` field as RGB PIL images, and whether the field is a list
+    (the multi-image layout).
+
+    ``None`` entries of a list are skipped (their slot stays empty).  A missing or unreadable image is a
+    ``ValueError`` naming the record, the image's index in its list and the ``image_folder`` paths were resolved
+    against.
+    """
     if raw is None:
         return [], False
     is_list = isinstance(raw, (list, tuple))
@@ -98,46 +125,49 @@ def blank_image_shape(image_processor: Any, image_input_name: str) -> tuple[torc
     return dummy.shape[1:], dummy.dtype
 
 
-def batch_images(
-    per_record_images: list[list[Any]],
+def assemble_images(
+    per_record: list[list[torch.Tensor]],
     any_list: bool,
     *,
-    image_processor: Any,
-    image_input_name: str,
     num_images: Optional[int],
-    blank_shape: Callable[[], tuple[torch.Size, torch.dtype]],
+    blank: Optional[tuple[torch.Size, torch.dtype]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The image tensor and ``image_mask`` of a batch (layouts in the module docstring).
+    """The image tensor and ``image_mask`` of a batch (layouts in the module docstring) from each record's per-image
+    tensors (processed images or precomputed ones).
 
-    ``blank_shape`` gives the processed shape when no row of the batch has an image; it is only called then, so a
-    caller can compute it once and cache it.
+    ``blank`` is the per-image shape and dtype to use when no record of the batch has an image.  Per-image tensors of
+    different shapes (precomputed ones can differ) are refused, naming the records.
     """
-    batch_size = len(per_record_images)
-    flat = [image for images in per_record_images for image in images]
-    if flat:
-        processed = process_images(image_processor, flat, image_input_name)
-        image_shape, dtype = processed.shape[1:], processed.dtype
+    batch_size = len(per_record)
+    shaped = [(row, tensor) for row, tensors in enumerate(per_record) for tensor in tensors]
+    if shaped:
+        first_row, first = shaped[0]
+        for row, tensor in shaped:
+            if tensor.shape != first.shape:
+                raise ValueError(
+                    f"MemVPDataCollator: the images of one batch must have one shape; record {first_row} gives "
+                    f"{tuple(first.shape)} and record {row} gives {tuple(tensor.shape)}."
+                )
+        image_shape = first.shape
+        dtype = functools.reduce(torch.promote_types, [tensor.dtype for _row, tensor in shaped])
     else:
-        processed = None
-        image_shape, dtype = blank_shape()
+        assert blank is not None
+        image_shape, dtype = blank
 
     multi = num_images is not None or any_list
-    slots = num_images if num_images is not None else max([len(i) for i in per_record_images] + [1])
+    slots = num_images if num_images is not None else max([len(t) for t in per_record] + [1])
     if multi:
         pixel_values = torch.zeros((batch_size, slots, *image_shape), dtype=dtype)
         image_mask = torch.zeros((batch_size, slots), dtype=torch.bool)
     else:
         pixel_values = torch.zeros((batch_size, *image_shape), dtype=dtype)
         image_mask = torch.zeros((batch_size,), dtype=torch.bool)
-    cursor = 0
-    for row, images in enumerate(per_record_images):
-        for slot in range(len(images)):
-            assert processed is not None
+    for row, tensors in enumerate(per_record):
+        for slot, tensor in enumerate(tensors):
             if multi:
-                pixel_values[row, slot] = processed[cursor]
+                pixel_values[row, slot] = tensor
                 image_mask[row, slot] = True
             else:
-                pixel_values[row] = processed[cursor]
+                pixel_values[row] = tensor
                 image_mask[row] = True
-            cursor += 1
     return pixel_values, image_mask

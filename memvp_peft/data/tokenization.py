@@ -1,22 +1,26 @@
-"""Turns -> token ids and labels, and rows -> padded tensors.
+"""Dialogues -> token ids and labels without a chat template, and rows -> padded tensors.
 
-Layout of a training row (the prompt template is applied to every human turn)::
+Layout of a training row (the prompt template is applied to every user turn)::
 
     [BOS] Question: {q1}\\nAnswer: {a1}<eos>Question: {q2}\\nAnswer: {a2}<eos> <pad> ...
           ^^^^^^^^^^^ -100 ^^^^^^^^ ^^^^^^^^ supervised ^^^ ...            ^^^^ -100
 
 Only the answer tokens and the EOS after each answer are supervised (``answer_only_loss=True``): the model is
 trained to answer, not to reproduce the question, and the EOS teaches it where to stop at generation time.  There is
-no image token anywhere: MemVP's images go into the FFN memory, so the text is tokenized as plain text.
+no image token anywhere: MemVP's images go into the FFN memory, so the text is tokenized as plain text.  A system
+text (``messages`` layout) is a line in front of the first prompt; a multiple-choice prompt (``preformatted``) is used
+as it is, its answer following it directly.  With a chat template, :mod:`.chat_template` renders the row instead;
+both share :func:`truncate_row` and :func:`labels_of`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
 
+from .conversations import Dialogue
 from .prompts import build_prompt
 
 __all__ = [
@@ -26,17 +30,31 @@ __all__ = [
     "encode_prompt",
     "encode_turn",
     "encode_turns",
+    "labels_of",
     "left_pad",
     "pad_labels",
+    "plain_turns",
     "right_pad",
+    "truncate_row",
 ]
 
 #: Label value ignored by ``torch.nn.CrossEntropyLoss`` (and therefore by every HF causal LM).
 IGNORE_INDEX = -100
 
 
-def encode_turn(tokenizer: Any, prompt: str, answer: str, template: str, first: bool) -> tuple[list[int], list[bool]]:
-    """Token ids of ``prompt + " " + answer`` + EOS, and which of them belong to the answer.
+def plain_turns(dialogue: Dialogue, template: str) -> list[tuple[str, str]]:
+    """Each exchange as (prompt text, answer text with its leading separator), without a chat template."""
+    turns = []
+    for t, (user, assistant) in enumerate(dialogue.exchanges):
+        prompt = user if dialogue.preformatted else build_prompt(user, None, template)
+        if t == 0 and dialogue.system:
+            prompt = dialogue.system + "\n" + prompt
+        turns.append((prompt, dialogue.separator + assistant))
+    return turns
+
+
+def encode_turn(tokenizer: Any, prompt: str, answer: str, first: bool) -> tuple[list[int], list[bool]]:
+    """Token ids of ``prompt + answer`` + EOS, and which of them belong to the answer.
 
     The turn is tokenized as *one* text so the tokens match what the model sees when it generates after the
     prompt (tokenizing the answer on its own can give different tokens, e.g. an extra "▁" with SentencePiece).
@@ -44,8 +62,8 @@ def encode_turn(tokenizer: Any, prompt: str, answer: str, template: str, first: 
     without offsets, the prompt is tokenized alone and its length is used as the boundary.  Special tokens (BOS)
     are added to the ``first`` turn of a row only.
     """
-    text = build_prompt(prompt, answer, template)
-    boundary = len(build_prompt(prompt, None, template))
+    text = prompt + answer
+    boundary = len(prompt)
     ids: list[int]
     supervised: list[bool]
     try:
@@ -74,9 +92,37 @@ def count_leading_special_tokens(tokenizer: Any) -> int:
     return n
 
 
+def truncate_row(
+    ids: list[int], supervised: list[bool], max_length: Optional[int], cut: tuple[int, int], where: str
+) -> tuple[list[int], list[bool]]:
+    """Fit a row into ``max_length`` without losing its answer.
+
+    Tokens are first removed from the front of the ``cut = (start, end)`` range -- the first question, after what
+    must stay in front of it (BOS, a chat template's header) -- so the answers, the only supervised part, survive;
+    if the row is still too long, it is cut on the right.  A row left without any supervised token is an error.
+    """
+    if max_length is not None and len(ids) > max_length:
+        start, end = cut
+        removed = min(len(ids) - max_length, max(end - start, 0))
+        if removed:
+            ids = ids[:start] + ids[start + removed :]
+            supervised = supervised[:start] + supervised[start + removed :]
+        ids, supervised = ids[:max_length], supervised[:max_length]
+    if not any(supervised):
+        raise ValueError(f"{where}: no answer token fits in max_length={max_length}.")
+    return ids, supervised
+
+
+def labels_of(ids: list[int], supervised: list[bool], answer_only_loss: bool) -> list[int]:
+    """The labels of a row: the supervised ids (the rest ``IGNORE_INDEX``), or every id without answer-only loss."""
+    if not answer_only_loss:
+        return list(ids)
+    return [i if s else IGNORE_INDEX for i, s in zip(ids, supervised)]
+
+
 def encode_turns(
     tokenizer: Any,
-    turns: Sequence[tuple[str, str]],
+    dialogue: Dialogue,
     where: str,
     *,
     template: str,
@@ -84,47 +130,41 @@ def encode_turns(
     answer_only_loss: bool,
     leading_special: Callable[[], int],
 ) -> tuple[list[int], list[int]]:
-    """The ids and labels of one training row holding every (question, answer) turn of a record.
+    """The ids and labels of one training row holding every exchange of a dialogue (no chat template).
 
     An over-long row first loses tokens from the *start of its first question* -- after the ``leading_special()``
-    tokens (BOS), which are kept -- so the answers, the only supervised part, survive; if the answers alone are still
-    too long, the row is cut on the right.  ``leading_special`` is only called when a row needs truncating.
+    tokens (BOS), which are kept -- see :func:`truncate_row`.  ``leading_special`` is only called when a row needs
+    truncating.
     """
     ids: list[int] = []
     supervised: list[bool] = []
     first_prompt_len = 0
-    for t, (question, answer) in enumerate(turns):
-        turn_ids, turn_sup = encode_turn(tokenizer, question, answer, template, first=(t == 0))
+    for t, (prompt, answer) in enumerate(plain_turns(dialogue, template)):
+        turn_ids, turn_sup = encode_turn(tokenizer, prompt, answer, first=(t == 0))
         if t == 0:
             first_prompt_len = next((i for i, s in enumerate(turn_sup) if s), len(turn_sup))
         ids += turn_ids
         supervised += turn_sup
+    cut = (0, 0)
     if max_length is not None and len(ids) > max_length:
-        excess = len(ids) - max_length
-        keep_front = min(leading_special(), first_prompt_len)
-        removable = max(first_prompt_len - keep_front, 0)
-        cut = min(excess, removable)
-        if cut:
-            ids = ids[:keep_front] + ids[keep_front + cut :]
-            supervised = supervised[:keep_front] + supervised[keep_front + cut :]
-        ids, supervised = ids[:max_length], supervised[:max_length]
-    if not any(supervised):
-        raise ValueError(f"{where}: no answer token fits in max_length={max_length}.")
-    if answer_only_loss:
-        labels = [i if s else IGNORE_INDEX for i, s in zip(ids, supervised)]
-    else:
-        labels = list(ids)
-    return ids, labels
+        cut = (min(leading_special(), first_prompt_len), first_prompt_len)
+    ids, supervised = truncate_row(ids, supervised, max_length, cut, where)
+    return ids, labels_of(ids, supervised, answer_only_loss)
 
 
-def encode_prompt(tokenizer: Any, question: str, template: str) -> list[int]:
-    """The ids of a generation prompt (special tokens included): exactly the start of the matching training row."""
-    return list(tokenizer(build_prompt(question, None, template))["input_ids"])
+def encode_prompt(tokenizer: Any, dialogue: Dialogue, template: str, answer_prefix: str = "") -> list[int]:
+    """The ids of a generation prompt (special tokens included): exactly the start of the matching training row.
+
+    ``answer_prefix`` (e.g. ``"The answer is"``) is the start of the answer, placed where the answer would be."""
+    prompt = plain_turns(dialogue, template)[0][0]
+    if answer_prefix:
+        prompt += dialogue.separator + answer_prefix
+    return list(tokenizer(prompt)["input_ids"])
 
 
-def encode_answer(tokenizer: Any, answer: str) -> list[int]:
-    """A seq2seq decoder target: the answer as it follows the prompt (one leading space), then EOS."""
-    ids = list(tokenizer(" " + answer, add_special_tokens=False)["input_ids"])
+def encode_answer(tokenizer: Any, answer: str, separator: str = " ") -> list[int]:
+    """A seq2seq decoder target: the answer as it follows the prompt (after ``separator``), then EOS."""
+    ids = list(tokenizer(separator + answer, add_special_tokens=False)["input_ids"])
     return ids + [int(tokenizer.eos_token_id)]
 
 

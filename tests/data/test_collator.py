@@ -192,7 +192,7 @@ GOOD = {"question": "What digit ?", "answer": "two"}
         ({"question": "q"}, r"record 1: empty answer"),
         ({"conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": ""}]},
          r"record 1: empty answer"),
-        ({"image": None, "answer": "a"}, r"record 1: record has neither 'question'/'prompt' nor 'conversations'"),
+        ({"image": None, "answer": "a"}, r"record 1: the record has none of the text layouts 'question'/'prompt'.*'conversations', 'messages', 'texts'"),
         ({"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q2"}]},
          r"record 1: conversation must alternate human/gpt.*turn 1"),
         ({"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]},
