@@ -14,7 +14,6 @@ with it) and are added in parallel to each encoder MLP by forward hooks while th
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any, Optional
 
@@ -64,21 +63,30 @@ def _encoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def load_vision_encoder(name_or_path: str) -> nn.Module:
-    """Load a CLIP/SigLIP vision tower from a local folder (a full CLIP/SigLIP checkpoint works too)."""
+def load_vision_encoder(name_or_path: str, *, revision: Optional[str] = None,
+                        trust_remote_code: bool = False) -> nn.Module:
+    """Load a CLIP/SigLIP vision tower (a full CLIP/SigLIP checkpoint works too) from what `from_pretrained` takes: a
+    local folder, or a Hub id -- downloaded when online, read from the Hugging Face cache offline. `revision` and
+    `trust_remote_code` (off by default) go to transformers as they are.
+
+    The model records `name_or_path` as given (transformers keeps a Hub id as the id, not its cache folder), and that
+    is what `MemVPConfig` saves: another machine resolves the same name the same way. A name that is neither a
+    folder nor a Hub id that can be had here is a ValueError saying which (`hub.check_model_source`).
+    """
     from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
 
-    if not os.path.exists(name_or_path):
-        raise ValueError(
-            f"MemVP: vision encoder {name_or_path!r} is not a local folder. Download it first, or build it and call "
-            "`memvp_peft.attach_vision_encoder(peft_model, encoder)`."
-        )
-    model_type = AutoConfig.from_pretrained(name_or_path).model_type
-    if model_type == "clip":
-        return CLIPVisionModel.from_pretrained(name_or_path)
-    if model_type == "siglip":
-        return SiglipVisionModel.from_pretrained(name_or_path)
-    return AutoModel.from_pretrained(name_or_path)
+    from .hub import check_model_source, hub_errors
+
+    what = "MemVP: vision encoder"
+    check_model_source(name_or_path, what, revision)
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    with hub_errors(name_or_path, what, revision):
+        model_type = AutoConfig.from_pretrained(name_or_path, **kwargs).model_type
+        if model_type == "clip":
+            return CLIPVisionModel.from_pretrained(name_or_path, **kwargs)
+        if model_type == "siglip":
+            return SiglipVisionModel.from_pretrained(name_or_path, **kwargs)
+        return AutoModel.from_pretrained(name_or_path, **kwargs)
 
 
 def clip_style_image_processor(image_size: int) -> Any:

@@ -4,9 +4,11 @@
     memvp-infer --adapter out --input_file questions.jsonl --output_file answers.jsonl
     python -m memvp_peft.infer --help
 
-The base defaults to the one the adapter records (`base_model_name_or_path` in adapter_config.json; the embedded demo
-model is saved next to its adapter). How images become the adapter's visual input (vision encoder, VLM tower, or the
-built-in digit patches) is read from `memvp_cli.json`, written by `memvp-train`.
+The base defaults to the one the adapter records (`base_model_name_or_path` in adapter_config.json, at the `revision`
+it records; the embedded demo model is saved next to its adapter): a local folder or a Hub id, resolved as
+`from_pretrained` does (downloaded when online, the Hugging Face cache offline). How images become the adapter's
+visual input (vision encoder, VLM tower, or the built-in digit patches) is read from `memvp_cli.json`, written by
+`memvp-train`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any, Optional, Sequence
 
 from ..tuner.save_load import CONFIG_NAME, check_adapter_folder
 from .answering import generate_answers
-from .base_loading import LOCAL_MODEL_FOLDER, check_base_folder, image_processor_for, load_base
+from ..hub import MODEL_SOURCE, check_model_source, is_hub_id
+from .base_loading import image_processor_for, load_base
 from .options import InferOptions, run_command
 from .record import CLI_RECORD, read_adapter_config, read_cli_record
 from .reporting import without_peft_probe_warning
@@ -82,26 +85,46 @@ def _write_answers(path: str, results: list[dict[str, Any]]) -> None:
             os.remove(staged)
 
 
-def _base_path(options: InferOptions, recorded: Optional[str]) -> str:
-    """The base folder to load: `--model_name_or_path`, else the one the adapter records; each refusal says what to
-    pass instead (a recorded path that moved away needs the flag, a wrong flag needs a local model folder)."""
+def _base_path(options: InferOptions, recorded: Optional[str], recorded_revision: Optional[str]):
+    """(name, revision, what) of the base to load: `--model_name_or_path` (at `--revision`), else the one the adapter
+    records (at `--revision`, else the revision it records). Each refusal says what to pass instead: a recorded path
+    that moved away needs the flag, a wrong flag a model folder or a Hub id, a Hub id offline a cache holding it."""
     if options.model_name_or_path:
-        check_base_folder(options.model_name_or_path, "--model_name_or_path")
-        return options.model_name_or_path
+        what = "--model_name_or_path"
+        check_model_source(options.model_name_or_path, what, options.revision)
+        return options.model_name_or_path, options.revision, what
     if not recorded:
         raise ValueError(f"{os.path.join(options.adapter, CONFIG_NAME)} records no base model "
-                         "(base_model_name_or_path); pass --model_name_or_path with the local folder of the base it "
-                         "was trained on.")
-    if not os.path.isdir(recorded):
+                         "(base_model_name_or_path); pass --model_name_or_path with the folder or Hub id of the base "
+                         "it was trained on.")
+    what = "the base model the adapter records,"
+    revision = options.revision or recorded_revision
+    if not os.path.isdir(recorded) and not is_hub_id(recorded):
         where = "" if os.path.isabs(recorded) else f" (read relative to the current folder {os.getcwd()})"
         beside = os.path.join(options.adapter, "base_model")  # the embedded base, when its run folder was moved
         hint = (f"--model_name_or_path {beside} (the base memvp-train saved next to this adapter)"
                 if os.path.isfile(os.path.join(beside, "config.json"))
-                else f"--model_name_or_path with that base model as {LOCAL_MODEL_FOLDER}")
+                else f"--model_name_or_path with that base model as {MODEL_SOURCE}")
         raise ValueError(f"the adapter records the base model {recorded!r}{where}, which is not a local folder here; "
                          f"pass {hint}.")
-    check_base_folder(recorded, "the base model the adapter records,")
-    return recorded
+    check_model_source(recorded, what, revision)
+    return recorded, revision, what
+
+
+def _missing_encoder(vision: str) -> ValueError:
+    """Why the encoder the adapter names is not attached: a Hub id that cannot be had here gets its reason (the
+    tuner only warned, so that the adapter itself still loads), a folder that is gone the way to attach one."""
+    from ..vision import load_vision_encoder
+
+    if is_hub_id(vision):
+        try:
+            load_vision_encoder(vision)
+        except ValueError as error:
+            return ValueError(f"the adapter was trained with the vision encoder {vision!r}: {error}")
+    return ValueError(
+        f"the adapter was trained with the vision encoder {vision!r}, which is not a local folder here; load it "
+        "with the Python API and `memvp_peft.attach_vision_encoder(peft_model, encoder)`."
+    )
 
 
 def load_for_inference(options: InferOptions):
@@ -119,34 +142,34 @@ def load_for_inference(options: InferOptions):
     check_adapter_folder(options.adapter)
     config = read_adapter_config(options.adapter)  # both files are checked before the base loads
     record = read_cli_record(options.adapter)
-    base_path = _base_path(options, config.base_model_name_or_path)
-    model, tokenizer, kind = load_base(base_path, load_in_4bit=False, bf16=False)
+    base_path, revision, what = _base_path(options, config.base_model_name_or_path, config.revision)
+    vision = record.get("vision_model_name_or_path")
+    if vision and record.get("featurizer") is None and is_hub_id(vision):  # offline: in the cache, before any load
+        check_model_source(vision, "the vision encoder the adapter was trained with,")
+    model, tokenizer, kind = load_base(base_path, load_in_4bit=False, bf16=False, revision=revision,
+                                       trust_remote_code=options.trust_remote_code, what=what)
     try:
         with without_peft_probe_warning():  # peft's probe of a deprecated transformers property: nothing to act on
             peft_model = PeftModel.from_pretrained(model, options.adapter).eval()
     except ValueError as error:
         raise ValueError(f"the adapter {options.adapter} does not fit the base {base_path}: {error}") from error
     peft_model.to("cuda" if torch.cuda.is_available() else "cpu")  # the base loads on the CPU
+    input_name = "pixel_values"
     if record.get("featurizer") == "digit_patches":
         processor, input_name = DigitPatchFeaturizer(), "image_features"
+    elif vision:  # an external encoder wins over a VLM's own tower, as in memvp-train
+        attached = peft_model.base_model.vision_encoder
+        if attached is None:
+            raise _missing_encoder(vision)
+        processor = image_processor_for(vision, attached.model.config)
+    elif kind == "vlm":
+        processor = image_processor_for(base_path, model.config.vision_config, revision=revision,
+                                        trust_remote_code=options.trust_remote_code)
     else:
-        vision = record.get("vision_model_name_or_path")
-        if vision:  # an external encoder wins over a VLM's own tower, as in memvp-train
-            attached = peft_model.base_model.vision_encoder
-            if attached is None:
-                raise ValueError(
-                    f"the adapter was trained with the vision encoder {vision!r}, which is not a local folder here; "
-                    "load it with the Python API and `memvp_peft.attach_vision_encoder(peft_model, encoder)`."
-                )
-            processor = image_processor_for(vision, attached.model.config)
-        elif kind == "vlm":
-            processor = image_processor_for(base_path, model.config.vision_config)
-        else:
-            raise ValueError(
-                f"{options.adapter} does not say how to turn images into features (no {CLI_RECORD}); it was not "
-                "trained by memvp-train -- use the Python API with image_features or pixel_values."
-            )
-        input_name = "pixel_values"
+        raise ValueError(
+            f"{options.adapter} does not say how to turn images into features (no {CLI_RECORD}); it was not "
+            "trained by memvp-train -- use the Python API with image_features or pixel_values."
+        )
     collator = MemVPDataCollator(
         tokenizer, processor, image_input_name=input_name,  # --input_file paths are resolved by load_jsonl
         array_value_range=tuple(record["array_value_range"]) if record.get("array_value_range") else None,

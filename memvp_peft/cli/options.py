@@ -87,20 +87,24 @@ class TrainOptions:
     # ------------------------------------------------------------------ model
     model_name_or_path: Optional[str] = field(
         default=None,
-        metadata={"help": "Local HF causal-LM / seq2seq / Llava-family folder. Default: a small local Llama built from a config (no download)."},
+        metadata={"help": "HF causal-LM / seq2seq / Llava-family model: a local folder or a Hub id (downloaded when online, the HF cache offline). Default: a small local Llama built from a config (no download)."},
     )
     vision_model_name_or_path: Optional[str] = field(
         default=None,
-        metadata={"help": "Local CLIP/SigLIP vision folder whose patch features feed the memory. Default for `digits`: 2x2 pixel patches; VLM bases use their own tower."},
+        metadata={"help": "CLIP/SigLIP vision model whose patch features feed the memory: a local folder or a Hub id. Default for `digits`: 2x2 pixel patches; VLM bases use their own tower."},
     )
+    revision: Optional[str] = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of --model_name_or_path; recorded in the adapter (default: the Hub's default branch)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Let transformers run the code of the --model_name_or_path repo (its model, tokenizer and processor classes); off by default."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the base in 4-bit NF4 (bitsandbytes), QLoRA style."})
     bf16: bool = field(default=False, metadata={"help": "Train in bfloat16 mixed precision (adapter weights stay fp32)."})
     fp16: bool = field(default=False, metadata={"help": "Train in float16 mixed precision (GPU only)."})
     # ------------------------------------------------------------------ data
     dataset: str = field(
         default="digits",
-        metadata={"help": "'digits' (scikit-learn handwritten digits, built in), a LLaVA conversation .json, or a .jsonl with image/question/answer."},
+        metadata={"help": "'digits' (scikit-learn handwritten digits, built in), a LLaVA conversation .json, a .jsonl with image/question/answer, a datasets.save_to_disk folder, .parquet/.arrow files (a glob too), a folder of data files, or a Hub dataset id."},
     )
+    dataset_split: Optional[str] = field(default=None, metadata={"help": "Split of a Hub dataset, a data folder or a save_to_disk DatasetDict to train on (default: 'train'); the held-out records come from it too (--eval_fraction)."})
+    dataset_config: Optional[str] = field(default=None, metadata={"help": "Configuration (subset) name of a Hub dataset or a data folder with several (datasets.load_dataset's `name`)."})
     image_folder: Optional[str] = field(default=None, metadata={"help": "Folder that relative image paths in the dataset refer to."})
     allow_outside_image_folder: bool = field(default=False, metadata={"help": "Accept dataset image paths outside --image_folder (absolute, or with '..'); refused by default."})
     decode_images: bool = field(default=True, metadata={"help": "Decode every dataset image when the dataset loads (--no-decode_images: header and size only, faster on large datasets)."})
@@ -172,7 +176,9 @@ class TrainOptions:
 
 @dataclass
 class InferOptions:
-    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Base model folder (default: the base the adapter records in adapter_config.json; memvp-train stores the embedded demo model's as an absolute path)."})
+    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Base model: a local folder or a Hub id (default: the base the adapter records in adapter_config.json; memvp-train stores the embedded demo model's as an absolute path)."})
+    revision: Optional[str] = field(default=None, metadata={"help": "Hub revision of the base model (default: the revision the adapter records, else the Hub's default branch)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Let transformers run the code of the base model's repo; off by default (never taken from the adapter)."})
     adapter: str = field(default="outputs/memvp-digits", metadata={"help": "MemVP adapter folder written by memvp-train."})
     image: list = field(default_factory=list, metadata={"help": "One or more image files (or 'digits:INDEX' for a built-in digit)."})
     question: str = field(default="What digit is shown ?", metadata={"help": "Question asked about each image."})

@@ -60,7 +60,7 @@ def _check_record_value(path: str, key: str, value: Any) -> None:
     if key == "kind" and value not in KINDS:
         raise ValueError(f"{path}: 'kind' must be one of {list(KINDS)}, got {value!r}.")
     if key == "vision_model_name_or_path" and value is not None and not (isinstance(value, str) and value):
-        raise ValueError(f"{path}: 'vision_model_name_or_path' must be a folder path or null, got {value!r}.")
+        raise ValueError(f"{path}: 'vision_model_name_or_path' must be a folder path, a Hub id or null, got {value!r}.")
     if key == "array_value_range" and value is not None:
         numbers = isinstance(value, list) and len(value) == 2 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
@@ -100,7 +100,7 @@ def read_adapter_config(adapter: str) -> Any:
                          "memvp-infer runs MemVP adapters -- load other methods with peft's PeftModel.from_pretrained.")
     base = data.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
-        raise ValueError(f"{path}: 'base_model_name_or_path' must be a folder path or null, got {base!r}.")
+        raise ValueError(f"{path}: 'base_model_name_or_path' must be a folder path, a Hub id or null, got {base!r}.")
     try:
         return MemVPConfig.from_pretrained(adapter)
     except (TypeError, ValueError, KeyError) as error:

@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..distributed import leave_process_group, wait_for_every_rank
+from ..hub import check_model_source
 from ..tuner.save_load import atomic_saves, global_rank
 from .answering import accuracy, generate_answers
 from .base_loading import image_processor_for, load_base
@@ -56,7 +57,7 @@ def visual_setup(options: TrainOptions, model, kind: str):
     from ..data.digits import DIGIT_PATCH_DIM, DIGIT_PATCH_TOKENS, DigitPatchFeaturizer
     from ..vision import load_vision_encoder
 
-    if options.vision_model_name_or_path:
+    if options.vision_model_name_or_path:  # a folder or a Hub id; the adapter records the name as given
         encoder = load_vision_encoder(options.vision_model_name_or_path)
         config = encoder.config
         tokens = (config.image_size // config.patch_size) ** 2
@@ -65,13 +66,14 @@ def visual_setup(options: TrainOptions, model, kind: str):
     if kind == "vlm":
         config = model.config.vision_config
         tokens = (config.image_size // config.patch_size) ** 2
-        processor = image_processor_for(options.model_name_or_path, config)
+        processor = image_processor_for(options.model_name_or_path, config, revision=options.revision,
+                                        trust_remote_code=options.trust_remote_code)
         return processor, "pixel_values", int(config.hidden_size), tokens, None
     if options.dataset == "digits":
         return DigitPatchFeaturizer(), "image_features", DIGIT_PATCH_DIM, DIGIT_PATCH_TOKENS, None
     raise ValueError(
-        f"dataset {options.dataset!r} has real images: pass --vision_model_name_or_path (a local CLIP/SigLIP folder) "
-        "or use a VLM base (Llava family) as --model_name_or_path."
+        f"dataset {options.dataset!r} has real images: pass --vision_model_name_or_path (a CLIP/SigLIP folder or Hub "
+        "id) or use a VLM base (Llava family) as --model_name_or_path."
     )
 
 
@@ -130,6 +132,14 @@ def check_request(options: TrainOptions) -> list[str]:
     if resume is not None and not os.path.isfile(os.path.join(resume, "trainer_state.json")):
         raise ValueError(f"resume_from_checkpoint {resume!r} is not a checkpoint folder (no trainer_state.json): pass "
                          "a checkpoint-N folder that a run with --save_steps wrote.")
+    # a folder, or a Hub id that can be had here (offline: in the cache), before the dataset is read
+    if options.model_name_or_path is not None:
+        check_model_source(options.model_name_or_path, "model_name_or_path", options.revision)
+    elif options.revision is not None or options.trust_remote_code:
+        raise ValueError("--revision and --trust_remote_code apply to a base loaded from --model_name_or_path; the "
+                         "embedded demo base is built in memory: drop them or pass --model_name_or_path.")
+    if options.vision_model_name_or_path:
+        check_model_source(options.vision_model_name_or_path, "vision_model_name_or_path")
     return check_output_dir(options)
 
 
@@ -232,7 +242,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
         torch.set_num_threads(threads)
     set_seed(options.seed)
     task = load_task(options.dataset, options.image_folder, options.eval_fraction, options.seed,
-                     allow_outside_image_folder=options.allow_outside_image_folder, decode_images=options.decode_images)
+                     allow_outside_image_folder=options.allow_outside_image_folder, decode_images=options.decode_images,
+                     split=options.dataset_split, config=options.dataset_config)
     embedded_base = None
     if options.model_name_or_path is None:
         model, tokenizer = build_embedded_base(options.seed)
@@ -243,20 +254,21 @@ def train(options: TrainOptions) -> dict[str, Any]:
         embedded_base = (copy.deepcopy(model), tokenizer, base_path)
         model.name_or_path = base_path  # what adapter_config.json records as the base
     else:
-        model, tokenizer, kind = load_base(options.model_name_or_path, options.load_in_4bit, options.bf16)
-        base_path = options.model_name_or_path
+        model, tokenizer, kind = load_base(options.model_name_or_path, options.load_in_4bit, options.bf16,
+                                           revision=options.revision, trust_remote_code=options.trust_remote_code)
+        base_path = options.model_name_or_path  # a Hub id stays the id: adapter_config.json records what was given
     processor, input_name, visual_dim, tokens, encoder = visual_setup(options, model, kind)
     if options.load_in_4bit:  # checkpointing is the Trainer's (activation_checkpointing below), as without 4-bit
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = memvp_config(options, visual_dim, tokens, encoder, kind)
     with without_peft_probe_warning():
-        peft_model = get_peft_model(model, config)  # refuses an unknown --lora_target
+        peft_model = get_peft_model(model, config, revision=options.revision)  # refuses an unknown --lora_target
     peft_model.print_trainable_parameters()
     collator = MemVPDataCollator(
         tokenizer, processor, max_length=options.max_length,  # image paths are already resolved by load_task
         array_value_range=task.array_value_range, image_input_name=input_name, seq2seq=(kind == "seq2seq"),
     )
-    eval_records = task.eval[: (48 if options.quick else options.max_eval_samples)]
+    eval_records = task.held_out(48 if options.quick else options.max_eval_samples)
     max_steps = 20 if options.quick and options.max_steps <= 0 else options.max_steps
     args = TrainingArguments(
         output_dir=options.output_dir,
@@ -315,7 +327,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
 
     # reload the base and the adapter from disk and answer again: what a user deploying the adapter gets (the vision
     # encoder is re-attached from the folder the adapter config records)
-    fresh, _, _ = load_base(base_path, options.load_in_4bit, options.bf16)
+    fresh, _, _ = load_base(base_path, options.load_in_4bit, options.bf16, revision=options.revision,
+                            trust_remote_code=options.trust_remote_code)
     with without_peft_probe_warning():
         reloaded = PeftModel.from_pretrained(fresh, options.output_dir)
     if not options.load_in_4bit:  # a 4-bit base is placed by bitsandbytes when it loads

@@ -1,4 +1,5 @@
-"""Datasets the command line knows: the built-in `digits` task, LLaVA conversation JSON and simple JSONL.
+"""Datasets the command line knows: the built-in `digits` task, LLaVA conversation JSON, simple JSONL, and what the
+`datasets` library reads (save_to_disk folders, parquet/arrow files, data folders, Hub ids: `.sources`).
 
 `load_task` turns `--dataset` into train and held-out records; `reference_answer` and `normalise_answer` are how
 generated answers are scored against them. Give `--vision_model_name_or_path` and the digits go through that
@@ -17,6 +18,7 @@ import numpy as np
 from .digits import DIGIT_QUESTION
 from .formats import load_jsonl, load_llava_json
 from .prompts import GPT_ROLES
+from .sources import load_source, source_kind
 
 __all__ = ["Task", "load_digits_task", "load_task", "normalise_answer", "reference_answer"]
 
@@ -24,12 +26,19 @@ __all__ = ["Task", "load_digits_task", "load_task", "normalise_answer", "referen
 @dataclass
 class Task:
     """A dataset split for a run: `train` records, `eval` (held-out) records, and the value range of numpy images
-    (`(0, 16)` for the digit scans) that the collator needs to turn them into pixels."""
+    (`(0, 16)` for the digit scans) that the collator needs to turn them into pixels.
+
+    The records are a list of dicts, or a `datasets.Dataset` for the sources `datasets` reads (rows are read, and
+    images decoded, only when a batch needs them: a large Hub dataset is never held in memory as Python objects)."""
 
     name: str
-    train: list[dict]
-    eval: list[dict]
+    train: Any
+    eval: Any
     array_value_range: Optional[tuple[float, float]] = None
+
+    def held_out(self, count: int) -> list[dict]:
+        """The first `count` held-out records as dicts (what is answered by generation at the end of a run)."""
+        return [self.eval[i] for i in range(min(count, len(self.eval)))]
 
 
 def normalise_answer(text: str) -> str:
@@ -37,16 +46,22 @@ def normalise_answer(text: str) -> str:
     return " ".join(text.lower().replace(".", " ").split())
 
 
-def _split(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """A seeded shuffle of a file's records into (train, held-out); at least one record on each side."""
+def _held_out_order(count: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded shuffle of `count` record indices into (train, held-out); at least one record on each side."""
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}.")
-    order = list(range(len(records)))
+    order = list(range(count))
     random.Random(seed).shuffle(order)
-    cut = max(1, int(round(len(records) * eval_fraction)))
-    if cut >= len(records):
-        raise ValueError(f"the dataset has {len(records)} records: too few to hold out {eval_fraction:.0%}.")
-    return [records[i] for i in order[cut:]], [records[i] for i in order[:cut]]
+    cut = max(1, int(round(count * eval_fraction)))
+    if cut >= count:
+        raise ValueError(f"the dataset has {count} records: too few to hold out {eval_fraction:.0%}.")
+    return order[cut:], order[:cut]
+
+
+def _split(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded shuffle of a file's records into (train, held-out); at least one record on each side."""
+    train, held_out = _held_out_order(len(records), eval_fraction, seed)
+    return [records[i] for i in train], [records[i] for i in held_out]
 
 
 def load_digits_task(eval_fraction: float, seed: int) -> Task:
@@ -75,12 +90,21 @@ def load_task(
     *,
     allow_outside_image_folder: bool = False,
     decode_images: bool = True,
+    split: Optional[str] = None,
+    config: Optional[str] = None,
 ) -> Task:
-    """`digits`, a LLaVA `.json` or a `.jsonl`; errors name what was expected.
+    """`digits`, a LLaVA `.json`, a `.jsonl`, or a source `datasets` reads (`.sources.source_kind`); errors name
+    what was expected.
 
     A file's images are checked as it loads (see `load_llava_json`): `--allow_outside_image_folder` and
-    `--no-decode_images` of `memvp-train` arrive here.
+    `--no-decode_images` of `memvp-train` arrive here. `split` / `config` (`--dataset_split`, `--dataset_config`)
+    choose the rows of a `datasets` source; the held-out records are drawn from those rows, as for a file.
     """
+    if dataset == "digits" or dataset.endswith((".json", ".jsonl")):
+        given = [flag for flag, value in (("--dataset_split", split), ("--dataset_config", config)) if value]
+        if given:
+            raise ValueError(f"{' and '.join(given)} choose the rows of a datasets source (a Hub id, a save_to_disk "
+                             f"folder, parquet/arrow files); dataset {dataset!r} has none: drop them.")
     if dataset == "digits":
         return load_digits_task(eval_fraction, seed)
     if dataset.endswith(".json") or dataset.endswith(".jsonl"):
@@ -94,9 +118,18 @@ def load_task(
             raise ValueError(f"dataset file {dataset} holds no records.")
         train, held_out = _split(records, eval_fraction, seed)
         return Task(os.path.basename(dataset), train, held_out)
+    if source_kind(dataset) is not None:
+        if image_folder is not None:
+            raise ValueError(f"--image_folder resolves the image paths of a .json/.jsonl dataset; dataset {dataset!r} "
+                             "gives its images in its own columns (datasets.Image, bytes, or paths read as they are): "
+                             "drop --image_folder.")
+        rows = load_source(dataset, split, config)
+        train, held_out = _held_out_order(len(rows), eval_fraction, seed)
+        return Task(dataset, rows.select(train), rows.select(held_out))
     raise ValueError(
-        f"unknown dataset {dataset!r}: use 'digits' (built in), a LLaVA conversation .json or a .jsonl with "
-        "image/question/answer fields."
+        f"unknown dataset {dataset!r}: use 'digits' (built in), a LLaVA conversation .json, a .jsonl with "
+        "image/question/answer fields, a datasets.save_to_disk folder, .parquet/.arrow files (or a glob of them), a "
+        "folder of data files, or a Hub dataset id ('org/name'). A path must exist."
     )
 
 

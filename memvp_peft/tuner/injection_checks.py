@@ -15,6 +15,7 @@ from typing import Any
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..hub import is_hub_id
 from .config import MemVPConfig
 from .save_load import BIN_WEIGHTS_NAME, CONFIG_NAME, WEIGHTS_NAME, adapter_weights_file, check_adapter_file_complete
 from .targets import check_ffn_targets, find_layer_stacks
@@ -68,30 +69,39 @@ def check_layer_selection(model: nn.Module, config: MemVPConfig) -> None:
             )
 
 
+def is_recorded(config: MemVPConfig) -> bool:
+    """Whether `config` was injected before (saved, then read back: `vision_num_layers` / `base_num_layers` are
+    filled in at injection), or was read from a folder: its names are another machine's, not the user's request."""
+    return (
+        config.vision_num_layers is not None
+        or config.base_num_layers is not None
+        or getattr(config, "_memvp_source_folder", None) is not None
+    )
+
+
 def check_vision_encoder_folder(config: MemVPConfig) -> None:
-    """A `vision_encoder` the user named as a folder must exist (else `pixel_values` would fail much later).
+    """A `vision_encoder` the user named as a folder must exist (else `pixel_values` would fail much later). A name
+    of the form of a Hub id (`org/name`) is what `from_pretrained` would take too: it is loaded at injection
+    (`vision.load_vision_encoder`, downloaded when online, read from the cache offline), which says why it cannot.
 
     A config that was injected before (saved, then loaded: `vision_num_layers` / `base_num_layers` are filled in at
     injection) records the encoder it was trained with, possibly another machine's path or an in-memory model: that
     one is attached again by hand (`attach_vision_encoder`), so it is not refused here.
     """
     name = config.vision_encoder
-    recorded = (
-        config.vision_num_layers is not None
-        or config.base_num_layers is not None
-        or getattr(config, "_memvp_source_folder", None) is not None
-    )
     if (
         name is None
-        or recorded
+        or is_recorded(config)
         or getattr(config, "_vision_encoder_module", None) is not None
         or name.startswith(IN_MEMORY_PREFIX)
         or os.path.exists(name)
+        or is_hub_id(name)
     ):
         return
     raise ValueError(
-        f"MemVP: MemVPConfig.vision_encoder={name!r} is not a local folder. Pass the folder of a CLIP/SigLIP "
-        "checkpoint, or the built encoder itself (vision_encoder=CLIPVisionModel.from_pretrained(...))."
+        f"MemVP: MemVPConfig.vision_encoder={name!r} is not a local folder, nor a Hub id of the form 'org/name'. "
+        "Pass the folder of a CLIP/SigLIP checkpoint, its Hub id, or the built encoder itself "
+        "(vision_encoder=CLIPVisionModel.from_pretrained(...))."
     )
 
 

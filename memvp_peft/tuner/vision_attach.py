@@ -11,13 +11,16 @@ until the injection has succeeded (`MemVPModel.inject_adapter` detaches it), so 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 from peft.utils.integrations import _skip_init_on_device
 from torch import nn
 
+from ..hub import is_hub_id
 from ..vision import VisionEncoder, describe_encoder, is_vlm, load_vision_encoder, vlm_vision_tower
 from .config import MemVPConfig
+from .injection_checks import is_recorded
 from .scope import MemoryRuntime
 
 
@@ -36,12 +39,21 @@ def configured_encoder(model: nn.Module, runtime: MemoryRuntime, config: MemVPCo
     reference = getattr(config, "_vision_encoder_module", None)
     if reference is not None:
         return reference.module
-    if config.vision_encoder is not None and os.path.exists(config.vision_encoder):
+    name = config.vision_encoder
+    if name is not None and (os.path.exists(name) or is_hub_id(name)):
         current = runtime.vision
-        if current is not None and describe_encoder(current.model) == config.vision_encoder:
+        if current is not None and describe_encoder(current.model) == name:
             return current.model
-        with _skip_init_on_device():  # a frozen encoder, not adapter weights: real even under low_cpu_mem_usage
-            return load_vision_encoder(config.vision_encoder)
+        try:
+            with _skip_init_on_device():  # a frozen encoder, not adapter weights: real even under low_cpu_mem_usage
+                return load_vision_encoder(name)
+        except ValueError as error:
+            if os.path.exists(name) or not is_recorded(config):
+                raise
+            # a Hub id an adapter recorded that cannot be had here (offline, not cached) does not block loading the
+            # adapter, as a recorded folder that is gone does not: attach_vision_encoder gives it the encoder
+            warnings.warn(f"{error} The adapter loads without it: attach it with "
+                          "memvp_peft.attach_vision_encoder(model, encoder).", stacklevel=2)
     if is_vlm(model):
         runtime.image_token_id = image_token_id(model)
         return vlm_vision_tower(model)

@@ -81,8 +81,9 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
 
 
 def test_unknown_dataset_name(capsys):
-    assert train_main(["--dataset", "imagenet", "--output_dir", "/tmp/never"]) == 2
-    assert "unknown dataset 'imagenet'" in capsys.readouterr().err
+    """Neither a path that exists nor a Hub id ('imagenet' would be one: tests/cli/test_hub_ids.py)."""
+    assert train_main(["--dataset", "no/such/dataset", "--output_dir", "/tmp/never"]) == 2
+    assert "unknown dataset 'no/such/dataset'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,168 @@
+"""`--dataset` sources the `datasets` library reads: save_to_disk folders, parquet/arrow files, data folders, Hub ids.
+
+Each source becomes one `datasets.Dataset` -- one split -- whose rows go to the collator as they are: the columns
+the collator reads (`image`, `images`, `conversations`, `messages`, `question`/`answer`, precomputed tensors) are
+its to interpret, and a `datasets.Image` column arrives decoded (PIL), as `datasets` gives it. What this module
+checks is what only the source can get wrong, each a ValueError naming the source and the flag to change: a split
+that is not there (with the splits that are), a configuration that is not there (with those that are), a split
+without rows, a glob that matches nothing, a Hub id that cannot be had.
+
+How a Hub id resolves (read from datasets 5.2 / huggingface_hub 2.4): online, `datasets.load_dataset(ID)` downloads
+the repo's data files into the hub cache (`HF_HUB_CACHE/datasets--org--name/snapshots/<commit>/`) and prepares
+Arrow files in its own cache (`HF_DATASETS_CACHE`). Offline (`HF_HUB_OFFLINE=1`, or no connection), `load_dataset`
+reads only that prepared Arrow cache -- not the hub cache: a dataset fetched with `hf download ID --repo-type
+dataset` (or `snapshot_download`) is refused with "Couldn't reach ... on the Hub". So offline this module falls back
+to the hub cache's snapshot of the default branch (`snapshot_download(local_files_only=True)`: the commit in
+`refs/main`) and loads that folder, which `datasets` reads as a data folder (file names give the splits, a README's
+`configs:` the configurations).
+
+Each row gets the place it came from (`memvp_origin`: "org/name [train] row 17") so that what the collator finds in
+it names that row, not its place in a shuffled batch.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from typing import Any, Optional
+
+from ..hub import is_hub_id, is_offline, not_resolved_message
+from .conversations import ORIGIN_FIELD
+
+__all__ = ["TABLE_SUFFIXES", "load_source", "source_kind"]
+
+#: data files read as a table of records (a glob of them too); `.arrow` is the format save_to_disk writes
+TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
+DEFAULT_SPLIT = "train"
+_GLOB_CHARACTERS = ("*", "?", "[")
+
+
+def source_kind(dataset: str) -> Optional[str]:
+    """'files' (parquet/arrow files or a glob of them), 'saved' (a save_to_disk folder), 'folder' (a folder of data
+    files), 'hub' (a Hub dataset id), or None when `dataset` is none of these."""
+    if any(char in dataset for char in _GLOB_CHARACTERS) or os.path.splitext(dataset)[1] in TABLE_SUFFIXES:
+        return "files"
+    if os.path.isdir(dataset):
+        saved = any(os.path.isfile(os.path.join(dataset, name)) for name in ("dataset_dict.json", "state.json"))
+        return "saved" if saved else "folder"
+    if not os.path.exists(dataset) and is_hub_id(dataset):
+        return "hub"
+    return None
+
+
+def load_source(dataset: str, split: Optional[str] = None, config: Optional[str] = None) -> Any:
+    """The rows of `dataset` (see `source_kind`) in `split` (default 'train') of `config`, as a `datasets.Dataset`
+    with a `memvp_origin` column; refusals are ValueErrors naming the source."""
+    kind = source_kind(dataset)
+    if kind is None:
+        raise ValueError(f"dataset {dataset!r} is not a source memvp-train reads; see load_task.")
+    datasets = _datasets_module()
+    label = f"dataset {dataset!r}"
+    if kind == "saved":
+        if config is not None:
+            raise ValueError(f"{label} is a save_to_disk folder: it has no configurations, drop --dataset_config.")
+        rows, split = _saved_split(datasets.load_from_disk(dataset), split, label)
+    elif kind == "files":
+        if config is not None:
+            raise ValueError(f"{label} is data files: they have no configurations, drop --dataset_config.")
+        builder, files = _data_files(dataset, label)
+        split = split or DEFAULT_SPLIT
+        rows = _load(lambda: datasets.load_dataset(builder, data_files=files, split=split), label, split, config)
+    elif kind == "folder":
+        split = split or DEFAULT_SPLIT
+        rows = _load(lambda: datasets.load_dataset(dataset, config, split=split), label, split, config)
+    else:
+        split = split or DEFAULT_SPLIT
+        rows = _load_hub(datasets, dataset, split, config, label)
+    if len(rows) == 0:
+        raise ValueError(f"{label}: split {split!r} holds no records.")
+    if ORIGIN_FIELD not in rows.column_names:
+        rows = rows.add_column(ORIGIN_FIELD, [f"{dataset} [{split}] row {i}" for i in range(len(rows))])
+    return rows
+
+
+def _datasets_module() -> Any:
+    try:
+        import datasets
+    except ImportError as error:
+        raise ValueError("this --dataset is read with the `datasets` library, which is not installed: "
+                         "pip install 'memvp-peft[datasets]' (or pip install datasets).") from error
+    return datasets
+
+
+def _saved_split(saved: Any, split: Optional[str], label: str) -> tuple[Any, str]:
+    """The split of a `save_to_disk` folder: a DatasetDict's `split` (default 'train'), or the one Dataset."""
+    if hasattr(saved, "keys"):  # DatasetDict
+        split = split or DEFAULT_SPLIT
+        if split not in saved:
+            raise ValueError(f"{label} has no split {split!r} (--dataset_split); its splits are {sorted(saved)}.")
+        return saved[split], split
+    own = str(saved.split) if saved.split is not None else None
+    if split is not None and split != own:
+        raise ValueError(f"{label} is a save_to_disk Dataset: one split ({own or 'unnamed'}), so --dataset_split "
+                         f"{split!r} names none of it; drop --dataset_split (it applies to a saved DatasetDict).")
+    return saved, own or DEFAULT_SPLIT
+
+
+def _data_files(dataset: str, label: str) -> tuple[str, list[str]]:
+    """(datasets builder, files) for a parquet/arrow file or a glob of them: one format, at least one file."""
+    pattern = any(char in dataset for char in _GLOB_CHARACTERS)
+    files = [path for path in (sorted(glob.glob(dataset)) if pattern else [dataset]) if os.path.isfile(path)]
+    if not files:
+        raise ValueError(f"{label} {'matches no file' if pattern else 'does not exist'}.")
+    suffixes = {os.path.splitext(path)[1] for path in files}
+    unknown = sorted(suffixes - set(TABLE_SUFFIXES))
+    if unknown or len(suffixes) > 1:
+        raise ValueError(f"{label} matches files of the kinds {sorted(suffixes)}: a glob must match only .parquet or "
+                         "only .arrow files.")
+    return TABLE_SUFFIXES[suffixes.pop()], files
+
+
+def _load(call: Any, label: str, split: str, config: Optional[str]) -> Any:
+    """Run `datasets.load_dataset` and turn the errors a user can fix into ours, with the flag to change."""
+    try:
+        return call()
+    except ValueError as error:
+        text = str(error)
+        listed = re.search(r"(\[[^\]]*\])", text)
+        available = f"; it has {listed.group(1)}" if listed else f" ({text})"
+        if text.startswith("Unknown split"):
+            raise ValueError(f"{label} has no split {split!r} (--dataset_split){available}.") from error
+        if "BuilderConfig" in text and "not found" in text:
+            raise ValueError(f"{label} has no configuration {config!r} (--dataset_config){available}.") from error
+        if "Config name is missing" in text:
+            raise ValueError(f"{label} has several configurations: pick one with --dataset_config{available}.") \
+                from error
+        if "corresponds to no data" in text:
+            raise ValueError(f"{label}: split {split!r} holds no records.") from error
+        raise ValueError(f"{label} could not be read by datasets: {text}") from error
+
+
+def _load_hub(datasets: Any, name: str, split: str, config: Optional[str], label: str) -> Any:
+    """A Hub dataset id: `load_dataset` (online; or offline from its prepared cache), else offline the hub cache's
+    snapshot of the repo (files fetched by `hf download`), else an error that says which."""
+    from datasets.exceptions import DatasetNotFoundError
+
+    try:
+        return _load(lambda: datasets.load_dataset(name, config, split=split), label, split, config)
+    except DatasetNotFoundError as error:  # the Hub answered: no such (accessible) dataset, revision or gated
+        raise ValueError(not_resolved_message(name, "dataset", repo_type="dataset", cause=str(error))) from error
+    except (ConnectionError, FileNotFoundError) as error:  # offline or unreachable, and not in datasets' own cache
+        unreachable = error
+    snapshot = _cached_snapshot(name)
+    if snapshot is None:
+        cause = None if is_offline() else f"{type(unreachable).__name__}: {unreachable}"
+        raise ValueError(not_resolved_message(name, "dataset", repo_type="dataset", cause=cause)) from unreachable
+    return _load(lambda: datasets.load_dataset(snapshot, config, split=split), label, split, config)
+
+
+def _cached_snapshot(name: str) -> Optional[str]:
+    """The hub cache's folder of the dataset repo `name` at its default branch, or None when it is not there."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(name, repo_type="dataset", local_files_only=True)
+    except LocalEntryNotFoundError:
+        return None
