@@ -9,7 +9,8 @@
 
 The ``{"type": "image"}`` entries only mark where an image was: MemVP has no image token, so they render to nothing;
 they are counted, and the collator checks the count against the images the record gives (a mismatch means images
-and text do not belong together).  An entry that carries the image itself (``{"type": "image", "image": <PIL>}``) or
+and text do not belong together).  Plain-string content marks images with ``<image>`` placeholders, if at all: those
+are counted instead, and when a record's strings have none there is nothing to check.  An entry that carries the image itself (``{"type": "image", "image": <PIL>}``) or
 another kind of media is refused: its image would be dropped silently.  A message's text entries are joined with a
 newline.  ``datasets`` stores typed content as structs with every key of the column (``{"type": "image", "text":
 None}``): keys whose value is None are ignored.
@@ -36,10 +37,11 @@ def _is_list(value: Any) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
 
-def _content_text(content: Any, label: str, placeholder: str) -> tuple[str, int]:
-    """A message's text (its text entries joined by newlines, placeholders removed) and its image-entry count."""
+def _content_text(content: Any, label: str, placeholder: str) -> tuple[str, int, bool]:
+    """A message's text (its text entries joined by newlines, placeholders removed), its image-entry count (of a
+    string: its placeholders) and whether the content is typed."""
     if isinstance(content, str):
-        return strip_image_placeholder(content, placeholder), 0
+        return strip_image_placeholder(content, placeholder), content.count(placeholder), False
     if not _is_list(content):
         raise ValueError(
             f"{label}: 'content' must be a str or a list of {{'type': 'text'|'image', ...}} entries, got "
@@ -69,13 +71,14 @@ def _content_text(content: Any, label: str, placeholder: str) -> tuple[str, int]
             raise ValueError(
                 f"{where}: content type {kind!r} is not read (only 'text' and 'image'); video is not supported yet."
             )
-    return "\n".join(parts), images
+    return "\n".join(parts), images, True
 
 
 def messages_exchanges(
     messages: Any, where: str, placeholder: str, need_answer: bool
-) -> tuple[Optional[str], list[tuple[str, str]], int]:
-    """The system text, the (user, assistant) exchanges and the image-entry count of a ``messages`` list.
+) -> tuple[Optional[str], list[tuple[str, str]], Optional[int]]:
+    """The system text, the (user, assistant) exchanges and the image-entry count of a ``messages`` list (None when
+    no content is typed and no string holds a placeholder: then the text says nothing about the images).
 
     An optional ``system`` message comes first; then user and assistant alternate, starting with the user, and (for
     training) end with the assistant.  Assistant texts are stripped and must not be empty.
@@ -86,13 +89,15 @@ def messages_exchanges(
     exchanges: list[tuple[str, str]] = []
     pending: Optional[str] = None
     images = 0
+    typed = False
     for m, message in enumerate(messages):
         label = f"{where}: message {m}"
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise ValueError(f"{label} must be a dict with 'role' and 'content'.")
         role = str(message["role"]).lower()
-        text, count = _content_text(message["content"], label, placeholder)
+        text, count, is_typed = _content_text(message["content"], label, placeholder)
         images += count
+        typed = typed or is_typed
         expected = "user" if pending is None else "assistant"
         if role == "system" and m == 0:
             system = text
@@ -120,7 +125,7 @@ def messages_exchanges(
         exchanges.append((pending, ""))
     if not exchanges:
         raise ValueError(f"{where}: 'messages' holds no user message.")
-    return system, exchanges, images
+    return system, exchanges, images if typed or images else None
 
 
 def cauldron_exchanges(texts: Any, where: str, placeholder: str, need_answer: bool) -> list[tuple[str, str]]:

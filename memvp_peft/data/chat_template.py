@@ -76,17 +76,24 @@ class ChatTemplateRenderer:
     def render(self, messages: list[tuple[str, str]], generation_prompt: bool, where: str) -> str:
         """The template's text for ``messages``; every message's text must be in it (see the module docstring)."""
         styles = [self._typed] if self._typed is not None else [False, True]
+        problems: list[ValueError] = []  # a style that renders but loses text says more than one that fails
         for typed in styles:
-            rendered = self._apply(messages, generation_prompt, typed, where)
+            try:
+                rendered = self._apply(messages, generation_prompt, typed, where)
+            except ValueError as exc:
+                problems.append(exc)
+                continue
             missing = [(role, text) for role, text in messages if text.strip() and text.strip() not in rendered]
             if not missing:
                 self._typed = typed
                 return rendered
-        raise ValueError(
-            f"{where}: the chat template does not show the text of every message: {missing[0][0]} text "
-            f"{missing[0][1][:60]!r} is missing from its rendering {rendered[:200]!r} (a template that drops this "
-            "role, or reads content another way). Use chat_template=False to train with the prompt template instead."
-        )
+            problems.insert(0, ValueError(
+                f"{where}: the chat template does not show the text of every message: {missing[0][0]} text "
+                f"{missing[0][1][:60]!r} is missing from its rendering {rendered[:200]!r} (a template that drops this "
+                "role, or reads content another way). Use chat_template=False to train with the prompt template "
+                "instead."
+            ))
+        raise problems[0]
 
     # ------------------------------------------------------------------------------------------------ tokens
     def _tokenize(self, text: str) -> tuple[list[int], Optional[list[int]]]:

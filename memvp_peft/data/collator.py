@@ -258,8 +258,9 @@ class MemVPDataCollator:
             images = self._record_images(record, where)
             if dialogue.image_entries is not None and dialogue.image_entries != images.count:
                 raise ValueError(
-                    f"{where}: its messages hold {dialogue.image_entries} {{'type': 'image'}} entries but the record "
-                    f"gives {images.count} images; each image entry stands for one image, in order."
+                    f"{where}: its messages mark {dialogue.image_entries} images ({{'type': 'image'}} entries, or "
+                    f"{self.image_placeholder!r} in plain-string content) but the record gives {images.count}; each "
+                    "mark stands for one image, in order."
                 )
             if self.num_images is not None and images.count > self.num_images:
                 raise ValueError(f"{where}: has {images.count} images but num_images={self.num_images}.")
