@@ -32,7 +32,19 @@ from .tuner import (
 )
 from .tuner import __all__ as _tuner_names
 from .tuner.save_load import save_adapter
+from .processing import MemVPProcessor
 
 __version__ = "0.1.0"
 
-__all__ = [*_tuner_names, "save_adapter"]
+__all__ = [*_tuner_names, "save_adapter", "MemVPProcessor", "MemVPSFTTrainer", "MemVPDPOTrainer"]
+
+_TRL_TRAINERS = ("MemVPSFTTrainer", "MemVPDPOTrainer")
+
+
+def __getattr__(name: str):
+    """The TRL trainers load on first use: `trl` is an optional extra, and `import memvp_peft` must not need it."""
+    if name in _TRL_TRAINERS:
+        from . import trainers
+
+        return getattr(trainers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
