@@ -23,6 +23,7 @@ it names that row, not its place in a shuffled batch.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 from typing import Any, Optional
@@ -62,7 +63,7 @@ def load_source(dataset: str, split: Optional[str] = None, config: Optional[str]
     if kind == "saved":
         if config is not None:
             raise ValueError(f"{label} is a save_to_disk folder: it has no configurations, drop --dataset_config.")
-        rows, split = _saved_split(datasets.load_from_disk(dataset), split, label)
+        rows, split = _saved_split(datasets, dataset, split, label)
     elif kind == "files":
         if config is not None:
             raise ValueError(f"{label} is data files: they have no configurations, drop --dataset_config.")
@@ -91,18 +92,36 @@ def _datasets_module() -> Any:
     return datasets
 
 
-def _saved_split(saved: Any, split: Optional[str], label: str) -> tuple[Any, str]:
-    """The split of a `save_to_disk` folder: a DatasetDict's `split` (default 'train'), or the one Dataset."""
-    if hasattr(saved, "keys"):  # DatasetDict
+def _saved_split(datasets: Any, folder: str, split: Optional[str], label: str) -> tuple[Any, str]:
+    """The split of a `save_to_disk` folder: a DatasetDict's `split` (default 'train'), or the one Dataset.
+
+    A DatasetDict's splits are read from its `dataset_dict.json` and only the one asked for is opened; a split saved
+    without rows has no data file (`state.json`), which `load_from_disk` answers with an IndexError (datasets 5.2),
+    so it is refused here as the empty split it is."""
+    listing = os.path.join(folder, "dataset_dict.json")
+    if os.path.isfile(listing):
+        with open(listing, encoding="utf-8") as handle:
+            splits = json.load(handle).get("splits", [])
         split = split or DEFAULT_SPLIT
-        if split not in saved:
-            raise ValueError(f"{label} has no split {split!r} (--dataset_split); its splits are {sorted(saved)}.")
-        return saved[split], split
+        if split not in splits:
+            raise ValueError(f"{label} has no split {split!r} (--dataset_split); its splits are {sorted(splits)}.")
+        _refuse_empty_saved(os.path.join(folder, split), label, split)
+        return datasets.load_from_disk(os.path.join(folder, split)), split
+    _refuse_empty_saved(folder, label, split or DEFAULT_SPLIT)
+    saved = datasets.load_from_disk(folder)
     own = str(saved.split) if saved.split is not None else None
     if split is not None and split != own:
         raise ValueError(f"{label} is a save_to_disk Dataset: one split ({own or 'unnamed'}), so --dataset_split "
                          f"{split!r} names none of it; drop --dataset_split (it applies to a saved DatasetDict).")
     return saved, own or DEFAULT_SPLIT
+
+
+def _refuse_empty_saved(folder: str, label: str, split: str) -> None:
+    state = os.path.join(folder, "state.json")
+    if os.path.isfile(state):
+        with open(state, encoding="utf-8") as handle:
+            if not json.load(handle).get("_data_files", [None]):
+                raise ValueError(f"{label}: split {split!r} holds no records.")
 
 
 def _data_files(dataset: str, label: str) -> tuple[str, list[str]]:

@@ -1,0 +1,178 @@
+"""`--dataset` sources the `datasets` library reads (memvp_peft.data.sources through load_task): save_to_disk folders,
+parquet and arrow files and globs, data folders with configurations -- and the refusals: unknown split or
+configuration (with the ones that exist), an empty split, a glob matching nothing, options that do not apply.
+
+The Hub-id source needs an offline cache in a fresh process: tests/cli/test_hub_ids.py.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+
+import datasets
+import numpy as np
+import pytest
+from data_fixtures import image_processor, tokenizer  # noqa: F401  (fixtures are used by name)
+
+from memvp_peft.data import MemVPDataCollator
+from memvp_peft.data.conversations import ORIGIN_FIELD
+from memvp_peft.data.tasks import load_task
+
+QUESTION = "What digit is shown in the image ?"
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    """Keep the Arrow files `load_dataset` prepares out of the user's cache: datasets reads its cache folder from
+    `datasets.config` on every call (the HF_DATASETS_CACHE variable only once, at import)."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
+
+
+def _rows(count: int = 10, answer=None) -> datasets.Dataset:
+    """Digit scans with a `datasets.Image` column (PNG bytes), as Hub datasets store images."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rows = []
+    for i in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray((digits.images[i] * 15).astype(np.uint8)).save(buffer, format="PNG")
+        rows.append({"image": {"bytes": buffer.getvalue(), "path": None}, "question": QUESTION,
+                     "answer": NAMES[digits.target[i]] if answer is None else answer})
+    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                  "answer": datasets.Value("string")})
+    return datasets.Dataset.from_list(rows, features=features)
+
+
+def _task(dataset, **kwargs):
+    return load_task(str(dataset), None, 0.2, seed=0, **kwargs)
+
+
+def test_a_save_to_disk_dataset_folder_is_split_into_train_and_held_out(tmp_path):
+    _rows(10).save_to_disk(tmp_path / "saved")
+    task = _task(tmp_path / "saved")
+    assert (len(task.train), len(task.eval)) == (8, 2)
+    held_out = {row[ORIGIN_FIELD] for row in task.held_out(5)}
+    assert len(held_out) == 2 and not held_out & {row[ORIGIN_FIELD] for row in task.train}
+
+
+def test_a_saved_dataset_dict_trains_on_train_unless_dataset_split_says_otherwise(tmp_path):
+    datasets.DatasetDict({"train": _rows(10), "validation": _rows(5)}).save_to_disk(tmp_path / "saved")
+    assert len(_task(tmp_path / "saved").train) == 8
+    assert len(_task(tmp_path / "saved", split="validation").train) == 4
+
+
+def test_an_unknown_split_of_a_saved_dataset_dict_lists_the_splits(tmp_path):
+    datasets.DatasetDict({"train": _rows(4), "test": _rows(4)}).save_to_disk(tmp_path / "saved")
+    with pytest.raises(ValueError, match=r"has no split 'validation' \(--dataset_split\); its splits are "
+                                         r"\['test', 'train'\]"):
+        _task(tmp_path / "saved", split="validation")
+
+
+def test_a_parquet_file_and_a_glob_of_them_load(tmp_path):
+    _rows(10).to_parquet(str(tmp_path / "part-0.parquet"))
+    _rows(5).to_parquet(str(tmp_path / "part-1.parquet"))
+    assert len(_task(tmp_path / "part-0.parquet").train) == 8
+    task = _task(tmp_path / "part-*.parquet")
+    assert len(task.train) + len(task.eval) == 15
+
+
+def test_the_arrow_file_save_to_disk_writes_loads(tmp_path):
+    _rows(10).save_to_disk(tmp_path / "saved")
+    (arrow,) = glob.glob(str(tmp_path / "saved" / "*.arrow"))
+    assert len(_task(arrow).train) == 8
+
+
+def test_a_glob_matching_no_file_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"dataset '.*nothing-\*\.parquet' matches no file"):
+        _task(tmp_path / "nothing-*.parquet")
+
+
+def test_a_missing_parquet_file_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"dataset '.*gone\.parquet' does not exist"):
+        _task(tmp_path / "gone.parquet")
+
+
+def test_a_split_a_file_does_not_have_is_refused_with_the_ones_it_has(tmp_path):
+    _rows(4).to_parquet(str(tmp_path / "rows.parquet"))
+    with pytest.raises(ValueError, match=r"has no split 'test' \(--dataset_split\); it has \['train'\]"):
+        _task(tmp_path / "rows.parquet", split="test")
+
+
+def test_an_empty_split_is_refused(tmp_path):
+    _rows(2).select([]).to_parquet(str(tmp_path / "empty.parquet"))
+    with pytest.raises(ValueError, match=r"split 'train' holds no records"):
+        _task(tmp_path / "empty.parquet")
+
+
+def test_an_empty_split_of_a_saved_dataset_dict_is_refused(tmp_path):
+    datasets.DatasetDict({"train": _rows(4), "test": _rows(2).select([])}).save_to_disk(tmp_path / "saved")
+    with pytest.raises(ValueError, match=r"split 'test' holds no records"):
+        _task(tmp_path / "saved", split="test")
+
+
+@pytest.fixture
+def two_configs(tmp_path):
+    """A data folder laid out like a Hub dataset repo with two configurations (README `configs:`)."""
+    folder = tmp_path / "repo"
+    for name, count in (("small", 5), ("large", 10)):
+        (folder / name).mkdir(parents=True)
+        _rows(count).to_parquet(str(folder / name / "train.parquet"))
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: small\n  data_files: small/*.parquet\n"
+                                      "- config_name: large\n  data_files: large/*.parquet\n---\n")
+    return folder
+
+
+def test_dataset_config_picks_a_configuration_of_a_data_folder(two_configs):
+    assert len(_task(two_configs, config="large").train) == 8
+    assert len(_task(two_configs, config="small").train) == 4
+
+
+def test_an_unknown_configuration_lists_the_ones_there_are(two_configs):
+    with pytest.raises(ValueError, match=r"has no configuration 'medium' \(--dataset_config\); it has "
+                                         r"\['small', 'large'\]"):
+        _task(two_configs, config="medium")
+
+
+def test_several_configurations_and_none_chosen_asks_for_dataset_config(two_configs):
+    with pytest.raises(ValueError, match=r"several configurations: pick one with --dataset_config; it has "
+                                         r"\['small', 'large'\]"):
+        _task(two_configs)
+
+
+def test_dataset_config_for_a_source_without_configurations_is_refused(tmp_path):
+    _rows(4).to_parquet(str(tmp_path / "rows.parquet"))
+    with pytest.raises(ValueError, match="they have no configurations, drop --dataset_config"):
+        _task(tmp_path / "rows.parquet", config="default")
+
+
+@pytest.mark.parametrize("dataset", ["digits", "rows.jsonl"])
+def test_dataset_split_for_digits_or_a_json_file_is_refused(dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"--dataset_split choose the rows of a datasets source .* drop them"):
+        _task(dataset, split="test")
+
+
+def test_image_folder_for_a_datasets_source_is_refused(tmp_path):
+    _rows(4).to_parquet(str(tmp_path / "rows.parquet"))
+    with pytest.raises(ValueError, match="--image_folder resolves the image paths of a .json/.jsonl dataset"):
+        load_task(str(tmp_path / "rows.parquet"), str(tmp_path), 0.2, seed=0)
+
+
+def test_an_image_column_reaches_the_collator_decoded(tmp_path, tokenizer, image_processor):
+    _rows(10).to_parquet(str(tmp_path / "rows.parquet"))
+    task = _task(tmp_path / "rows.parquet")
+    rows = [task.train[i] for i in range(3)]
+    assert all(type(row["image"]).__module__.startswith("PIL.") for row in rows)
+    batch = MemVPDataCollator(tokenizer, image_processor, max_length=64)(rows)
+    assert batch["pixel_values"].shape[0] == 3 and batch["image_mask"].tolist() == [True] * 3
+
+
+def test_a_bad_row_is_named_by_its_source_split_and_row(tmp_path, tokenizer, image_processor):
+    _rows(10, answer=" ").to_parquet(str(tmp_path / "rows.parquet"))
+    task = _task(tmp_path / "rows.parquet")
+    row = task.train[0]
+    with pytest.raises(ValueError, match=rf"rows\.parquet \[train\] row {row[ORIGIN_FIELD].rsplit(' ', 1)[1]}"):
+        MemVPDataCollator(tokenizer, image_processor, max_length=64)([row])
