@@ -127,3 +127,25 @@ def test_unusable_precomputed_tensors_are_refused(tokenizer, value, message):  #
     collator = MemVPDataCollator(tokenizer, None, image_input_name="image_features")
     with pytest.raises(ValueError, match=message):
         collator([dict(Q, image_features=value)])
+
+
+def test_precomputed_features_of_a_dataset_train_the_memvp_projector_through_the_trainer(tmp_path, tokenizer):  # noqa: F811
+    """The end-to-end point of reading `image_features`: before, such a column trained text-only (projector frozen
+    in effect); now the Trainer's batches carry it and the projector's weights move."""
+    from conftest import VISUAL_DIM, memvp_config, tiny_llama
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    generator = torch.Generator().manual_seed(0)
+    rows = {"image_features": [torch.randn(5, VISUAL_DIM, generator=generator).tolist() for _ in range(4)],
+            "messages": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What digit ?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "two"}]}]] * 4}
+    model = get_peft_model(tiny_llama(vocab_size=len(tokenizer)), memvp_config())
+    projector = model.base_model.memvp_memory["default"].projector[0].weight
+    before = projector.detach().clone()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
+                             remove_unused_columns=False, report_to=[], save_strategy="no", logging_strategy="no",
+                             use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    collator = MemVPDataCollator(tokenizer, None, image_input_name="image_features")
+    Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(rows), data_collator=collator).train()
+    assert not torch.equal(before, projector.detach())
