@@ -6,6 +6,10 @@ really hold an image -- the memory is switched off where it is False.  Layouts:
 
 * no record gives a *list* of images (and ``num_images`` is None): ``(B, C, H, W)`` and ``(B,)``;
 * otherwise ``(B, I, C, H, W)`` and ``(B, I)``, with ``I = num_images`` or the longest list in the batch.
+
+(``image_features`` likewise, with ``(tokens, dim)`` per image.)  A record's images come from exactly one field
+(:func:`image_field`): raw ones from ``image``/``images`` (:func:`record_images`, processed for the whole batch at once
+by :func:`process_images`) or precomputed tensors (:mod:`.precomputed`, where ``(I, ...)`` counts as a list).
 """
 
 from __future__ import annotations
