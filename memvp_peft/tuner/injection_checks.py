@@ -70,13 +70,13 @@ def check_layer_selection(model: nn.Module, config: MemVPConfig) -> None:
 
 
 def is_recorded(config: MemVPConfig) -> bool:
-    """Whether `config` was injected before (saved, then read back: `vision_num_layers` / `base_num_layers` are
-    filled in at injection), or was read from a folder: its names are another machine's, not the user's request."""
-    return (
-        config.vision_num_layers is not None
-        or config.base_num_layers is not None
-        or getattr(config, "_memvp_source_folder", None) is not None
-    )
+    """Whether `config`'s vision encoder was attached before (saved, then read back: `vision_num_layers` is filled in
+    when an encoder is attached), or the config was read from a folder: its names are another machine's, not the
+    user's request.
+
+    Not `base_num_layers`: `check_depth` fills that in on a new config during its own injection, before the encoder
+    it names is loaded, and a new config's encoder that cannot be loaded must be refused, not passed over."""
+    return config.vision_num_layers is not None or getattr(config, "_memvp_source_folder", None) is not None
 
 
 def check_vision_encoder_folder(config: MemVPConfig) -> None:
@@ -84,9 +84,9 @@ def check_vision_encoder_folder(config: MemVPConfig) -> None:
     of the form of a Hub id (`org/name`) is what `from_pretrained` would take too: it is loaded at injection
     (`vision.load_vision_encoder`, downloaded when online, read from the cache offline), which says why it cannot.
 
-    A config that was injected before (saved, then loaded: `vision_num_layers` / `base_num_layers` are filled in at
-    injection) records the encoder it was trained with, possibly another machine's path or an in-memory model: that
-    one is attached again by hand (`attach_vision_encoder`), so it is not refused here.
+    A config that was injected before (`is_recorded`) records the encoder it was trained with, possibly another
+    machine's path or an in-memory model: that one is attached again by hand (`attach_vision_encoder`), so it is
+    not refused here.
     """
     name = config.vision_encoder
     if (
@@ -131,7 +131,7 @@ def matched_targets(tuner: Any, model: nn.Module, config: MemVPConfig) -> list[t
 
 def check_before_injection(tuner: Any, model: nn.Module, config: MemVPConfig) -> None:
     """Every check that needs no change to the model, in the order a user would fix them."""
-    check_vision_encoder_folder(config)  # first: check_depth records base_num_layers
+    check_vision_encoder_folder(config)
     check_depth(model, config)
     check_layer_selection(model, config)
     check_source_folder(config)

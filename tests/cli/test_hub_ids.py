@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ import pytest
 
 from memvp_peft.local_models import build_word_tokenizer, clip_image_processor, tiny_clip, tiny_llama
 
-LLM_COMMIT, CLIP_COMMIT, DATA_COMMIT = "1" * 40, "2" * 40, "3" * 40
+LLM_COMMIT, CLIP_COMMIT, DATA_COMMIT, CUSTOM_COMMIT = "1" * 40, "2" * 40, "3" * 40, "4" * 40
 QUESTION = "What digit is shown ?"
 
 
@@ -57,8 +58,8 @@ def _digits_table(path: str, count: int = 24) -> None:
 
 @pytest.fixture(scope="module")
 def hf_home(tmp_path_factory):
-    """A Hugging Face cache holding org/llm (a tiny Llama + tokenizer), org/clip (a tiny CLIP + its image processor)
-    and the dataset org/digits."""
+    """A Hugging Face cache holding org/llm (a tiny Llama + tokenizer), org/clip (a tiny CLIP + its image processor),
+    org/custom (a config that is the repo's own code) and the dataset org/digits."""
     home = str(tmp_path_factory.mktemp("hf_home"))
     tokenizer = build_word_tokenizer([f"Question: {QUESTION}\nAnswer:"], [str(d) for d in range(10)])
     llm = _snapshot(home, "org/llm", LLM_COMMIT)
@@ -69,24 +70,18 @@ def hf_home(tmp_path_factory):
     clip_image_processor(32).save_pretrained(clip)
     _digits_table(os.path.join(_snapshot(home, "org/digits", DATA_COMMIT, kind="datasets"), "data",
                                "train-00000-of-00001.parquet"))
+    custom = _snapshot(home, "org/custom", CUSTOM_COMMIT)  # a repo whose config class is its own code
+    with open(os.path.join(custom, "config.json"), "w") as handle:
+        json.dump({"model_type": "custom-x", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}}, handle)
+    with open(os.path.join(custom, "configuration_custom.py"), "w") as handle:
+        handle.write("from transformers import PretrainedConfig\n\n\nclass CustomConfig(PretrainedConfig):\n"
+                     "    model_type = 'custom-x'\n")
     return home
 
 
-def run_offline(hf_home: str, cwd, calls: list[tuple[str, list[str]]]) -> list[dict]:
-    """Run each `(program, argv)` -- "train" or "infer" -- in ONE fresh offline process (imports cost seconds):
-    for each, the exit status and what it printed to stdout and stderr."""
-    script = textwrap.dedent(f"""
-        import contextlib, io, json, sys
-        from memvp_peft.cli.infer import main as infer
-        from memvp_peft.cli.train import main as train
-        results = []
-        for program, argv in {calls!r}:
-            out, err = io.StringIO(), io.StringIO()
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                code = (train if program == "train" else infer)(argv)
-            results.append({{"code": code, "out": out.getvalue(), "err": err.getvalue()}})
-        print("RESULTS=" + json.dumps(results))
-    """)
+def run_offline_python(hf_home: str, cwd, body: str) -> dict:
+    """Run `body` in a fresh offline process; it fills the dict `results`, which comes back."""
+    script = "import json\nresults = {}\n" + textwrap.dedent(body) + "\nprint('RESULTS=' + json.dumps(results))\n"
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("HF_", "HUGGINGFACE_")) and key != "TRANSFORMERS_CACHE"}
     env.update(HF_HOME=hf_home, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -96,6 +91,22 @@ def run_offline(hf_home: str, cwd, calls: list[tuple[str, list[str]]]) -> list[d
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULTS="))
     return json.loads(line[len("RESULTS="):])
+
+
+def run_offline(hf_home: str, cwd, calls: list[tuple[str, list[str]]]) -> list[dict]:
+    """Run each `(program, argv)` -- "train" or "infer" -- in ONE fresh offline process (imports cost seconds):
+    for each, the exit status and what it printed to stdout and stderr."""
+    return run_offline_python(hf_home, cwd, f"""
+        import contextlib, io
+        from memvp_peft.cli.infer import main as infer
+        from memvp_peft.cli.train import main as train
+        results["runs"] = []
+        for program, argv in {calls!r}:
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = (train if program == "train" else infer)(argv)
+            results["runs"].append({{"code": code, "out": out.getvalue(), "err": err.getvalue()}})
+    """)["runs"]
 
 
 def _error_line(result: dict, program: str) -> str:
@@ -159,7 +170,7 @@ def offline_refusals(hf_home, tmp_path_factory):
     """Names the offline cache cannot resolve, one run each (all refused before anything is written)."""
     folder = tmp_path_factory.mktemp("refusals")
     common = ["--max_steps", "1", "--per_device_train_batch_size", "4"]
-    names = ["base", "base_revision", "encoder", "dataset", "bare_dataset"]
+    names = ["base", "base_revision", "encoder", "dataset", "bare_dataset", "custom_code"]
     calls = [
         ("train", ["--model_name_or_path", "org/missing", "--output_dir", "a", *common]),
         ("train", ["--model_name_or_path", "org/llm", "--revision", "v2", "--output_dir", "b", *common]),
@@ -169,9 +180,10 @@ def offline_refusals(hf_home, tmp_path_factory):
                    "--dataset", "org/no-data", "--output_dir", "d", *common]),
         ("train", ["--model_name_or_path", "org/llm", "--vision_model_name_or_path", "org/clip",
                    "--dataset", "imagenet", "--output_dir", "e", *common]),
+        ("train", ["--model_name_or_path", "org/custom", "--output_dir", "f", *common]),
     ]
     results = dict(zip(names, run_offline(hf_home, folder, calls)))
-    assert not any((folder / name).exists() for name in "abcde")
+    assert not any((folder / name).exists() for name in "abcdef")
     return results
 
 
@@ -202,3 +214,98 @@ def test_the_embedded_default_needs_no_download(hf_home, tmp_path):
     (result,) = run_offline(str(empty), tmp_path, [("train", ["--quick", "--output_dir", "run"])])
     assert result["code"] == 0, result["err"][-3000:]
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_repo_with_its_own_code_needs_trust_remote_code(offline_refusals):
+    error = _error_line(offline_refusals["custom_code"], "train")
+    assert "model_name_or_path 'org/custom' needs its own code to load: pass --trust_remote_code" in error
+
+
+@pytest.mark.slow
+def test_infer_names_a_recorded_encoder_id_missing_from_the_cache_before_loading(hub_run, hf_home, tmp_path):
+    folder = hub_run[0]
+    adapter = tmp_path / "adapter"
+    shutil.copytree(folder / "run", adapter, ignore=shutil.ignore_patterns("checkpoint-*"))
+    for name, key in (("adapter_config.json", "vision_encoder"), ("memvp_cli.json", "vision_model_name_or_path")):
+        data = json.loads((adapter / name).read_text())
+        data[key] = "org/gone-clip"
+        (adapter / name).write_text(json.dumps(data))
+    (result,) = run_offline(hf_home, tmp_path, [("infer", ["--adapter", str(adapter), "--image", "digits:0"])])
+    error = _error_line(result, "infer")
+    assert "the vision encoder the adapter was trained with, 'org/gone-clip' is not a local folder" in error
+    assert "not in the Hugging Face cache" in error and "Loading weights" not in result["err"]
+
+
+@pytest.fixture(scope="module")
+def python_api(hf_home, tmp_path_factory):
+    """MemVPConfig.vision_encoder and load_vision_encoder on Hub ids, offline, in one process."""
+    return run_offline_python(hf_home, tmp_path_factory.mktemp("python_api"), f"""
+        import warnings
+        import torch
+        import memvp_peft
+        from memvp_peft import MemVPConfig
+        from memvp_peft.local_models import tiny_llama
+        from memvp_peft.vision import describe_encoder, load_vision_encoder
+        from peft import PeftModel, get_peft_model
+
+        def base():
+            return tiny_llama(vocab_size=64, hidden_size=64)
+
+        pm = get_peft_model(base(), MemVPConfig(visual_dim=32, num_memory_slots=24, vision_encoder="org/clip"))
+        results["attached"] = describe_encoder(pm.base_model.vision_encoder.model)
+        out = pm(input_ids=torch.randint(3, 64, (1, 5)), pixel_values=torch.randn(1, 3, 32, 32))
+        results["forward"] = list(out.logits.shape)
+        pm.save_pretrained("adapter")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reloaded = PeftModel.from_pretrained(base(), "adapter")
+        results["reloaded"] = describe_encoder(reloaded.base_model.vision_encoder.model)
+        results["reload_warnings"] = [str(w.message) for w in caught if "vision encoder" in str(w.message)]
+        try:
+            get_peft_model(base(), MemVPConfig(visual_dim=32, num_memory_slots=24, vision_encoder="org/no-clip"))
+        except ValueError as error:
+            results["missing"] = str(error)
+        config = json.load(open("adapter/adapter_config.json"))
+        config["vision_encoder"] = "org/no-clip"
+        json.dump(config, open("adapter/adapter_config.json", "w"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gone = PeftModel.from_pretrained(base(), "adapter")
+        results["recorded_missing_attached"] = gone.base_model.vision_encoder is not None
+        results["recorded_missing_warnings"] = [str(w.message) for w in caught if "org/no-clip" in str(w.message)]
+        results["pinned"] = describe_encoder(load_vision_encoder("org/clip", revision="{CLIP_COMMIT}"))
+        try:
+            load_vision_encoder("org/clip", revision="v2")
+        except ValueError as error:
+            results["unknown_revision"] = str(error)
+    """)
+
+
+@pytest.mark.slow
+def test_memvp_config_vision_encoder_takes_a_hub_id(python_api):
+    assert python_api["attached"] == "org/clip" and python_api["forward"] == [1, 5, 64]
+
+
+@pytest.mark.slow
+def test_an_adapter_recording_an_encoder_id_loads_it_again_from_the_cache(python_api):
+    assert python_api["reloaded"] == "org/clip" and python_api["reload_warnings"] == []
+
+
+@pytest.mark.slow
+def test_a_new_config_naming_an_id_missing_from_the_cache_is_refused(python_api):
+    assert python_api["missing"].startswith("MemVP: vision encoder 'org/no-clip' is not a local folder")
+    assert "not in the Hugging Face cache" in python_api["missing"]
+
+
+@pytest.mark.slow
+def test_a_recorded_encoder_id_missing_from_the_cache_warns_and_the_adapter_still_loads(python_api):
+    assert python_api["recorded_missing_attached"] is False
+    (warning,) = python_api["recorded_missing_warnings"]
+    assert "not in the Hugging Face cache" in warning and "attach_vision_encoder" in warning
+
+
+@pytest.mark.slow
+def test_load_vision_encoder_passes_the_revision(python_api):
+    assert python_api["pinned"] == "org/clip"
+    assert "at revision 'v2'" in python_api["unknown_revision"]
