@@ -41,22 +41,51 @@ def _pop_visual_inputs(kwargs: dict) -> tuple[Any, Any, Any]:
 
 
 def _reject_image_placeholders(runtime: MemoryRuntime, args: tuple, kwargs: dict) -> None:
+    """A VLM's placeholder tokens in the text mean a VLM processor built the batch (e.g. TRL's collator with Llava's
+    processor): refuse. On accelerator tensors the check costs a host-device sync, so it runs on the first call there
+    (a wrong processor shows on the first batch) and afterwards only with MEMVP_CHECK_VALUES=1; on CPU, always."""
     token = runtime.image_token_id
     input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-    if token is None or not isinstance(input_ids, torch.Tensor) or not values_checkable(input_ids):
+    if token is None or not isinstance(input_ids, torch.Tensor) or torch.compiler.is_compiling():
         return
+    if not values_checkable(input_ids):
+        if runtime.placeholders_checked:
+            return
+        runtime.placeholders_checked = True
     if bool((input_ids == token).any()):
         raise ValueError(
             f"MemVP: `input_ids` contain the VLM's image placeholder token (id {token}). MemVP puts the image into the "
             "FFN memory, not the sequence: build the text without `<image>` placeholders "
-            "(memvp_peft.data.MemVPDataCollator does this) and pass the image as `pixel_values`."
+            "(memvp_peft.data.MemVPDataCollator does this; with TRL's trainers, pass "
+            "processing_class=memvp_peft.MemVPProcessor.from_pretrained(<the VLM's folder>) instead of the VLM's own "
+            "processor) and pass the image as `pixel_values`."
         )
 
 
-def _disabled_kwargs(runtime: MemoryRuntime, pixel_values: Any, kwargs: dict) -> dict:
+#: Keywords of a packed / padding-free batch (TRL's `padding_free`, BFD packing): several samples share one row.
+PACKED_SEQUENCE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def _reject_packed_rows(kwargs: dict) -> None:
+    """MemVP's memory is one per row; a packed row holds several samples, each with its own image."""
+    packed = [name for name in PACKED_SEQUENCE_KWARGS if kwargs.get(name) is not None]
+    if packed:
+        raise ValueError(
+            f"MemVP: a packed (padding-free) batch ({packed}) came with visual inputs, but the visual memory is one "
+            "per row and a packed row holds several samples, each with its own image. Train without packing and "
+            "padding_free (one sample per row)."
+        )
+
+
+def _disabled_kwargs(runtime: MemoryRuntime, pixel_values: Any, image_mask: Any, kwargs: dict) -> dict:
     """Base-model kwargs when the adapter is disabled: a VLM base gets its `pixel_values` back and behaves exactly as
-    without MemVP (image features are MemVP's own input and are dropped)."""
-    if pixel_values is not None and runtime.image_token_id is not None:
+    without MemVP (image features are MemVP's own input and are dropped).
+
+    Not when they come with an `image_mask`: that batch was built for MemVP (MemVPDataCollator, MemVPProcessor), its
+    text has no image placeholder for the VLM to put the image in, so the base runs on the text alone -- e.g. the
+    reference model of TRL's DPOTrainer, which disables the adapter.
+    """
+    if pixel_values is not None and image_mask is None and runtime.image_token_id is not None:
         kwargs["pixel_values"] = pixel_values
     return kwargs
 
@@ -68,8 +97,10 @@ def call_with_memory(
     features, mask, pixels = _pop_visual_inputs(kwargs)
     pinned: Optional[CallMemory] = kwargs.pop(CALL_KWARG, None)
     if not runtime.enabled:
-        return forward(*args, **_disabled_kwargs(runtime, pixels, kwargs))
+        return forward(*args, **_disabled_kwargs(runtime, pixels, mask, kwargs))
     has_visual = features is not None or mask is not None or pixels is not None
+    if has_visual:
+        _reject_packed_rows(kwargs)
     batch_size = infer_batch_size(args, kwargs)
     active = runtime.active()
     if pinned is not None:
@@ -99,7 +130,7 @@ def generate_with_memory(
     features, mask, pixels = _pop_visual_inputs(kwargs)
     pinned: Optional[CallMemory] = kwargs.pop(CALL_KWARG, None)
     if not runtime.enabled:
-        return generate(*args, **_disabled_kwargs(runtime, pixels, kwargs))
+        return generate(*args, **_disabled_kwargs(runtime, pixels, mask, kwargs))
     if pinned is None:
         _reject_image_placeholders(runtime, args, kwargs)
         pinned = runtime.build(memories, features, mask, pixels, infer_batch_size(args, kwargs))

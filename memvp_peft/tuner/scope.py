@@ -75,6 +75,7 @@ class MemoryRuntime:
         self.enabled = True
         self.vision = None  # VisionEncoder turning pixel_values into features, when one is attached
         self.image_token_id: Optional[int] = None  # VLM bases: placeholder tokens that must not be in the text
+        self.placeholders_checked = False  # whether that check ran once on accelerator tensors (entry.py)
         self._local = threading.local()
 
     # ------------------------------------------------------------------------------------------------ the active call

@@ -43,8 +43,10 @@ def digit_images(count: int = 8):
 
 
 def memvp_config(**overrides) -> MemVPConfig:
-    """16 memory slots: tiny_clip gives 16 patch features per image (CLS dropped)."""
-    fields = dict(visual_dim=32, num_memory_slots=16, projector_hidden_dim=16, task_type="CAUSAL_LM")
+    """16 memory slots: tiny_clip gives 16 patch features per image (CLS dropped). No memory dropout, so a loss
+    computed twice is the same."""
+    fields = dict(visual_dim=32, num_memory_slots=16, projector_hidden_dim=16, memory_dropout=0.0, memory_scale=1.0,
+                  task_type="CAUSAL_LM")
     fields.update(overrides)
     return MemVPConfig(**fields)
 

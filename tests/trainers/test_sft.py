@@ -1,0 +1,162 @@
+"""TRL's SFTTrainer trains MemVP for real, both ways (a MemVP PeftModel, or a base with peft_config=MemVPConfig),
+on both data paths (MemVPDataCollator, or TRL's own vision layout through MemVPProcessor): the loss the trainer
+computes is the image-conditioned one, MemVP's projector trains, the sequence carries no image placeholder token, and
+a Llava base's own projector is untouched."""
+
+import pytest
+import torch
+from conftest import randomize_memory
+from peft import get_peft_model
+from transformers import LlavaForConditionalGeneration
+from trl import SFTConfig, SFTTrainer
+from trl_fixtures import (
+    changed,
+    llm_and_encoder,
+    memvp_config,
+    memvp_parameters,
+    messages_dataset,
+    records_dataset,
+    save_tiny_llava,
+    trainer_args,
+    without_images,
+    word_tokenizer,
+)
+
+from memvp_peft import MemVPProcessor, MemVPSFTTrainer
+from memvp_peft.data import MemVPDataCollator
+from memvp_peft.local_models import clip_image_processor
+
+
+def _first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def _assert_trainer_loss_is_image_conditioned(trainer):
+    """SFTTrainer.compute_loss (TRL's fused LM head) equals the model's own loss with the images, not without."""
+    batch = _first_batch(trainer)
+    with torch.no_grad():
+        trainer_loss = trainer.compute_loss(trainer.model, dict(batch))
+        image_loss = trainer.model(**batch).loss
+        text_loss = trainer.model(**without_images(batch)).loss
+    torch.testing.assert_close(trainer_loss, image_loss, rtol=1e-5, atol=1e-6)
+    assert abs(float(image_loss) - float(text_loss)) > 1e-3  # far beyond float32 noise (the line above: 1e-5)
+    return batch
+
+
+def test_plain_sft_trainer_with_a_memvp_peft_model_and_the_collator(tmp_path):
+    tokenizer = word_tokenizer()
+    llm, clip = llm_and_encoder(tokenizer)
+    model = get_peft_model(llm, memvp_config(vision_encoder=clip))
+    randomize_memory(model, scale=1.0)
+    collator = MemVPDataCollator(tokenizer, clip_image_processor(32))
+    trainer = SFTTrainer(
+        model=model, data_collator=collator, train_dataset=records_dataset(),
+        processing_class=MemVPProcessor(clip_image_processor(32), tokenizer),  # TRL wants a processor for images
+        args=trainer_args(SFTConfig, tmp_path, remove_unused_columns=False),  # the collator reads raw records
+    )
+    batch = _assert_trainer_loss_is_image_conditioned(trainer)
+    assert batch["image_mask"].all()
+    before = memvp_parameters(model)
+    trainer.train()
+    assert "base_model.memvp_memory.default.projector.0.weight" in changed(before, model)
+
+
+def test_plain_sft_trainer_with_peft_config_on_trls_vision_layout(tmp_path):
+    tokenizer = word_tokenizer()
+    llm, clip = llm_and_encoder(tokenizer)
+    trainer = SFTTrainer(
+        model=llm, peft_config=memvp_config(vision_encoder=clip), train_dataset=messages_dataset(),
+        processing_class=MemVPProcessor(clip_image_processor(32), tokenizer), args=trainer_args(SFTConfig, tmp_path),
+    )
+    randomize_memory(trainer.model, scale=1.0)
+    batch = _assert_trainer_loss_is_image_conditioned(trainer)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "image_mask"}
+    before = memvp_parameters(trainer.model)
+    trainer.train()
+    assert "base_model.memvp_memory.default.projector.0.weight" in changed(before, trainer.model)
+
+
+@pytest.mark.parametrize("trainer_class", [SFTTrainer, MemVPSFTTrainer])
+def test_sft_on_a_llava_base_trains_memvp_and_leaves_llavas_projector_alone(tmp_path, trainer_class):
+    tokenizer = save_tiny_llava(tmp_path / "llava")
+    vlm = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava")
+    llava_projector = {k: v.clone() for k, v in vlm.model.multi_modal_projector.state_dict().items()}
+    trainer = trainer_class(
+        model=vlm, peft_config=memvp_config(), train_dataset=messages_dataset(),
+        processing_class=MemVPProcessor.from_pretrained(tmp_path / "llava"), args=trainer_args(SFTConfig, tmp_path),
+    )
+    randomize_memory(trainer.model, scale=1.0)
+    batch = _assert_trainer_loss_is_image_conditioned(trainer)
+    assert tokenizer.convert_tokens_to_ids("<image>") not in batch["input_ids"]
+    before = memvp_parameters(trainer.model)
+    trainer.train()
+    assert "base_model.memvp_memory.default.projector.0.weight" in changed(before, trainer.model)
+    after = trainer.model.get_base_model().model.multi_modal_projector.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in llava_projector.items())
+
+
+def test_llavas_own_processor_with_a_memvp_model_fails_on_the_first_batch_with_plain_sft_trainer(tmp_path):
+    """TRL's collator would expand `<image>` into placeholder tokens: MemVP's guard refuses the batch."""
+    from transformers import LlavaProcessor
+
+    save_tiny_llava(tmp_path / "llava")
+    trainer = SFTTrainer(
+        model=LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava"), peft_config=memvp_config(),
+        train_dataset=messages_dataset(), processing_class=LlavaProcessor.from_pretrained(tmp_path / "llava"),
+        args=trainer_args(SFTConfig, tmp_path),
+    )
+    with pytest.raises(ValueError, match=r"image placeholder token .*MemVPProcessor\.from_pretrained"):
+        trainer.train()
+
+
+def test_memvp_sft_trainer_refuses_llavas_own_processor_at_construction(tmp_path):
+    from transformers import LlavaProcessor
+
+    save_tiny_llava(tmp_path / "llava")
+    with pytest.raises(ValueError, match=r"processing_class is a LlavaProcessor, which expands each image into "
+                                         r"placeholder tokens.*MemVPProcessor\.from_pretrained"):
+        MemVPSFTTrainer(
+            model=LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava"), peft_config=memvp_config(),
+            train_dataset=messages_dataset(), processing_class=LlavaProcessor.from_pretrained(tmp_path / "llava"),
+            args=trainer_args(SFTConfig, tmp_path),
+        )
+
+
+def test_memvp_sft_trainer_loads_memvp_processor_from_the_model_folder_when_none_is_given(tmp_path):
+    save_tiny_llava(tmp_path / "llava")
+    trainer = MemVPSFTTrainer(
+        model=LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava"), peft_config=memvp_config(),
+        train_dataset=messages_dataset(), args=trainer_args(SFTConfig, tmp_path),
+    )
+    assert isinstance(trainer.processing_class, MemVPProcessor)
+
+
+def test_memvp_sft_trainer_gives_the_collator_raw_records_and_trl_a_processor(tmp_path):
+    """With MemVPDataCollator and a plain tokenizer: no remove_unused_columns/processor to know about."""
+    tokenizer = word_tokenizer()
+    llm, clip = llm_and_encoder(tokenizer)
+    model = get_peft_model(llm, memvp_config(vision_encoder=clip))
+    randomize_memory(model, scale=1.0)
+    trainer = MemVPSFTTrainer(
+        model=model, data_collator=MemVPDataCollator(tokenizer, clip_image_processor(32)),
+        train_dataset=records_dataset(), processing_class=tokenizer, args=trainer_args(SFTConfig, tmp_path),
+    )
+    assert isinstance(trainer.processing_class, MemVPProcessor)
+    _assert_trainer_loss_is_image_conditioned(trainer)
+    before = memvp_parameters(model)
+    trainer.train()
+    assert "base_model.memvp_memory.default.projector.0.weight" in changed(before, model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the first-call check is what runs on accelerator tensors")
+def test_llavas_placeholder_tokens_on_an_accelerator_are_refused_on_the_first_batch(tmp_path):
+    """Value checks cost a host-device sync on an accelerator, so they are off there -- except this one on the first
+    call: a VLM's own processor shows on the first batch."""
+    from transformers import LlavaProcessor
+
+    save_tiny_llava(tmp_path / "llava")
+    model = get_peft_model(LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava"), memvp_config()).cuda()
+    batch = LlavaProcessor.from_pretrained(tmp_path / "llava")(
+        images=messages_dataset(1)["images"][0], text=["<image>\nWhat digit"], return_tensors="pt").to("cuda")
+    with pytest.raises(ValueError, match=r"image placeholder token"):
+        model(**batch)
