@@ -11,6 +11,12 @@ Two shapes of FFN exist in the wild, and the paper's formula maps onto both exac
 
 The layers own no parameters: keys and values come from the active call of the shared `MemoryRuntime` (one memory
 per forward or generate() call, shared by all layers; see scope.py). The memory depends on the image, so nothing can be merged into the base weights.
+
+The read is on every layer's hot path, each decode step included, so it is two GEMMs and nothing around them that
+can be folded in: `bmm` straight on the batched (B, n, d) memory (no `matmul` broadcasting logic), the scale `s` and
+the residual add riding on the second product (`baddbmm(result, h, V, alpha=s)`: one kernel instead of a product,
+a multiply and an add), and the dropout module skipped in eval, where it is the identity. Nothing here reads a value
+on the host: the hot path never synchronises with an accelerator (tests/tuner/test_host_syncs.py).
 """
 
 from __future__ import annotations
@@ -28,6 +34,32 @@ MERGE_ERROR = (
     "there is no static weight delta. Keep the PeftModel for inference, or call `unload()` to get the untouched base "
     "model back."
 )
+
+
+def memory_scores(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """`x K^T`: one `bmm` when both are batched (B, ., d) -- a call's memory, already expanded to x's batch by
+    `MemoryState.for_input` -- else `matmul`, which broadcasts the shared text-only memory (n, d) over the batch."""
+    if x.dim() == 3 and keys.dim() == 3:
+        return torch.bmm(x, keys.transpose(1, 2))
+    return torch.matmul(x, keys.transpose(-1, -2))
+
+
+def add_memory_read(result: torch.Tensor, scores: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """`result + scale * (scores V)`, reshaped to `result`'s shape: fused into one `baddbmm` (batched memory) or
+    `addmm` (shared memory) when the dtypes agree; otherwise (e.g. under autocast, where the base's output dtype
+    differs) the plain product, scaled, cast to `result`'s dtype and added."""
+    batch, tokens = scores.shape[0], scores.shape[1] if scores.dim() == 3 else 1
+    fusable = (scores.dim() == 3 and result.dtype == scores.dtype == values.dtype
+               and result.numel() == batch * tokens * values.shape[-1])
+    if not fusable:
+        read = torch.matmul(scores, values) * scale
+        return result + read.reshape(result.shape).to(result.dtype)
+    out = result.reshape(batch, tokens, values.shape[-1])
+    if values.dim() == 3:
+        fused = torch.baddbmm(out, scores, values, alpha=scale)
+    else:
+        fused = torch.addmm(out.reshape(batch * tokens, -1), scores.reshape(batch * tokens, -1), values, alpha=scale)
+    return fused.reshape(result.shape)
 
 
 class MemVPLayer(nn.Module, BaseTunerLayer):
@@ -80,6 +112,11 @@ class MemVPLayer(nn.Module, BaseTunerLayer):
             )
         return x.reshape(batch, -1, x.shape[-1])
 
+    def _dropout(self, adapter_name: str, scores: torch.Tensor) -> torch.Tensor:
+        """The memory dropout of `adapter_name`; in eval (the identity) the module call is skipped altogether."""
+        dropout = self.memvp_dropout[adapter_name]
+        return dropout(scores) if dropout.training else scores
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise ValueError(MERGE_ERROR)
 
@@ -111,9 +148,8 @@ class FFNMemoryLayer(MemVPLayer):
             return result
         xb = self._batched(x)
         for name, keys, values in self._memories(xb):
-            scores = self.memvp_activation[name](torch.matmul(xb, keys.transpose(-1, -2)))
-            read = torch.matmul(self.memvp_dropout[name](scores), values) * self.memvp_scale[name]
-            result = result + read.reshape(result.shape).to(result.dtype)
+            scores = self.memvp_activation[name](memory_scores(xb, keys))
+            result = add_memory_read(result, self._dropout(name, scores), values, self.memvp_scale[name])
         return result
 
 
@@ -126,7 +162,7 @@ class KeyMemoryLayer(MemVPLayer):
             return result
         xb = self._batched(x)
         scores = [
-            torch.matmul(xb, keys.transpose(-1, -2)).reshape(*result.shape[:-1], -1).to(result.dtype)
+            memory_scores(xb, keys).reshape(*result.shape[:-1], -1).to(result.dtype)
             for _, keys, _ in self._memories(xb)
         ]
         if not scores:
@@ -157,6 +193,6 @@ class ValueMemoryLayer(MemVPLayer):
         for name, _, values in memories:
             scores = self._batched(h[..., offset : offset + self.memvp_num_slots[name]])
             offset += self.memvp_num_slots[name]
-            read = torch.matmul(self.memvp_dropout[name](scores).to(values.dtype), values) * self.memvp_scale[name]
-            result = result + read.reshape(result.shape).to(result.dtype)
+            scores = self._dropout(name, scores).to(values.dtype)
+            result = add_memory_read(result, scores, values, self.memvp_scale[name])
         return result
