@@ -160,3 +160,18 @@ def test_llavas_placeholder_tokens_on_an_accelerator_are_refused_on_the_first_ba
         images=messages_dataset(1)["images"][0], text=["<image>\nWhat digit"], return_tensors="pt").to("cuda")
     with pytest.raises(ValueError, match=r"image placeholder token"):
         model(**batch)
+
+
+def test_trls_defaults_gradient_checkpointing_and_bf16_autocast_train_memvp(tmp_path):
+    """SFTConfig turns gradient checkpointing and bf16 on by default: the recomputation reads the same memory."""
+    tokenizer = word_tokenizer()
+    llm, clip = llm_and_encoder(tokenizer)
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                     report_to=[], use_cpu=True, save_strategy="no")
+    assert args.gradient_checkpointing and args.bf16
+    trainer = MemVPSFTTrainer(model=llm, peft_config=memvp_config(vision_encoder=clip), train_dataset=messages_dataset(),
+                              processing_class=MemVPProcessor(clip_image_processor(32), tokenizer), args=args)
+    before = memvp_parameters(trainer.model)
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert "base_model.memvp_memory.default.projector.0.weight" in changed(before, trainer.model)
