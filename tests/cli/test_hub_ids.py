@@ -20,6 +20,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from memvp_peft.hub import check_model_source, is_hub_id
 from memvp_peft.local_models import build_word_tokenizer, clip_image_processor, tiny_clip, tiny_llama
 
 LLM_COMMIT, CLIP_COMMIT, DATA_COMMIT, CUSTOM_COMMIT = "1" * 40, "2" * 40, "3" * 40, "4" * 40
@@ -274,6 +275,14 @@ def python_api(hf_home, tmp_path_factory):
             gone = PeftModel.from_pretrained(base(), "adapter")
         results["recorded_missing_attached"] = gone.base_model.vision_encoder is not None
         results["recorded_missing_warnings"] = [str(w.message) for w in caught if "org/no-clip" in str(w.message)]
+        from transformers import CLIPVisionConfig
+        from memvp_peft.cli.base_loading import image_processor_for
+        processor = image_processor_for("org/clip", CLIPVisionConfig(image_size=48))
+        results["repo_processor_size"] = processor.crop_size["height"]
+        try:
+            image_processor_for("org/llm", CLIPVisionConfig(image_size=48))
+        except ValueError as error:
+            results["processor_not_cached"] = str(error)
         results["pinned"] = describe_encoder(load_vision_encoder("org/clip", revision="{CLIP_COMMIT}"))
         try:
             load_vision_encoder("org/clip", revision="v2")
@@ -309,3 +318,40 @@ def test_a_recorded_encoder_id_missing_from_the_cache_warns_and_the_adapter_stil
 def test_load_vision_encoder_passes_the_revision(python_api):
     assert python_api["pinned"] == "org/clip"
     assert "at revision 'v2'" in python_api["unknown_revision"]
+
+
+@pytest.mark.slow
+def test_a_hub_ids_image_processor_is_the_repos_own(python_api):
+    assert python_api["repo_processor_size"] == 32  # the repo's own, not CLIP defaults sized to the encoder's 48
+
+
+@pytest.mark.slow
+def test_processor_files_missing_from_the_cache_offline_are_an_error_not_clip_defaults(python_api):
+    error = python_api["processor_not_cached"]
+    assert error.startswith("the image processor of 'org/llm' is not in the Hugging Face cache")
+    assert "would silently replace" in error and "hf download org/llm" in error
+
+
+def test_a_name_that_is_neither_a_folder_nor_a_hub_id_says_what_to_pass():
+    with pytest.raises(ValueError, match=r"model_name_or_path './nope' is not a local folder, nor a Hub id of the "
+                                         r"form 'org/name'; pass a local Hugging Face model folder .* or a Hub"):
+        check_model_source("./nope")
+
+
+def test_a_file_is_not_a_model_source(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"'.*weights\.bin' is a file, not a model folder"):
+        check_model_source(str(tmp_path / "weights.bin"))
+
+
+@pytest.mark.parametrize("name, expected", [("org/name", True), ("name", True), ("./name", False),
+                                            ("/abs/org/name", False), ("a/b/c", False), ("org/..x", False)])
+def test_what_counts_as_a_hub_id(name, expected):
+    assert is_hub_id(name) is expected
+
+
+def test_an_existing_folder_is_never_a_hub_id(tmp_path, monkeypatch):
+    """As transformers: a folder `org/name` under the working folder is read, not looked up on the Hub."""
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert is_hub_id("org/name") is False

@@ -202,6 +202,12 @@ def test_fp16_without_a_gpu_is_refused(tmp_path, capsys):
     assert "--fp16" in error and "GPU" in error
 
 
+@pytest.mark.parametrize("flag", [["--revision", "main"], ["--trust_remote_code"]])
+def test_hub_options_with_the_embedded_base_are_refused(flag, tmp_path, capsys):
+    error = _refused_fresh([*FAST, *flag], tmp_path, capsys)
+    assert "--revision and --trust_remote_code apply to a base loaded from --model_name_or_path" in error
+
+
 # ------------------------------------------------------------------------------------------- what a run prints
 
 
