@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -77,6 +78,33 @@ def _reject_packed_rows(kwargs: dict) -> None:
         )
 
 
+def _warn_if_training_without_images(runtime: MemoryRuntime, memories: nn.ModuleDict) -> None:
+    """Once per model: a training call (gradients on, the adapter trainable) before any call brought visual inputs.
+
+    The one failure the model cannot refuse: a trainer that drops the image columns before the model sees them
+    (TRL's collators read only `image`/`images`; a precomputed `pixel_values`/`image_features` column is removed) trains
+    the adapter text-only. Said once, and not at all after a first call with visual inputs, so a mixed dataset's
+    text-only rows stay quiet.
+    """
+    if runtime.text_only_warned or runtime.seen_visual_inputs or not torch.is_grad_enabled():
+        return
+    if torch.compiler.is_compiling():
+        return
+    adapters = [memories[name] for name in runtime.active_adapters if name in memories]
+    if not any(p.requires_grad for memory in adapters for p in memory.parameters()):
+        return
+    runtime.text_only_warned = True
+    warnings.warn(
+        "MemVP: a training forward ran without any visual input (no pixel_values / image_features / image_mask): "
+        "the memory reads only its learned p_k/p_v and the projector learns nothing (a zero gradient). If the rows "
+        "have images, they do not reach the model -- e.g. TRL's collators read only 'image'/'images' columns and drop "
+        "precomputed 'pixel_values'/'image_features' (memvp_peft.MemVPSFTTrainer refuses that at construction). "
+        "Text-only rows in a dataset with images are fine; this is said once.",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def _disabled_kwargs(runtime: MemoryRuntime, pixel_values: Any, image_mask: Any, kwargs: dict) -> dict:
     """Base-model kwargs when the adapter is disabled: a VLM base gets its `pixel_values` back and behaves exactly as
     without MemVP (image features are MemVP's own input and are dropped).
@@ -101,6 +129,7 @@ def call_with_memory(
     has_visual = features is not None or mask is not None or pixels is not None
     if has_visual:
         _reject_packed_rows(kwargs)
+        runtime.seen_visual_inputs = True
     batch_size = infer_batch_size(args, kwargs)
     active = runtime.active()
     if pinned is not None:
@@ -111,6 +140,8 @@ def call_with_memory(
         memory = active.memory
     else:
         _reject_image_placeholders(runtime, args, kwargs)
+        if not has_visual:
+            _warn_if_training_without_images(runtime, memories)
         memory = runtime.build(memories, features, mask, pixels, batch_size)
     previous = runtime.activate(ActiveCall(memory, batch_size))
     try:

@@ -76,6 +76,8 @@ class MemoryRuntime:
         self.vision = None  # VisionEncoder turning pixel_values into features, when one is attached
         self.image_token_id: Optional[int] = None  # VLM bases: placeholder tokens that must not be in the text
         self.placeholders_checked = False  # whether that check ran once on accelerator tensors (entry.py)
+        self.seen_visual_inputs = False  # a call brought visual inputs; until then a training call warns once
+        self.text_only_warned = False
         self._local = threading.local()
 
     # ------------------------------------------------------------------------------------------------ the active call

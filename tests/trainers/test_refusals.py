@@ -104,3 +104,31 @@ def test_a_packed_text_only_batch_is_not_refused():
         packed = model(input_ids=ids, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu).logits
         first = model(input_ids=ids[:, :4]).logits
     torch.testing.assert_close(packed[:, :4], first)
+
+
+def test_plain_sft_trainer_dropping_a_precomputed_image_column_warns_on_the_first_step(tmp_path):
+    """The one case the model cannot refuse: TRL removes the column before the model sees it. It says so, once."""
+    from trl import SFTTrainer
+
+    tokenizer = word_tokenizer()
+    llm, clip = llm_and_encoder(tokenizer)
+    rows = Dataset.from_dict({"text": [f"Question: {QUESTION}\nAnswer: one"] * 4,
+                              "image_features": [torch.randn(16, 32).tolist()] * 4})
+    trainer = SFTTrainer(model=llm, peft_config=memvp_config(vision_encoder=clip), train_dataset=rows,
+                         processing_class=tokenizer, args=trainer_args(SFTConfig, tmp_path))
+    with pytest.warns(UserWarning, match=r"a training forward ran without any visual input .* TRL's collators read "
+                                         r"only 'image'/'images' columns"):
+        trainer.train()
+
+
+def test_text_only_rows_after_a_batch_with_images_train_without_a_warning():
+    import warnings
+
+    tokenizer = word_tokenizer()
+    llm, clip = llm_and_encoder(tokenizer)
+    model = get_peft_model(llm, memvp_config(vision_encoder=clip))
+    ids = torch.randint(4, len(tokenizer), (2, 6))
+    model(input_ids=ids, labels=ids, pixel_values=torch.zeros(2, 3, 32, 32)).loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(input_ids=ids, labels=ids).loss.backward()
