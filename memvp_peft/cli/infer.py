@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 from ..tuner.save_load import CONFIG_NAME, check_adapter_folder
 from .answering import generate_answers
-from ..hub import MODEL_SOURCE, check_model_source, is_hub_id
+from ..hub import MODEL_SOURCE, check_model_source, is_hub_id, is_offline
 from .base_loading import image_processor_for, load_base
 from .options import InferOptions, run_command
 from .record import CLI_RECORD, read_adapter_config, read_cli_record
@@ -85,7 +85,33 @@ def _write_answers(path: str, results: list[dict[str, Any]]) -> None:
             os.remove(staged)
 
 
-def _base_path(options: InferOptions, recorded: Optional[str], recorded_revision: Optional[str]):
+def _adapter_folder(name: str) -> str:
+    """The folder of `--adapter`: a local folder, else a Hub repo id -- its snapshot (the adapter files and their
+    memvp_cli.json), downloaded when online, taken from the Hugging Face cache offline, as peft resolves it."""
+    from huggingface_hub import constants, snapshot_download
+
+    if os.path.isdir(name) or not is_hub_id(name):
+        if not os.path.isfile(os.path.join(name, CONFIG_NAME)):
+            raise ValueError(f"{name} is not an adapter folder (no {CONFIG_NAME}); run memvp-train first, or pass "
+                             "the Hub id ('org/name') of an adapter.")
+        return name
+    try:
+        folder = snapshot_download(name, local_files_only=is_offline())
+    except Exception as error:  # offline and not cached, unknown or gated repo, no connection
+        if is_offline():
+            why = (f"it is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) while downloads are off "
+                   f"(HF_HUB_OFFLINE=1): download it once online (`hf download {name}`)")
+        else:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            why = f"it could not be downloaded ({type(error).__name__}: {first}): check the id and the connection"
+        raise ValueError(f"--adapter {name!r} is not an adapter folder here, and as a Hub id {why}; or run "
+                         "memvp-train first and pass its output folder.") from error
+    if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+        raise ValueError(f"--adapter {name!r}: the Hub repo holds no {CONFIG_NAME}; it is not a peft adapter.")
+    return folder
+
+
+def _base_path(options: InferOptions, adapter: str, recorded: Optional[str], recorded_revision: Optional[str]):
     """(name, revision, what) of the base to load: `--model_name_or_path` (at `--revision`), else the one the adapter
     records (at `--revision`, else the revision it records). Each refusal says what to pass instead: a recorded path
     that moved away needs the flag, a wrong flag a model folder or a Hub id, a Hub id offline a cache holding it."""
@@ -94,14 +120,14 @@ def _base_path(options: InferOptions, recorded: Optional[str], recorded_revision
         check_model_source(options.model_name_or_path, what, options.revision)
         return options.model_name_or_path, options.revision, what
     if not recorded:
-        raise ValueError(f"{os.path.join(options.adapter, CONFIG_NAME)} records no base model "
+        raise ValueError(f"{os.path.join(adapter, CONFIG_NAME)} records no base model "
                          "(base_model_name_or_path); pass --model_name_or_path with the folder or Hub id of the base "
                          "it was trained on.")
     what = "the base model the adapter records,"
     revision = options.revision or recorded_revision
     if not os.path.isdir(recorded) and not is_hub_id(recorded):
         where = "" if os.path.isabs(recorded) else f" (read relative to the current folder {os.getcwd()})"
-        beside = os.path.join(options.adapter, "base_model")  # the embedded base, when its run folder was moved
+        beside = os.path.join(adapter, "base_model")  # the embedded base, when its run folder was moved
         hint = (f"--model_name_or_path {beside} (the base memvp-train saved next to this adapter)"
                 if os.path.isfile(os.path.join(beside, "config.json"))
                 else f"--model_name_or_path with that base model as {MODEL_SOURCE}")
@@ -137,12 +163,11 @@ def load_for_inference(options: InferOptions):
     from ..data import MemVPDataCollator
     from ..data.digits import DigitPatchFeaturizer
 
-    if not os.path.isfile(os.path.join(options.adapter, CONFIG_NAME)):
-        raise ValueError(f"{options.adapter} is not an adapter folder (no {CONFIG_NAME}); run memvp-train first.")
-    check_adapter_folder(options.adapter)
-    config = read_adapter_config(options.adapter)  # both files are checked before the base loads
-    record = read_cli_record(options.adapter)
-    base_path, revision, what = _base_path(options, config.base_model_name_or_path, config.revision)
+    adapter = _adapter_folder(options.adapter)
+    check_adapter_folder(adapter)
+    config = read_adapter_config(adapter)  # both files are checked before the base loads
+    record = read_cli_record(adapter)
+    base_path, revision, what = _base_path(options, adapter, config.base_model_name_or_path, config.revision)
     vision = record.get("vision_model_name_or_path")
     if vision and record.get("featurizer") is None and is_hub_id(vision):  # offline: in the cache, before any load
         check_model_source(vision, "the vision encoder the adapter was trained with,")
@@ -150,7 +175,7 @@ def load_for_inference(options: InferOptions):
                                        trust_remote_code=options.trust_remote_code, what=what)
     try:
         with without_peft_probe_warning():  # peft's probe of a deprecated transformers property: nothing to act on
-            peft_model = PeftModel.from_pretrained(model, options.adapter).eval()
+            peft_model = PeftModel.from_pretrained(model, adapter).eval()
     except ValueError as error:
         raise ValueError(f"the adapter {options.adapter} does not fit the base {base_path}: {error}") from error
     peft_model.to("cuda" if torch.cuda.is_available() else "cpu")  # the base loads on the CPU

@@ -167,6 +167,34 @@ def test_infer_loads_the_base_at_the_revision_asked_for(hub_run):
 
 
 @pytest.fixture(scope="module")
+def hub_adapter(hub_run, hf_home, tmp_path_factory):
+    """The trained adapter pushed, as it were, to the Hub repo org/adapter (written into the cache), then memvp-infer
+    on that id and on one the cache does not hold."""
+    folder = hub_run[0]
+    snapshot = _snapshot(hf_home, "org/adapter", "5" * 40)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "memvp_cli.json"):
+        shutil.copy(folder / "run" / name, snapshot)
+    return run_offline(hf_home, tmp_path_factory.mktemp("hub_adapter"), [
+        ("infer", ["--adapter", "org/adapter", "--image", str(folder / "zero.png")]),
+        ("infer", ["--adapter", "org/no-adapter", "--image", str(folder / "zero.png")]),
+    ])
+
+
+@pytest.mark.slow
+def test_infer_takes_the_adapter_as_a_hub_id(hub_adapter):
+    found, _ = hub_adapter
+    assert found["code"] == 0, found["err"][-3000:]
+    assert f"zero.png: {QUESTION} ->" in found["out"]
+
+
+@pytest.mark.slow
+def test_an_adapter_id_missing_from_the_cache_is_one_error_naming_it(hub_adapter):
+    error = _error_line(hub_adapter[1], "infer")
+    assert "--adapter 'org/no-adapter' is not an adapter folder here, and as a Hub id it is not in the Hugging Face " \
+           "cache" in error and "hf download org/no-adapter" in error
+
+
+@pytest.fixture(scope="module")
 def offline_refusals(hf_home, tmp_path_factory):
     """Names the offline cache cannot resolve, one run each (all refused before anything is written)."""
     folder = tmp_path_factory.mktemp("refusals")
