@@ -24,6 +24,7 @@ __all__ = [
     "check_processor",
     "check_sft_modes",
     "first_rows",
+    "has_images",
     "is_memvp_peft_model",
     "model_id",
     "processor_of_model",
@@ -83,14 +84,18 @@ def check_processor(trainer: str, processing_class: Any, rows: list[Mapping[str,
             "memory. Pass processing_class=MemVPProcessor.from_pretrained(<the same folder or Hub id>) (for a "
             "language model + separate encoder: MemVPProcessor(image_processor, tokenizer))."
         )
-    has_images = any(row.get(name) is not None for row in rows for name in TRL_IMAGE_COLUMNS)
-    if has_images and not isinstance(processing_class, MemVPProcessor):
+    if has_images(rows) and not isinstance(processing_class, MemVPProcessor):
         raise ValueError(
             f"{trainer}: the dataset has images ('image'/'images') but processing_class is a "
             f"{type(processing_class).__name__}, which cannot process them; pass "
             "processing_class=MemVPProcessor(image_processor, tokenizer) (the vision encoder's image processor and "
             "this tokenizer), or MemVPProcessor.from_pretrained(<model folder>, image_processor=<encoder folder>)."
         )
+
+
+def has_images(rows: list[Mapping[str, Any]]) -> bool:
+    """Whether TRL will treat the data as a vision dataset (it looks for `image`/`images` in the first row)."""
+    return any(row.get(name) is not None for row in rows for name in TRL_IMAGE_COLUMNS)
 
 
 def first_rows(datasets: Iterable[Any]) -> list[Mapping[str, Any]]:

@@ -19,11 +19,18 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import create_model_from_path
 
-from .checks import check_memvp_model, check_no_precomputed_images, check_processor, first_rows, processor_of_model
+from .checks import (
+    check_memvp_model,
+    check_no_precomputed_images,
+    check_processor,
+    first_rows,
+    has_images,
+    processor_of_model,
+)
 
 __all__ = ["MemVPDPOTrainer"]
 
@@ -48,13 +55,13 @@ class MemVPDPOTrainer(DPOTrainer):
         check_memvp_model(NAME, model, peft_config)
         if data_collator is None:
             rows = first_rows([train_dataset, eval_dataset])
-            if processing_class is None:
+            if processing_class is None and has_images(rows):  # TRL would load the folder's own (a VLM's) processor
                 processing_class = processor_of_model(NAME, model)
             check_processor(NAME, processing_class, rows)
             check_no_precomputed_images(
                 NAME, rows, "Give the raw images as an 'images' column (one list per row) with MemVPProcessor."
             )
-        if peft_config is not None and ref_model is None:
+        if peft_config is not None and ref_model is None and not isinstance(model, PeftModel):  # TRL refuses both
             if isinstance(model, str):  # loaded as DPOTrainer would, so the adapter can wrap it here
                 init_kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
                 init_kwargs.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))

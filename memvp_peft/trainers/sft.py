@@ -30,6 +30,7 @@ from .checks import (
     check_processor,
     check_sft_modes,
     first_rows,
+    has_images,
     model_id,
     processor_of_model,
 )
@@ -66,7 +67,7 @@ class MemVPSFTTrainer(SFTTrainer):
             processing_class = _processor_for_collator(processing_class, data_collator)
         elif data_collator is None:
             rows = first_rows([train_dataset, eval_dataset])
-            if processing_class is None:
+            if processing_class is None and has_images(rows):  # TRL would load the folder's own (a VLM's) processor
                 processing_class = processor_of_model(NAME, model)
             check_processor(NAME, processing_class, rows)
             check_no_precomputed_images(
