@@ -14,7 +14,7 @@ files, `chat_template.jinja`).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from transformers import AutoImageProcessor, AutoProcessor, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.image_processing_base import ImageProcessingMixin
@@ -51,7 +51,7 @@ class MemVPProcessor(ProcessorMixin):
         self,
         image_processor: Any = None,
         tokenizer: Any = None,
-        chat_template: Optional[str] = None,
+        chat_template: Optional[Union[str, dict[str, str]]] = None,
         image_token: str = IMAGE_PLACEHOLDER,
         num_images: Optional[int] = None,
     ) -> None:
@@ -63,9 +63,12 @@ class MemVPProcessor(ProcessorMixin):
         self.num_images = num_images
         if chat_template is None:
             own = getattr(tokenizer, "chat_template", None)
-            chat_template = wrap_text_template(own, image_token) if isinstance(own, str) else default_chat_template(
-                image_token
-            )
+            if isinstance(own, str):
+                chat_template = wrap_text_template(own, image_token)
+            elif isinstance(own, dict) and own:  # named templates ("default", "tool_use", ...): each one
+                chat_template = {name: wrap_text_template(t, image_token) for name, t in own.items()}
+            else:
+                chat_template = default_chat_template(image_token)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     # ------------------------------------------------------------------------------------------------------ loading
@@ -91,7 +94,7 @@ class MemVPProcessor(ProcessorMixin):
             tokenizer = getattr(loaded, "tokenizer", None)
             own_images = getattr(loaded, "image_processor", None)
             options.setdefault("image_token", getattr(loaded, "image_token", None) or IMAGE_PLACEHOLDER)
-            if isinstance(loaded.chat_template, str):
+            if isinstance(loaded.chat_template, (str, dict)) and loaded.chat_template:
                 options.setdefault("chat_template", loaded.chat_template)
         elif isinstance(loaded, PreTrainedTokenizerBase):
             tokenizer, own_images = loaded, None

@@ -80,6 +80,15 @@ def test_a_text_only_llm_template_reads_typed_contents_with_images_rendering_to_
     assert ids[0] == tokenizer(f"USER: {QUESTION} ASSISTANT: seven[EOS]")["input_ids"]
 
 
+def test_each_named_template_of_a_tokenizer_is_made_to_read_typed_contents():
+    tokenizer = word_tokenizer()
+    tokenizer.chat_template = {"default": "{{ messages[0]['content'] }}", "terse": "{{ messages[0]['content'][:5] }}"}
+    processor = MemVPProcessor(clip_image_processor(32), tokenizer)
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    assert processor.apply_chat_template(conversation) == "<image>" + QUESTION
+    assert processor.apply_chat_template(conversation, chat_template="terse") == "<imag"
+
+
 def test_saved_processor_reloads_through_automodel_processor_with_identical_batches(tmp_path):
     processor = MemVPProcessor(clip_image_processor(32), word_tokenizer(), num_images=2)
     processor.save_pretrained(tmp_path)
