@@ -4,6 +4,9 @@
     python -m memvp_peft.bench --quick               # CI smoke: tiny model, one point, one repeat (< 30 s)
     python -m memvp_peft.bench --accuracy            # accuracy at equal budget on scikit-learn's real digits
     python -m memvp_peft.bench --profile             # + torch.profiler tables of MemVP vs text-only (one point)
+    python -m memvp_peft.bench --decode_compare      # decode step: MemVP's read path before/after issue 16 vs text
+    python -m memvp_peft.bench --device cuda --dtype bfloat16 --model_shape llama-7b --layers 1 2   # on a GPU
+    bash memvp_peft/bench/gpu.sh                     # issue 16's prepared GPU run (< 8 min on one H200)
 
 (also installed as the console script ``memvp-bench``). Three methods on ONE frozen base model, built and measured
 in one process, interleaved (each repeat runs A, B, C back to back per phase, the first method rotating: A, B, C,
@@ -28,20 +31,30 @@ by tensors; from the allocation events of ``torch.profiler(profile_memory=True)`
 run). Writes ``benchmark.json``, ``benchmark.md`` and ``benchmark.png`` into ``--output_dir``, and compares every
 ratio with what matmul FLOPs predict (``flop_model``). See docs/benchmarks.md for measured results.
 
+On CUDA (``--device cuda``) every timed call starts on a synchronised device and is clocked with CUDA events,
+decode steps with an event per step, peaks with ``torch.cuda.max_memory_allocated``; ``--model_shape`` builds a
+random base of LLaMA-7B's, LLaMA-13B's or Qwen2.5-7B's exact shape with ``--layers K`` decoder layers, and two or
+more depths give per-layer times, from which a full-depth figure is an extrapolation that the report labels as such.
+
 The modules follow one run: `methods` (the three methods behind one interface, their batches), `base_model` (the
-frozen base they share), `measure` (timers, peak memory, cache bytes), `sweep` (the interleaved repeats), `flops`
-and `ratios` (what FLOPs predict, the paired ratios, the targets), `report` (markdown, plot, files), `profiling`
-(``--profile``), `accuracy` (``--accuracy``), `machine` (what the run ran on) and `cli` (the options, ``main``).
+frozen base they share, the real models' shapes), `device` (what may run where), `measure` (timers, peak memory,
+cache bytes, on CPU and CUDA), `sweep` (the interleaved repeats, once per depth), `flops` and `ratios` (what FLOPs
+predict, the paired ratios, the CPU and GPU targets), `depth_fit` (per-layer times, the full-depth extrapolation),
+`report` (markdown, plot, files), `profiling` (``--profile``), `decode` (``--decode_compare``), `accuracy`
+(``--accuracy``), `gpu_plan` (the prepared GPU run behind ``gpu.sh``), `machine` (what the run ran on) and `cli`
+(the options, ``main``).
 """
 
 from .accuracy import DIGIT_WORDS, PROMPT, accuracy_markdown, plot_accuracy, run_accuracy
-from .base_model import DEFAULT_MODEL, QUICK_MODEL, build_base_model, describe_model
+from .base_model import DEFAULT_MODEL, MODEL_SHAPES, QUICK_MODEL, build_base_model, describe_model, shape_config
 from .cli import DESCRIPTION, main, parse_args, run
+from .decode import run_decode_compare
+from .depth_fit import fit_depths
 from .flops import flop_model, forward_flops_per_token
 from .measure import cache_nbytes, peak_allocated_bytes, time_generate, time_prefill, time_train_step
 from .methods import METHOD_LABELS, METHODS, Batch, LoRAMethod, MemVPMethod, Method, count_trainable, make_batch
 from .profiling import profile_point
-from .ratios import FLOP_PREDICTION, RATIO_DEFS, TARGETS, check_targets, compute_ratios
+from .ratios import FLOP_PREDICTION, GPU_TARGETS, RATIO_DEFS, TARGETS, check_targets, compute_ratios
 from .report import markdown_report, plot_report, write_outputs
 from .sweep import run_sweep
 
@@ -50,8 +63,10 @@ __all__ = [
     "DESCRIPTION",
     "DIGIT_WORDS",
     "FLOP_PREDICTION",
+    "GPU_TARGETS",
     "METHODS",
     "METHOD_LABELS",
+    "MODEL_SHAPES",
     "PROMPT",
     "QUICK_MODEL",
     "RATIO_DEFS",
@@ -67,6 +82,7 @@ __all__ = [
     "compute_ratios",
     "count_trainable",
     "describe_model",
+    "fit_depths",
     "flop_model",
     "forward_flops_per_token",
     "main",
@@ -79,7 +95,9 @@ __all__ = [
     "plot_report",
     "profile_point",
     "run_accuracy",
+    "run_decode_compare",
     "run_sweep",
+    "shape_config",
     "time_generate",
     "time_prefill",
     "time_train_step",

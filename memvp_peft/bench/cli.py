@@ -17,6 +17,9 @@ from typing import Any, Optional
 import torch
 
 from .accuracy import accuracy_markdown, plot_accuracy, run_accuracy
+from .base_model import MODEL_SHAPES
+from .decode import decode_compare_markdown, run_decode_compare
+from .device import DEVICES, DTYPES, check_modes, device_problem
 from .methods import METHODS
 from .profiling import profile_point
 from .report import markdown_report, plot_report, write_outputs
@@ -35,8 +38,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         prog="memvp-bench", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model_name_or_path", default=None, help="local HF causal-LM folder (default: built-in Llama)")
+    parser.add_argument("--model_shape", choices=tuple(MODEL_SHAPES), default=None,
+                        help="a random base of that real model's exact shape (width, heads, KV heads, FFN, vocab), "
+                             "with --layers decoder layers (default 1 2: per-layer times from two depths)")
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="cpu (default) or cuda: CUDA events around synchronised calls, CUDA allocator peaks")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="compute dtype of the base (default float32; e.g. bfloat16 on a GPU); adapters stay fp32")
+    parser.add_argument("--attn_implementation", default=None,
+                        help="attention of the base (default: sdpa for built models, a local model's own default)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls of every phase per method and point")
     parser.add_argument("--hidden_size", type=int, default=None, help="built-in model width (default 512)")
-    parser.add_argument("--num_layers", type=int, default=None, help="built-in model depth (default 4)")
+    parser.add_argument("--num_layers", "--layers", type=int, nargs="+", default=None, metavar="K",
+                        help="decoder layers of the built model (default 4); two or more depths are each measured, "
+                             "and per-layer times are fitted across them")
     parser.add_argument("--intermediate_size", type=int, default=None, help="built-in model FFN width (default 1376)")
     parser.add_argument("--vocab_size", type=int, default=None, help="built-in model vocabulary (default 2000)")
     parser.add_argument("--num_visual_tokens", "-N", type=int, nargs="+", default=None, help="default 64 256 576")
@@ -64,6 +79,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="also write torch.profiler op tables of MemVP vs text-only + LoRA at --profile_point")
     parser.add_argument("--profile_point", type=int, nargs=2, default=(256, 64), metavar=("N", "T"))
+    parser.add_argument("--decode_compare", action="store_true",
+                        help="instead of the sweep: decode per token of MemVP's read path before and after issue 16 "
+                             "vs text-only + LoRA, interleaved in one process, at --profile_point")
     acc = parser.add_argument_group("accuracy at equal budget (--accuracy)")
     acc.add_argument("--accuracy", action="store_true",
                      help="run the digits accuracy comparison (MemVP vs input-space + LoRA) instead of the sweep")
@@ -74,6 +92,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     acc.add_argument("--acc_hidden_size", type=int, default=128)
     acc.add_argument("--acc_extra_slots", type=int, default=16, help="MemVP slots beyond the 16 visual tokens")
     args = parser.parse_args(argv)
+    problem = device_problem(args.device, args.dtype) or check_modes(args) or _shape_problem(args)
+    if problem:
+        parser.error(problem)
+    if args.model_shape and args.num_layers is None:
+        args.num_layers = [1, 2]
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     args.lora_targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
     quick = args.quick
@@ -96,6 +119,23 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _shape_problem(args: argparse.Namespace) -> Optional[str]:
+    """Flag combinations that would silently measure another model than the one asked for."""
+    if args.model_shape:
+        given = [f"--{name}" for name in ("model_name_or_path", "hidden_size", "intermediate_size", "vocab_size")
+                 if getattr(args, name) is not None]
+        if given:
+            return f"--model_shape {args.model_shape} fixes the model's shape; drop {' '.join(given)}"
+    if args.num_layers is not None:
+        if args.model_name_or_path:
+            return "--layers/--num_layers sets the depth of a built model; a --model_name_or_path model keeps its own"
+        if min(args.num_layers) < 1 or len(set(args.num_layers)) != len(args.num_layers):
+            return f"--layers needs distinct depths >= 1, got {' '.join(map(str, args.num_layers))}"
+    if args.warmup < 0:
+        return f"--warmup must be >= 0, got {args.warmup}"
+    return None
+
+
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run the chosen mode, write its JSON / markdown / PNG (and profiler files), print the markdown; the report
     (with the written ``paths``) is returned for callers such as the tests."""
@@ -114,6 +154,11 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         report = run_accuracy(args)
         markdown = accuracy_markdown(report)
         paths = write_outputs(report, output_dir, "accuracy", markdown, plot_accuracy)
+        print(markdown)
+    elif args.decode_compare:
+        report = run_decode_compare(args)
+        markdown = decode_compare_markdown(report)
+        paths = write_outputs(report, output_dir, "decode_compare", markdown, None)
         print(markdown)
     else:
         start = time.perf_counter()

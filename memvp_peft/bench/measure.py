@@ -2,6 +2,12 @@
 
 Apart from the sweep so that the sweep and the profiler time the very same calls, and so that what lies inside a
 timed region (and what does not: gradient resets, mode switches) is visible in one place.
+
+On CUDA the host only queues kernels, so a host clock around a call measures how fast Python enqueues, not how long
+the GPU works. There every timed call starts on an idle device (`synchronize`), is bracketed by CUDA events and
+ends with a synchronisation; "wall" is the events' elapsed time (first queued kernel to the last one finished) and
+"cpu" the host process's CPU time, which shows how launch-bound a phase is. Decode steps are timestamped by an
+event recorded on the stream at every step, and peaks come from `torch.cuda.max_memory_allocated`.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .device import synchronize
 from .methods import Batch, Method
 
 
@@ -57,12 +64,21 @@ def quiet_native_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
-def peak_allocated_bytes(fn: Callable[[], Any]) -> int:
-    """Peak bytes allocated by torch's CPU allocator while `fn` runs, above the level before it.
+def peak_allocated_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int:
+    """Peak bytes allocated by torch's allocator of `device` while `fn` runs, above the level before it.
 
-    From the allocation/free events of ``torch.profiler`` with ``profile_memory=True`` (running sum of the event
+    CPU: from the allocation/free events of ``torch.profiler`` with ``profile_memory=True`` (running sum of the event
     sizes, in time order; frees of tensors that existed before count negative, so the number is the net growth).
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the level before.
     """
+    device = torch.device(device)
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
     with quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -86,40 +102,70 @@ def peak_allocated_bytes(fn: Callable[[], Any]) -> int:
 
 
 class _StepClock:
-    """StoppingCriteria that timestamps every generated token and never stops generation itself."""
+    """StoppingCriteria that timestamps every generated token and never stops generation itself.
 
-    def __init__(self) -> None:
+    On CUDA the stamp is an event recorded on the stream (the host reaches the criteria before the GPU has finished
+    the step); `seconds_since` reads it after the call, once everything has been synchronised."""
+
+    def __init__(self, device: torch.device) -> None:
         from transformers import StoppingCriteria
 
         outer = self
+        self.cuda = device.type == "cuda"
 
         class Clock(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-                outer.stamps.append(time.perf_counter())
+                if outer.cuda:
+                    event = torch.cuda.Event(enable_timing=True)
+                    event.record()
+                    outer.stamps.append(event)
+                else:
+                    outer.stamps.append(time.perf_counter())
                 outer.cpu_stamps.append(time.process_time())
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-        self.stamps: list[float] = []
+        self.stamps: list[Any] = []
         self.cpu_stamps: list[float] = []
         self.criteria = Clock()
 
+    def start(self) -> Any:
+        """A stamp for the start of the call, of the same kind as the steps' stamps."""
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
-def _timed(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+    def seconds(self, earlier: Any, later: Any) -> float:
+        return earlier.elapsed_time(later) / 1e3 if self.cuda else later - earlier
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, dict[str, float]]:
     """Run `fn`; its wall-clock seconds and this process's CPU seconds (``time.process_time``).
 
     With one torch thread the CPU time is the wall time minus the time the process sat descheduled: on a machine
-    shared with other jobs it is the steadier measure. With several threads it sums them (CPU-seconds).
+    shared with other jobs it is the steadier measure. With several threads it sums them (CPU-seconds). On CUDA the
+    wall time is that of CUDA events around the call on an idle device (see the module docstring).
     """
-    wall, cpu = time.perf_counter(), time.process_time()
+    if device.type != "cuda":
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = fn()
+        return out, {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+    synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cpu = time.process_time()
+    start.record()
     out = fn()
-    return out, {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+    end.record()
+    end.synchronize()
+    return out, {"wall": start.elapsed_time(end) / 1e3, "cpu": time.process_time() - cpu}
 
 
 def time_train_step(method: Method, batch: Batch) -> dict[str, float]:
     """One forward + backward; the gradients are reset before and after, outside the timed region."""
     method.train(True)
     method.zero_grad()
-    _, timing = _timed(lambda: method.loss(batch).backward())
+    _, timing = _timed(lambda: method.loss(batch).backward(), method.device)
     method.zero_grad()
     return timing
 
@@ -128,7 +174,7 @@ def time_train_step(method: Method, batch: Batch) -> dict[str, float]:
 def time_prefill(method: Method, batch: Batch) -> tuple[dict[str, float], int]:
     """One forward over the prompt as `generate` does first; its timing and the bytes of the KV cache it built."""
     method.train(False)
-    out, timing = _timed(lambda: method.prefill(batch))
+    out, timing = _timed(lambda: method.prefill(batch), method.device)
     return timing, cache_nbytes(out.past_key_values)
 
 
@@ -138,17 +184,19 @@ def time_generate(method: Method, batch: Batch, new_tokens: int) -> tuple[dict[s
     from transformers import StoppingCriteriaList
 
     method.train(False)
-    clock = _StepClock()
-    start, cpu_start = time.perf_counter(), time.process_time()
+    clock = _StepClock(method.device)
+    synchronize(method.device)
+    start, cpu_start = clock.start(), time.process_time()
     out = method.generate(batch, new_tokens, stopping_criteria=StoppingCriteriaList([clock.criteria]))
+    synchronize(method.device)
     stamps, cpu = clock.stamps, clock.cpu_stamps
     generated = method.new_tokens(batch, out).shape[1]
     if len(stamps) < 2 or generated != new_tokens:
         raise RuntimeError(f"{method.name}: expected {new_tokens} new tokens, got {generated} ({len(stamps)} steps)")
     steps = len(stamps) - 1
     return (
-        {"wall": stamps[0] - start, "cpu": cpu[0] - cpu_start},
-        {"wall": (stamps[-1] - stamps[0]) / steps, "cpu": (cpu[-1] - cpu[0]) / steps},
+        {"wall": clock.seconds(start, stamps[0]), "cpu": cpu[0] - cpu_start},
+        {"wall": clock.seconds(stamps[0], stamps[-1]) / steps, "cpu": (cpu[-1] - cpu[0]) / steps},
     )
 
 

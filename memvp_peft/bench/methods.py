@@ -56,6 +56,11 @@ class Method:
     def trainable_modules(self) -> list[nn.Module]:
         return [self.model]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the method's model lives (the timers synchronise and clock this device)."""
+        return next(self.model.parameters()).device
+
     def trainable_parameters(self) -> int:
         return count_trainable(self.trainable_modules())
 
@@ -127,8 +132,11 @@ class MemVPMethod(Method):
                 "image_features": batch.image_features}
 
     def visual_state_bytes(self, batch: Batch) -> int:
-        d = self.model.get_input_embeddings().weight.shape[1]
-        return 2 * batch.input_ids.shape[0] * self.num_slots * d * 4  # K and V of the memory, (B, n, d) fp32
+        """K and V of the memory, (B, n, d) each: fp32 from the projector, plus their copy in the compute dtype
+        that the layers read when the base is not fp32 (made once per call, see `MemoryState.for_input`)."""
+        weight = self.model.get_input_embeddings().weight
+        per_copy = 2 * batch.input_ids.shape[0] * self.num_slots * weight.shape[1]
+        return per_copy * 4 + (0 if weight.dtype == torch.float32 else per_copy * weight.element_size())
 
 
 class LoRAMethod(Method):
@@ -146,8 +154,10 @@ class LoRAMethod(Method):
             task_type="CAUSAL_LM",
         )
         self.model = get_peft_model(base, config)
-        d = self.model.get_input_embeddings().weight.shape[1]
-        self.projector = build_projector(visual_dim, projector_hidden_dim, d) if visual else None
+        embeddings = self.model.get_input_embeddings().weight
+        # the projector stays fp32, like MemVP's (its output is cast to the compute dtype of the embeddings)
+        self.projector = (build_projector(visual_dim, projector_hidden_dim, embeddings.shape[1]).to(embeddings.device)
+                          if visual else None)
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.model] + ([self.projector] if self.projector is not None else [])
@@ -156,8 +166,8 @@ class LoRAMethod(Method):
         if not self.visual:
             return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         embeds = self.model.get_input_embeddings()(batch.input_ids)
-        visual = self.projector(batch.image_features.to(embeds.dtype))
-        ones = torch.ones(visual.shape[:2], dtype=batch.attention_mask.dtype)
+        visual = self.projector(batch.image_features.to(self.projector[0].weight.dtype)).to(embeds.dtype)
+        ones = torch.ones(visual.shape[:2], dtype=batch.attention_mask.dtype, device=embeds.device)
         return {
             "inputs_embeds": torch.cat([visual, embeds], dim=1),
             "attention_mask": torch.cat([ones, batch.attention_mask], dim=1),
@@ -166,20 +176,27 @@ class LoRAMethod(Method):
     def labels(self, batch: Batch) -> torch.Tensor:
         if not self.visual:
             return batch.labels
-        ignore = torch.full(batch.image_features.shape[:2], -100, dtype=batch.labels.dtype)  # no loss on the image
+        ignore = torch.full(batch.image_features.shape[:2], -100, dtype=batch.labels.dtype,  # no loss on the image
+                            device=batch.labels.device)
         return torch.cat([ignore, batch.labels], dim=1)
 
     def sequence_length(self, batch: Batch) -> int:
         return batch.input_ids.shape[1] + (batch.image_features.shape[1] if self.visual else 0)
 
 
-def make_batch(batch_size: int, text_len: int, visual_tokens: int, visual_dim: int, vocab: int, seed: int) -> Batch:
-    """A seeded random batch: token ids from 4 up (the lowest ids are special tokens) and Gaussian visual features."""
+def make_batch(batch_size: int, text_len: int, visual_tokens: int, visual_dim: int, vocab: int, seed: int,
+               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Batch:
+    """A seeded random batch: token ids from 4 up (the lowest ids are special tokens) and Gaussian visual features.
+
+    Drawn on the CPU (the same numbers on every device), then moved to `device`; the features come in the compute
+    `dtype`, as a vision encoder running in that dtype delivers them.
+    """
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, vocab, (batch_size, text_len), generator=generator)
+    features = torch.randn(batch_size, visual_tokens, visual_dim, generator=generator)
     return Batch(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        labels=ids.clone(),
-        image_features=torch.randn(batch_size, visual_tokens, visual_dim, generator=generator),
+        input_ids=ids.to(device),
+        attention_mask=torch.ones_like(ids).to(device),
+        labels=ids.clone().to(device),
+        image_features=features.to(device=device, dtype=dtype),
     )

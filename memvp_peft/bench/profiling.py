@@ -44,7 +44,7 @@ def profile_point(args: argparse.Namespace, output_dir: Path) -> dict[str, str]:
     """torch.profiler op tables of training steps and prefills of MemVP and text-only + LoRA, and a breakdown."""
     from torch.profiler import ProfilerActivity, profile
 
-    base = build_base_model(args)
+    base = build_base_model(args, max(args.num_layers) if args.num_layers else None)  # the deepest depth asked for
     info = describe_model(base)
     visual_tokens, text_len = args.profile_point
     batch = make_batch(args.batch_size, text_len, visual_tokens, args.visual_dim, base.config.vocab_size, args.seed)

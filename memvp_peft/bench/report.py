@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from .depth_fit import depth_fit_markdown
 from .methods import METHOD_LABELS, METHODS
 
 
@@ -22,24 +23,34 @@ def markdown_report(report: dict[str, Any]) -> str:
     """The sweep as markdown: the setup, one row per (N, T, method), the ratios with their predictions, the targets."""
     meta = report["meta"]
     model = meta["model"]
+    depths = meta.get("depths") or [model["num_layers"]]
+    several = len(depths) > 1  # a "layers" column only when the sweep ran at several depths
+    layers_text = (f"{' and '.join(map(str, depths))} layers (one sweep per depth)" if several
+                   else f"{model['num_layers']} layers")
+    if meta.get("full_depth"):
+        layers_text += f" of its {meta['full_depth']}"
+    device = meta.get("device", "cpu")
+    on = f"{meta.get('device_name')} (CUDA {meta.get('cuda')}); host: " if device == "cuda" else ""
     lines = [
         "# memvp-bench results",
         "",
         f"Model: {meta['model_name_or_path']} ({model['model_type']}, width {model['hidden_size']}, "
-        f"{model['num_layers']} layers, FFN {model['intermediate_size']}, vocab {model['vocab_size']}, "
-        f"{model['parameters'] / 1e6:.1f}M params, {meta['dtype']}). Batch {meta['batch_size']}, visual_dim "
+        f"{model['num_attention_heads']} heads / {model['num_key_value_heads']} KV heads, {layers_text}, FFN "
+        f"{model['intermediate_size']}, vocab {model['vocab_size']}, {model['parameters'] / 1e6:.1f}M params, "
+        f"{meta['dtype']}, attention {meta.get('attn_implementation')}). Batch {meta['batch_size']}, visual_dim "
         f"{meta['visual_dim']}, {meta['new_tokens']} new tokens, median of {meta['repeats']} interleaved repeats.",
-        f"Machine: {meta['processor']}, {meta['cpu_count']} CPUs, torch {meta['torch']} ({meta['torch_threads']} "
-        f"threads), transformers {meta['transformers']}, peft {meta['peft']}.",
+        f"Machine: {on}{meta['processor']}, {meta['cpu_count']} CPUs, torch {meta['torch']} "
+        f"({meta['torch_threads']} threads), transformers {meta['transformers']}, peft {meta['peft']}.",
         f"Timing: {meta['timing']}.",
         f"Memory: {meta['memory']}.",
         "",
-        "| N | T | method | seq len | trainable | train step ms | prefill ms | decode ms/token | KV cache MB "
-        "| MemVP K/V MB | peak train MB | peak generate MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ("| layers " if several else "") + "| N | T | method | seq len | trainable | train step ms | prefill ms "
+        "| decode ms/token | KV cache MB | MemVP K/V MB | peak train MB | peak generate MB |",
+        ("|---" if several else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         lines.append(
+            (f"| {r.get('layers')} " if several else "") +
             f"| {r['N']} | {r['T']} | {r['label']} | {r['sequence_length']} | {r['trainable_params']:,} | "
             f"{r['train_step_ms']:.1f} | {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | "
             f"{_mb(r['kv_cache_bytes'])} | {_mb(r['visual_state_bytes']) if r['visual_state_bytes'] else '-'} | "
@@ -52,9 +63,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         "time of the process [prediction from matmul FLOPs, `flop_model`; for MemVP/text that is the physical "
         "floor: text-only + the memory branch + the projector, with MemVP's shorter backward].",
         "",
-        "| N | T | train speed-up vs input | train MemVP/text | prefill speed-up vs input | prefill MemVP/text "
-        "| decode MemVP/input | decode MemVP/text |",
-        "|---|---|---|---|---|---|---|---|",
+        ("| layers " if several else "") + "| N | T | train speed-up vs input | train MemVP/text "
+        "| prefill speed-up vs input | prefill MemVP/text | decode MemVP/input | decode MemVP/text |",
+        ("|---" if several else "") + "|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(row: dict[str, Any], key: str, predicted: Optional[str] = None) -> str:
@@ -67,20 +78,26 @@ def markdown_report(report: dict[str, Any]) -> str:
 
     for row in report["ratios"]:
         lines.append(
+            (f"| {row.get('layers')} " if several else "") +
             f"| {row['N']} | {row['T']} | {cell(row, 'train_speedup_vs_input', 'flops_train_speedup_vs_input')} | "
             f"{cell(row, 'train_memvp_over_text', 'floor_train_over_text')} | "
             f"{cell(row, 'prefill_speedup_vs_input', 'flops_prefill_speedup_vs_input')} | "
             f"{cell(row, 'prefill_memvp_over_text', 'floor_prefill_over_text')} | "
             f"{cell(row, 'decode_memvp_over_input')} | {cell(row, 'decode_memvp_over_text')} |"
         )
+    lines += depth_fit_markdown(report.get("depth_fit") or {})
     targets = report.get("targets", {})
     if targets.get("checks"):
         point = targets["point"]
-        lines += ["", f"Targets at N={point['N']}, T={point['T']}:", ""]
+        where = f" ({point['layers']} layers measured, {device} targets)" if point.get("layers") else ""
+        lines += ["", f"Targets at N={point['N']}, T={point['T']}{where}:", ""]
         for check in targets["checks"]:
-            extra = f"; CPU time {check['cpu_value']}" if check.get("cpu_value") is not None else ""
+            extra = f"; {'host ' if device == 'cuda' else ''}CPU time {check['cpu_value']}" if check.get(
+                "cpu_value") is not None else ""
             if check.get("flops_predicted") is not None:
                 extra += f"; matmul FLOPs predict {check['flops_predicted']}"
+            if check.get("full_depth_extrapolated") is not None:
+                extra += f"; extrapolated to {meta.get('full_depth')} layers: {check['full_depth_extrapolated']}"
             lines.append(f"- {'met' if check['met'] else 'NOT met'}: {check['target']} (wall clock {check['value']}"
                          f"{extra}; target {check['bound']})")
     return "\n".join(lines) + "\n"
@@ -94,8 +111,10 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     results = report["results"]
-    points = sorted({(r["N"], r["T"]) for r in results})
-    labels = [f"N={n}\nT={t}" for n, t in points]
+    several = len({r.get("layers") for r in results}) > 1
+    key_of = lambda r: (r.get("layers") or 0, r["N"], r["T"])  # noqa: E731
+    points = sorted({key_of(r) for r in results})
+    labels = [(f"L={k}\n" if several else "") + f"N={n}\nT={t}" for k, n, t in points]
     methods = [m for m in METHODS if any(r["method"] == m for r in results)]
     panels = [
         ("train_step_ms", "training step (fwd+bwd), ms", 1.0),
@@ -112,7 +131,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         for i, method in enumerate(methods):
             values = []
             for point in points:
-                row = next((r for r in results if (r["N"], r["T"]) == point and r["method"] == method), None)
+                row = next((r for r in results if key_of(r) == point and r["method"] == method), None)
                 value = row.get(key) if row else None
                 values.append(float("nan") if value is None else value * scale)
             xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(points))]
@@ -138,7 +157,8 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         ax.plot(list(xs), [r.get(key, float("nan")) for r in ratios], marker=marker, label=label)
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(list(xs))
-    ax.set_xticklabels([f"N={r['N']}\nT={r['T']}" for r in ratios], fontsize=7)
+    ax.set_xticklabels([(f"L={r.get('layers')}\n" if several else "") + f"N={r['N']}\nT={r['T']}" for r in ratios],
+                       fontsize=7)
     ax.set_yscale("log")
     ax.set_title("ratios")
     ax.legend(fontsize=7)
@@ -147,8 +167,11 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     meta = report["meta"]
     fig.suptitle(
         f"MemVP vs input-space + LoRA vs text-only + LoRA -- width {meta['model']['hidden_size']}, "
-        f"{meta['model']['num_layers']} layers, B={meta['batch_size']}, {meta['processor']}, "
-        f"{meta['torch_threads']} threads, torch {meta['torch']}",
+        f"{'/'.join(map(str, meta.get('depths') or [meta['model']['num_layers']]))} layers, B={meta['batch_size']}, "
+        f"{meta['dtype']}, "
+        + (f"{meta.get('device_name')}" if meta.get("device") == "cuda" else
+           f"{meta['processor']}, {meta['torch_threads']} threads")
+        + f", torch {meta['torch']}",
         fontsize=10,
     )
     fig.tight_layout()
