@@ -4,9 +4,11 @@ Issue 16 measured MemVP's decode step at 1.15x text-only (N = 256, T = 64, CPU) 
 profile of one decode step per layer (`decode_profile_*.txt`) shows the memory read as two batched GEMVs over the
 (B, n, d) keys and values -- bandwidth-bound: 2 * B * n * d * 4 bytes per layer per token, the same kind of read
 input-space's attention makes over its cached visual tokens -- plus small ops around them. The read path now
-(`tuner/layer.py`) runs `bmm` directly on the batched memory, fuses the scale and the residual add into the second
-product (`baddbmm(result, scores, V, alpha=s)`) and skips the dropout module in eval; keys and values are cast to
-the compute dtype once per call (`MemoryState.for_input`, cached for every decode step of a `generate()`).
+(`tuner/layer.py`) runs `bmm` directly on the batched memory, computes a decode step's `x K^T` on CPU as
+`(K x^T)^T` (the one-row product streams K twice as fast with K on the left), fuses the scale and the residual add
+into the second product (`baddbmm(result, scores, V, alpha=s)`) and skips the dropout module in eval; keys and
+values are cast to the compute dtype once per call (`MemoryState.for_input`, cached for every decode step of a
+`generate()`).
 
 To measure before and after *side by side in one process* -- the only comparison this shared machine allows -- the
 pre-issue-16 forward of `FFNMemoryLayer` is kept here, verbatim, as `forward_before_issue16`, and bound to the layers
