@@ -31,7 +31,8 @@ def test_full_depth_is_fixed_plus_depth_times_per_layer_and_ratios_follow():
                + _lines((10, 4, 2), (4.5, 1.8, 0.45), "text_lora"))
     fit = fit_depths(results, full_depth=32)
     memvp = next(f for f in fit["fits"] if f["method"] == "memvp")
-    assert memvp["per_layer"]["train_step_ms"] == pytest.approx(5) and memvp["fixed"]["train_step_ms"] == pytest.approx(10)
+    assert memvp["per_layer"]["train_step_ms"] == pytest.approx(5)
+    assert memvp["fixed"]["train_step_ms"] == pytest.approx(10)
     assert memvp["at_full_depth"]["train_step_ms"] == pytest.approx(10 + 32 * 5)
     assert memvp["per_layer"]["kv_cache_bytes"] == pytest.approx(1000)
     (ratios,) = fit["full_depth_ratios"]
