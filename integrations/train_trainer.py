@@ -10,7 +10,8 @@ See `integrations/README.md` for the `deepspeed` and `accelerate` launchers and 
 
 What the script does (each step is a small function, so it can be copied into a real project):
 
-1. builds a tiny Llama from a config (nothing is downloaded) or loads `--model_name_or_path` (a *local* path);
+1. builds a tiny Llama from a config (nothing is downloaded) or loads `--model_name_or_path` with `from_pretrained`:
+   a local folder or a Hub id (downloaded when online, read from the Hugging Face cache offline; every rank loads it);
    `TrainingArguments` is created first, so that under ZeRO-3 `from_pretrained` partitions the weights while loading;
 2. attaches MemVP (`--lora` adds LoRA on q/v projections to the same adapter);
 3. builds a synthetic but learnable visual question answering set: every sample has `image_features` drawn around
