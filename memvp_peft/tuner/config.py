@@ -20,6 +20,7 @@ from peft.config import PeftConfig
 from torch import nn
 
 from .targets import MEMORY_SIDES
+from .visual_layout import check_long_context, memory_tokens, parse_grid
 from .peft_type import MEMVP_PEFT_TYPE
 from .save_load import recover_adapter_folder
 from ..vision import SharedModuleRef, describe_encoder
@@ -129,9 +130,10 @@ class MemVPConfig(PeftConfig):
         default=None,
         metadata={
             "help": (
-                "Vision encoder that turns `pixel_values` into features: a local CLIP/SigLIP folder, or an already "
-                "built CLIPVisionModel/SiglipVisionModel (recorded here by its name). It is frozen and never saved in "
-                "the adapter. None: pass `image_features` yourself, or use a VLM base (its own vision tower is used)."
+                "Vision encoder that turns `pixel_values` into features: a local CLIP/SigLIP folder, a Hub id "
+                "('org/name': downloaded when online, read from the Hugging Face cache offline), or an already built "
+                "CLIPVisionModel/SiglipVisionModel (recorded here by its name). It is frozen and never saved in the "
+                "adapter. None: pass `image_features` yourself, or use a VLM base (its own vision tower is used)."
             )
         },
     )
@@ -175,6 +177,76 @@ class MemVPConfig(PeftConfig):
             )
         },
     )
+    image_grid: Optional[list[int]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "AnyRes-style tiling of high-resolution images, as [rows, cols] (or 'RxC'): each image becomes the "
+                "downscaled whole image plus rows x cols encoder-sized tiles, each its own block of memory slots (the "
+                "per-slot position embeddings tell them apart), overview first, then the tiles row by row. "
+                "`pixel_values` of rows x cols times the encoder's size are tiled by the model; tiles made by "
+                "MemVPDataCollator(image_grid=...) are taken as they are. Memory: images x (1 + rows*cols) x tokens "
+                "per tile. None (default): no tiling."
+            )
+        },
+    )
+    num_frames: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Video: frames per sample, each frame a block of memory slots (frames x tokens per frame). The "
+                "model refuses more frames than this; MemVPDataCollator(num_frames=...) samples a video file or a "
+                "frame list uniformly to it. None (default): no video."
+            )
+        },
+    )
+    pool_kernel: int = field(
+        default=1,
+        metadata={
+            "help": (
+                "Memory compression: average-pool each image's square patch grid with a k x k kernel before the "
+                "projector (2: N -> N/4 slots, a 16x16 CLIP grid -> 8x8 = 64). 1 (default): no pooling."
+            )
+        },
+    )
+    pool_tokens: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Memory compression to a target count: adaptive average pooling of each image's patch grid to this "
+                "many tokens (a perfect square, e.g. 64 or 144) before the projector. None (default): no pooling."
+            )
+        },
+    )
+    multiscale_tokens: Optional[list[int]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "ADEM-VL's multiscale slots: each image's patch grid at several scales, concatenated before the "
+                "projector; every entry a perfect square token count, the grid's own count keeping it as is (ADEM-VL: "
+                "[256, 64] = the 16x16 CLIP grid plus its 8x8 average pool, 320 slots). None (default): one scale."
+            )
+        },
+    )
+    memory_read: str = field(
+        default="memvp",
+        metadata={
+            "help": (
+                "How every FFN reads the memory: 'memvp' (default, the paper: act(x K^T) V with the FFN's own "
+                "activation) or 'adem' (ADEM-VL: silu(x) silu(K)^T V; needs whole-FFN wrappers, i.e. GLU FFNs such "
+                "as LLaMA's, and no `activation` override)."
+            )
+        },
+    )
+    drop_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "ADEM-VL's adaptive drop: the lowest floor(drop_ratio * n) of each token's n memory scores are set "
+                "to zero before the product with V (ADEM-VL: 0.1). 0 (default, the paper's MemVP): nothing dropped."
+            )
+        },
+    )
     lora_config: Optional[dict] = field(
         default=None,
         metadata={
@@ -198,13 +270,38 @@ class MemVPConfig(PeftConfig):
             # keep the built encoder for injection (without copying it), record its name in the config
             self._vision_encoder_module = SharedModuleRef(self.vision_encoder)
             self.vision_encoder = describe_encoder(self.vision_encoder)
+        self.image_grid = parse_grid(self.image_grid)
         self._validate()
         if self.lora_config is not None:
             self.lora_config = normalise_lora_config(self.lora_config)
+        if isinstance(self.multiscale_tokens, tuple):
+            self.multiscale_tokens = list(self.multiscale_tokens)
         if isinstance(self.target_modules, list):
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, set):
             self.exclude_modules = sorted(self.exclude_modules)
+
+    @classmethod
+    def adem_vl(cls, **overrides: Any) -> "MemVPConfig":
+        """A config with ADEM-VL's memory form (arXiv 2410.17779; the authors' released defaults): multiscale slots
+        of the 16x16 CLIP grid plus its 8x8 pool (256 + 64 = 320 slots), the `silu(x) silu(K)^T` read, the lowest
+        10% of each token's scores dropped, no dropout on the scores, s = 0.1, lambda = 0.01. Any field can be
+        overridden, e.g. `multiscale_tokens=[16, 4]` and `num_memory_slots=20` for a 4x4 grid.
+
+        (ADEM-VL also puts the projected CLS token into the *input* sequence; that input-space part is not MemVP's
+        memory and is left out here.)"""
+        settings: dict[str, Any] = dict(
+            multiscale_tokens=[256, 64], num_memory_slots=320, memory_read="adem", drop_ratio=0.1,
+            memory_dropout=0.0, memory_scale=0.1, visual_scale=0.01,
+        )
+        settings.update(overrides)
+        return cls(**settings)
+
+    def memory_tokens(self, tokens_per_image: int, images: int = 1) -> int:
+        """Visual slots one sample fills with this config: images x blocks per image (1, or 1 + rows*cols with
+        `image_grid`) x tokens per image after `pool_kernel` / `pool_tokens` / `multiscale_tokens`. For a video,
+        `images` is the number of frames. `num_memory_slots` must be at least this."""
+        return memory_tokens(self, tokens_per_image, images)
 
     @classmethod
     def from_pretrained(
@@ -310,9 +407,10 @@ class MemVPConfig(PeftConfig):
             raise ValueError(f"MemVPConfig.vision_adapter_dim must be an integer >= 0, got {self.vision_adapter_dim!r}.")
         if self.vision_encoder is not None and not isinstance(self.vision_encoder, str):
             raise ValueError(
-                "MemVPConfig.vision_encoder must be a local path or a built vision model, got "
-                f"{type(self.vision_encoder).__name__}."
+                "MemVPConfig.vision_encoder must be a local folder, a Hub id ('org/name') or a built vision model, "
+                f"got {type(self.vision_encoder).__name__}."
             )
+        check_long_context(self)
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("MemVPConfig.layers_pattern only makes sense together with layers_to_transform.")
         if self.layers_pattern is not None and not (

@@ -27,6 +27,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .read_forms import adem_scores, drop_lowest_scores
 from .scope import MemoryRuntime
 
 MERGE_ERROR = (
@@ -77,7 +78,9 @@ class MemVPLayer(nn.Module, BaseTunerLayer):
     """Common bookkeeping of the three MemVP layer kinds (adapter registry, dropout, scale, merge refusal)."""
 
     adapter_layer_names = ("memvp_dropout",)
-    other_param_names = ("memvp_scale", "memvp_num_slots")
+    other_param_names = ("memvp_scale", "memvp_num_slots", "memvp_read")
+    #: whether the layer sees the FFN input x and adds the whole read itself (ADEM-VL's read needs that)
+    reads_whole_ffn = False
 
     def __init__(self, base_layer: nn.Module, runtime: MemoryRuntime) -> None:
         super().__init__()
@@ -85,11 +88,21 @@ class MemVPLayer(nn.Module, BaseTunerLayer):
         self.memvp_dropout = nn.ModuleDict({})
         self.memvp_scale: dict[str, float] = {}
         self.memvp_num_slots: dict[str, int] = {}
+        self.memvp_read: dict[str, tuple[str, float]] = {}  # adapter -> (memory_read, drop_ratio): read_forms.py
         self._memvp_runtime = runtime
         self._disable_adapters = False
         self.merged_adapters = []
 
     def update_layer(self, adapter_name: str, config: Any, activation: Optional[Callable] = None) -> None:
+        read = getattr(config, "memory_read", "memvp")
+        if read == "adem" and not self.reads_whole_ffn:
+            raise ValueError(
+                "MemVP: memory_read='adem' reads silu(x) silu(K)^T next to the FFN, which needs the whole FFN wrapped "
+                f"(GLU FFNs: Llama, Mistral, Qwen, Gemma, Phi-3, gated T5); {type(self.base_layer).__name__} is one "
+                "linear of a plain FFN, whose own activation would run over the memory scores. Use "
+                "memory_read='memvp', or name the whole FFN modules in target_modules (with activation=...)."
+            )
+        self.memvp_read[adapter_name] = (read, float(getattr(config, "drop_ratio", 0.0)))
         self.memvp_dropout[adapter_name] = (
             nn.Dropout(p=config.memory_dropout) if config.memory_dropout > 0 else nn.Identity()
         )
@@ -142,6 +155,7 @@ class FFNMemoryLayer(MemVPLayer):
     """A whole FFN module plus the visual memory branch `s * Dropout(act(x K^T)) V` (no gate)."""
 
     other_param_names = MemVPLayer.other_param_names + ("memvp_activation",)
+    reads_whole_ffn = True
 
     def __init__(self, base_layer: nn.Module, runtime: MemoryRuntime) -> None:
         super().__init__(base_layer, runtime)
@@ -159,7 +173,14 @@ class FFNMemoryLayer(MemVPLayer):
             return result
         xb = self._batched(x)
         for name, keys, values in self._memories(xb):
-            scores = self.memvp_activation[name](memory_scores(xb, keys))
+            read, drop_ratio = self.memvp_read[name]
+            if read == "adem":  # silu(x) silu(K)^T, silu(K) cached per call (read_forms.py)
+                state = self._memvp_runtime.state_for(name)
+                scores = adem_scores(xb, state.activated_keys_for_input(xb.shape[0], xb.dtype, xb.device))
+            else:
+                scores = self.memvp_activation[name](memory_scores(xb, keys))
+            if drop_ratio:
+                scores = drop_lowest_scores(scores, drop_ratio)
             result = add_memory_read(result, self._dropout(name, scores), values, self.memvp_scale[name])
         return result
 
@@ -204,6 +225,9 @@ class ValueMemoryLayer(MemVPLayer):
         for name, _, values in memories:
             scores = self._batched(h[..., offset : offset + self.memvp_num_slots[name]])
             offset += self.memvp_num_slots[name]
+            drop_ratio = self.memvp_read[name][1]
+            if drop_ratio:
+                scores = drop_lowest_scores(scores, drop_ratio)
             scores = self._dropout(name, scores).to(values.dtype)
             result = add_memory_read(result, scores, values, self.memvp_scale[name])
         return result

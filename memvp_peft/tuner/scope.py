@@ -32,6 +32,7 @@ from torch import nn
 
 from .input_checks import validate_pixel_values, validate_visual_inputs
 from .memory import MemoryState
+from .visual_layout import arrange_visual_tokens, tile_for_adapter
 
 
 class CallMemory:
@@ -125,22 +126,25 @@ class MemoryRuntime:
         """
         if pixel_values is not None and image_features is not None:
             raise ValueError("MemVP: pass either `pixel_values` or `image_features`, not both.")
-        shared_features = None
+        shared_features = {}  # per image_grid: adapters tiling alike share one encoding
         states = {}
         for name in self.active_adapters:
             if name not in memories:
                 continue
             config, memory = self.configs[name], memories[name]
-            features = image_features
+            features, mask = image_features, image_mask
             if pixel_values is not None:
+                pixels, mask = tile_for_adapter(pixel_values, image_mask, config, self.vision)  # visual_layout.py
                 if memory.vision_adapters is not None:
-                    features = self._encode(pixel_values, batch_size, memory.vision_adapters, config.vision_adapter_scale)
+                    features = self._encode(pixels, batch_size, memory.vision_adapters, config.vision_adapter_scale)
                 else:
-                    if shared_features is None:
-                        shared_features = self._encode(pixel_values, batch_size, None, 0.0)
-                    features = shared_features
+                    grid = tuple(config.image_grid or ())
+                    if grid not in shared_features:
+                        shared_features[grid] = self._encode(pixels, batch_size, None, 0.0)
+                    features = shared_features[grid]
+            features, mask = arrange_visual_tokens(features, mask, config)  # frames, tiles, compression
             features, mask = validate_visual_inputs(
-                features, image_mask, batch_size, config.visual_dim, config.num_memory_slots
+                features, mask, batch_size, config.visual_dim, config.num_memory_slots
             )
             states[name] = memory(features, mask)
         return CallMemory(states)
