@@ -101,6 +101,34 @@ def clip_style_image_processor(image_size: int) -> Any:
     return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
+#: timm's IMAGENET_DEFAULT_MEAN / IMAGENET_DEFAULT_STD, which the MemVP authors normalise ScienceQA images with
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_image_processor(image_size: int) -> Any:
+    """The MemVP authors' ScienceQA transform as an image processor: the RGB image resized to `image_size` x
+    `image_size` (bicubic, aspect ratio not kept, no crop), scaled to [0, 1], normalised with ImageNet mean/std
+    (their `Resize((224, 224), BICUBIC), ToTensor(), Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)`).
+
+    Why not the encoder's own processor: CLIP's resizes the short side and centre-crops (a wide diagram loses its
+    sides) and normalises with CLIP's mean/std, so an adapter trained the authors' way -- theirs, converted by
+    `memvp_peft.convert` -- would be fed other pixels than it learnt from. The PIL backend is asked for by name: it
+    resizes the PIL image with PIL's bicubic filter exactly as torchvision's `Resize` does on a PIL image, while the
+    torchvision backend (transformers' default where torchvision is installed) resizes a tensor, which differs.
+    """
+    try:
+        from transformers import CLIPImageProcessorPil as processor_class
+    except ImportError:  # transformers without the split backends: CLIPImageProcessor is the PIL one
+        from transformers import CLIPImageProcessor as processor_class
+    from PIL import Image
+
+    return processor_class(
+        size={"height": image_size, "width": image_size}, do_center_crop=False, resample=Image.BICUBIC,
+        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
+    )
+
+
 class VisionEncoder:
     """A frozen vision tower plus the feature-selection rules; deliberately not an `nn.Module` (never saved/trained).
 

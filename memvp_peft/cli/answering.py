@@ -10,10 +10,11 @@ import torch
 
 
 def generate_answers(model, collator, records: list[dict], kind: str, tokenizer, max_new_tokens: int,
-                     batch_size: int = 64, progress: bool = True) -> list[str]:
+                     batch_size: int = 64, progress: bool = True, answer_prefix: str = "") -> list[str]:
     """Greedy answers for `records`, batched, on the model's own device. The prompts come from the collator that
     trained the adapter (`collator.prompts`), so the answer is conditioned exactly like a training example; a causal
-    model's output repeats the prompt, which is cut off, a seq2seq model's does not."""
+    model's output repeats the prompt, which is cut off, a seq2seq model's does not. `answer_prefix` is the start of
+    the answer given with the prompt (`"The answer is"`: what is generated is the rest)."""
     from tqdm.auto import tqdm
 
     answers: list[str] = []
@@ -21,7 +22,7 @@ def generate_answers(model, collator, records: list[dict], kind: str, tokenizer,
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(records), batch_size), desc="answering", disable=not progress, leave=False):
         chunk = records[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collator.prompts(chunk).items()}
+        batch = {k: v.to(device) for k, v in collator.prompts(chunk, answer_prefix=answer_prefix).items()}
         with torch.no_grad():
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -2,13 +2,15 @@
 
     memvp-infer --adapter outputs/memvp-digits --image digits:0 digits:1 photo.png
     memvp-infer --adapter out --input_file questions.jsonl --output_file answers.jsonl
+    memvp-infer --adapter out --dataset scienceqa:data/scienceqa --split test --output_file preds.jsonl
     python -m memvp_peft.infer --help
 
 The base defaults to the one the adapter records (`base_model_name_or_path` in adapter_config.json, at the `revision`
 it records; the embedded demo model is saved next to its adapter): a local folder or a Hub id, resolved as
 `from_pretrained` does (downloaded when online, the Hugging Face cache offline). How images become the adapter's
 visual input (vision encoder, VLM tower, or the built-in digit patches) is read from `memvp_cli.json`, written by
-`memvp-train`.
+`memvp-train`, and so is how the questions were prompted. `--dataset scienceqa:DIR` scores ScienceQA as the MemVP
+authors did (`cli.scienceqa_eval`): one line per problem, `scores.json` with the paper's columns, the table printed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any, Optional, Sequence
 from ..tuner.save_load import CONFIG_NAME, check_adapter_folder
 from .answering import generate_answers
 from ..hub import MODEL_SOURCE, check_model_source, is_hub_id, is_offline
-from .base_loading import image_processor_for, load_base
+from .base_loading import load_base
+from .collating import collator_from_record, encoder_image_processor
 from .options import InferOptions, run_command
 from .record import CLI_RECORD, read_adapter_config, read_cli_record
 from .reporting import without_peft_probe_warning
@@ -160,7 +163,6 @@ def load_for_inference(options: InferOptions):
 
     import memvp_peft  # noqa: F401  (registers MEMVP)
 
-    from ..data import MemVPDataCollator
     from ..data.digits import DigitPatchFeaturizer
 
     adapter = _adapter_folder(options.adapter)
@@ -180,26 +182,26 @@ def load_for_inference(options: InferOptions):
         raise ValueError(f"the adapter {options.adapter} does not fit the base {base_path}: {error}") from error
     peft_model.to("cuda" if torch.cuda.is_available() else "cpu")  # the base loads on the CPU
     input_name = "pixel_values"
+    normalization = record.get("image_normalization", "encoder")
     if record.get("featurizer") == "digit_patches":
         processor, input_name = DigitPatchFeaturizer(), "image_features"
     elif vision:  # an external encoder wins over a VLM's own tower, as in memvp-train
         attached = peft_model.base_model.vision_encoder
         if attached is None:
             raise _missing_encoder(vision)
-        processor = image_processor_for(vision, attached.model.config)
+        processor = encoder_image_processor(vision, attached.model.config, normalization)
     elif kind == "vlm":
-        processor = image_processor_for(base_path, model.config.vision_config, revision=revision,
-                                        trust_remote_code=options.trust_remote_code)
+        processor = encoder_image_processor(base_path, model.config.vision_config, normalization, revision=revision,
+                                            trust_remote_code=options.trust_remote_code)
     else:
+        why = (f"its {CLI_RECORD} names no vision encoder" if record
+               else f"no {CLI_RECORD}; it was not trained by memvp-train")
         raise ValueError(
-            f"{options.adapter} does not say how to turn images into features (no {CLI_RECORD}); it was not "
-            "trained by memvp-train -- use the Python API with image_features or pixel_values."
+            f"{options.adapter} does not say how to turn images into features ({why}) -- use the Python API with "
+            "image_features or pixel_values, or pass --vision_encoder when converting the authors' checkpoint."
         )
-    collator = MemVPDataCollator(
-        tokenizer, processor, image_input_name=input_name,  # --input_file paths are resolved by load_jsonl
-        array_value_range=tuple(record["array_value_range"]) if record.get("array_value_range") else None,
-        seq2seq=(kind == "seq2seq"),
-    )
+    collator = collator_from_record(tokenizer, processor, record, input_name=input_name, kind=kind,
+                                    prompt_template=options.prompt_template)  # --input_file paths: load_jsonl
     return peft_model, tokenizer, collator, kind
 
 
@@ -209,6 +211,8 @@ def infer(options: InferOptions) -> list[dict[str, Any]]:
     from ..data import load_jsonl
 
     _check_output_file(options)
+    if options.dataset is not None:
+        return score_dataset(options)
     if options.input_file:
         if not os.path.isfile(options.input_file):
             raise ValueError(f"input file {options.input_file} does not exist.")
@@ -223,7 +227,7 @@ def infer(options: InferOptions) -> list[dict[str, Any]]:
     else:
         raise ValueError("nothing to answer: pass --image FILE [FILE ...] (or digits:INDEX) or --input_file.")
     model, tokenizer, collator, kind = load_for_inference(options)
-    answers = generate_answers(model, collator, records, kind, tokenizer, options.max_new_tokens,
+    answers = generate_answers(model, collator, records, kind, tokenizer, options.max_new_tokens or 16,
                                batch_size=options.batch_size, progress=len(records) > options.batch_size)
     results = []
     for record, answer in zip(records, answers):
@@ -233,6 +237,37 @@ def infer(options: InferOptions) -> list[dict[str, Any]]:
     if options.output_file:
         _write_answers(options.output_file, results)
     return results
+
+
+def score_dataset(options: InferOptions) -> list[dict[str, Any]]:
+    """`--dataset scienceqa:DIR`: answer every problem of `--split`, write the prediction lines and `scores.json`
+    (with `--output_file`), print the paper's table. The problems and their images are read before any model loads."""
+    from ..data.scienceqa import is_scienceqa_dataset, load_scienceqa
+    from .scienceqa_eval import answer_scienceqa, prediction_rows, scores_path, write_scienceqa_results
+    from .scienceqa_scoring import format_scores_table, scienceqa_scores
+
+    given = [flag for flag, value in (("--image", options.image), ("--input_file", options.input_file)) if value]
+    if given:
+        raise ValueError(f"--dataset scores a whole benchmark; {' and '.join(given)} answer questions of your own: "
+                         "pass one or the other.")
+    if not is_scienceqa_dataset(options.dataset):
+        raise ValueError(f"memvp-infer --dataset scores ScienceQA: pass scienceqa:DIR, got {options.dataset!r} (to "
+                         "answer other questions, use --input_file or --image).")
+    if options.output_file:
+        scores_path(options.output_file)  # refused before the answering, not after
+    records = load_scienceqa(options.dataset, options.split, options.use_caption)
+    model, tokenizer, collator, kind = load_for_inference(options)
+    predictions = answer_scienceqa(model, collator, records, kind, tokenizer, batch_size=options.batch_size,
+                                   max_new_tokens=options.max_new_tokens or 1)
+    rows = prediction_rows(records, predictions, collator)
+    if options.output_file:
+        scores = write_scienceqa_results(options.output_file, records, rows)
+        where = f"; wrote {options.output_file} and {scores_path(options.output_file)}"
+    else:
+        scores, where = scienceqa_scores(records, predictions), ""
+    print(f"ScienceQA {options.split}: {len(records)} problems{where}")
+    print(format_scores_table(scores))
+    return rows
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -82,6 +82,22 @@ def _fraction(value: Any) -> bool:
     return 0 <= value < 1
 
 
+def _open_fraction(value: Any) -> bool:
+    return 0 < value < 1
+
+
+#: `--image_normalization`: the processor of the encoder (or VLM), or the authors' ImageNet transform
+IMAGE_NORMALIZATIONS = ("encoder", "imagenet")
+
+
+def _normalization(value: Any) -> bool:
+    return value in IMAGE_NORMALIZATIONS
+
+
+def _name(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
 @dataclass
 class TrainOptions:
     # ------------------------------------------------------------------ model
@@ -105,12 +121,16 @@ class TrainOptions:
     )
     dataset_split: Optional[str] = field(default=None, metadata={"help": "Split of a Hub dataset, a data folder or a save_to_disk DatasetDict to train on (default: 'train'); the held-out records come from it too (--eval_fraction)."})
     dataset_config: Optional[str] = field(default=None, metadata={"help": "Configuration (subset) name of a Hub dataset or a data folder with several (datasets.load_dataset's `name`)."})
+    train_split: Optional[str] = field(default=None, metadata={"help": "Split of --dataset scienceqa:DIR to train on: train, trainval, minitrain (default: train); the held-out answers at the end come from val (minival for minitrain, test for trainval)."})
+    use_caption: bool = field(default=False, metadata={"help": "ScienceQA: add each problem's caption (captions.json) to the context, after the hint (off, as the authors trained)."})
     image_folder: Optional[str] = field(default=None, metadata={"help": "Folder that relative image paths in the dataset refer to."})
     allow_outside_image_folder: bool = field(default=False, metadata={"help": "Accept dataset image paths outside --image_folder (absolute, or with '..'); refused by default."})
     decode_images: bool = field(default=True, metadata={"help": "Decode every dataset image when the dataset loads (--no-decode_images: header and size only, faster on large datasets)."})
-    eval_fraction: float = field(default=0.2, metadata={"help": "Held-out fraction used for the accuracy by generation."})
+    eval_fraction: Optional[float] = field(default=None, metadata={"help": "Held-out fraction used for the accuracy by generation (default: 0.2; ScienceQA holds out its own val split instead)."})
     max_eval_samples: int = field(default=400, metadata={"help": "At most this many held-out samples are answered at the end."})
     max_length: int = field(default=256, metadata={"help": "Maximum text length in tokens (the sequence never holds image tokens)."})
+    prompt_template: Optional[str] = field(default=None, metadata={"help": "Template of every question, with a {question} field (default: 'Question: {question}\\nAnswer:'); giving one means the base's chat template is not used. Multiple-choice records (ScienceQA) keep the authors' prompt."})
+    image_normalization: str = field(default="encoder", metadata={"help": "How images become pixel_values: 'encoder' (the encoder's or VLM's own image processor, else CLIP defaults) or 'imagenet' (the MemVP authors' ScienceQA transform: resize to the encoder's size, bicubic, no crop, ImageNet mean/std)."})
     # ------------------------------------------------------------------ MemVP
     num_memory_slots: Optional[int] = field(default=None, metadata={"help": "Memory slots n (default: visual tokens + 25%, like the authors' 256 -> 320)."})
     projector_hidden_dim: int = field(default=128, metadata={"help": "Projector hidden width h (paper: 128)."})
@@ -157,6 +177,9 @@ class TrainOptions:
             "num_memory_slots": (_positive, "> 0 (leave it unset for the default)"),
             "max_eval_samples": (_positive, "> 0"),
             "max_length": (_positive, "> 0"),
+            "eval_fraction": (_open_fraction, "in (0, 1)"),
+            "image_normalization": (_normalization, f"one of {IMAGE_NORMALIZATIONS}"),
+            "train_split": (_name, "a split name such as 'train'"),
             "lora_rank": (_non_negative, ">= 0 (0 = no LoRA)"),
             "lora_alpha": (_positive, "> 0"),
             "lora_dropout": (_fraction, "in [0, 1)"),
@@ -185,12 +208,17 @@ class InferOptions:
     input_file: Optional[str] = field(default=None, metadata={"help": "JSONL with image/question per line (an answer field, if any, is ignored)."})
     image_folder: Optional[str] = field(default=None, metadata={"help": "Folder for relative image paths in --input_file."})
     allow_outside_image_folder: bool = field(default=False, metadata={"help": "Accept --input_file image paths outside --image_folder (absolute, or with '..'); refused by default."})
+    dataset: Optional[str] = field(default=None, metadata={"help": "Score a benchmark instead of answering --image/--input_file: scienceqa:DIR (the repository layout or the Hub parquet export) writes --output_file (one line per problem), scores.json next to it and prints the paper's table."})
+    split: str = field(default="test", metadata={"help": "Split of --dataset to score (ScienceQA: test, val, minitest, ...)."})
+    use_caption: bool = field(default=False, metadata={"help": "ScienceQA: add each problem's caption (captions.json) to the context, as the authors' eval.py does (off by default, as they trained)."})
+    prompt_template: Optional[str] = field(default=None, metadata={"help": "Template of the questions, with a {question} field (default: the one the adapter was trained with, recorded in memvp_cli.json)."})
     batch_size: int = field(default=16, metadata={"help": "Images answered per batch."})
-    max_new_tokens: int = field(default=16, metadata={"help": "Maximum answer length in tokens."})
+    max_new_tokens: Optional[int] = field(default=None, metadata={"help": "Maximum answer length in tokens (default: 16; 1 for --dataset scienceqa, whose answer is the letter after 'The answer is', as the authors score it)."})
     output_file: Optional[str] = field(default=None, metadata={"help": "Write the answers as JSONL here."})
 
     def __post_init__(self) -> None:
-        _check_ranges(self, {"batch_size": (_positive, "> 0"), "max_new_tokens": (_positive, "> 0")})
+        _check_ranges(self, {"batch_size": (_positive, "> 0"), "max_new_tokens": (_positive, "> 0"),
+                             "split": (_name, "a split name such as 'test'")})
 
 
 def _field_type(options_cls: type, name: str) -> Any:

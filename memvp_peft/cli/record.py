@@ -1,7 +1,8 @@
 """`memvp_cli.json`: how `memvp-train` turned images into the adapter's visual input; and reading an adapter's files.
 
 The adapter config records the MemVP math; it cannot say whether the images went through an external vision encoder
-(and which), a VLM's own tower, or the built-in digit patches, nor how array images were scaled. `memvp-train` writes
+(and which), a VLM's own tower, or the built-in digit patches, how array images were scaled, how the pixels were
+normalised (`image_normalization`), nor how the questions were prompted (`prompt_template`, `chat_template`). `memvp-train` writes
 that here, next to the adapter, and `memvp-infer` reads it so that it feeds images exactly as training did.
 
 Both files are read here, before any model loads, and every way they can be damaged (not JSON, not an object, a
@@ -16,6 +17,8 @@ import math
 import os
 from typing import Any
 
+from .options import IMAGE_NORMALIZATIONS  # absent from records older than it: 'encoder'
+
 CLI_RECORD = "memvp_cli.json"
 #: the file peft writes next to the adapter weights (the same name as `tuner.save_load.CONFIG_NAME`)
 ADAPTER_CONFIG = "adapter_config.json"
@@ -23,6 +26,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 FEATURIZERS = (None, "digit_patches")
 #: what `memvp-train` can record as `kind` (how `load_base` loaded the base)
 KINDS = (None, "causal", "seq2seq", "vlm")
+
 
 
 def write_cli_record(output_dir: str, record: dict[str, Any]) -> None:
@@ -61,6 +65,12 @@ def _check_record_value(path: str, key: str, value: Any) -> None:
         raise ValueError(f"{path}: 'kind' must be one of {list(KINDS)}, got {value!r}.")
     if key == "vision_model_name_or_path" and value is not None and not (isinstance(value, str) and value):
         raise ValueError(f"{path}: 'vision_model_name_or_path' must be a folder path, a Hub id or null, got {value!r}.")
+    if key == "image_normalization" and value not in IMAGE_NORMALIZATIONS:
+        raise ValueError(f"{path}: 'image_normalization' must be one of {list(IMAGE_NORMALIZATIONS)}, got {value!r}.")
+    if key == "prompt_template" and value is not None and not (isinstance(value, str) and "{question}" in value):
+        raise ValueError(f"{path}: 'prompt_template' must be null or a str with a {{question}} field, got {value!r}.")
+    if key == "chat_template" and value is not None and not isinstance(value, bool):
+        raise ValueError(f"{path}: 'chat_template' must be true, false or null, got {value!r}.")
     if key == "array_value_range" and value is not None:
         numbers = isinstance(value, list) and len(value) == 2 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)

@@ -31,7 +31,8 @@ from ..distributed import leave_process_group, wait_for_every_rank
 from ..hub import check_model_source
 from ..tuner.save_load import atomic_saves, global_rank
 from .answering import accuracy, generate_answers
-from .base_loading import image_processor_for, load_base
+from .base_loading import load_base
+from .collating import build_collator, chat_template_choice, collation_record, encoder_image_processor
 from .options import TrainOptions, run_command
 from .record import CLI_RECORD, write_cli_record
 
@@ -57,19 +58,24 @@ def visual_setup(options: TrainOptions, model, kind: str):
     from ..data.digits import DIGIT_PATCH_DIM, DIGIT_PATCH_TOKENS, DigitPatchFeaturizer
     from ..vision import load_vision_encoder
 
+    normalization = options.image_normalization
     if options.vision_model_name_or_path:  # a folder or a Hub id; the adapter records the name as given
         encoder = load_vision_encoder(options.vision_model_name_or_path)
         config = encoder.config
         tokens = (config.image_size // config.patch_size) ** 2
-        processor = image_processor_for(options.vision_model_name_or_path, config)
+        processor = encoder_image_processor(options.vision_model_name_or_path, config, normalization)
         return processor, "pixel_values", int(config.hidden_size), tokens, encoder
     if kind == "vlm":
         config = model.config.vision_config
         tokens = (config.image_size // config.patch_size) ** 2
-        processor = image_processor_for(options.model_name_or_path, config, revision=options.revision,
-                                        trust_remote_code=options.trust_remote_code)
+        processor = encoder_image_processor(options.model_name_or_path, config, normalization,
+                                            revision=options.revision, trust_remote_code=options.trust_remote_code)
         return processor, "pixel_values", int(config.hidden_size), tokens, None
     if options.dataset == "digits":
+        if normalization != "encoder":
+            raise ValueError(f"--image_normalization {normalization} normalises the pixels of a vision encoder; the "
+                             "built-in digits run reads 2x2-pixel patches without one: pass "
+                             "--vision_model_name_or_path, or drop --image_normalization.")
         return DigitPatchFeaturizer(), "image_features", DIGIT_PATCH_DIM, DIGIT_PATCH_TOKENS, None
     raise ValueError(
         f"dataset {options.dataset!r} has real images: pass --vision_model_name_or_path (a CLIP/SigLIP folder or Hub "
@@ -225,12 +231,35 @@ def ascii_image(image) -> list[str]:
     return ["".join(scale[min(9, int(v / top * 9))] * 2 for v in row) for row in array]
 
 
+def answer_held_out(model, collator, records: list[dict], kind: str, tokenizer, options: TrainOptions, task: str,
+                    progress: bool = True) -> tuple[float, list[str], Optional[dict[str, Any]]]:
+    """(accuracy, answers, ScienceQA scores or None) of the held-out records: ScienceQA as the authors score it (the
+    letter after 'The answer is', `cli.scienceqa_eval`) on a decoder-only base, else exact match of the generated
+    answer (a seq2seq base answers ScienceQA with its whole target, 'The answer is B.')."""
+    if task == "scienceqa" and kind != "seq2seq":
+        from .scienceqa_eval import answer_scienceqa
+        from .scienceqa_scoring import scienceqa_scores
+
+        letters = answer_scienceqa(model, collator, records, kind, tokenizer, progress=progress)
+        scores = scienceqa_scores(records, letters)
+        return scores["Avg"] / 100.0, letters, scores
+    answers = generate_answers(model, collator, records, kind, tokenizer, options.max_new_tokens, progress=progress)
+    return accuracy(answers, records), answers, None
+
+
+def shown_reference(record: dict) -> str:
+    """The reference printed next to a sample answer: a multiple-choice record's letter, else the answer text."""
+    from ..data.tasks import reference_answer
+    from .scienceqa_scoring import answer_letter
+
+    return answer_letter(record) if record.get("choices") is not None else reference_answer(record)
+
+
 def train(options: TrainOptions) -> dict[str, Any]:
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainingArguments, set_seed
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
-    from ..data import MemVPDataCollator
     from ..data.tasks import load_task
     from .reporting import (logged_losses, print_each_loss_once, save_loss_curve, without_peft_probe_warning,
                             write_metrics)
@@ -243,7 +272,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
     set_seed(options.seed)
     task = load_task(options.dataset, options.image_folder, options.eval_fraction, options.seed,
                      allow_outside_image_folder=options.allow_outside_image_folder, decode_images=options.decode_images,
-                     split=options.dataset_split, config=options.dataset_config)
+                     split=options.dataset_split, config=options.dataset_config, train_split=options.train_split,
+                     use_caption=options.use_caption)
     embedded_base = None
     if options.model_name_or_path is None:
         model, tokenizer = build_embedded_base(options.seed)
@@ -264,9 +294,10 @@ def train(options: TrainOptions) -> dict[str, Any]:
     with without_peft_probe_warning():
         peft_model = get_peft_model(model, config, revision=options.revision)  # refuses an unknown --lora_target
     peft_model.print_trainable_parameters()
-    collator = MemVPDataCollator(
-        tokenizer, processor, max_length=options.max_length,  # image paths are already resolved by load_task
-        array_value_range=task.array_value_range, image_input_name=input_name, seq2seq=(kind == "seq2seq"),
+    collator = build_collator(  # image paths are already resolved by load_task
+        tokenizer, processor, input_name=input_name, kind=kind, max_length=options.max_length,
+        array_value_range=task.array_value_range, prompt_template=options.prompt_template,
+        chat_template=chat_template_choice(options.dataset),
     )
     eval_records = task.held_out(48 if options.quick else options.max_eval_samples)
     max_steps = 20 if options.quick and options.max_steps <= 0 else options.max_steps
@@ -317,12 +348,12 @@ def train(options: TrainOptions) -> dict[str, Any]:
         "vision_model_name_or_path": options.vision_model_name_or_path,
         "array_value_range": list(task.array_value_range) if task.array_value_range else None,
         "kind": kind,
+        **collation_record(collator, options.prompt_template, options.image_normalization),
     })
 
     held_out = None
     if not partitioned:
-        answers = generate_answers(peft_model, collator, eval_records, kind, tokenizer, options.max_new_tokens)
-        held_out = accuracy(answers, eval_records)
+        held_out, _, _ = answer_held_out(peft_model, collator, eval_records, kind, tokenizer, options, task.name)
         print(f"held-out accuracy by generation: {held_out:.2%} on {len(eval_records)} samples")
 
     # reload the base and the adapter from disk and answer again: what a user deploying the adapter gets (the vision
@@ -333,14 +364,17 @@ def train(options: TrainOptions) -> dict[str, Any]:
         reloaded = PeftModel.from_pretrained(fresh, options.output_dir)
     if not options.load_in_4bit:  # a 4-bit base is placed by bitsandbytes when it loads
         reloaded.to(next(peft_model.parameters()).device)  # answer on the device that trained, not on the CPU
-    reloaded_answers = generate_answers(reloaded, collator, eval_records, kind, tokenizer, options.max_new_tokens,
-                                        progress=False)
-    reloaded_accuracy = accuracy(reloaded_answers, eval_records)
+    reloaded_accuracy, reloaded_answers, scores = answer_held_out(reloaded, collator, eval_records, kind, tokenizer,
+                                                                   options, task.name, progress=False)
     print(f"reloaded adapter from {options.output_dir}: held-out accuracy {reloaded_accuracy:.2%}")
+    if scores is not None:
+        from .scienceqa_scoring import format_scores_table
+
+        print(format_scores_table(scores))
     for record, answer in list(zip(eval_records, reloaded_answers))[:4]:
         art = ascii_image(record.get("image")) if task.name == "digits" else []
         print("\n".join(art))
-        print(f"Q: {record.get('question', '')}  ->  A: {answer!r}  (reference {record.get('answer', '')!r})\n")
+        print(f"Q: {record.get('question', '')}  ->  A: {answer!r}  (reference {shown_reference(record)!r})\n")
 
     steps, losses = logged_losses(trainer.state.log_history)
     save_loss_curve(steps, losses, os.path.join(options.output_dir, "loss_curve.png"),
@@ -359,6 +393,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
         "trainable_params": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
         "options": asdict(options),
     }
+    if scores is not None:
+        metrics["scienceqa_scores"] = scores  # the paper's columns on the held-out split, of the reloaded adapter
     write_metrics(os.path.join(options.output_dir, "metrics.json"), metrics)
     print(f"wrote {options.output_dir}/metrics.json and loss_curve.png ({metrics['wall_time_s']:.0f} s in total)")
     wait_for_every_rank()  # the other ranks wait here for rank 0: they leave the process group together

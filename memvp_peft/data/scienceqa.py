@@ -30,7 +30,8 @@ from typing import Any, Optional
 from .conversations import ORIGIN_FIELD
 from .images import PathLike
 
-__all__ = ["SCIENCEQA_PREFIX", "SCIENCEQA_SPLITS", "is_scienceqa_dataset", "load_scienceqa"]
+__all__ = ["HELD_OUT_SPLITS", "SCIENCEQA_PREFIX", "SCIENCEQA_SPLITS", "is_scienceqa_dataset", "load_scienceqa",
+           "load_scienceqa_training"]
 
 #: `--dataset scienceqa:DIR` names a ScienceQA folder in either layout.
 SCIENCEQA_PREFIX = "scienceqa:"
@@ -39,6 +40,10 @@ SCIENCEQA_PREFIX = "scienceqa:"
 SCIENCEQA_SPLITS = ("train", "val", "test", "trainval", "minitrain", "minival", "minitest")
 _HUB_NAMES = {"val": "validation", "validation": "validation", "train": "train", "test": "test"}
 _FIELDS = ("question", "choices", "answer")
+
+
+#: The split `memvp-train` answers at the end of a run for each split it can train on: one sharing no problem with it.
+HELD_OUT_SPLITS = {"train": "val", "minitrain": "minival", "trainval": "test"}
 
 
 def is_scienceqa_dataset(dataset: str) -> bool:
@@ -189,3 +194,26 @@ def _record(pid: str, problem: Mapping[str, Any], image: Any, caption: Optional[
     if image is not None:
         record["image"] = image
     return record
+
+
+def load_scienceqa_training(folder: PathLike, train_split: str = "train", use_caption: bool = False
+                            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """(training records, held-out records, held-out split) for `memvp-train --dataset scienceqa:DIR`.
+
+    ScienceQA has its own validation split, so nothing is cut off the training split (the authors train on all of
+    `train`): the held-out answers come from `HELD_OUT_SPLITS[train_split]`. A training split without one is refused,
+    and so is a folder whose two splits share a problem (an edited `pid_splits.json`): its "held-out" accuracy would
+    be partly a training accuracy.
+    """
+    if train_split not in HELD_OUT_SPLITS:
+        raise ValueError(f"ScienceQA: train_split must be one of {sorted(HELD_OUT_SPLITS)} (each has a split held "
+                         f"out from it: {HELD_OUT_SPLITS}), got {train_split!r}.")
+    held_out_split = HELD_OUT_SPLITS[train_split]
+    train = load_scienceqa(folder, train_split, use_caption)
+    held_out = load_scienceqa(folder, held_out_split, use_caption)
+    shared = sorted({r["id"] for r in train} & {r["id"] for r in held_out})
+    if shared:
+        raise ValueError(f"ScienceQA: splits {train_split!r} and {held_out_split!r} of {os.fspath(folder)!r} share "
+                         f"{len(shared)} problems (e.g. {shared[:3]}); the held-out split must hold none of the "
+                         "training problems.")
+    return train, held_out, held_out_split

@@ -15,12 +15,16 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .conversations import first_answer
 from .digits import DIGIT_QUESTION
 from .formats import load_jsonl, load_llava_json
-from .prompts import GPT_ROLES
+from .scienceqa import is_scienceqa_dataset, load_scienceqa_training
 from .sources import load_source, source_kind
 
-__all__ = ["Task", "load_digits_task", "load_task", "normalise_answer", "reference_answer"]
+#: The held-out fraction of a dataset without a held-out split of its own (`--eval_fraction`'s default).
+DEFAULT_EVAL_FRACTION = 0.2
+
+__all__ = ["DEFAULT_EVAL_FRACTION", "Task", "load_digits_task", "load_task", "normalise_answer", "reference_answer"]
 
 
 @dataclass
@@ -85,13 +89,15 @@ def load_digits_task(eval_fraction: float, seed: int) -> Task:
 def load_task(
     dataset: str,
     image_folder: Optional[str],
-    eval_fraction: float,
+    eval_fraction: Optional[float],
     seed: int,
     *,
     allow_outside_image_folder: bool = False,
     decode_images: bool = True,
     split: Optional[str] = None,
     config: Optional[str] = None,
+    train_split: Optional[str] = None,
+    use_caption: bool = False,
 ) -> Task:
     """`digits`, a LLaVA `.json`, a `.jsonl`, or a source `datasets` reads (`.sources.source_kind`); errors name
     what was expected.
@@ -99,7 +105,16 @@ def load_task(
     A file's images are checked as it loads (see `load_llava_json`): `--allow_outside_image_folder` and
     `--no-decode_images` of `memvp-train` arrive here. `split` / `config` (`--dataset_split`, `--dataset_config`)
     choose the rows of a `datasets` source; the held-out records are drawn from those rows, as for a file.
+    `scienceqa:DIR` trains on `train_split` (`--train_split`, default `train`) with or without captions
+    (`--use_caption`) and holds out ScienceQA's own validation split (`scienceqa.load_scienceqa_training`).
     """
+    if is_scienceqa_dataset(dataset):
+        return _scienceqa_task(dataset, image_folder, eval_fraction, split, config, train_split, use_caption)
+    given = [flag for flag, value in (("--train_split", train_split), ("--use_caption", use_caption)) if value]
+    if given:
+        raise ValueError(f"{' and '.join(given)} apply to --dataset scienceqa:DIR; dataset {dataset!r} is not "
+                         "ScienceQA: drop them.")
+    eval_fraction = DEFAULT_EVAL_FRACTION if eval_fraction is None else eval_fraction
     if dataset == "digits" or dataset.endswith((".json", ".jsonl")):
         given = [flag for flag, value in (("--dataset_split", split), ("--dataset_config", config)) if value]
         if given:
@@ -127,15 +142,28 @@ def load_task(
         train, held_out = _held_out_order(len(rows), eval_fraction, seed)
         return Task(dataset, rows.select(train), rows.select(held_out))
     raise ValueError(
-        f"unknown dataset {dataset!r}: use 'digits' (built in), a LLaVA conversation .json, a .jsonl with "
+        f"unknown dataset {dataset!r}: use 'digits' (built in), 'scienceqa:DIR' (a ScienceQA folder), a LLaVA conversation .json, a .jsonl with "
         "image/question/answer fields, a datasets.save_to_disk folder, .parquet/.arrow files (or a glob of them), a "
         "folder of data files, or a Hub dataset id ('org/name'). A path must exist."
     )
 
 
+def _scienceqa_task(dataset: str, image_folder: Optional[str], eval_fraction: Optional[float], split: Optional[str],
+                    config: Optional[str], train_split: Optional[str], use_caption: bool) -> Task:
+    """ScienceQA's training split and its own held-out split; the options of other datasets are refused by name."""
+    given = [flag for flag, value in (("--image_folder", image_folder), ("--eval_fraction", eval_fraction),
+                                      ("--dataset_split", split), ("--dataset_config", config)) if value is not None]
+    if given:
+        raise ValueError(f"{' and '.join(given)} do not apply to --dataset scienceqa:DIR: its images are in "
+                         "DIR/images (or the parquet rows), it trains on --train_split (default train) and holds out "
+                         "its own validation split: drop them.")
+    train, held_out, _ = load_scienceqa_training(dataset, train_split or "train", use_caption)
+    return Task("scienceqa", train, held_out)
+
+
 def reference_answer(record: dict[str, Any]) -> str:
-    """The answer generation is scored against: the 'answer' field, or the first gpt turn of a conversation -- the
-    turn that answers the first question, which is the prompt `MemVPDataCollator.prompts` builds."""
-    if "answer" in record:
-        return str(record["answer"])
-    return next((t["value"] for t in record.get("conversations", []) if str(t.get("from")).lower() in GPT_ROLES), "")
+    """The answer generation is scored against: the answer to the record's first question as training renders it
+    (`data.first_answer`) -- the 'answer' field, the first assistant turn of `conversations` / `messages` / `texts`,
+    or `The answer is B.` for a multiple-choice record -- which is what follows the prompt `MemVPDataCollator.prompts`
+    builds."""
+    return first_answer(record)

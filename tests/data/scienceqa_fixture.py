@@ -33,8 +33,23 @@ def digit_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def scienceqa_problems(num_image: int, num_text: int, seed: int = 0) -> dict[str, dict]:
-    """{pid: problem} in the repository's problems.json format; `_png` holds an image problem's PNG bytes."""
+def digit_choices(label: int, rng: random.Random, shuffled: bool) -> list[int]:
+    """The 4 digits offered for an image of `label`: the label and three others in random order (`shuffled`), or the
+    block of four consecutive digits holding it (0-3, 4-7, 6-9), in order -- the letter then follows from the image
+    alone, which a tiny random base can learn; matching an image to shuffled option texts it cannot in a few hundred
+    steps."""
+    if shuffled:
+        options = rng.sample([d for d in range(10) if d != label], 3) + [label]
+        rng.shuffle(options)
+        return options
+    start = min(4 * (label // 4), 6)
+    return list(range(start, start + 4))
+
+
+def scienceqa_problems(num_image: int, num_text: int, seed: int = 0, shuffled: bool = True) -> dict[str, dict]:
+    """{pid: problem} in the repository's problems.json format; `_png` holds an image problem's PNG bytes.
+
+    Image problem k shows scikit-learn digit k; its choices come from `digit_choices`. Splits cycle train/val/test."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -43,9 +58,7 @@ def scienceqa_problems(num_image: int, num_text: int, seed: int = 0) -> dict[str
     problems: dict[str, dict] = {}
     for k in range(num_image):
         label = int(digits.target[k])
-        others = rng.sample([d for d in range(10) if d != label], 3)
-        options = others + [label]
-        rng.shuffle(options)
+        options = digit_choices(label, rng, shuffled)
         problems[str(1000 + k)] = {
             "question": "Which digit is shown?", "choices": [DIGIT_WORDS[d] for d in options],
             "answer": options.index(label), "hint": "" if k % 3 else "Look at the image.", "image": "image.png",
@@ -97,3 +110,37 @@ def write_hub_layout(folder: Path, problems: dict[str, dict]) -> Path:
         ]
         pq.write_table(pa.Table.from_pylist(rows), folder / "data" / f"{name}-00000-of-00001.parquet")
     return folder
+
+
+def fixture_tokenizer(problems: dict[str, dict]):
+    """A word-level tokenizer knowing every word of the fixture's prompts and targets (a tiny local base's)."""
+    from memvp_peft.data.multiple_choice import multiple_choice_prompt
+    from memvp_peft.local_models import build_word_tokenizer
+
+    corpus = [multiple_choice_prompt(p["question"], p["choices"], p["hint"], "A handwritten digit.")
+              for p in problems.values()]
+    return build_word_tokenizer(corpus + ["The answer is A B C D E ."])
+
+
+def write_fixture_base(folder: Path, problems: dict[str, dict], hidden_size: int = 128, seed: int = 0) -> Path:
+    """A tiny random Llama with `fixture_tokenizer`, saved as a local checkpoint folder (`--model_name_or_path`)."""
+    from memvp_peft.local_models import tiny_llama
+
+    tokenizer = fixture_tokenizer(problems)
+    # initializer_range 0.1 and untied embeddings, as the embedded digits base: a random lm_head with LlamaConfig's
+    # 0.02 caps every answer probability well below 1
+    model = tiny_llama(tokenizer, hidden_size=hidden_size, layers=2, seed=seed, initializer_range=0.1,
+                       tie_word_embeddings=False)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+if __name__ == "__main__":  # the fixture docs/benchmarks.md measures: python tests/data/scienceqa_fixture.py OUT
+    import sys
+
+    out = Path(sys.argv[1])
+    fixture = scienceqa_problems(num_image=600, num_text=24, shuffled=False)
+    write_repository_layout(out / "scienceqa", fixture)
+    write_fixture_base(out / "base", fixture)
+    print(f"wrote {out / 'scienceqa'} (ScienceQA repository layout) and {out / 'base'} (tiny Llama + tokenizer)")
