@@ -13,6 +13,8 @@ beside it as ``pixel_values`` plus an ``image_mask``.  The modules follow a reco
 * ``images``        -- any image form -> an RGB PIL image (``to_rgb_image``);
 * ``image_batching``-- a batch's images (raw, or ``precomputed`` tensors) -> ``pixel_values``/``image_features``
   and ``image_mask``;
+* ``tiling``, ``video`` -- a high-resolution image as the overview plus a grid of tiles (``image_grid``), a video file
+  or frame list sampled to ``num_frames`` (``sample_frame_indices``): several images of the multi-image layout;
 * ``collator``      -- ``MemVPDataCollator``, which puts those together for the ``Trainer`` and for ``generate``;
 * ``digits``, ``tasks`` -- the command line's datasets: the built-in digits task (and its patch-token featurizer
   for the embedded model), ``load_task`` and answer scoring.
@@ -32,6 +34,7 @@ from .prompts import (
     strip_image_placeholder,
 )
 from .tokenization import IGNORE_INDEX
+from .video import sample_frame_indices
 
 __all__ = [
     "ANSWER_PHRASE",
@@ -49,6 +52,7 @@ __all__ = [
     "multiple_choice_prompt",
     "multiple_choice_target",
     "record_dialogue",
+    "sample_frame_indices",
     "strip_image_placeholder",
     "to_rgb_image",
 ]

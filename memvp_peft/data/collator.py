@@ -43,6 +43,8 @@ from .image_batching import (
 )
 from .images import PathLike
 from .precomputed import precomputed_images
+from .tiling import check_grid, tile_image
+from .video import FRAME_FIELDS, record_frames
 from .prompts import DEFAULT_PROMPT_TEMPLATE, IMAGE_PLACEHOLDER, build_prompt
 from .tokenization import (
     count_leading_special_tokens,
@@ -61,10 +63,12 @@ __all__ = ["MemVPDataCollator"]
 class _RecordImages:
     """One record's images on their way into the batch: raw RGB images (to process) or precomputed tensors."""
 
-    __slots__ = ("raw", "tensors", "is_list", "field")
+    __slots__ = ("raw", "tensors", "is_list", "field", "sources")
 
-    def __init__(self, raw: list[Any], tensors: list[torch.Tensor], is_list: bool, field: Optional[str]) -> None:
+    def __init__(self, raw: list[Any], tensors: list[torch.Tensor], is_list: bool, field: Optional[str],
+                 sources: Optional[int] = None) -> None:
         self.raw, self.tensors, self.is_list, self.field = raw, tensors, is_list, field
+        self.sources = self.count if sources is None else sources  # images the record gave (before tiling)
 
     @property
     def count(self) -> int:
@@ -114,6 +118,14 @@ class MemVPDataCollator:
             kind.
         seq2seq: encoder-decoder layout: a training batch is the prompt as encoder input and the answer (+EOS) as
             ``labels`` (see :meth:`seq2seq_batch`); :meth:`prompts` gives the same right-padded encoder input.
+        image_grid: ``(rows, cols)`` or ``"RxC"``: AnyRes tiling (:mod:`.tiling`); every raw image becomes the whole
+            image plus rows x cols crops, row by row, each processed as an image (``1 + rows*cols`` slots per image,
+            always the 5-D layout). The layout of ``MemVPConfig(image_grid=...)``. Precomputed tensors are taken as
+            given (already tiles).
+        num_frames: read video: a record's ``video`` (a video file, decoded with PyAV, or a list of frames) or
+            ``frames`` (a list) is sampled uniformly to this many frames (:mod:`.video`), each frame a slot of the
+            5-D layout with exactly ``num_frames`` slots (a shorter video leaves the last ones empty). Without it,
+            video fields are refused.
     """
 
     def __init__(
@@ -131,6 +143,8 @@ class MemVPDataCollator:
         image_input_name: str = "pixel_values",
         seq2seq: bool = False,
         chat_template: Optional[bool] = None,
+        image_grid: Optional[Any] = None,
+        num_frames: Optional[int] = None,
     ) -> None:
         if image_input_name not in ("pixel_values", "image_features"):
             raise ValueError(
@@ -147,6 +161,13 @@ class MemVPDataCollator:
             raise ValueError(f"MemVPDataCollator: max_length must be >= 2 or None, got {max_length}")
         if num_images is not None and num_images < 1:
             raise ValueError(f"MemVPDataCollator: num_images must be >= 1 or None, got {num_images}")
+        if image_grid is not None:
+            image_grid = check_grid(image_grid, "MemVPDataCollator")
+        if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1):
+            raise ValueError(f"MemVPDataCollator: num_frames must be a positive integer or None, got {num_frames!r}")
+        if image_grid is not None and num_frames is not None:
+            raise ValueError("MemVPDataCollator: image_grid and num_frames were both given; a row holds tiled images "
+                             "or video frames: give one.")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ValueError(f"MemVPDataCollator: pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         template = DEFAULT_PROMPT_TEMPLATE if prompt_template is None else prompt_template
@@ -163,6 +184,8 @@ class MemVPDataCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.image_input_name = image_input_name
         self.seq2seq = seq2seq
+        self.image_grid = image_grid
+        self.num_frames = num_frames
         self._chat = self._chat_renderer(chat_template, prompt_template is not None)
         self._bos_len: Optional[int] = None
         self._image_shape: Optional[tuple[torch.Size, torch.dtype]] = None
@@ -256,14 +279,16 @@ class MemVPDataCollator:
                 ids = self._encode_prompt(dialogue, where, answer_prefix)
                 texts.append((ids, ids))
             images = self._record_images(record, where)
-            if dialogue.image_entries is not None and dialogue.image_entries != images.count:
+            if dialogue.image_entries is not None and images.field not in FRAME_FIELDS and (
+                dialogue.image_entries != images.sources
+            ):
                 raise ValueError(
                     f"{where}: its messages mark {dialogue.image_entries} images ({{'type': 'image'}} entries, or "
-                    f"{self.image_placeholder!r} in plain-string content) but the record gives {images.count}; each "
+                    f"{self.image_placeholder!r} in plain-string content) but the record gives {images.sources}; each "
                     "mark stands for one image, in order."
                 )
-            if self.num_images is not None and images.count > self.num_images:
-                raise ValueError(f"{where}: has {images.count} images but num_images={self.num_images}.")
+            if self.num_images is not None and images.sources > self.num_images:
+                raise ValueError(f"{where}: has {images.sources} images but num_images={self.num_images}.")
             per_record.append(images)
         self._refuse_mixed_sources(records, per_record)
         return texts, per_record
@@ -288,9 +313,15 @@ class MemVPDataCollator:
         return encode_prompt(self.tokenizer, dialogue, self.prompt_template, answer_prefix)
 
     def _record_images(self, record: Mapping[str, Any], where: str) -> _RecordImages:
-        field = image_field(record, where)
+        field = image_field(record, where, read_video=self.num_frames is not None)
         if field is None:
             return _RecordImages([], [], False, None)
+        if field in FRAME_FIELDS:
+            if self.image_processor is None:
+                raise ValueError(f"{where}: the record has a video but the collator has no image_processor.")
+            frames = record_frames(record[field], where, self.num_frames, image_folder=self.image_folder,
+                                   array_value_range=self.array_value_range)
+            return _RecordImages(frames, [], True, field)
         if field in RAW_IMAGE_FIELDS:
             raw, is_list = record_images(
                 record[field],
@@ -299,7 +330,13 @@ class MemVPDataCollator:
                 image_folder=self.image_folder,
                 array_value_range=self.array_value_range,
             )
-            return _RecordImages(raw, [], is_list, field)
+            if self.image_grid is None:
+                return _RecordImages(raw, [], is_list, field)
+            try:
+                tiles = [tile for image in raw for tile in tile_image(image, self.image_grid)]
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from exc
+            return _RecordImages(tiles, [], True, field, sources=len(raw))
         tensors, is_list = precomputed_images(record[field], field, where, self.image_input_name)
         return _RecordImages([], tensors, is_list, field)
 
@@ -315,6 +352,14 @@ class MemVPDataCollator:
                 f"'{per_record[raw].field}') with precomputed tensors ({record_label(precomputed, records[precomputed])}"
                 f": '{per_record[precomputed].field}'); a dataset gives one or the other."
             )
+
+    def _slots(self) -> Optional[int]:
+        """Image slots of every row when fixed: ``num_frames``, or ``num_images`` x (1 + rows*cols) with tiles."""
+        if self.num_frames is not None:
+            return self.num_frames
+        if self.num_images is not None and self.image_grid is not None:
+            return self.num_images * (1 + self.image_grid[0] * self.image_grid[1])
+        return self.num_images
 
     def _leading_special(self) -> int:
         """How many special tokens (e.g. BOS) the tokenizer puts in front of a text; found once, when first needed."""
@@ -347,10 +392,8 @@ class MemVPDataCollator:
             if self.image_processor is None:
                 return batch
             self._image_shape = blank_image_shape(self.image_processor, self.image_input_name)
-        any_list = any(images.is_list for images in per_record)
-        pixel_values, image_mask = assemble_images(
-            tensors, any_list, num_images=self.num_images, blank=self._image_shape
-        )
+        any_list = any(images.is_list for images in per_record) or self.image_grid is not None
+        pixel_values, image_mask = assemble_images(tensors, any_list, num_images=self._slots(), blank=self._image_shape)
         batch[self.image_input_name] = pixel_values
         batch["image_mask"] = image_mask
         return batch

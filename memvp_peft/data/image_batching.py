@@ -39,27 +39,32 @@ __all__ = [
 #: The fields a record's images are read from: raw images (one, or a list) and precomputed tensors.
 RAW_IMAGE_FIELDS = ("image", "images")
 PRECOMPUTED_FIELDS = ("pixel_values", "image_features")
-# Image-carrying fields this collator does not read yet (video): a record holding one is refused rather than
-# silently trained text-only.
+# Image-carrying fields of video: read (as `video.FRAME_FIELDS`) by a collator with `num_frames`, refused by one
+# without -- a record holding one is never silently trained text-only. `videos` (several videos) is never read.
 UNREAD_IMAGE_FIELDS = ("video", "videos", "frames")
 
 
-def image_field(record: Mapping[str, Any], where: str) -> Optional[str]:
+def image_field(record: Mapping[str, Any], where: str, read_video: bool = False) -> Optional[str]:
     """The one field a record's images come from, or None for a text-only record.
 
     A record with images in two fields (``image`` and ``images``, or raw images and precomputed tensors) is refused:
-    reading one would drop the other without a word.  Video fields are refused too (not read yet).
+    reading one would drop the other without a word.  Video fields are read only with ``read_video`` (a collator with
+    ``num_frames``): ``video`` (a file or a list of frames) and ``frames``; otherwise they are refused.
     """
-    unread = [key for key in UNREAD_IMAGE_FIELDS if record.get(key) is not None]
+    video_fields = ("video", "frames") if read_video else ()
+    unread = [key for key in UNREAD_IMAGE_FIELDS if key not in video_fields and record.get(key) is not None]
     if unread:
         # A column the collator would not read means a batch that trains text-only while the user believes it sees
         # the images: refuse instead.
+        how = ("several videos per record are not read" if read_video else
+               "set num_frames to read 'video' (a video file or a list of frames) or 'frames', sampled to that many")
         raise ValueError(
-            f"{where}: has {unread} but MemVPDataCollator does not read video (video/videos/frames) yet; it reads "
-            "images from 'image' or 'images' (paths, PIL images, arrays, bytes, datasets.Image values) and "
-            "precomputed 'pixel_values'/'image_features' tensors. Drop the column, or give frames as 'images'."
+            f"{where}: has {unread} but MemVPDataCollator does not read video (video/videos/frames) as configured: "
+            f"{how}; it reads images from 'image' or 'images' (paths, PIL images, arrays, bytes, datasets.Image "
+            "values) and precomputed 'pixel_values'/'image_features' tensors. Drop the column, or give frames as "
+            "'images'."
         )
-    present = [key for key in RAW_IMAGE_FIELDS + PRECOMPUTED_FIELDS if record.get(key) is not None]
+    present = [key for key in RAW_IMAGE_FIELDS + video_fields + PRECOMPUTED_FIELDS if record.get(key) is not None]
     if len(present) > 1:
         raise ValueError(
             f"{where}: has images in several fields {present}; give them in one: 'image' or 'images' (one image or "
