@@ -16,6 +16,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .conversations import first_answer
+from .digit_layouts import DIGIT_LAYOUT_TASKS, digit_layout_task
 from .digits import DIGIT_QUESTION
 from .formats import load_jsonl, load_llava_json
 from .scienceqa import is_scienceqa_dataset, load_scienceqa_training
@@ -115,13 +116,15 @@ def load_task(
         raise ValueError(f"{' and '.join(given)} apply to --dataset scienceqa:DIR; dataset {dataset!r} is not "
                          "ScienceQA: drop them.")
     eval_fraction = DEFAULT_EVAL_FRACTION if eval_fraction is None else eval_fraction
-    if dataset == "digits" or dataset.endswith((".json", ".jsonl")):
+    if dataset == "digits" or dataset in DIGIT_LAYOUT_TASKS or dataset.endswith((".json", ".jsonl")):
         given = [flag for flag, value in (("--dataset_split", split), ("--dataset_config", config)) if value]
         if given:
             raise ValueError(f"{' and '.join(given)} choose the rows of a datasets source (a Hub id, a save_to_disk "
                              f"folder, parquet/arrow files); dataset {dataset!r} has none: drop them.")
     if dataset == "digits":
         return load_digits_task(eval_fraction, seed)
+    if dataset in DIGIT_LAYOUT_TASKS:  # digits-grid, digits-grid-3x3, digits-sequence (digit_layouts.py)
+        return Task(dataset, *digit_layout_task(dataset, eval_fraction, seed), array_value_range=(0.0, 16.0))
     if dataset.endswith(".json") or dataset.endswith(".jsonl"):
         if not os.path.isfile(dataset):
             raise ValueError(f"dataset file {dataset} does not exist.")
@@ -142,7 +145,7 @@ def load_task(
         train, held_out = _held_out_order(len(rows), eval_fraction, seed)
         return Task(dataset, rows.select(train), rows.select(held_out))
     raise ValueError(
-        f"unknown dataset {dataset!r}: use 'digits' (built in), 'scienceqa:DIR' (a ScienceQA folder), a LLaVA conversation .json, a .jsonl with "
+        f"unknown dataset {dataset!r}: use 'digits', 'digits-grid', 'digits-grid-3x3', 'digits-sequence' (built in), 'scienceqa:DIR' (a ScienceQA folder), a LLaVA conversation .json, a .jsonl with "
         "image/question/answer fields, a datasets.save_to_disk folder, .parquet/.arrow files (or a glob of them), a "
         "folder of data files, or a Hub dataset id ('org/name'). A path must exist."
     )
