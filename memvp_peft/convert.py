@@ -11,6 +11,11 @@ All sizes are read off the tensors; the result loads with `PeftModel.from_pretra
 LLaMA the checkpoint was trained on (attach the CLIP ViT-L/14 encoder with `vision_encoder=` or
 `attach_vision_encoder`). Usage: `python -m memvp_peft.convert checkpoint.pth output_dir`.
 
+The folder also gets the `memvp_cli.json` `memvp-infer` reads: the authors fed their images resized to 224 x 224
+(bicubic, no crop) and normalised with ImageNet's mean/std, not CLIP's, so it records `image_normalization:
+imagenet` -- with the encoder's own processor a converted checkpoint would be scored on other pixels than it learnt
+from -- and their plain prompt (no chat template); `--vision_encoder` is recorded there too.
+
 Everything is checked before anything is written -- the file is a readable PyTorch checkpoint holding the MemVP
 tensors, every one floating-point and finite after the cast to fp32 -- so a refused conversion leaves `output_dir`
 untouched, and the command line reports it as one `error:` line with exit status 2.
@@ -27,6 +32,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file
 
+from .cli.record import write_cli_record
 from .tuner.save_load import WEIGHTS_NAME
 from .tuner.config import MemVPConfig
 
@@ -139,7 +145,15 @@ def convert_authors_checkpoint(path: str, output_dir: str, **config_overrides: A
     os.makedirs(output_dir, exist_ok=True)
     save_file(tensors, os.path.join(output_dir, WEIGHTS_NAME), metadata={"format": "pt"})
     config.save_pretrained(output_dir)
+    write_cli_record(output_dir, authors_cli_record(config.vision_encoder))  # the name MemVPConfig records
     return config
+
+
+def authors_cli_record(vision_encoder: Optional[str]) -> dict[str, Any]:
+    """How the authors fed their LLaMA: CLIP patch features of ImageNet-normalised 224-px images, the QCM-A prompt
+    as plain text (what `memvp-infer` reads from `memvp_cli.json`)."""
+    return {"featurizer": None, "vision_model_name_or_path": vision_encoder, "array_value_range": None,
+            "kind": "causal", "prompt_template": None, "chat_template": False, "image_normalization": "imagenet"}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
