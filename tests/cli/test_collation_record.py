@@ -197,3 +197,37 @@ def test_a_converted_authors_checkpoint_records_their_image_normalization(tmp_pa
     assert record["image_normalization"] == "imagenet" and record["chat_template"] is False
     assert record["vision_model_name_or_path"] == str(tmp_path / "clip") and record["kind"] == "causal"
     assert read_cli_record(str(tmp_path / "adapter")) == record  # valid as memvp-infer reads it
+
+
+# ------------------------------------------------------------------------------------------------ real runs
+
+
+@pytest.mark.slow
+def test_memvp_train_records_a_prompt_template_and_memvp_infer_prompts_with_it(tmp_path):
+    from memvp_peft.cli.train import main as train_main
+
+    out = tmp_path / "run"
+    assert train_main(["--quick", "--prompt_template", "Q: {question}\nA:", "--output_dir", str(out)]) == 0
+    record = json.loads((out / "memvp_cli.json").read_text())
+    assert (record["prompt_template"], record["chat_template"]) == ("Q: {question}\nA:", False)
+    _, tokenizer, collator, _ = load_for_inference(InferOptions(adapter=str(out)))
+    ids = collator.prompts([{"question": DIGIT_QUESTION}])["input_ids"][0].tolist()
+    assert ids == tokenizer(f"Q: {DIGIT_QUESTION}\nA:")["input_ids"]
+
+
+@pytest.mark.slow
+def test_digits_on_a_base_with_a_chat_template_trains_and_answers_with_todays_prompt(tmp_path):
+    from memvp_peft.cli.train import PROMPT_CORPUS, main as train_main
+
+    tokenizer = build_word_tokenizer(PROMPT_CORPUS, [str(d) for d in range(10)])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    tiny_llama(tokenizer, hidden_size=64).save_pretrained(tmp_path / "chat-base")
+    tokenizer.save_pretrained(tmp_path / "chat-base")
+    out = tmp_path / "run"
+    assert train_main(["--model_name_or_path", str(tmp_path / "chat-base"), "--quick", "--output_dir", str(out)]) == 0
+    assert json.loads((out / "memvp_cli.json").read_text())["chat_template"] is False
+    _, tokenizer, collator, _ = load_for_inference(InferOptions(adapter=str(out)))
+    assert not collator.uses_chat_template
+    ids = collator.prompts([{"question": DIGIT_QUESTION}])["input_ids"][0].tolist()
+    assert ids == tokenizer(f"Question: {DIGIT_QUESTION}\nAnswer:")["input_ids"]
