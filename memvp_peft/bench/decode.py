@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,34 @@ def _with_read_before_issue16(method: MemVPMethod) -> MemVPMethod:
 
 LABELS = {"memvp": "MemVP (read path now)", "memvp_before": "MemVP (read path before issue 16)",
           "text_lora": "text only + LoRA"}
+
+
+def time_read_forms(batch: int, slots: int, width: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """Microseconds (median) of one decode step's memory products at (batch, slots, width), each on a cold cache
+    (a 64 MB buffer is touched before every call, as a layer's own weights evict K and V between two reads):
+    `x K^T` as `bmm(x, K^T)` (before) and as `bmm(K, x^T)^T` (now, on CPU), and the fused `h V` read."""
+    from .device import synchronize
+
+    generator = torch.Generator().manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=generator).to(device)  # noqa: E731
+    x, keys, values, scores, result = (make(batch, 1, width), make(batch, slots, width), make(batch, slots, width),
+                                       make(batch, 1, slots), make(batch, 1, width))
+    flush = torch.zeros(16 * 2**20, device=device)
+    forms = {
+        "x K^T as bmm(x, K^T)": lambda: torch.bmm(x, keys.transpose(1, 2)),
+        "x K^T as bmm(K, x^T)^T": lambda: torch.bmm(keys, x.transpose(1, 2)).transpose(1, 2),
+        "result + s h V as baddbmm": lambda: torch.baddbmm(result, scores, values, alpha=0.1),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in forms}
+    for _ in range(repeats):
+        for name, form in forms.items():
+            flush.add_(1.0)
+            synchronize(device)
+            start = time.perf_counter()
+            form()
+            synchronize(device)
+            samples[name].append(1e6 * (time.perf_counter() - start))
+    return {name: median(values) for name, values in samples.items()}
 
 
 def _profile_generate(method: Method, batch: Any, new_tokens: int, path: Path) -> None:
@@ -114,6 +143,7 @@ def run_decode_compare(args: argparse.Namespace) -> dict[str, Any]:
                 samples[method.name]["decode_cpu"].append(decode["cpu"])
             progress.update(1)
     progress.close()
+    read_forms = time_read_forms(args.batch_size, slots, info["hidden_size"], max(15, 3 * args.repeats), device)
     output_dir = Path(args.output_dir)
     if device.type == "cpu":
         for method in (now, text):
@@ -137,6 +167,7 @@ def run_decode_compare(args: argparse.Namespace) -> dict[str, Any]:
                  "max_abs_logit_difference_before_vs_now": logit_diff},
         "results": rows,
         "ratios": ratios,
+        "read_forms_us": read_forms,
     }
 
 
@@ -162,4 +193,13 @@ def decode_compare_markdown(report: dict[str, Any]) -> str:
     for key, text in (("before_over_text", "MemVP before / text-only"), ("now_over_text", "MemVP now / text-only"),
                       ("now_over_before", "MemVP now / MemVP before")):
         lines.append(f"| {text} | {ratios[key]:.3f} | {ratios['cpu_' + key]:.3f} |")
+    forms = report.get("read_forms_us") or {}
+    if forms:
+        width, slots = meta["model"]["hidden_size"], meta["slots"]
+        megabytes = meta["B"] * slots * width * 4 / 1e6
+        lines += ["", f"One decode step's memory products, ({meta['B']}, {slots}, {width}) fp32 = {megabytes:.1f} MB per "
+                      "operand, cold cache, median microseconds:", "", "| product | us | GB/s of the memory operand |",
+                  "|---|---|---|"]
+        for name, micros in forms.items():
+            lines.append(f"| `{name}` | {micros:.0f} | {megabytes * 1e3 / micros:.1f} |")
     return "\n".join(lines) + "\n"

@@ -37,6 +37,7 @@ def test_decode_compare_writes_medians_paired_ratios_and_profiles(tmp_path):
     for key in ("now_over_text", "before_over_text", "now_over_before"):
         assert 0 < data["ratios"][key] < 10 and 0 < data["ratios"]["cpu_" + key] < 10
     assert data["meta"]["max_abs_logit_difference_before_vs_now"] < 1e-4
+    assert len(data["read_forms_us"]) == 3 and all(us > 0 for us in data["read_forms_us"].values())
     assert (tmp_path / "decode_profile_memvp.txt").read_text().count("aten::") > 5
     assert (tmp_path / "decode_profile_text_lora.txt").is_file()
     assert "MemVP now / MemVP before" in (tmp_path / "decode_compare.md").read_text()
