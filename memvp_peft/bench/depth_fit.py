@@ -15,9 +15,10 @@ from typing import Any, Optional
 from .methods import METHOD_LABELS, METHODS
 from .ratios import RATIO_DEFS
 
-#: what is fitted: time per call and bytes, each linear in the depth
-FITTED = ("train_step_ms", "prefill_ms", "decode_ms_per_token", "peak_train_bytes", "peak_generate_bytes",
-          "kv_cache_bytes")
+#: what is fitted: time per call (wall, and the process's CPU time: the steadier one on a busy CPU, the host's share
+#: on a GPU) and bytes, each linear in the depth
+FITTED = ("train_step_ms", "prefill_ms", "decode_ms_per_token", "train_step_cpu_ms", "prefill_cpu_ms",
+          "decode_cpu_ms_per_token", "peak_train_bytes", "peak_generate_bytes", "kv_cache_bytes")
 #: the sample key of `RATIO_DEFS` -> the result field that holds its median
 SAMPLE_FIELD = {"train": "train_step_ms", "prefill": "prefill_ms", "decode": "decode_ms_per_token"}
 
