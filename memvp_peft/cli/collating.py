@@ -42,14 +42,17 @@ def encoder_image_processor(name: Optional[str], vision_config: Any, normalizati
 
 def build_collator(tokenizer: Any, processor: Any, *, input_name: str, kind: str, max_length: Optional[int] = None,
                    array_value_range: Optional[tuple[float, float]] = None, prompt_template: Optional[str] = None,
-                   chat_template: Optional[bool] = None) -> Any:
-    """The `MemVPDataCollator` of a run (image paths are resolved by the loaders before records get here)."""
+                   chat_template: Optional[bool] = None, image_grid: Optional[Any] = None,
+                   num_frames: Optional[int] = None) -> Any:
+    """The `MemVPDataCollator` of a run (image paths are resolved by the loaders before records get here); tiles
+    and frames as the adapter's `image_grid` / `num_frames` lay them out (`long_context.py`)."""
     from ..data import MemVPDataCollator
 
     kwargs: dict[str, Any] = {} if max_length is None else {"max_length": max_length}
     return MemVPDataCollator(
         tokenizer, processor, prompt_template=prompt_template, chat_template=chat_template,
-        array_value_range=array_value_range, image_input_name=input_name, seq2seq=(kind == "seq2seq"), **kwargs,
+        array_value_range=array_value_range, image_input_name=input_name, seq2seq=(kind == "seq2seq"),
+        image_grid=image_grid, num_frames=num_frames, **kwargs,
     )
 
 
@@ -57,7 +60,8 @@ def collation_record(collator: Any, prompt_template: Optional[str], image_normal
     """What `memvp_cli.json` keeps of how the rows were built: the template given (None: the default one), whether
     the chat template rendered them, and the image normalisation."""
     return {"prompt_template": prompt_template, "chat_template": bool(collator.uses_chat_template),
-            "image_normalization": image_normalization}
+            "image_normalization": image_normalization,
+            "image_grid": list(collator.image_grid) if collator.image_grid else None, "num_frames": collator.num_frames}
 
 
 def collator_from_record(tokenizer: Any, processor: Any, record: dict[str, Any], *, input_name: str, kind: str,
@@ -71,7 +75,8 @@ def collator_from_record(tokenizer: Any, processor: Any, record: dict[str, Any],
     array_range = tuple(record["array_value_range"]) if record.get("array_value_range") else None
     try:
         return build_collator(tokenizer, processor, input_name=input_name, kind=kind, prompt_template=template,
-                              chat_template=chat, array_value_range=array_range)
+                              chat_template=chat, array_value_range=array_range, image_grid=record.get("image_grid"),
+                              num_frames=record.get("num_frames"))
     except ValueError as error:
         raise ValueError(f"the adapter's {CLI_RECORD} says its rows were built with prompt_template={template!r}, "
                          f"chat_template={chat!r}, which this base cannot rebuild: {error}") from error

@@ -117,7 +117,7 @@ class TrainOptions:
     # ------------------------------------------------------------------ data
     dataset: str = field(
         default="digits",
-        metadata={"help": "'digits' (scikit-learn handwritten digits, built in), a LLaVA conversation .json, a .jsonl with image/question/answer, a datasets.save_to_disk folder, .parquet/.arrow files (a glob too), a folder of data files, or a Hub dataset id."},
+        metadata={"help": "'digits' (scikit-learn handwritten digits, built in; 'digits-grid', 'digits-grid-3x3' and 'digits-sequence' lay several out as tiles or frames), a LLaVA conversation .json, a .jsonl with image/question/answer, a datasets.save_to_disk folder, .parquet/.arrow files (a glob too), a folder of data files, or a Hub dataset id."},
     )
     dataset_split: Optional[str] = field(default=None, metadata={"help": "Split of a Hub dataset, a data folder or a save_to_disk DatasetDict to train on (default: 'train'); the held-out records come from it too (--eval_fraction)."})
     dataset_config: Optional[str] = field(default=None, metadata={"help": "Configuration (subset) name of a Hub dataset or a data folder with several (datasets.load_dataset's `name`)."})
@@ -138,6 +138,14 @@ class TrainOptions:
     memory_scale: float = field(default=0.1, metadata={"help": "s (paper: 0.1)."})
     memory_dropout: float = field(default=0.1, metadata={"help": "Dropout on the memory activations (paper: 0.1)."})
     vision_adapter_dim: int = field(default=0, metadata={"help": "Bottleneck adapters inside the vision encoder blocks (authors: 12; 0 = off)."})
+    # ------------------------------------------------------------------ long visual context (docs/long_context.md)
+    image_grid: Optional[str] = field(default=None, metadata={"help": "AnyRes tiling 'RxC' (e.g. 2x2): every image becomes the overview plus R x C tiles, each a block of memory slots (digits-grid: 2x2, digits-grid-3x3: 3x3)."})
+    num_frames: Optional[int] = field(default=None, metadata={"help": "Video: a record's 'video' (a file or a frame list) or 'frames' sampled to this many frames, each a block of memory slots (digits-sequence: 8)."})
+    pool_kernel: int = field(default=1, metadata={"help": "Memory compression: k x k average pooling of each image's patch grid before the projector (2: N -> N/4 slots; 1 = off)."})
+    pool_tokens: Optional[int] = field(default=None, metadata={"help": "Memory compression: pool each image's patch grid to this many tokens (a perfect square)."})
+    multiscale_tokens: Optional[str] = field(default=None, metadata={"help": "ADEM-VL's multiscale slots, comma-separated token counts (e.g. 256,64: the 16x16 grid plus its 8x8 pool)."})
+    memory_read: str = field(default="memvp", metadata={"help": "'memvp' (act(x K^T) V, the paper) or 'adem' (ADEM-VL: silu(x) silu(K)^T V)."})
+    drop_ratio: float = field(default=0.0, metadata={"help": "ADEM-VL: zero the lowest fraction of each token's memory scores before V (ADEM-VL: 0.1; 0 = off)."})
     # ------------------------------------------------------------------ LoRA
     lora_rank: int = field(default=0, metadata={"help": "Add LoRA of this rank to the same adapter (0 = MemVP only, as in the paper)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
@@ -175,6 +183,7 @@ class TrainOptions:
         _check_finite(self)
         _check_ranges(self, {
             "num_memory_slots": (_positive, "> 0 (leave it unset for the default)"),
+            "num_frames": (_positive, "> 0 (leave it unset for no video)"),
             "max_eval_samples": (_positive, "> 0"),
             "max_length": (_positive, "> 0"),
             "eval_fraction": (_open_fraction, "in (0, 1)"),

@@ -17,7 +17,6 @@ inside it.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import shutil
 import sys
@@ -33,6 +32,7 @@ from ..tuner.save_load import atomic_saves, global_rank
 from .answering import accuracy, generate_answers
 from .base_loading import load_base
 from .collating import build_collator, chat_template_choice, collation_record, encoder_image_processor
+from .long_context import default_slots, embedded_corpus, memory_fields, reads_digit_patches, visual_layout
 from .options import TrainOptions, run_command
 from .record import CLI_RECORD, write_cli_record
 
@@ -43,11 +43,12 @@ PROMPT_CORPUS = ["Question: What digit is shown ?\nAnswer:"]
 # ------------------------------------------------------------------------------------------------------ model set-up
 
 
-def build_embedded_base(seed: int):
-    """The embedded default: a 2-layer width-128 Llama (random, frozen) and a word-level tokenizer."""
+def build_embedded_base(seed: int, extra_corpus: Sequence[str] = ()):
+    """The embedded default: a 2-layer width-128 Llama (random, frozen) and a word-level tokenizer (that also knows
+    the words of `extra_corpus`: the questions of a digit-layout task)."""
     from ..local_models import build_word_tokenizer, tiny_llama
 
-    tokenizer = build_word_tokenizer(PROMPT_CORPUS, DIGIT_WORDS)
+    tokenizer = build_word_tokenizer(PROMPT_CORPUS + list(extra_corpus), DIGIT_WORDS)
     # initializer_range 0.1: with LlamaConfig's 0.02 a random lm_head caps every answer probability well below 1
     model = tiny_llama(tokenizer, hidden_size=128, layers=2, seed=seed, initializer_range=0.1, tie_word_embeddings=False)
     return model, tokenizer
@@ -71,7 +72,7 @@ def visual_setup(options: TrainOptions, model, kind: str):
         processor = encoder_image_processor(options.model_name_or_path, config, normalization,
                                             revision=options.revision, trust_remote_code=options.trust_remote_code)
         return processor, "pixel_values", int(config.hidden_size), tokens, None
-    if options.dataset == "digits":
+    if reads_digit_patches(options.dataset):  # digits and its tile / frame layouts
         if normalization != "encoder":
             raise ValueError(f"--image_normalization {normalization} normalises the pixels of a vision encoder; the "
                              "built-in digits run reads 2x2-pixel patches without one: pass "
@@ -88,9 +89,10 @@ def memvp_config(options: TrainOptions, visual_dim: int, tokens: int, encoder, k
 
     from ..tuner.config import MemVPConfig
 
+    layout = memory_fields(options, visual_layout(options))  # tiles, frames, compression, read (long_context.py)
     slots = options.num_memory_slots
     if slots is None:  # not `or`: an explicit 0 is MemVPConfig's to refuse (the CLI refuses it first), not "default"
-        slots = max(tokens + 16, math.ceil(tokens * 1.25))
+        slots = default_slots(MemVPConfig, layout, tokens)
     lora = None
     if options.lora_rank > 0:
         targets = [t.strip() for t in options.lora_target.split(",") if t.strip()] if options.lora_target else None
@@ -107,6 +109,7 @@ def memvp_config(options: TrainOptions, visual_dim: int, tokens: int, encoder, k
         vision_adapter_dim=options.vision_adapter_dim,
         lora_config=lora,
         task_type="SEQ_2_SEQ_LM" if kind == "seq2seq" else "CAUSAL_LM",
+        **layout,
     )
 
 
@@ -214,7 +217,7 @@ def start_run_folder(output_dir: str, replaced: list[str], embedded_base) -> Non
 def default_learning_rate(options: TrainOptions) -> float:
     if options.learning_rate is not None:
         return options.learning_rate
-    if options.dataset == "digits" and options.model_name_or_path is None:
+    if reads_digit_patches(options.dataset) and options.model_name_or_path is None:
         return 3e-2  # a frozen *random* LM must be steered through the memory alone: a large step is needed
     effective = options.per_device_train_batch_size * options.gradient_accumulation_steps
     return 1.125e-3 * effective / 32  # the authors' rate for batch 32, scaled linearly
@@ -276,7 +279,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
                      use_caption=options.use_caption)
     embedded_base = None
     if options.model_name_or_path is None:
-        model, tokenizer = build_embedded_base(options.seed)
+        model, tokenizer = build_embedded_base(options.seed, embedded_corpus(options.dataset))
         kind = "causal"
         # saved next to the adapter (so that memvp-infer and the reload check below can load it) once every check has
         # passed; the copy is the base as built, before get_peft_model changes the model
@@ -297,7 +300,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
     collator = build_collator(  # image paths are already resolved by load_task
         tokenizer, processor, input_name=input_name, kind=kind, max_length=options.max_length,
         array_value_range=task.array_value_range, prompt_template=options.prompt_template,
-        chat_template=chat_template_choice(options.dataset),
+        chat_template=chat_template_choice(options.dataset), image_grid=config.image_grid, num_frames=config.num_frames,
     )
     eval_records = task.held_out(48 if options.quick else options.max_eval_samples)
     max_steps = 20 if options.quick and options.max_steps <= 0 else options.max_steps

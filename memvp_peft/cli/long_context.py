@@ -1,0 +1,81 @@
+"""`memvp-train`'s long-context options: tiles (`--image_grid`), frames (`--num_frames`), memory compression
+(`--pool_kernel`, `--pool_tokens`, `--multiscale_tokens`) and ADEM-VL's read (`--memory_read adem`, `--drop_ratio`),
+and the built-in digit-layout tasks that need them (`digits-grid`, `digits-grid-3x3`, `digits-sequence`).
+
+One place decides how a run lays out its visual input, so the collator (which tiles / samples the images), the
+`MemVPConfig` (which records the layout and sizes the memory) and `memvp_cli.json` (which `memvp-infer` rebuilds the
+collator from) never disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from ..data.digit_layouts import layout_of, layout_prompts
+from ..data.tiling import check_grid
+
+#: datasets the embedded model reads as 2x2-pixel digit patches (`data.digits.DigitPatchFeaturizer`)
+DIGIT_PATCH_DATASETS = ("digits", "digits-grid", "digits-grid-3x3", "digits-sequence")
+
+
+def reads_digit_patches(dataset: str) -> bool:
+    return dataset in DIGIT_PATCH_DATASETS
+
+
+def embedded_corpus(dataset: str) -> list[str]:
+    """Prompts whose words the embedded base's word-level tokenizer must know besides `digits`' own prompt (the
+    questions of a digit-layout task); none for the other datasets, whose tokenizer stays exactly as before."""
+    if layout_of(dataset) is None:
+        return []
+    return [f"Question: {question}\nAnswer:" for question in layout_prompts(dataset)]
+
+
+def visual_layout(options: Any) -> dict[str, Any]:
+    """`{"image_grid": (rows, cols) or None, "num_frames": int or None}` of the run: the task's own layout for the
+    digit-layout tasks (a flag that contradicts it is refused), else `--image_grid` / `--num_frames`."""
+    grid = check_grid(options.image_grid, "--image_grid") if options.image_grid is not None else None
+    frames = options.num_frames
+    if grid is not None and frames is not None:
+        raise ValueError("--image_grid and --num_frames were both given: a sample holds tiled images or video "
+                         "frames, give one of them.")
+    task = layout_of(options.dataset)
+    if task is None:
+        return {"image_grid": grid, "num_frames": frames}
+    for flag, given, own in (("--image_grid", grid, task["image_grid"]), ("--num_frames", frames, task["num_frames"])):
+        if given is not None and given != own:
+            raise ValueError(f"dataset {options.dataset!r} is laid out with {flag[2:]}={own}; {flag} {given} would "
+                             "read it wrongly: drop the flag (or pick the task of that layout).")
+    return dict(task)
+
+
+def parse_token_counts(text: Optional[str]) -> Optional[list[int]]:
+    """`--multiscale_tokens 256,64` -> [256, 64] (MemVPConfig checks the values)."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise ValueError(f"--multiscale_tokens must be comma-separated token counts, e.g. 256,64; got {text!r}.") from error
+
+
+def memory_fields(options: Any, layout: dict[str, Any]) -> dict[str, Any]:
+    """The `MemVPConfig` fields of the run's layout, compression and read."""
+    grid = layout["image_grid"]
+    return {
+        "image_grid": list(grid) if grid is not None else None,
+        "num_frames": layout["num_frames"],
+        "pool_kernel": options.pool_kernel,
+        "pool_tokens": options.pool_tokens,
+        "multiscale_tokens": parse_token_counts(options.multiscale_tokens),
+        "memory_read": options.memory_read,
+        "drop_ratio": options.drop_ratio,
+    }
+
+
+def default_slots(config_class: Any, fields: dict[str, Any], tokens_per_image: int) -> int:
+    """`--num_memory_slots` left unset: the visual tokens a sample fills (tiles or frames, compressed) + 25%, at
+    least + 16 (the authors' 256 -> 320), from `MemVPConfig.memory_tokens`."""
+    probe = config_class(**fields)
+    tokens = probe.memory_tokens(tokens_per_image, fields["num_frames"] or 1)
+    return max(tokens + 16, math.ceil(tokens * 1.25))
