@@ -159,7 +159,7 @@ class TrainOptions:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace the run in a non-empty output_dir (its checkpoint-* folders are removed); without it such a folder is refused."})
     num_train_epochs: float = field(default=20.0, metadata={"help": "Epochs (authors: 20). Ignored when max_steps > 0."})
     max_steps: int = field(default=-1, metadata={"help": "Total optimiser steps; overrides num_train_epochs when > 0."})
-    learning_rate: Optional[float] = field(default=None, metadata={"help": "Peak learning rate (default: the authors' 1.125e-3 at batch 32, scaled linearly with the batch; 3e-2 for the embedded digits demo, whose frozen LM is random)."})
+    learning_rate: Optional[float] = field(default=None, metadata={"help": "Peak learning rate (default: the authors' 1.125e-3 at batch 32, scaled linearly with the batch of a step -- per device x accumulation x processes; 3e-2 for the embedded digits demo, whose frozen LM is random)."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device (authors: 32 in total)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Warm-up fraction of the steps (authors: 2 of 20 epochs)."})

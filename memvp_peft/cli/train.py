@@ -219,7 +219,10 @@ def default_learning_rate(options: TrainOptions) -> float:
         return options.learning_rate
     if reads_digit_patches(options.dataset) and options.model_name_or_path is None:
         return 3e-2  # a frozen *random* LM must be steered through the memory alone: a large step is needed
-    effective = options.per_device_train_batch_size * options.gradient_accumulation_steps
+    # the batch of a step: every process of a launch (torchrun, deepspeed and accelerate set WORLD_SIZE) takes its own
+    # per-device batch -- the authors' 32 is 4 per GPU on 8 GPUs
+    processes = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    effective = options.per_device_train_batch_size * options.gradient_accumulation_steps * processes
     return 1.125e-3 * effective / 32  # the authors' rate for batch 32, scaled linearly
 
 
