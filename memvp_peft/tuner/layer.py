@@ -9,6 +9,10 @@ Two shapes of FFN exist in the wild, and the paper's formula maps onto both exac
   value layer splits the memory activations off and reads `s * Dropout(.) V`. This is literally "K appended to W1,
   V appended to W2".
 
+`MemVPConfig(memory_read="adem", drop_ratio=...)` swaps the read for ADEM-VL's `silu(x) silu(K)^T` and zeroes each
+token's lowest scores before `V` (`read_forms.py`); the first needs the whole FFN (`FFNMemoryLayer`), the drop works
+in both shapes. The default is exactly the paper's read.
+
 The layers own no parameters: keys and values come from the active call of the shared `MemoryRuntime` (one memory
 per forward or generate() call, shared by all layers; see scope.py). The memory depends on the image, so nothing can be merged into the base weights.
 
