@@ -5,6 +5,7 @@
     python -m memvp_peft.bench --accuracy            # accuracy at equal budget on scikit-learn's real digits
     python -m memvp_peft.bench --profile             # + torch.profiler tables of MemVP vs text-only (one point)
     python -m memvp_peft.bench --decode_compare      # decode step: MemVP's read path before/after issue 16 vs text
+    python -m memvp_peft.bench --long_context        # cost vs memory size N up to 4,096 (tiles, frames; issue 15)
     python -m memvp_peft.bench --device cuda --dtype bfloat16 --model_shape llama-7b --layers 1 2   # on a GPU
     bash memvp_peft/bench/gpu.sh                     # issue 16's prepared GPU run (< 8 min on one H200)
 
@@ -40,7 +41,8 @@ The modules follow one run: `methods` (the three methods behind one interface, t
 frozen base they share, the real models' shapes), `device` (what may run where), `measure` (timers, peak memory,
 cache bytes, on CPU and CUDA), `sweep` (the interleaved repeats, once per depth), `flops` and `ratios` (what FLOPs
 predict, the paired ratios, the CPU and GPU targets), `depth_fit` (per-layer times, the full-depth extrapolation),
-`report` (markdown, plot, files), `profiling` (``--profile``), `decode` (``--decode_compare``), `accuracy`
+`report` (markdown, plot, files), `long_context` / `long_context_report` (``--long_context``: N up to 4,096 for
+MemVP, MemVP pooled 2x2 and the ADEM-VL form through their `MemVPConfig` options, with capped rows), `profiling` (``--profile``), `decode` (``--decode_compare``), `accuracy`
 (``--accuracy``), `gpu_plan` (the prepared GPU run behind ``gpu.sh``), `machine` (what the run ran on) and `cli`
 (the options, ``main``).
 """
@@ -50,15 +52,26 @@ from .base_model import DEFAULT_MODEL, MODEL_SHAPES, QUICK_MODEL, build_base_mod
 from .cli import DESCRIPTION, main, parse_args, run
 from .decode import run_decode_compare
 from .depth_fit import fit_depths
-from .flops import flop_model, forward_flops_per_token
+from .flops import flop_model, forward_flops_per_token, memory_form_flops
+from .long_context import LONG_CONTEXT_TARGETS, check_long_context_targets, long_context_ratios, parse_layout
+from .long_context_report import long_context_markdown, plot_long_context
 from .measure import cache_nbytes, peak_allocated_bytes, time_generate, time_prefill, time_train_step
-from .methods import METHOD_LABELS, METHODS, Batch, LoRAMethod, MemVPMethod, Method, count_trainable, make_batch
+from .methods import ALL_METHODS, MEMVP_FORMS, METHOD_LABELS, METHODS, Batch, LoRAMethod, MemVPMethod, Method, count_trainable, make_batch
 from .profiling import profile_point
 from .ratios import FLOP_PREDICTION, GPU_TARGETS, RATIO_DEFS, TARGETS, check_targets, compute_ratios
 from .report import markdown_report, plot_report, write_outputs
 from .sweep import run_sweep
 
 __all__ = [
+    "ALL_METHODS",
+    "LONG_CONTEXT_TARGETS",
+    "MEMVP_FORMS",
+    "check_long_context_targets",
+    "long_context_markdown",
+    "long_context_ratios",
+    "memory_form_flops",
+    "parse_layout",
+    "plot_long_context",
     "DEFAULT_MODEL",
     "DESCRIPTION",
     "DIGIT_WORDS",

@@ -20,7 +20,9 @@ from .accuracy import accuracy_markdown, plot_accuracy, run_accuracy
 from .base_model import MODEL_SHAPES
 from .decode import decode_compare_markdown, run_decode_compare
 from .device import DEVICES, DTYPES, check_modes, device_problem
-from .methods import METHODS
+from .long_context import DEFAULT_LAYOUTS, QUICK_LAYOUTS, check_long_context_targets, long_context_ratios, parse_layout
+from .long_context_report import long_context_markdown, plot_long_context
+from .methods import ALL_METHODS, METHODS
 from .profiling import profile_point
 from .report import markdown_report, plot_report, write_outputs
 from .sweep import run_sweep
@@ -66,7 +68,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lora_alpha", type=int, default=16)
     parser.add_argument("--lora_dropout", type=float, default=0.05)
     parser.add_argument("--lora_target_modules", default="q_proj,v_proj")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=None,
+                        help=f"default: {' '.join(METHODS)} ({' '.join(ALL_METHODS)} with --long_context)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     # not docs/benchmarks: run from the repository root, that default overwrote the results the docs cite
@@ -82,6 +85,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--decode_compare", action="store_true",
                         help="instead of the sweep: decode per token of MemVP's read path before and after issue 16 "
                              "vs text-only + LoRA, interleaved in one process, at --profile_point")
+    long = parser.add_argument_group("cost against memory size N (--long_context, issue 15)")
+    long.add_argument("--long_context", action="store_true",
+                      help="instead of the N x T grid: sweep the memory size N over --layouts at one text length "
+                           "(default T=64) for MemVP, MemVP pooled 2x2, the ADEM-VL form, input-space and text-only")
+    long.add_argument("--layouts", nargs="+", default=None, metavar="LAYOUT",
+                      help="P (one image of P tokens), tiles:IxP or frames:IxP (I images of P tokens; frames set "
+                           f"num_frames); default {' '.join(DEFAULT_LAYOUTS)} (quick: {' '.join(QUICK_LAYOUTS)})")
+    long.add_argument("--time_cap_s", type=float, default=None,
+                      help="a method whose first training step at a point takes longer is reported as over the cap "
+                           "and not measured further there (default with --long_context: 60 s)")
     acc = parser.add_argument_group("accuracy at equal budget (--accuracy)")
     acc.add_argument("--accuracy", action="store_true",
                      help="run the digits accuracy comparison (MemVP vs input-space + LoRA) instead of the sweep")
@@ -100,6 +113,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     args.lora_targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
     quick = args.quick
+    if args.long_context:
+        problem = _long_context_problem(args)
+        if problem:
+            parser.error(problem)
+    elif args.layouts is not None or args.time_cap_s is not None:
+        parser.error("--layouts and --time_cap_s belong to --long_context; add it (or drop them)")
+    if args.methods is None:
+        args.methods = list(ALL_METHODS if args.long_context else METHODS)
     if args.num_visual_tokens is None:
         args.num_visual_tokens = [16] if quick else [64, 256, 576]
     if args.text_lengths is None:
@@ -117,6 +138,28 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.extra_slots = min(args.extra_slots, 16)
         args.projector_hidden_dim = min(args.projector_hidden_dim, 32)
     return args
+
+
+def _long_context_problem(args: argparse.Namespace) -> Optional[str]:
+    """Fill in --long_context's defaults (layouts -> N, T = 64, a 60 s cap); what cannot be combined with it."""
+    if args.num_visual_tokens is not None:
+        return "--long_context takes its memory sizes from --layouts (e.g. 256 tiles:4x576 frames:16x256), not -N"
+    if args.accuracy or args.decode_compare:
+        return "--long_context is a sweep of its own: drop --accuracy / --decode_compare"
+    specs = list(args.layouts or (QUICK_LAYOUTS if args.quick else DEFAULT_LAYOUTS))
+    try:
+        layouts = [parse_layout(spec) for spec in specs]
+    except ValueError as error:
+        return str(error)
+    args.layouts = {images * tokens: (images, tokens, kind) for images, tokens, kind in layouts}
+    if len(args.layouts) != len(layouts):
+        return f"--layouts: two layouts with the same memory size N: {' '.join(specs)}"
+    args.num_visual_tokens = sorted(args.layouts)
+    if args.text_lengths is None:
+        args.text_lengths = [16] if args.quick else [64]
+    if args.time_cap_s is None:
+        args.time_cap_s = 60.0
+    return None
 
 
 def _shape_problem(args: argparse.Namespace) -> Optional[str]:
@@ -154,6 +197,16 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         report = run_accuracy(args)
         markdown = accuracy_markdown(report)
         paths = write_outputs(report, output_dir, "accuracy", markdown, plot_accuracy)
+        print(markdown)
+    elif args.long_context:
+        start = time.perf_counter()
+        report = run_sweep(args)
+        report["meta"]["wall_time_s"] = round(time.perf_counter() - start, 1)
+        info = report["meta"]["model"]
+        ratios = long_context_ratios(report["results"], info, args)
+        report["long_context"] = {"ratios": ratios, "targets": check_long_context_targets(ratios)}
+        markdown = long_context_markdown(report)
+        paths = write_outputs(report, output_dir, "long_context", markdown, plot_long_context)
         print(markdown)
     elif args.decode_compare:
         report = run_decode_compare(args)

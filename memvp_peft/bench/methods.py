@@ -9,7 +9,7 @@ LLaVA-style input-space prompting (the same projector, its output prepended as i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -19,9 +19,16 @@ from ..tuner.config import MemVPConfig  # importing memvp_peft.tuner registers t
 from ..tuner.memory import build_projector
 
 
+#: the default sweep's three methods
 METHODS = ("memvp", "input_lora", "text_lora")
+#: every method `--methods` takes: the three, plus MemVP's compressed memory forms (issue 15, `--long_context`)
+ALL_METHODS = ("memvp", "memvp_pooled", "memvp_adem", "input_lora", "text_lora")
+#: the methods whose visual path is a MemVP memory (the FLOP model and the ratios treat them alike)
+MEMVP_FORMS = ("memvp", "memvp_pooled", "memvp_adem")
 METHOD_LABELS = {
     "memvp": "MemVP",
+    "memvp_pooled": "MemVP pooled 2x2",
+    "memvp_adem": "ADEM-VL form",
     "input_lora": "input-space + LoRA",
     "text_lora": "text only + LoRA",
 }
@@ -45,6 +52,18 @@ class Batch:
     attention_mask: torch.Tensor
     labels: torch.Tensor
     image_features: torch.Tensor
+
+    @property
+    def flat_features(self) -> torch.Tensor:
+        """The features as (B, N, D): several images per sample, (B, I, P, D), are concatenated in order, which is
+        how input-space prompting prepends them (and how MemVP lays them out in its slots)."""
+        features = self.image_features
+        return features.flatten(1, 2) if features.dim() == 4 else features
+
+    @property
+    def visual_tokens(self) -> int:
+        """N: visual tokens per sample, over all its images."""
+        return self.flat_features.shape[1]
 
 
 class Method:
@@ -116,14 +135,21 @@ def _generate_kwargs(model: nn.Module, new_tokens: int) -> dict[str, Any]:
 
 
 class MemVPMethod(Method):
-    """This package's tuner: the features go into the FFN memory, the sequence stays T tokens long."""
+    """This package's tuner: the features go into the FFN memory, the sequence stays T tokens long.
+
+    `name` / `make_config` / `options` select a memory form through the real `MemVPConfig` options (``pool_kernel``,
+    ``MemVPConfig.adem_vl``, ``num_frames``...; see `long_context.memvp_form`), so the benchmark times the tuner's own
+    code path for each, never a re-implementation."""
     name = "memvp"
 
-    def __init__(self, base: nn.Module, visual_dim: int, num_slots: int, projector_hidden_dim: int) -> None:
+    def __init__(self, base: nn.Module, visual_dim: int, num_slots: int, projector_hidden_dim: int,
+                 name: str = "memvp", make_config: Callable[..., MemVPConfig] = MemVPConfig,
+                 options: Optional[dict[str, Any]] = None) -> None:
+        self.name = name
         self.num_slots = num_slots
-        config = MemVPConfig(
+        config = make_config(
             visual_dim=visual_dim, num_memory_slots=num_slots, projector_hidden_dim=projector_hidden_dim,
-            task_type="CAUSAL_LM",
+            task_type="CAUSAL_LM", **(options or {}),
         )
         self.model = get_peft_model(base, config)
 
@@ -166,7 +192,7 @@ class LoRAMethod(Method):
         if not self.visual:
             return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         embeds = self.model.get_input_embeddings()(batch.input_ids)
-        visual = self.projector(batch.image_features.to(self.projector[0].weight.dtype)).to(embeds.dtype)
+        visual = self.projector(batch.flat_features.to(self.projector[0].weight.dtype)).to(embeds.dtype)
         ones = torch.ones(visual.shape[:2], dtype=batch.attention_mask.dtype, device=embeds.device)
         return {
             "inputs_embeds": torch.cat([visual, embeds], dim=1),
@@ -176,24 +202,29 @@ class LoRAMethod(Method):
     def labels(self, batch: Batch) -> torch.Tensor:
         if not self.visual:
             return batch.labels
-        ignore = torch.full(batch.image_features.shape[:2], -100, dtype=batch.labels.dtype,  # no loss on the image
+        ignore = torch.full((batch.input_ids.shape[0], batch.visual_tokens), -100, dtype=batch.labels.dtype,  # no loss on the image
                             device=batch.labels.device)
         return torch.cat([ignore, batch.labels], dim=1)
 
     def sequence_length(self, batch: Batch) -> int:
-        return batch.input_ids.shape[1] + (batch.image_features.shape[1] if self.visual else 0)
+        return batch.input_ids.shape[1] + (batch.visual_tokens if self.visual else 0)
 
 
 def make_batch(batch_size: int, text_len: int, visual_tokens: int, visual_dim: int, vocab: int, seed: int,
-               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Batch:
-    """A seeded random batch: token ids from 4 up (the lowest ids are special tokens) and Gaussian visual features.
+               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, images: int = 1) -> Batch:
+    """A seeded random batch: token ids from 4 up (the lowest ids are special tokens) and Gaussian visual features,
+    (B, N, D) -- or (B, images, N / images, D) for several images (tiles, frames) per sample.
 
     Drawn on the CPU (the same numbers on every device), then moved to `device`; the features come in the compute
     `dtype`, as a vision encoder running in that dtype delivers them.
     """
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, vocab, (batch_size, text_len), generator=generator)
+    if images < 1 or visual_tokens % images:
+        raise ValueError(f"make_batch: {visual_tokens} visual tokens do not split into {images} equal images")
     features = torch.randn(batch_size, visual_tokens, visual_dim, generator=generator)
+    if images > 1:
+        features = features.reshape(batch_size, images, visual_tokens // images, visual_dim)
     return Batch(
         input_ids=ids.to(device),
         attention_mask=torch.ones_like(ids).to(device),

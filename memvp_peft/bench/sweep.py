@@ -22,7 +22,8 @@ from .depth_fit import fit_depths
 from .device import device_name
 from .machine import cpu_name, load_average, package_version
 from .measure import median, peak_allocated_bytes, time_generate, time_prefill, time_train_step
-from .methods import METHOD_LABELS, METHODS, LoRAMethod, MemVPMethod, Method, make_batch
+from .long_context import build_memvp_method, layout_for
+from .methods import ALL_METHODS, MEMVP_FORMS, METHOD_LABELS, LoRAMethod, Method, make_batch
 from .ratios import TARGETS_BY_DEVICE, check_targets, compute_ratios
 
 
@@ -40,7 +41,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
 
     device = torch.device(args.device)
     depths = args.num_layers or [None]
-    methods_wanted = [m for m in METHODS if m in args.methods]
+    methods_wanted = [m for m in ALL_METHODS if m in args.methods]
     points = [(n, t) for n in args.num_visual_tokens for t in args.text_lengths]
     load_start = load_average()
     phases = 3
@@ -87,6 +88,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
                  "targets": args.lora_targets},
         "repeats": args.repeats,
+        "time_cap_s": getattr(args, "time_cap_s", None),
+        "layouts": {str(n): list(v) for n, v in (getattr(args, "layouts", None) or {}).items()},
         "new_tokens": args.new_tokens,
         "dtype": args.dtype,
         "attn_implementation": info.get("attn_implementation"),
@@ -126,26 +129,31 @@ def _sweep_one_depth(args: argparse.Namespace, base: nn.Module, info: dict[str, 
                 copy.deepcopy(base), name == "input_lora", args.visual_dim, args.projector_hidden_dim, args.lora_r,
                 args.lora_alpha, args.lora_dropout, args.lora_targets,
             )
-    memvp_cache: dict[int, MemVPMethod] = {}
+    memvp_cache: dict[tuple[str, int], Method] = {}
 
     def method_for(name: str, visual_tokens: int) -> Method:
-        if name != "memvp":
+        if name not in MEMVP_FORMS:
             return lora_methods[name]
-        slots = visual_tokens + args.extra_slots
-        if slots not in memvp_cache:
-            memvp_cache.clear()  # one MemVP model alive at a time
+        if (name, visual_tokens) not in memvp_cache:
+            for key in [k for k in memvp_cache if k[1] != visual_tokens]:  # one point's MemVP models alive at a time
+                del memvp_cache[key]
             _free(device)
-            memvp_cache[slots] = MemVPMethod(copy.deepcopy(base), args.visual_dim, slots, args.projector_hidden_dim)
-        return memvp_cache[slots]
+            memvp_cache[(name, visual_tokens)] = build_memvp_method(name, copy.deepcopy(base), args, visual_tokens)
+        return memvp_cache[(name, visual_tokens)]
 
     results = []
     for point_index, (visual_tokens, text_len) in enumerate(points):
+        images = layout_for(args, visual_tokens)[0]
         batch = make_batch(args.batch_size, text_len, visual_tokens, args.visual_dim, vocab, args.seed + point_index,
-                           device, dtype)
-        methods = [method_for(name, visual_tokens) for name in methods_wanted]
+                           device, dtype, images=images)
+        all_methods = [method_for(name, visual_tokens) for name in methods_wanted]
+        # a method whose first training step runs past --time_cap_s or out of memory is reported with that status
+        # and not measured further at this point (its row stays in the report)
+        status, probe_ms = _probe(all_methods, batch, getattr(args, "time_cap_s", None))
+        methods = [m for m in all_methods if m.name not in status]
         samples: dict[str, dict[str, list[float]]] = {
             m.name: {f"{k}{c}": [] for k in ("train", "prefill", "ttft", "decode") for c in ("", "_cpu")}
-            for m in methods
+            for m in all_methods
         }
 
         def record(name: str, key: str, timing: dict[str, float]) -> None:
@@ -179,7 +187,7 @@ def _sweep_one_depth(args: argparse.Namespace, base: nn.Module, info: dict[str, 
                 record(method.name, "ttft", ttft)
                 record(method.name, "decode", decode)
                 progress.update(1)
-        peaks: dict[str, dict[str, Optional[int]]] = {m.name: {"train": None, "generate": None} for m in methods}
+        peaks: dict[str, dict[str, Optional[int]]] = {m.name: {"train": None, "generate": None} for m in all_methods}
         if not args.no_memory:
             for method in methods:
                 method.train(True)
@@ -193,7 +201,7 @@ def _sweep_one_depth(args: argparse.Namespace, base: nn.Module, info: dict[str, 
                         lambda: method.generate(batch, args.new_tokens), device
                     )
                 progress.update(1)
-        for method in methods:
+        for method in all_methods:
             s = samples[method.name]
             results.append({
                 "N": visual_tokens,
@@ -202,6 +210,9 @@ def _sweep_one_depth(args: argparse.Namespace, base: nn.Module, info: dict[str, 
                 "layers": info["num_layers"],
                 "method": method.name,
                 "label": METHOD_LABELS[method.name],
+                "status": status.get(method.name),
+                "probe_train_step_ms": probe_ms.get(method.name),
+                "images_per_sample": images,
                 "sequence_length": method.sequence_length(batch),
                 "num_memory_slots": getattr(method, "num_slots", None),
                 "trainable_params": method.trainable_parameters(),
@@ -212,13 +223,44 @@ def _sweep_one_depth(args: argparse.Namespace, base: nn.Module, info: dict[str, 
                 "train_step_cpu_ms": 1e3 * median(s["train_cpu"]),
                 "prefill_cpu_ms": 1e3 * median(s["prefill_cpu"]),
                 "decode_cpu_ms_per_token": 1e3 * median(s["decode_cpu"]),
-                "train_step_min_ms": 1e3 * min(s["train"]),
-                "prefill_min_ms": 1e3 * min(s["prefill"]),
-                "decode_min_ms_per_token": 1e3 * min(s["decode"]),
-                "kv_cache_bytes": kv_bytes[method.name],
+                "train_step_min_ms": 1e3 * (min(s["train"]) if s["train"] else float("nan")),
+                "prefill_min_ms": 1e3 * (min(s["prefill"]) if s["prefill"] else float("nan")),
+                "decode_min_ms_per_token": 1e3 * (min(s["decode"]) if s["decode"] else float("nan")),
+                "kv_cache_bytes": kv_bytes.get(method.name),
                 "visual_state_bytes": method.visual_state_bytes(batch),
                 "peak_train_bytes": peaks[method.name]["train"],
                 "peak_generate_bytes": peaks[method.name]["generate"],
                 "samples_ms": {k: [round(1e3 * v, 3) for v in vals] for k, vals in s.items()},
             })
+            if method.name in status:  # not measured: no number rather than a NaN that reads like one
+                results[-1].update({key: None for key, value in results[-1].items()
+                                    if isinstance(value, float) and value != value})
     return results
+
+
+def _probe(methods: list[Method], batch: Any, cap_s: Optional[float]) -> tuple[dict[str, str], dict[str, float]]:
+    """With a time cap: one untimed training step per method first (beside the warm-up); which ran past the cap or
+    out of memory (a status per method name), and how long the step took. Without a cap nothing runs."""
+    status: dict[str, str] = {}
+    probe_ms: dict[str, float] = {}
+    if cap_s is None:
+        return status, probe_ms
+    for method in methods:
+        try:
+            wall = time_train_step(method, batch)["wall"]
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+            if isinstance(error, RuntimeError) and not _is_oom(error):
+                raise
+            method.zero_grad()
+            status[method.name] = "out of memory"
+            continue
+        probe_ms[method.name] = 1e3 * wall
+        if wall > cap_s:
+            status[method.name] = f"over the {cap_s:g} s time cap (one training step: {wall:.1f} s)"
+    gc.collect()
+    return status, probe_ms
+
+
+def _is_oom(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
