@@ -17,6 +17,7 @@ inside it.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import sys
@@ -332,6 +333,9 @@ def train(options: TrainOptions) -> dict[str, Any]:
         seed=options.seed,
         dataloader_num_workers=0,
     )  # checks the scheduler name, the precision and the DeepSpeed JSON; under a launcher, joins the process group
+    replaced_schedule = deepspeed_schedule_notice(options.deepspeed, options.lr_scheduler_type)
+    if replaced_schedule and args.process_index == 0:
+        print(replaced_schedule)
     start_run_folder(options.output_dir, replaced, embedded_base)  # the first write: every check above has passed
     atomic_saves(peft_model)  # trainer.save_model and checkpoint-N stage their files: a crash keeps the previous adapter
     trainer = Trainer(model=peft_model, args=args, train_dataset=task.train, data_collator=collator)
@@ -405,6 +409,25 @@ def train(options: TrainOptions) -> dict[str, Any]:
     print(f"wrote {options.output_dir}/metrics.json and loss_curve.png ({metrics['wall_time_s']:.0f} s in total)")
     wait_for_every_rank()  # the other ranks wait here for rank 0: they leave the process group together
     return metrics
+
+
+def deepspeed_schedule_notice(deepspeed: Optional[str], lr_scheduler_type: str) -> Optional[str]:
+    """What to tell the user when a DeepSpeed JSON's "scheduler" section replaces `--lr_scheduler_type`, else None.
+
+    The HF Trainer hands the schedule to DeepSpeed whenever the JSON has that section (the shipped configs have
+    `WarmupDecayLR`: warm-up, then a *linear* decay), and `lr_scheduler_type` / `warmup_ratio` then do nothing --
+    a run that asked for a cosine would decay linearly without a word. Said once, at the start.
+    """
+    if not deepspeed or not os.path.isfile(deepspeed):
+        return None
+    with open(deepspeed, encoding="utf-8") as handle:
+        section = json.load(handle).get("scheduler")
+    if not isinstance(section, dict):
+        return None
+    kind = section.get("type", "?")
+    return (f"memvp-train: the DeepSpeed config {deepspeed} has a \"scheduler\" section ({kind}): DeepSpeed's "
+            f"schedule runs, not --lr_scheduler_type {lr_scheduler_type} / --warmup_ratio (the HF Trainer's rule). "
+            "Delete the section to use them.")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -463,6 +463,7 @@ def test_memvp_train_under_zero3_trains_saves_and_answers(tmp_path, deepspeed_op
                "--output_dir", str(out), "--per_device_train_batch_size", str(BATCH)]  # fmt: skip
     ((returncode, output),) = _run_together([command], "memvp-train under ZeRO-3")
     assert returncode == 0, f"{_error_lines(output)}\n{output[-4000:]}"
+    assert output.count("DeepSpeed's schedule runs, not --lr_scheduler_type cosine") == 1  # said once, by rank 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_steps"] == 20 and all(math.isfinite(x) for x in metrics["loss_history"]["loss"])
     assert metrics["heldout_accuracy"] == metrics["reloaded_heldout_accuracy"]
