@@ -138,6 +138,7 @@ class TrainOptions:
     memory_scale: float = field(default=0.1, metadata={"help": "s (paper: 0.1)."})
     memory_dropout: float = field(default=0.1, metadata={"help": "Dropout on the memory activations (paper: 0.1)."})
     vision_adapter_dim: int = field(default=0, metadata={"help": "Bottleneck adapters inside the vision encoder blocks (authors: 12; 0 = off)."})
+    cache_image_features: Optional[str] = field(default=None, metadata={"optional_value": "auto", "help": "Encode each training image once with the frozen vision encoder and reuse its features in every epoch, cached on disk in DIR as safetensors shards keyed by the processed image and the encoder/layer/processor settings (the flag alone or 'auto': ~/.cache/memvp_peft/image_features). Needs a vision encoder and --vision_adapter_dim 0."})
     # ------------------------------------------------------------------ long visual context (docs/long_context.md)
     image_grid: Optional[str] = field(default=None, metadata={"help": "AnyRes tiling 'RxC' (e.g. 2x2): every image becomes the overview plus R x C tiles, each a block of memory slots (digits-grid: 2x2, digits-grid-3x3: 3x3)."})
     num_frames: Optional[int] = field(default=None, metadata={"help": "Video: a record's 'video' (a file or a frame list) or 'frames' sampled to this many frames, each a block of memory slots (digits-sequence: 8)."})
@@ -267,6 +268,9 @@ def build_parser(options_cls: type, description: str) -> argparse.ArgumentParser
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif kind is list:
             parser.add_argument(flag, nargs="+", default=None, help=help_text)
+        elif "optional_value" in item.metadata:  # `--flag` alone means the value in the metadata, `--flag X` X
+            parser.add_argument(flag, type=kind, nargs="?", const=item.metadata["optional_value"], default=None,
+                                metavar="DIR", help=help_text)
         else:
             parser.add_argument(flag, type=kind, default=None, help=help_text)
     return parser

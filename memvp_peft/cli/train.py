@@ -33,6 +33,7 @@ from ..tuner.save_load import atomic_saves, global_rank
 from .answering import accuracy, generate_answers
 from .base_loading import load_base
 from .collating import build_collator, chat_template_choice, collation_record, encoder_image_processor
+from .feature_caching import cached_collator, check_cache_request
 from .long_context import default_slots, embedded_corpus, memory_fields, reads_digit_patches, visual_layout
 from .options import TrainOptions, run_command
 from .record import CLI_RECORD, write_cli_record
@@ -150,6 +151,7 @@ def check_request(options: TrainOptions) -> list[str]:
                          "embedded demo base is built in memory: drop them or pass --model_name_or_path.")
     if options.vision_model_name_or_path:
         check_model_source(options.vision_model_name_or_path, "vision_model_name_or_path")
+    check_cache_request(options)  # --cache_image_features with vision adapters (they change the features)
     return check_output_dir(options)
 
 
@@ -306,6 +308,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
         array_value_range=task.array_value_range, prompt_template=options.prompt_template,
         chat_template=chat_template_choice(options.dataset), image_grid=config.image_grid, num_frames=config.num_frames,
     )
+    train_collator = cached_collator(options, peft_model, collator, processor, input_name)  # the flag's, else itself
     eval_records = task.held_out(48 if options.quick else options.max_eval_samples)
     max_steps = 20 if options.quick and options.max_steps <= 0 else options.max_steps
     args = TrainingArguments(
@@ -338,7 +341,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
         print(replaced_schedule)
     start_run_folder(options.output_dir, replaced, embedded_base)  # the first write: every check above has passed
     atomic_saves(peft_model)  # trainer.save_model and checkpoint-N stage their files: a crash keeps the previous adapter
-    trainer = Trainer(model=peft_model, args=args, train_dataset=task.train, data_collator=collator)
+    trainer = Trainer(model=peft_model, args=args, train_dataset=task.train, data_collator=train_collator)
     print_each_loss_once(trainer)
     train_started = time.time()
     trainer.train(resume_from_checkpoint=options.resume_from_checkpoint)
@@ -403,6 +406,9 @@ def train(options: TrainOptions) -> dict[str, Any]:
         "trainable_params": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
         "options": asdict(options),
     }
+    if train_collator is not collator:  # how many training images the encoder ran on, and how many were read back
+        metrics["feature_cache"] = {"folder": train_collator.cache.folder, "encoded": train_collator.cache.encoded,
+                                    "reused": train_collator.cache.reused}
     if scores is not None:
         metrics["scienceqa_scores"] = scores  # the paper's columns on the held-out split, of the reloaded adapter
     write_metrics(os.path.join(options.output_dir, "metrics.json"), metrics)
