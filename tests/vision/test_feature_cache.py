@@ -1,0 +1,213 @@
+"""The feature cache of a frozen encoder (`memvp_peft.vision_cache`, `memvp-train --cache_image_features`).
+
+Real pieces throughout: scikit-learn digits through the run's collator, a tiny CLIP built from a config, a MemVP
+adapter on a tiny Llama; the encoder's work is counted by a forward hook on the CLIP model itself.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from memvp_peft import MemVPConfig
+from memvp_peft.cli.options import TrainOptions, parse_options
+from memvp_peft.cli.train import main as train_main
+from memvp_peft.data import MemVPDataCollator
+from memvp_peft.local_models import build_word_tokenizer, clip_image_processor, tiny_clip, tiny_llama
+from memvp_peft.vision import VisionEncoder, imagenet_image_processor
+from memvp_peft.vision_cache import CachedFeatureCollator, FeatureCache, encoder_settings
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def _records(count=12):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return [{"image": digits.images[i], "question": "What digit is shown ?", "answer": NAMES[digits.target[i]]}
+            for i in range(count)]  # fmt: skip
+
+
+def _collator(tokenizer, processor=None):
+    return MemVPDataCollator(tokenizer, processor or clip_image_processor(32), max_length=32,
+                             array_value_range=(0, 16))
+
+
+def _model(encoder):
+    tokenizer = build_word_tokenizer(["Question: What digit is shown ?\nAnswer:"], NAMES)
+    config = MemVPConfig(visual_dim=32, num_memory_slots=20, projector_hidden_dim=16, memory_scale=1.0,
+                         memory_dropout=0.0, vision_encoder=encoder)
+    model = get_peft_model(tiny_llama(tokenizer, hidden_size=64), config).eval()
+    with torch.no_grad():  # p_v starts at zero: without this the memory would not reach the loss at all
+        for name, param in model.named_parameters():
+            if "memvp" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
+    return model, tokenizer
+
+
+def _cache(folder, vision, **overrides):
+    settings = encoder_settings(vision, image_processor=clip_image_processor(32), image_normalization="encoder")
+    settings.update(overrides)
+    return FeatureCache(str(folder), vision, settings)
+
+
+class EncodedImages:
+    """Counts the images the CLIP model encodes, with a real forward hook on it."""
+
+    def __init__(self, encoder):
+        self.count = 0
+        self.handle = encoder.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output):
+        self.count += kwargs["pixel_values"].shape[0]
+
+
+@pytest.fixture
+def encoder():
+    return tiny_clip(hidden_size=32)
+
+
+def test_cached_batches_give_the_uncached_loss(tmp_path, encoder):
+    model, tokenizer = _model(encoder)
+    collator = _collator(tokenizer)
+    cached = CachedFeatureCollator(collator, _cache(tmp_path, model.base_model.vision_encoder),
+                                   model.peft_config["default"])
+    records = _records(8)
+    with torch.no_grad():
+        plain = model(**collator(records)).loss
+        first = model(**cached(records)).loss  # encodes and stores
+        again = model(**cached(records)).loss  # read back from the shard
+    torch.testing.assert_close(first, plain)
+    torch.testing.assert_close(again, plain)
+
+
+def test_cached_batch_carries_image_features_instead_of_pixels(tmp_path, encoder):
+    model, tokenizer = _model(encoder)
+    cached = CachedFeatureCollator(_collator(tokenizer), _cache(tmp_path, model.base_model.vision_encoder),
+                                   model.peft_config["default"])
+    batch = cached(_records(4))
+    assert "pixel_values" not in batch and batch["image_features"].shape == (4, 16, 32)
+
+
+def test_second_epoch_reads_from_the_cache(tmp_path, encoder):
+    vision = VisionEncoder(encoder)
+    counter = EncodedImages(encoder)
+    pixels = _collator(build_word_tokenizer(["a"], NAMES))(_records(6))["pixel_values"]
+    cache = _cache(tmp_path, vision)
+    first = cache.features(pixels)
+    assert counter.count == 6
+    second = cache.features(pixels)
+    reopened = _cache(tmp_path, vision).features(pixels)  # a later run on the same folder
+    assert counter.count == 6 and cache.reused == 6
+    assert torch.equal(second, first) and torch.equal(reopened, first)
+
+
+def test_an_image_repeated_in_a_batch_is_encoded_once(tmp_path, encoder):
+    vision = VisionEncoder(encoder)
+    counter = EncodedImages(encoder)
+    pixels = _collator(build_word_tokenizer(["a"], NAMES))(_records(1) * 3)["pixel_values"]
+    features = _cache(tmp_path, vision).features(pixels)
+    assert counter.count == 1 and torch.equal(features[0], features[2])
+
+
+@pytest.mark.parametrize("change", ["weights", "feature_layer", "normalization"])
+def test_a_different_encoder_or_normalization_misses_the_cache(tmp_path, encoder, change):
+    pixels = _collator(build_word_tokenizer(["a"], NAMES))(_records(3))["pixel_values"]
+    first = _cache(tmp_path, VisionEncoder(encoder))
+    first.features(pixels)
+    other_encoder = tiny_clip(hidden_size=32, seed=1) if change == "weights" else encoder
+    vision = VisionEncoder(other_encoder, feature_layer=-1 if change == "feature_layer" else -2)
+    overrides = {"image_normalization": "imagenet"} if change == "normalization" else {}
+    second = _cache(tmp_path, vision, **overrides)
+    counter = EncodedImages(other_encoder)
+    second.features(pixels)
+    assert second.folder != first.folder and len(second) == 3 and counter.count == 3
+
+
+def test_other_processor_settings_give_other_image_keys(tmp_path, encoder):
+    tokenizer = build_word_tokenizer(["a"], NAMES)
+    imagenet = _collator(tokenizer, imagenet_image_processor(32))
+    cache = _cache(tmp_path, VisionEncoder(encoder))
+    cache.features(_collator(tokenizer)(_records(2))["pixel_values"])
+    cache.features(imagenet(_records(2))["pixel_values"])
+    assert cache.encoded == 4
+
+
+def _shard(cache):
+    [name] = [n for n in os.listdir(cache.folder) if n.endswith(".safetensors")]
+    return os.path.join(cache.folder, name)
+
+
+def test_a_truncated_shard_is_detected_and_recomputed(tmp_path, encoder):
+    vision = VisionEncoder(encoder)
+    pixels = _collator(build_word_tokenizer(["a"], NAMES))(_records(4))["pixel_values"]
+    cache = _cache(tmp_path, vision)
+    expected = cache.features(pixels)
+    path = _shard(cache)
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)  # a run killed while copying the folder
+    with pytest.warns(UserWarning, match="cannot be read"):
+        reopened = _cache(tmp_path, vision)
+    counter = EncodedImages(encoder)
+    torch.testing.assert_close(reopened.features(pixels), expected)
+    assert counter.count == 4 and not os.path.exists(path)
+
+
+def test_a_shard_with_altered_bytes_is_detected_and_recomputed(tmp_path, encoder):
+    vision = VisionEncoder(encoder)
+    pixels = _collator(build_word_tokenizer(["a"], NAMES))(_records(4))["pixel_values"]
+    cache = _cache(tmp_path, vision)
+    expected = cache.features(pixels)
+    path = _shard(cache)
+    with open(path, "r+b") as handle:  # the last bytes are feature values: the header still parses
+        handle.seek(-8, os.SEEK_END)
+        handle.write(b"\x7f" * 8)
+    reopened = _cache(tmp_path, vision)
+    counter = EncodedImages(encoder)
+    with pytest.warns(UserWarning, match="differ from their recorded sha256"):
+        features = reopened.features(pixels)
+    torch.testing.assert_close(features, expected)
+    assert counter.count == 4
+
+
+def _train(tmp_path, *extra):
+    clip = tmp_path / "clip"
+    if not clip.exists():
+        tiny_clip(hidden_size=32).save_pretrained(clip)
+    out = tmp_path / ("out" + "".join(e.strip("-")[:1] for e in extra))
+    code = train_main(["--vision_model_name_or_path", str(clip), "--output_dir", str(out), "--max_steps", "8",
+                       "--per_device_train_batch_size", "8", "--max_eval_samples", "4", "--logging_steps", "2",
+                       *extra])
+    return code, out
+
+
+def test_memvp_train_with_the_cache_logs_the_uncached_losses(tmp_path):
+    code, plain = _train(tmp_path)
+    assert code == 0
+    code, cached = _train(tmp_path, "--cache_image_features", str(tmp_path / "cache"))
+    assert code == 0
+    plain_metrics = json.loads((plain / "metrics.json").read_text())
+    cached_metrics = json.loads((cached / "metrics.json").read_text())
+    assert cached_metrics["loss_history"]["steps"] == plain_metrics["loss_history"]["steps"]
+    assert cached_metrics["loss_history"]["loss"] == pytest.approx(plain_metrics["loss_history"]["loss"], rel=1e-5)
+    assert cached_metrics["feature_cache"]["encoded"] > 0 and "feature_cache" not in plain_metrics
+
+
+def test_memvp_train_refuses_the_cache_with_vision_adapters(tmp_path, capsys):
+    code, out = _train(tmp_path, "--vision_adapter_dim", "4", "--cache_image_features", str(tmp_path / "cache"))
+    assert code == 2 and "--vision_adapter_dim 4 trains adapters inside the encoder" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_memvp_train_refuses_the_cache_without_an_encoder(tmp_path, capsys):
+    code = train_main(["--output_dir", str(tmp_path / "out"), "--cache_image_features", str(tmp_path / "cache")])
+    assert code == 2 and "this run has none" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_flag_alone_means_the_user_cache_and_a_value_is_the_folder():
+    assert parse_options(TrainOptions, ["--cache_image_features"], "").cache_image_features == "auto"
+    assert parse_options(TrainOptions, ["--cache_image_features", "d"], "").cache_image_features == "d"
+    assert parse_options(TrainOptions, [], "").cache_image_features is None
