@@ -120,6 +120,7 @@ def plot_long_context(report: dict[str, Any], path: Path) -> None:
     text_train = {r["N"]: r["train_step_ms"] for r in results if r["method"] == "text_lora"}
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     for ax, (key, title, scale) in zip(axes.flat, panels + [("relative", "training step / text-only", 1.0)]):
+        measured = False
         for method in methods:
             rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["N"])
             def value(r: dict[str, Any]) -> Optional[float]:
@@ -128,6 +129,7 @@ def plot_long_context(report: dict[str, Any], path: Path) -> None:
                     return r["train_step_ms"] / base if r["train_step_ms"] is not None and base else None
                 return None if r.get(key) is None else r[key] * scale
             good = [(r["N"], value(r)) for r in rows if not r.get("status") and value(r)]
+            measured = measured or bool(good)
             if good:
                 ax.plot(*zip(*good), marker="o", label=METHOD_LABELS[method], color=colors[method])
             for r in rows:
@@ -137,7 +139,10 @@ def plot_long_context(report: dict[str, Any], path: Path) -> None:
                     ax.annotate("over cap" if "cap" in r["status"] else "OOM", (r["N"], 0.05),
                                 xycoords=("data", "axes fraction"), fontsize=7, color=colors[method], ha="center")
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        if measured:
+            ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title)
         ax.set_xlabel("memory size N (visual tokens)")
         ax.grid(alpha=0.3, which="both")

@@ -174,7 +174,8 @@ def _sweep_one_depth(args: argparse.Namespace, base: nn.Module, info: dict[str, 
         # interleaved repeats: A, B, C, B, C, A, C, A, B, ... within each phase (the first method rotates so that no
         # method always runs right after the same other one)
         for repeat in range(args.repeats):
-            order = methods[repeat % len(methods):] + methods[: repeat % len(methods)]
+            shift = repeat % len(methods) if methods else 0  # every method may be over the cap
+            order = methods[shift:] + methods[:shift]
             for method in order:
                 record(method.name, "train", time_train_step(method, batch))
                 progress.update(1)

@@ -73,8 +73,10 @@ def test_flop_model_gives_each_memory_form_its_slots_and_projector_tokens():
     model = flop_model(info, 64, 16, 80, args, 32, forms=forms)
     assert model["memvp"] == memory_form_flops(info, 16, 80, 64, args, 32)
     assert model["memvp_pooled"] == memory_form_flops(info, 16, 32, 16, args, 32)
-    for phase in ("train", "prefill", "decode"):
-        assert model["text_lora"][phase] < model["memvp_pooled"][phase] < model["memvp"][phase]
+    for phase in ("train", "prefill", "decode"):  # a quarter of the slots and of the projector's tokens
+        assert model["memvp_pooled"][phase] < model["memvp"][phase]
+    for phase in ("prefill", "decode"):  # (training: MemVP skips layer 0's backward, text-only + LoRA does not)
+        assert model["text_lora"][phase] < model["memvp_pooled"][phase]
 
 
 def test_a_method_over_the_time_cap_is_reported_not_measured():
