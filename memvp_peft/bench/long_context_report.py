@@ -139,6 +139,9 @@ def plot_long_context(report: dict[str, Any], path: Path) -> None:
                     ax.annotate("over cap" if "cap" in r["status"] else "OOM", (r["N"], 0.05),
                                 xycoords=("data", "axes fraction"), fontsize=7, color=colors[method], ha="center")
         ax.set_xscale("log")
+        sizes = sorted({r["N"] for r in results})
+        ax.set_xticks(sizes, [f"{n:,}" for n in sizes], fontsize=8)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         if measured:
             ax.set_yscale("log")
         else:
