@@ -20,17 +20,7 @@ from memvp_peft.data.tasks import load_task
 from memvp_peft.local_models import build_word_tokenizer
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "data"))  # tests/data: the ScienceQA fixture
-from scienceqa_fixture import fixture_tokenizer, scienceqa_problems, write_repository_layout  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def problems():
-    return scienceqa_problems(num_image=9, num_text=6)
-
-
-@pytest.fixture
-def repository(tmp_path, problems):
-    return write_repository_layout(tmp_path / "sqa", problems)
+from scienceqa_fixture import fixture_tokenizer, problems, repository  # noqa: E402,F401  (fixtures, found by name)
 
 
 def _load(dataset, **kwargs):

@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 SUBJECTS = ("natural science", "social science", "language science")
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -144,3 +145,15 @@ if __name__ == "__main__":  # the fixture docs/benchmarks.md measures: python te
     write_repository_layout(out / "scienceqa", fixture)
     write_fixture_base(out / "base", fixture)
     print(f"wrote {out / 'scienceqa'} (ScienceQA repository layout) and {out / 'base'} (tiny Llama + tokenizer)")
+
+
+@pytest.fixture(scope="module")
+def problems():
+    """The problems the ScienceQA tests share: 9 image problems and 6 text-only ones."""
+    return scienceqa_problems(num_image=9, num_text=6)
+
+
+@pytest.fixture
+def repository(tmp_path, problems):
+    """`problems` written in the repository layout (a fresh copy per test: tests may damage it)."""
+    return write_repository_layout(tmp_path / "sqa", problems)

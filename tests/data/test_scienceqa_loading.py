@@ -7,17 +7,7 @@ import json
 import pytest
 
 from memvp_peft.data.scienceqa import is_scienceqa_dataset, load_scienceqa
-from scienceqa_fixture import scienceqa_problems, write_hub_layout, write_repository_layout
-
-
-@pytest.fixture(scope="module")
-def problems():
-    return scienceqa_problems(num_image=9, num_text=6)
-
-
-@pytest.fixture
-def repository(tmp_path, problems):
-    return write_repository_layout(tmp_path / "sqa", problems)
+from scienceqa_fixture import problems, repository, write_hub_layout  # noqa: F401  (fixtures, found by name)
 
 
 def test_the_repository_layout_gives_one_record_per_problem_of_the_split(repository, problems):
