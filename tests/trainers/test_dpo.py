@@ -8,12 +8,13 @@ import torch
 from transformers import LlavaForConditionalGeneration
 from trl import DPOConfig, DPOTrainer
 from trl_fixtures import (
-    changed,
+    first_batch,
+    llava_projector_state,
     llm_and_encoder,
     memvp_config,
-    memvp_parameters,
     preference_dataset,
     save_tiny_llava,
+    train_and_list_changed,
     trainer_args,
     without_images,
     word_tokenizer,
@@ -21,10 +22,6 @@ from trl_fixtures import (
 
 from memvp_peft import MemVPDPOTrainer, MemVPProcessor
 from memvp_peft.local_models import clip_image_processor
-
-
-def _first_batch(trainer):
-    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
 
 
 def _completion_logps(model, batch):
@@ -42,16 +39,14 @@ def test_memvp_dpo_trainer_trains_against_a_frozen_copy_of_the_initial_adapter(t
                               processing_class=MemVPProcessor(clip_image_processor(32), tokenizer))
     model = trainer.model
     assert set(model.peft_config) == {"default", "ref"}
-    batch = _first_batch(trainer)
+    batch = first_batch(trainer)
     assert batch["pixel_values"].shape[0] == batch["input_ids"].shape[0] == 8  # 4 chosen + 4 rejected rows
     assert batch["image_mask"].all()
     image_logps = _completion_logps(model, batch)
     assert (image_logps - _completion_logps(model, without_images(batch))).abs().max() > 1e-4  # it reads the images
     with torch.no_grad():  # the reference is the initial policy: every reward is 0, the loss log 2
         assert math.isclose(float(trainer.compute_loss(model, dict(batch))), math.log(2), rel_tol=1e-6)
-    before = memvp_parameters(model)
-    trainer.train()
-    moved = changed(before, model)
+    moved = train_and_list_changed(trainer)
     assert "base_model.memvp_memory.default.projector.0.weight" in moved
     assert not [name for name in moved if ".ref." in name]  # the reference stays frozen
 
@@ -61,19 +56,17 @@ def test_plain_dpo_trainer_on_a_llava_base_uses_the_text_only_base_as_reference(
     MemVP batch has no placeholder for its images), and Llava's own projector never trains."""
     save_tiny_llava(tmp_path / "llava")
     vlm = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava")
-    llava_projector = {k: v.clone() for k, v in vlm.model.multi_modal_projector.state_dict().items()}
+    llava_projector = llava_projector_state(vlm)
     trainer = DPOTrainer(model=vlm, peft_config=memvp_config(), train_dataset=preference_dataset(),
                          processing_class=MemVPProcessor.from_pretrained(tmp_path / "llava"),
                          args=trainer_args(DPOConfig, tmp_path))
-    batch = _first_batch(trainer)
+    batch = first_batch(trainer)
     with trainer.model.disable_adapter():
         reference = _completion_logps(trainer.model, batch)
         text_only = _completion_logps(trainer.model, without_images(batch))
     torch.testing.assert_close(reference, text_only, rtol=0, atol=0)
-    before = memvp_parameters(trainer.model)
-    trainer.train()
-    assert "base_model.memvp_memory.default.projector.0.weight" in changed(before, trainer.model)
-    after = trainer.model.get_base_model().model.multi_modal_projector.state_dict()
+    assert "base_model.memvp_memory.default.projector.0.weight" in train_and_list_changed(trainer)
+    after = llava_projector_state(trainer.model)
     assert all(torch.equal(after[k], v) for k, v in llava_projector.items())
 
 

@@ -11,12 +11,15 @@ from transformers import LlavaForConditionalGeneration
 from trl import SFTConfig, SFTTrainer
 from trl_fixtures import (
     changed,
+    first_batch,
+    llava_projector_state,
     llm_and_encoder,
     memvp_config,
     memvp_parameters,
     messages_dataset,
     records_dataset,
     save_tiny_llava,
+    train_and_list_changed,
     trainer_args,
     without_images,
     word_tokenizer,
@@ -27,13 +30,9 @@ from memvp_peft.data import MemVPDataCollator
 from memvp_peft.local_models import clip_image_processor
 
 
-def _first_batch(trainer):
-    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-
-
 def _assert_trainer_loss_is_image_conditioned(trainer):
     """SFTTrainer.compute_loss (TRL's fused LM head) equals the model's own loss with the images, not without."""
-    batch = _first_batch(trainer)
+    batch = first_batch(trainer)
     with torch.no_grad():
         trainer_loss = trainer.compute_loss(trainer.model, dict(batch))
         image_loss = trainer.model(**batch).loss
@@ -56,9 +55,7 @@ def test_plain_sft_trainer_with_a_memvp_peft_model_and_the_collator(tmp_path):
     )
     batch = _assert_trainer_loss_is_image_conditioned(trainer)
     assert batch["image_mask"].all()
-    before = memvp_parameters(model)
-    trainer.train()
-    assert "base_model.memvp_memory.default.projector.0.weight" in changed(before, model)
+    assert "base_model.memvp_memory.default.projector.0.weight" in train_and_list_changed(trainer)
 
 
 def test_plain_sft_trainer_with_peft_config_on_trls_vision_layout(tmp_path):
@@ -71,16 +68,14 @@ def test_plain_sft_trainer_with_peft_config_on_trls_vision_layout(tmp_path):
     randomize_memory(trainer.model, scale=1.0)
     batch = _assert_trainer_loss_is_image_conditioned(trainer)
     assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "image_mask"}
-    before = memvp_parameters(trainer.model)
-    trainer.train()
-    assert "base_model.memvp_memory.default.projector.0.weight" in changed(before, trainer.model)
+    assert "base_model.memvp_memory.default.projector.0.weight" in train_and_list_changed(trainer)
 
 
 @pytest.mark.parametrize("trainer_class", [SFTTrainer, MemVPSFTTrainer])
 def test_sft_on_a_llava_base_trains_memvp_and_leaves_llavas_projector_alone(tmp_path, trainer_class):
     tokenizer = save_tiny_llava(tmp_path / "llava")
     vlm = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava")
-    llava_projector = {k: v.clone() for k, v in vlm.model.multi_modal_projector.state_dict().items()}
+    llava_projector = llava_projector_state(vlm)
     trainer = trainer_class(
         model=vlm, peft_config=memvp_config(), train_dataset=messages_dataset(),
         processing_class=MemVPProcessor.from_pretrained(tmp_path / "llava"), args=trainer_args(SFTConfig, tmp_path),
@@ -88,10 +83,8 @@ def test_sft_on_a_llava_base_trains_memvp_and_leaves_llavas_projector_alone(tmp_
     randomize_memory(trainer.model, scale=1.0)
     batch = _assert_trainer_loss_is_image_conditioned(trainer)
     assert tokenizer.convert_tokens_to_ids("<image>") not in batch["input_ids"]
-    before = memvp_parameters(trainer.model)
-    trainer.train()
-    assert "base_model.memvp_memory.default.projector.0.weight" in changed(before, trainer.model)
-    after = trainer.model.get_base_model().model.multi_modal_projector.state_dict()
+    assert "base_model.memvp_memory.default.projector.0.weight" in train_and_list_changed(trainer)
+    after = llava_projector_state(trainer.model)
     assert all(torch.equal(after[k], v) for k, v in llava_projector.items())
 
 
@@ -143,9 +136,7 @@ def test_memvp_sft_trainer_gives_the_collator_raw_records_and_trl_a_processor(tm
     )
     assert isinstance(trainer.processing_class, MemVPProcessor)
     _assert_trainer_loss_is_image_conditioned(trainer)
-    before = memvp_parameters(model)
-    trainer.train()
-    assert "base_model.memvp_memory.default.projector.0.weight" in changed(before, model)
+    assert "base_model.memvp_memory.default.projector.0.weight" in train_and_list_changed(trainer)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the first-call check is what runs on accelerator tensors")

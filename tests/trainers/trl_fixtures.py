@@ -141,5 +141,23 @@ def changed(before: dict[str, torch.Tensor], model) -> list[str]:
     return sorted(name for name, value in before.items() if not torch.equal(now[name].detach(), value))
 
 
+def first_batch(trainer) -> dict:
+    """The first training batch as the trainer's own collator and `_prepare_inputs` hand it to the model."""
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def train_and_list_changed(trainer) -> list[str]:
+    """Runs `trainer.train()` and names the MemVP parameters of `trainer.model` it moved (sorted)."""
+    before = memvp_parameters(trainer.model)
+    trainer.train()
+    return changed(before, trainer.model)
+
+
+def llava_projector_state(vlm) -> dict[str, torch.Tensor]:
+    """A copy of a Llava's own multi-modal projector weights; `vlm` is the Llava itself or a PeftModel around it."""
+    base = vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm
+    return {k: v.clone() for k, v in base.model.multi_modal_projector.state_dict().items()}
+
+
 def without_images(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in ("pixel_values", "image_mask", "image_features")}
