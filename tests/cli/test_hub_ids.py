@@ -9,7 +9,6 @@ for a dataset repo (here parquet files under `data/`, as the Hub's own parquet l
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -19,6 +18,9 @@ import textwrap
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data"))  # tests/data
+from data_fixtures import digit_scans  # noqa: E402
 
 from memvp_peft.hub import check_model_source, is_hub_id
 from memvp_peft.local_models import build_word_tokenizer, clip_image_processor, tiny_clip, tiny_llama
@@ -40,21 +42,8 @@ def _snapshot(hf_home, repo: str, commit: str, kind: str = "models") -> str:
 
 def _digits_table(path: str, count: int = 24) -> None:
     """`count` digit scans as a parquet file with a `datasets.Image` column (PNG bytes), as Hub datasets store them."""
-    import datasets
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    rows = []
-    for i in range(count):
-        buffer = io.BytesIO()
-        Image.fromarray((digits.images[i] * 15).astype(np.uint8)).save(buffer, format="PNG")
-        rows.append({"image": {"bytes": buffer.getvalue(), "path": None}, "question": QUESTION,
-                     "answer": str(digits.target[i])})
-    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
-                                  "answer": datasets.Value("string")})
     os.makedirs(os.path.dirname(path))
-    datasets.Dataset.from_list(rows, features=features).to_parquet(path)
+    digit_scans(count, QUESTION, str).to_parquet(path)
 
 
 @pytest.fixture(scope="module")

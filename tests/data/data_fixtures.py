@@ -8,6 +8,9 @@ Everything is local: the tokenizer is trained in-test (`local_models.build_word_
 
 from __future__ import annotations
 
+import io
+from typing import Callable
+
 import numpy as np
 import pytest
 
@@ -58,6 +61,26 @@ def image_dir(tmp_path_factory, digits):
 @pytest.fixture
 def collator(tokenizer, image_processor):
     return MemVPDataCollator(tokenizer, image_processor, max_length=64)
+
+
+def digit_scans(count: int, question: str, answer: Callable[[int], str]):
+    """The first `count` scikit-learn digit scans as a `datasets.Dataset` with a `datasets.Image` column (PNG bytes),
+    as Hub datasets store images (what the parquet sources and the offline Hub cache of tests/cli read), each row
+    with `question` and `answer(its digit)`."""
+    import datasets
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rows = []
+    for i in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray((digits.images[i] * 15).astype(np.uint8)).save(buffer, format="PNG")
+        rows.append({"image": {"bytes": buffer.getvalue(), "path": None}, "question": question,
+                     "answer": answer(int(digits.target[i]))})
+    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                  "answer": datasets.Value("string")})
+    return datasets.Dataset.from_list(rows, features=features)
 
 
 def supervised_ids(batch, row):

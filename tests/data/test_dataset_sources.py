@@ -8,12 +8,10 @@ The Hub-id source needs an offline cache in a fresh process: tests/cli/test_hub_
 from __future__ import annotations
 
 import glob
-import io
 
 import datasets
-import numpy as np
 import pytest
-from data_fixtures import image_processor, tokenizer  # noqa: F401  (fixtures are used by name)
+from data_fixtures import digit_scans, image_processor, tokenizer  # noqa: F401  (fixtures are used by name)
 
 from memvp_peft.data import MemVPDataCollator
 from memvp_peft.data.conversations import ORIGIN_FIELD
@@ -31,20 +29,8 @@ def datasets_cache(tmp_path, monkeypatch):
 
 
 def _rows(count: int = 10, answer=None) -> datasets.Dataset:
-    """Digit scans with a `datasets.Image` column (PNG bytes), as Hub datasets store images."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    rows = []
-    for i in range(count):
-        buffer = io.BytesIO()
-        Image.fromarray((digits.images[i] * 15).astype(np.uint8)).save(buffer, format="PNG")
-        rows.append({"image": {"bytes": buffer.getvalue(), "path": None}, "question": QUESTION,
-                     "answer": NAMES[digits.target[i]] if answer is None else answer})
-    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
-                                  "answer": datasets.Value("string")})
-    return datasets.Dataset.from_list(rows, features=features)
+    """Digit scans as Hub datasets store them, answered by the digit's name (or `answer` on every row)."""
+    return digit_scans(count, QUESTION, lambda digit: NAMES[digit] if answer is None else answer)
 
 
 def _task(dataset, **kwargs):
