@@ -55,7 +55,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
 from memvp_peft import MemVPConfig, save_adapter  # noqa: E402
 from memvp_peft.data.digits import DIGIT_QUESTION, digit_scan_tokens  # noqa: E402
-from memvp_peft.distributed import leave_process_group  # noqa: E402
+from memvp_peft.distributed import run_then_leave_process_group  # noqa: E402
 from memvp_peft.local_models import FixedVocabTokenizer, tiny_llama_config  # noqa: E402
 
 ANSWERS = tuple(str(d) for d in range(10))
@@ -351,7 +351,5 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:  # explicit teardown: left to interpreter exit, a rank occasionally aborts after all work is done
-        leave_process_group()
+    # explicit teardown: left to interpreter exit, a rank occasionally aborts after all work is done
+    run_then_leave_process_group(main)

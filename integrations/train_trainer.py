@@ -50,7 +50,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
 from memvp_peft import MemVPConfig  # noqa: E402
 from memvp_peft.cli.reporting import logged_losses  # noqa: E402
-from memvp_peft.distributed import leave_process_group  # noqa: E402
+from memvp_peft.distributed import run_then_leave_process_group  # noqa: E402
 from memvp_peft.local_models import tiny_llama_config  # noqa: E402
 from memvp_peft.tuner.save_load import atomic_saves  # noqa: E402
 
@@ -362,7 +362,5 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:  # explicit teardown: left to interpreter exit, a rank occasionally aborts after all work is done
-        leave_process_group()
+    # explicit teardown: left to interpreter exit, a rank occasionally aborts after all work is done
+    run_then_leave_process_group(main)

@@ -13,8 +13,11 @@ its group down -- no rank ever leaves while a peer still holds the group.
 from __future__ import annotations
 
 import gc
+from typing import Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def leave_process_group() -> None:
@@ -27,6 +30,18 @@ def leave_process_group() -> None:
     gc.collect()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def run_then_leave_process_group(main: Callable[[], T]) -> T:
+    """Run a launched program's `main()` and leave the process group afterwards, whether it returned or raised.
+
+    The one exit path of a script run under torchrun (the integrations/ recipes): left to interpreter exit, the
+    teardown would happen in no particular order (module docstring). Returns what `main()` returned.
+    """
+    try:
+        return main()
+    finally:
+        leave_process_group()
 
 
 def wait_for_every_rank() -> None:
