@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from .long_context import FLOP_EFFICIENCY, describe_layout
 from .methods import ALL_METHODS, METHOD_LABELS
+from .report import target_line
 
 
 def _num(value: Optional[float], digits: int = 1) -> str:
@@ -93,11 +94,7 @@ def long_context_markdown(report: dict[str, Any]) -> str:
             if check["met"] is None:
                 lines.append(f"- not measured: {check['target']} ({check['why']}; target {check['bound']})")
                 continue
-            extra = f"; CPU time {check['cpu_value']:.2f}" if check.get("cpu_value") is not None else ""
-            if check.get("predicted") is not None:
-                extra += f"; matmul FLOPs predict {check['predicted']:.2f}"
-            lines.append(f"- {'met' if check['met'] else 'NOT met'}: {check['target']} (measured "
-                         f"{check['value']:.3f}{extra}; target {check['bound']})")
+            lines.append(target_line(check, "measured", value_spec=".3f", note_spec=".2f"))
     return "\n".join(lines) + "\n"
 
 

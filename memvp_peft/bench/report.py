@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from .depth_fit import depth_fit_markdown
 from .methods import METHOD_LABELS, METHODS
@@ -17,6 +17,30 @@ from .methods import METHOD_LABELS, METHODS
 def _mb(value: Optional[int]) -> str:
     """Bytes as MiB with one decimal, 'n/a' for a memory run that was skipped."""
     return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+def _table_row(several: bool, layers: Any, cells: Sequence[Any]) -> str:
+    """One markdown table row, `| a | b | ... |`: the sweep's two tables lead with a `layers` cell only when the sweep
+    ran at several depths."""
+    return "".join(f"| {cell} " for cell in ([layers] if several else []) + list(cells)) + "|"
+
+
+def target_line(check: dict[str, Any], measured: str, *, predicted_key: str = "predicted",
+                cpu_label: str = "CPU time", value_spec: str = "", note_spec: str = "",
+                more: Sequence[str] = ()) -> str:
+    """One line of a report's targets, worded the same in the sweep's and `--long_context`'s reports:
+    `- met: <target> (<measured> <value>; <cpu_label> <cpu_value>; matmul FLOPs predict <check[predicted_key]>;
+    <more>...; target <bound>)`, `NOT met` when missed, a note left out where its value is None.
+
+    The two reports differ only in their words and digits: `measured` names the value ("wall clock"), `value_spec`
+    / `note_spec` are format specs for the value and for the CPU-time and FLOP notes ("" prints them as stored)."""
+    notes = [f"{measured} {format(check['value'], value_spec)}"]
+    if check.get("cpu_value") is not None:
+        notes.append(f"{cpu_label} {format(check['cpu_value'], note_spec)}")
+    if check.get(predicted_key) is not None:
+        notes.append(f"matmul FLOPs predict {format(check[predicted_key], note_spec)}")
+    inside = "; ".join([*notes, *more, f"target {check['bound']}"])
+    return f"- {'met' if check['met'] else 'NOT met'}: {check['target']} ({inside})"
 
 
 def markdown_report(report: dict[str, Any]) -> str:
@@ -44,18 +68,18 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"Timing: {meta['timing']}.",
         f"Memory: {meta['memory']}.",
         "",
-        ("| layers " if several else "") + "| N | T | method | seq len | trainable | train step ms | prefill ms "
-        "| decode ms/token | KV cache MB | MemVP K/V MB | peak train MB | peak generate MB |",
+        _table_row(several, "layers", ["N", "T", "method", "seq len", "trainable", "train step ms", "prefill ms",
+                                       "decode ms/token", "KV cache MB", "MemVP K/V MB", "peak train MB",
+                                       "peak generate MB"]),
         ("|---" if several else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        lines.append(
-            (f"| {r.get('layers')} " if several else "") +
-            f"| {r['N']} | {r['T']} | {r['label']} | {r['sequence_length']} | {r['trainable_params']:,} | "
-            f"{r['train_step_ms']:.1f} | {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | "
-            f"{_mb(r['kv_cache_bytes'])} | {_mb(r['visual_state_bytes']) if r['visual_state_bytes'] else '-'} | "
-            f"{_mb(r['peak_train_bytes'])} | {_mb(r['peak_generate_bytes'])} |"
-        )
+        lines.append(_table_row(several, r.get("layers"), [
+            r["N"], r["T"], r["label"], r["sequence_length"], f"{r['trainable_params']:,}", f"{r['train_step_ms']:.1f}",
+            f"{r['prefill_ms']:.1f}", f"{r['decode_ms_per_token']:.2f}", _mb(r["kv_cache_bytes"]),
+            _mb(r["visual_state_bytes"]) if r["visual_state_bytes"] else "-", _mb(r["peak_train_bytes"]),
+            _mb(r["peak_generate_bytes"]),
+        ]))
     lines += [
         "",
         "Ratios, each the median over the repeats of the per-repeat ratio (calls of one repeat ran back to back). "
@@ -63,8 +87,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         "time of the process [prediction from matmul FLOPs, `flop_model`; for MemVP/text that is the physical "
         "floor: text-only + the memory branch + the projector, with MemVP's shorter backward].",
         "",
-        ("| layers " if several else "") + "| N | T | train speed-up vs input | train MemVP/text "
-        "| prefill speed-up vs input | prefill MemVP/text | decode MemVP/input | decode MemVP/text |",
+        _table_row(several, "layers", ["N", "T", "train speed-up vs input", "train MemVP/text",
+                                       "prefill speed-up vs input", "prefill MemVP/text", "decode MemVP/input",
+                                       "decode MemVP/text"]),
         ("|---" if several else "") + "|---|---|---|---|---|---|---|---|",
     ]
 
@@ -77,14 +102,13 @@ def markdown_report(report: dict[str, Any]) -> str:
         return text
 
     for row in report["ratios"]:
-        lines.append(
-            (f"| {row.get('layers')} " if several else "") +
-            f"| {row['N']} | {row['T']} | {cell(row, 'train_speedup_vs_input', 'flops_train_speedup_vs_input')} | "
-            f"{cell(row, 'train_memvp_over_text', 'floor_train_over_text')} | "
-            f"{cell(row, 'prefill_speedup_vs_input', 'flops_prefill_speedup_vs_input')} | "
-            f"{cell(row, 'prefill_memvp_over_text', 'floor_prefill_over_text')} | "
-            f"{cell(row, 'decode_memvp_over_input')} | {cell(row, 'decode_memvp_over_text')} |"
-        )
+        lines.append(_table_row(several, row.get("layers"), [
+            row["N"], row["T"], cell(row, "train_speedup_vs_input", "flops_train_speedup_vs_input"),
+            cell(row, "train_memvp_over_text", "floor_train_over_text"),
+            cell(row, "prefill_speedup_vs_input", "flops_prefill_speedup_vs_input"),
+            cell(row, "prefill_memvp_over_text", "floor_prefill_over_text"),
+            cell(row, "decode_memvp_over_input"), cell(row, "decode_memvp_over_text"),
+        ]))
     lines += depth_fit_markdown(report.get("depth_fit") or {})
     targets = report.get("targets", {})
     if targets.get("checks"):
@@ -92,14 +116,10 @@ def markdown_report(report: dict[str, Any]) -> str:
         where = f" ({point['layers']} layers measured, {device} targets)" if point.get("layers") else ""
         lines += ["", f"Targets at N={point['N']}, T={point['T']}{where}:", ""]
         for check in targets["checks"]:
-            extra = f"; {'host ' if device == 'cuda' else ''}CPU time {check['cpu_value']}" if check.get(
-                "cpu_value") is not None else ""
-            if check.get("flops_predicted") is not None:
-                extra += f"; matmul FLOPs predict {check['flops_predicted']}"
-            if check.get("full_depth_extrapolated") is not None:
-                extra += f"; extrapolated to {meta.get('full_depth')} layers: {check['full_depth_extrapolated']}"
-            lines.append(f"- {'met' if check['met'] else 'NOT met'}: {check['target']} (wall clock {check['value']}"
-                         f"{extra}; target {check['bound']})")
+            more = ([f"extrapolated to {meta.get('full_depth')} layers: {check['full_depth_extrapolated']}"]
+                    if check.get("full_depth_extrapolated") is not None else [])
+            lines.append(target_line(check, "wall clock", predicted_key="flops_predicted",
+                                     cpu_label=f"{'host ' if device == 'cuda' else ''}CPU time", more=more))
     return "\n".join(lines) + "\n"
 
 
