@@ -67,14 +67,19 @@ def test_drop_ratio_below_one_slot_drops_nothing():
     assert torch.equal(drop_lowest_scores(scores, 0.1), scores)
 
 
-def test_adem_logits_match_reference(base):
-    config = adem_config()
+@pytest.mark.parametrize("config, seed", [
+    pytest.param(adem_config(), 5, id="adem-read-with-drop"),
+    pytest.param(adem_config(drop_ratio=0.0), 9, id="adem-read-without-drop"),
+    pytest.param(MemVPConfig(visual_dim=VISUAL_DIM, num_memory_slots=20, projector_hidden_dim=8, memory_dropout=0.0,
+                             drop_ratio=0.25), 3, id="memvp-read-with-drop"),
+])
+def test_logits_match_reference(base, config, seed):
+    """The ADEM-VL read with and without the score drop, and the drop on MemVP's own read: each as the reference."""
     model = adapted(base, config)
-    ids, features = inputs()
+    ids, features = inputs(seed=seed)
     with torch.no_grad():
         got = model(input_ids=ids, image_features=features).logits
-    want = reference_form_logits(base, adapter_state(model), config, ids, features)
-    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(got, reference_form_logits(base, adapter_state(model), config, ids, features), **TOL)
 
 
 def test_adem_text_only_rows_read_silu_of_the_position_memory(base):
@@ -88,25 +93,6 @@ def test_adem_text_only_rows_read_silu_of_the_position_memory(base):
     state = adapter_state(model)
     torch.testing.assert_close(got, reference_form_logits(base, state, config, ids, features, mask), **TOL)
     torch.testing.assert_close(text_only, reference_form_logits(base, state, config, ids), **TOL)
-
-
-def test_adem_read_without_drop_matches_reference(base):
-    config = adem_config(drop_ratio=0.0)
-    model = adapted(base, config)
-    ids, features = inputs(seed=9)
-    with torch.no_grad():
-        got = model(input_ids=ids, image_features=features).logits
-    torch.testing.assert_close(got, reference_form_logits(base, adapter_state(model), config, ids, features), **TOL)
-
-
-def test_drop_with_memvp_read_matches_reference(base):
-    config = MemVPConfig(visual_dim=VISUAL_DIM, num_memory_slots=20, projector_hidden_dim=8, memory_dropout=0.0,
-                         drop_ratio=0.25)
-    model = adapted(base, config)
-    ids, features = inputs(seed=3)
-    with torch.no_grad():
-        got = model(input_ids=ids, image_features=features).logits
-    torch.testing.assert_close(got, reference_form_logits(base, adapter_state(model), config, ids, features), **TOL)
 
 
 def test_drop_on_a_plain_ffn_matches_reference():
