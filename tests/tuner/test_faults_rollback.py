@@ -126,12 +126,24 @@ def test_a_failed_from_pretrained_with_lora_leaves_the_base_untouched(tmp_path):
     assert_untouched(base, pristine)
 
 
-def test_a_missing_weights_file_leaves_no_second_adapter(tmp_path):
+def _remove(weights):
+    weights.unlink()
+
+
+def _truncate(weights):
+    weights.write_bytes(weights.read_bytes()[:40])
+
+
+@pytest.mark.parametrize("damage, message", [
+    pytest.param(_remove, "adapter_model", id="missing"),
+    pytest.param(_truncate, "truncated", id="truncated"),
+])
+def test_a_missing_or_truncated_weights_file_leaves_no_second_adapter(tmp_path, damage, message):
     get_peft_model(tiny_llama(), memvp_config()).save_pretrained(tmp_path)
-    (tmp_path / "adapter_model.safetensors").unlink()
+    damage(tmp_path / "adapter_model.safetensors")
     pm = get_peft_model(tiny_llama(), memvp_config())
     pristine = copy.deepcopy(pm)
-    with pytest.raises(ValueError, match="adapter_model"):
+    with pytest.raises(ValueError, match=message):
         pm.load_adapter(str(tmp_path), "other")
     assert set(pm.peft_config) == {"default"}
     assert_untouched(pm, pristine)
@@ -149,18 +161,6 @@ def test_the_model_is_usable_and_loadable_after_a_refused_load(tmp_path):
     loaded = PeftModel.from_pretrained(base, good)
     features = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(_logits(loaded, image_features=features), _logits(source.eval(), image_features=features))
-
-
-def test_a_truncated_weights_file_leaves_no_second_adapter(tmp_path):
-    get_peft_model(tiny_llama(), memvp_config()).save_pretrained(tmp_path)
-    weights = tmp_path / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:40])
-    pm = get_peft_model(tiny_llama(), memvp_config())
-    pristine = copy.deepcopy(pm)
-    with pytest.raises(ValueError, match="truncated"):
-        pm.load_adapter(str(tmp_path), "other")
-    assert set(pm.peft_config) == {"default"}
-    assert_untouched(pm, pristine)
 
 
 def test_a_bin_adapter_still_loads_as_a_second_adapter(tmp_path):
