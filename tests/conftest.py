@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -17,6 +19,32 @@ _TEST_DIRS = [os.path.dirname(__file__)] + sorted(
 
 import memvp_peft  # noqa: E402,F401  (registers the MEMVP peft type)
 from memvp_peft.local_models import tiny_llama_config  # noqa: E402
+from process_launch import launcher_env  # noqa: E402
+
+# Under pytest-xdist (pyproject.toml's addopts) every worker gets an equal share of the cores. Left alone, torch starts
+# one thread per core in every worker, and N workers x N threads on N cores spend their time waiting for each other;
+# processes a test starts inherit the share through OMP_NUM_THREADS.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    torch.set_num_threads(_THREADS)
+
+BUILD_DEEPSPEED_OPS = os.path.join(os.path.dirname(__file__), "integrations", "distributed", "build_deepspeed_ops.py")
+
+
+@pytest.fixture(scope="session")
+def deepspeed_ops():
+    """JIT-build DeepSpeed's CPU ops once (shm comm, fused_adam, cpu_adam) before any run that starts DeepSpeed.
+
+    Every test that launches a DeepSpeed run asks for it, so the build happens before the first launch, never inside
+    a launch's own timeout nor by two ranks of one launch at once. Two xdist workers that both need it wait for each
+    other through torch's lock file in the extensions folder; the second then loads the first one's build."""
+    result = subprocess.run([sys.executable, BUILD_DEEPSPEED_OPS], cwd=os.path.dirname(os.path.dirname(__file__)),
+                            env=launcher_env(), capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, f"building the DeepSpeed ops failed:\n{(result.stdout + result.stderr)[-4000:]}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
 
 VOCAB = 64
 HIDDEN = 32

@@ -46,7 +46,7 @@ def test_the_default_learning_rate_scales_with_every_process_of_a_launch(monkeyp
 
 
 @pytest.mark.slow
-def test_under_the_recipes_deepspeed_config_the_rate_warms_up_then_follows_a_cosine(tmp_path):
+def test_under_the_recipes_deepspeed_config_the_rate_warms_up_then_follows_a_cosine(tmp_path, deepspeed_ops):
     """One process is enough: which scheduler runs is decided by the JSON, not by the number of ranks (~15 s)."""
     pytest.importorskip("deepspeed")
     sys.path.insert(0, str(ROOT / "tests"))

@@ -10,8 +10,9 @@ Every test launches `integrations/train_trainer.py` (the documented recipe) as a
   plain base model and must get the same logits.
 
 The runs are forced onto the CPU (`--use_cpu always`, `DS_ACCELERATOR=cpu`, no visible CUDA device) so the file
-behaves the same on a GPU runner. The DeepSpeed C++ ops are JIT-compiled once by a session fixture
-(tests/integrations/distributed/build_deepspeed_ops.py; minutes the very first time, cached afterwards).
+behaves the same on a GPU runner. The DeepSpeed C++ ops are JIT-compiled once by the `deepspeed_ops` session fixture
+of tests/conftest.py (tests/integrations/distributed/build_deepspeed_ops.py; minutes the very first time, cached
+afterwards).
 
 Runtime on 2 CPU cores with the ops cached: about 4 minutes (15 launches of 15-25 s each).
 
@@ -48,7 +49,6 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "integrations" / "train_trainer.py"
 DS_CONFIGS = ROOT / "integrations" / "deepspeed"
 ACCELERATE_CONFIGS = ROOT / "integrations" / "accelerate"
-BUILD_OPS = Path(__file__).resolve().parent / "distributed" / "build_deepspeed_ops.py"
 
 sys.path.insert(0, str(RECIPE.parent))
 import train_trainer as recipe  # noqa: E402  (the recipe's data, model and adapter builders)
@@ -159,16 +159,6 @@ def _common(output_dir: Path, checkpoint: Path, *extra: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def deepspeed_ops():
-    """JIT-build DeepSpeed's CPU ops once (shm comm, fused_adam, cpu_adam) before any multi-process run."""
-    result = subprocess.run(
-        [sys.executable, str(BUILD_OPS)], cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=1200
-    )
-    assert result.returncode == 0, f"building the DeepSpeed ops failed:\n{(result.stdout + result.stderr)[-4000:]}"
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")
