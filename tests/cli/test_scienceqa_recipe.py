@@ -13,6 +13,7 @@ import pytest
 
 from memvp_peft.cli.options import TrainOptions, parse_options
 from memvp_peft.cli.train import default_learning_rate
+from process_launch import free_port, launcher_env  # tests/ is on sys.path (tests/conftest.py)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "examples" / "scienceqa_llama7b.yaml"
@@ -48,10 +49,6 @@ def test_the_default_learning_rate_scales_with_every_process_of_a_launch(monkeyp
 @pytest.mark.slow
 def test_under_the_recipes_deepspeed_config_the_rate_warms_up_then_follows_a_cosine(tmp_path, deepspeed_ops):
     """One process is enough: which scheduler runs is decided by the JSON, not by the number of ranks (~15 s)."""
-    pytest.importorskip("deepspeed")
-    sys.path.insert(0, str(ROOT / "tests"))
-    from process_launch import free_port, launcher_env
-
     out, steps, warmup, peak = tmp_path / "run", 20, 2, 0.01
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
                str(free_port()), "-m", "memvp_peft.train", "--deepspeed", str(ZERO2), "--max_steps", str(steps),
