@@ -135,17 +135,18 @@ def test_other_processor_settings_give_other_image_keys(tmp_path, encoder):
     assert cache.encoded == 4
 
 
-def _shard(cache):
-    [name] = [n for n in os.listdir(cache.folder) if n.endswith(".safetensors")]
-    return os.path.join(cache.folder, name)
-
-
-def test_a_truncated_shard_is_detected_and_recomputed(tmp_path, encoder):
+def _one_written_shard(tmp_path, encoder):
+    """A cache that has encoded 4 images into one shard: (vision, pixels, the features it gave, the shard's path)."""
     vision = VisionEncoder(encoder)
     pixels = _collator(build_word_tokenizer(["a"], NAMES))(_records(4))["pixel_values"]
     cache = _cache(tmp_path, vision)
     expected = cache.features(pixels)
-    path = _shard(cache)
+    [name] = [n for n in os.listdir(cache.folder) if n.endswith(".safetensors")]
+    return vision, pixels, expected, os.path.join(cache.folder, name)
+
+
+def test_a_truncated_shard_is_detected_and_recomputed(tmp_path, encoder):
+    vision, pixels, expected, path = _one_written_shard(tmp_path, encoder)
     with open(path, "r+b") as handle:
         handle.truncate(os.path.getsize(path) // 2)  # a run killed while copying the folder
     with pytest.warns(UserWarning, match="cannot be read"):
@@ -156,11 +157,7 @@ def test_a_truncated_shard_is_detected_and_recomputed(tmp_path, encoder):
 
 
 def test_a_shard_with_altered_bytes_is_detected_and_recomputed(tmp_path, encoder):
-    vision = VisionEncoder(encoder)
-    pixels = _collator(build_word_tokenizer(["a"], NAMES))(_records(4))["pixel_values"]
-    cache = _cache(tmp_path, vision)
-    expected = cache.features(pixels)
-    path = _shard(cache)
+    vision, pixels, expected, path = _one_written_shard(tmp_path, encoder)
     with open(path, "r+b") as handle:  # the last bytes are feature values: the header still parses
         handle.seek(-8, os.SEEK_END)
         handle.write(b"\x7f" * 8)
