@@ -65,11 +65,6 @@ def _find_cycle(graph: dict[str, set[str]]):
     return None
 
 
-def test_no_module_is_over_500_lines():
-    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
-    assert not long, long
-
-
 def test_no_import_cycle_between_modules():
     assert _find_cycle(_graph()) is None
 
