@@ -98,14 +98,14 @@ def read_adapter_config(adapter: str) -> Any:
     file can be wrong: peft's own reader answers a list or null with a TypeError, a missing `peft_type` with a
     TypeError and another method's config by loading that method (which then fails on the MemVP weights)."""
     from ..tuner.config import MemVPConfig
-    from ..tuner.peft_type import MEMVP_NAME
+    from ..tuner.peft_type import MEMVP_NAME, is_memvp_peft_type
 
     path = os.path.join(adapter, ADAPTER_CONFIG)
     data = _read_json_object(path, "a peft adapter config")
     if "peft_type" not in data:
         raise ValueError(f"{path} has no 'peft_type': it is not a peft adapter config (expected peft_type "
                          f"{MEMVP_NAME!r}).")
-    if data["peft_type"] != MEMVP_NAME:
+    if not is_memvp_peft_type(data["peft_type"]):
         raise ValueError(f"{path} is a {data['peft_type']!r} adapter, not a MemVP one (peft_type {MEMVP_NAME!r}); "
                          "memvp-infer runs MemVP adapters -- load other methods with peft's PeftModel.from_pretrained.")
     base = data.get("base_model_name_or_path")

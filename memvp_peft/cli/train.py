@@ -30,6 +30,7 @@ import torch
 from ..distributed import leave_process_group, wait_for_every_rank
 from ..hub import check_model_source
 from ..tuner.save_load import atomic_saves, global_rank
+from ..tuner.model_card import write_model_card
 from .answering import accuracy, generate_answers
 from .base_loading import load_base
 from .collating import build_collator, chat_template_choice, collation_record, encoder_image_processor
@@ -412,6 +413,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
     if scores is not None:
         metrics["scienceqa_scores"] = scores  # the paper's columns on the held-out split, of the reloaded adapter
     write_metrics(os.path.join(options.output_dir, "metrics.json"), metrics)
+    write_model_card(options.output_dir, reloaded.peft_config["default"], dataset=task.name, metrics=metrics)
     print(f"wrote {options.output_dir}/metrics.json and loss_curve.png ({metrics['wall_time_s']:.0f} s in total)")
     wait_for_every_rank()  # the other ranks wait here for rank 0: they leave the process group together
     return metrics

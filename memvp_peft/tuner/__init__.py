@@ -12,14 +12,17 @@ from .config import MemVPConfig
 from .layer import FFNMemoryLayer, KeyMemoryLayer, MemVPLayer, ValueMemoryLayer
 from .memory import MemoryState, VisualMemory
 from .model import MemVPModel, attach_vision_encoder, memvp_parameters
-from .peft_type import MEMVP_NAME, MEMVP_PEFT_TYPE
+from .peft_type import MEMVP_NAME, MEMVP_PEFT_TYPE, MEMVP_STORED_NAME
 
 
 def register_memvp() -> None:
-    """Register `MemVPConfig`/`MemVPModel` with peft (idempotent: a second call changes nothing)."""
-    if PEFT_TYPE_TO_CONFIG_MAPPING.get(MEMVP_PEFT_TYPE) is MemVPConfig:
-        return
-    register_peft_method(name=MEMVP_NAME.lower(), config_cls=MemVPConfig, model_cls=MemVPModel, prefix=MemVPModel.prefix)
+    """Register `MemVPConfig`/`MemVPModel` with peft (idempotent: a second call changes nothing), under the peft type
+    and under the self-explaining name `adapter_config.json` stores it as (`peft_type.MEMVP_STORED_NAME`)."""
+    if PEFT_TYPE_TO_CONFIG_MAPPING.get(MEMVP_PEFT_TYPE) is not MemVPConfig:
+        register_peft_method(
+            name=MEMVP_NAME.lower(), config_cls=MemVPConfig, model_cls=MemVPModel, prefix=MemVPModel.prefix
+        )
+    PEFT_TYPE_TO_CONFIG_MAPPING[MEMVP_STORED_NAME] = MemVPConfig
 
 
 register_memvp()

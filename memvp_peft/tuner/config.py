@@ -9,6 +9,7 @@ at construction, so a typo fails before any model is touched.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import warnings
@@ -21,7 +22,8 @@ from torch import nn
 
 from .targets import MEMORY_SIDES
 from .visual_layout import check_long_context, memory_tokens, parse_grid
-from .peft_type import MEMVP_PEFT_TYPE
+from .model_card import write_model_card
+from .peft_type import MEMVP_PEFT_TYPE, MEMVP_STORED_NAME
 from .save_load import recover_adapter_folder
 from ..vision import SharedModuleRef, describe_encoder
 
@@ -315,6 +317,26 @@ class MemVPConfig(PeftConfig):
         folder = str(pretrained_model_name_or_path)
         config._memvp_source_folder = os.path.join(folder, subfolder) if subfolder else folder
         return config
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """peft's `adapter_config.json`, then what only MemVP knows to write. peft calls this last in every
+        `PeftModel.save_pretrained` (after its model card and the weights), so whatever saved the adapter:
+
+        * `peft_type` is stored under its self-explaining name (`peft_type.MEMVP_STORED_NAME`): a process loading the
+          folder without `import memvp_peft` fails in peft's lookup of that name, and the `KeyError` then says what
+          to install and import instead of a bare `'MEMVP'`;
+        * the model card gets its MemVP section (`model_card.py`): what the adapter is, how to load it, its base and
+          vision encoder."""
+        super().save_pretrained(save_directory, **kwargs)
+        path = os.path.join(save_directory, "adapter_config.json")
+        with open(path, encoding="utf-8") as handle:
+            stored = json.load(handle)
+        stored["peft_type"] = MEMVP_STORED_NAME
+        staged = path + ".memvp-tmp"
+        with open(staged, "w", encoding="utf-8") as handle:  # peft's own formatting, switched in by one rename
+            handle.write(json.dumps(stored, indent=2, sort_keys=True))
+        os.replace(staged, path)
+        write_model_card(save_directory, self)
 
     @classmethod
     def check_kwargs(cls, **kwargs: Any) -> dict:

@@ -13,6 +13,12 @@ from peft.utils.peft_types import PeftType
 
 MEMVP_NAME = "MEMVP"
 
+#: The peft type as `adapter_config.json` stores it. peft looks a folder's `peft_type` up in a plain dict, so a
+#: process that loads a MemVP adapter without `import memvp_peft` fails with `KeyError(<the stored name>)` -- the only
+#: message peft lets a tuner word. Stored as the bare "MEMVP", that error says nothing; stored as this, it says what
+#: to install and import. Both names are registered, so adapters saved either way load.
+MEMVP_STORED_NAME = "MEMVP (pip install memvp-peft, then import memvp_peft before loading this adapter)"
+
 
 def _add_peft_type_member(name: str) -> PeftType:
     """Return `PeftType[name]`, adding it to the live enum first when this peft release does not know it."""
@@ -30,3 +36,8 @@ def _add_peft_type_member(name: str) -> PeftType:
 
 
 MEMVP_PEFT_TYPE = _add_peft_type_member(MEMVP_NAME)
+
+
+def is_memvp_peft_type(stored: object) -> bool:
+    """Whether an `adapter_config.json`'s `peft_type` names MemVP (either name it may be stored under)."""
+    return stored in (MEMVP_NAME, MEMVP_STORED_NAME)
