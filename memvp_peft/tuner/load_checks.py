@@ -5,10 +5,16 @@ base-model tensor (`base_model.model.model.embed_tokens.weight`) is loaded *into
 leaves random weights, and an integer or bool tensor is silently cast into a float parameter. `check_adapter_tensors`
 runs inside `MemVPModel._remap_adapter_state_dict_for_load` -- the hook peft calls on every load, before anything is
 written -- and refuses each of these by name (the key as it is stored in the file).
+
+It also refuses values no trained adapter holds (`check_finite_values`): NaN or inf, and finite values beyond
+`LARGEST_ADAPTER_VALUE` or beyond what the model's tensor dtype can hold. Such an adapter loads without complaint
+otherwise, and every answer of the model is then computed from NaN (greedy decoding of NaN logits prints an empty
+string).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -17,6 +23,13 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 _PEFT_PREFIX = "base_model.model."
+
+#: The largest magnitude an adapter value may have: the square root of float32's largest number (2**64, ~1.8e19).
+#: Every adapter tensor enters a product with a weight or an activation (the projector's two layers, `x K^T`, the read
+#: of V, LoRA's `B A`), so a value whose square overflows float32 turns the forward into inf/NaN in every compute
+#: dtype; a trained adapter's values are around 1 (training stops when its parameters stop being finite: the
+#: `memvp-train` callback `StopOnNonFinite`), some 19 orders of magnitude below it.
+LARGEST_ADAPTER_VALUE = math.sqrt(torch.finfo(torch.float32).max)
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -50,6 +63,7 @@ def check_adapter_tensors(
     """Raise a ValueError naming the first tensor of `remapped` (checkpoint keys mapped onto `model`) that is not one
     of the adapter's, is missing, or has another shape or kind (bool / integer / float) than the model's tensor."""
     own = adapter_tensors(model, adapter_name)
+    compute_dtype = _narrowest_float_dtype(model)
 
     def lookup(key: str):
         if key in own:
@@ -85,3 +99,52 @@ def check_adapter_tensors(
                 f"but the model's tensor is {str(want.dtype).replace('torch.', '')}: {_kind(tensor.dtype)} values "
                 f"cannot stand for {_kind(want.dtype)} weights (a damaged or hand-edited file?)."
             )
+        if tensor.dtype.is_floating_point:
+            check_finite_values(tensor, _narrowest(want.dtype, compute_dtype), file_key(key))
+
+
+def _narrowest_float_dtype(model: nn.Module) -> torch.dtype:
+    """The float dtype of the model's parameters with the smallest range: what the adapter's tensors are cast to in
+    the forward (the memory is read in the FFN input's dtype, LoRA in its layer's), e.g. float16 for a float16 base
+    whose adapter is float32."""
+    dtypes = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
+    return min(dtypes, key=lambda dtype: torch.finfo(dtype).max, default=torch.float32)
+
+
+def _narrowest(first: torch.dtype, second: torch.dtype) -> torch.dtype:
+    if not first.is_floating_point:
+        return second
+    return first if torch.finfo(first).max <= torch.finfo(second).max else second
+
+
+def check_finite_values(tensor: torch.Tensor, model_dtype: torch.dtype, name: str) -> None:
+    """Refuse a float tensor holding NaN or inf, or a finite value larger in magnitude than `LARGEST_ADAPTER_VALUE`
+    or than `model_dtype` holds (the dtype the model computes it in: 1e5 is inf in float16).
+
+    Why at load and not at the first forward: the forward path must not read values on the host (it would synchronise
+    with the accelerator at every layer), and a load is where the file is still there to be named. NaN in a file
+    comes from a run that diverged or a damaged file; a value like 1e30 from a hand edit or a broken conversion."""
+    values = tensor.detach()
+    non_finite = int((~torch.isfinite(values)).sum())
+    if non_finite:
+        nan = int(torch.isnan(values).sum())
+        what = " and ".join(part for part in (f"{nan} NaN" if nan else "", f"{non_finite - nan} inf"
+                                              if non_finite > nan else "") if part)
+        raise ValueError(
+            f"MemVP refused to load the adapter: tensor {name} holds {what} value(s) (of {values.numel()}). A trained "
+            "adapter holds finite numbers only; this file comes from a run whose loss or weights diverged, or it is "
+            "damaged: retrain (a smaller learning rate or visual/memory scale) or use another checkpoint."
+        )
+    if not values.numel():
+        return
+    largest = float(values.abs().max())
+    limit = min(LARGEST_ADAPTER_VALUE, torch.finfo(model_dtype).max if model_dtype.is_floating_point else math.inf)
+    if largest > limit:
+        why = (f"the model computes it in {str(model_dtype).replace('torch.', '')}, which holds at most {limit:.4g}"
+               if limit < LARGEST_ADAPTER_VALUE else
+               f"an adapter value is at most {limit:.3g} (2**64: its square still fits float32; trained adapters "
+               "hold values around 1)")
+        raise ValueError(
+            f"MemVP refused to load the adapter: tensor {name} holds a value of magnitude {largest:.4g}, but {why}. "
+            "The model would compute inf/NaN from it and answer nothing; the file is damaged or was edited."
+        )

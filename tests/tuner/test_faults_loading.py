@@ -61,6 +61,35 @@ def test_an_integer_or_bool_tensor_for_a_float_parameter_is_refused_by_name(save
         PeftModel.from_pretrained(tiny_llama(), saved)
 
 
+@pytest.mark.parametrize("value, what", [(float("nan"), "1 NaN"), (float("inf"), "1 inf"), (-float("inf"), "1 inf")])
+def test_a_non_finite_adapter_value_is_refused_by_name(saved, value, what):
+    def poison(weights):
+        weights["base_model.memvp_memory.projector.0.weight"][0, 0] = value
+
+    _edit_weights(saved, poison)
+    base = tiny_llama()
+    pristine = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=rf"memvp_memory\.projector\.0\.weight holds {what} value"):
+        PeftModel.from_pretrained(base, saved)
+    assert_untouched(base, pristine)
+
+
+def test_an_adapter_value_whose_square_overflows_float32_is_refused_by_name(saved):
+    """1e30 is a finite float32, but the first product with it overflows: the model would answer from NaN."""
+    _edit_weights(saved, lambda w: w["base_model.memvp_memory.value_pos"].mul_(1e30))
+    expected = r"value_pos holds a value of magnitude .*e\+30, but an adapter value is at most 1.84e\+19"
+    with pytest.raises(ValueError, match=expected):
+        PeftModel.from_pretrained(tiny_llama(), saved)
+
+
+def test_an_adapter_value_float16_cannot_hold_is_refused_for_a_float16_model(saved):
+    _edit_weights(saved, lambda w: w["base_model.memvp_memory.key_pos"].fill_(1e5))
+    expected = r"key_pos holds a value of magnitude 1e\+05, but the model computes it in float16"
+    with pytest.raises(ValueError, match=expected):
+        PeftModel.from_pretrained(tiny_llama().half(), saved)
+    assert PeftModel.from_pretrained(tiny_llama(), saved) is not None  # float32 holds it
+
+
 @pytest.mark.parametrize("layers", [1, 4])
 def test_an_adapter_for_a_two_layer_base_is_refused_on_another_depth(saved, layers):
     base = tiny_llama(num_hidden_layers=layers)
