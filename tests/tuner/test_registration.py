@@ -12,6 +12,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
 
 from memvp_peft import MemVPConfig, MemVPModel
+from memvp_peft.tuner.peft_type import MEMVP_STORED_NAME
 
 
 def test_memvp_is_a_peft_type_member():
@@ -49,18 +50,32 @@ def test_peft_config_from_pretrained_reads_memvp_config(tmp_path):
     config = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(config, MemVPConfig)
     assert config.num_memory_slots == 12
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "MEMVP"
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == MEMVP_STORED_NAME
 
 
-def test_loading_without_import_tells_user_to_import_memvp_peft(tmp_path):
-    get_peft_model(tiny_llama(), memvp_config()).save_pretrained(tmp_path)
-    script = (
-        "from peft import PeftConfig\n"
-        f"PeftConfig.from_pretrained({str(tmp_path)!r})\n"
-    )
+def test_an_adapter_stored_under_the_bare_peft_type_name_still_loads(tmp_path):
+    pm = get_peft_model(tiny_llama(), memvp_config(num_memory_slots=12))
+    pm.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "peft_type": "MEMVP"}))
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert loaded.peft_config["default"].num_memory_slots == 12
+
+
+@pytest.mark.parametrize("load", [
+    "from peft import PeftConfig; PeftConfig.from_pretrained(FOLDER)",
+    "from peft import PeftModel; from transformers import AutoModelForCausalLM; "
+    "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), FOLDER)",
+    "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(BASE).load_adapter(FOLDER)",
+], ids=["PeftConfig", "PeftModel", "transformers.load_adapter"])
+def test_loading_without_import_tells_user_to_import_memvp_peft(tmp_path, load):
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    get_peft_model(base, memvp_config()).save_pretrained(tmp_path / "adapter")
+    script = f"FOLDER = {str(tmp_path / 'adapter')!r}; BASE = {str(tmp_path / 'base')!r}\n{load}\n"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert "MEMVP" in result.stderr
+    assert "pip install memvp-peft, then import memvp_peft" in result.stderr.strip().splitlines()[-1]
 
 
 def test_add_set_and_delete_adapter():
