@@ -36,8 +36,9 @@ from .layer import MERGE_ERROR, FFNMemoryLayer, KeyMemoryLayer, MemVPLayer, Valu
 from .scope import MemoryRuntime
 from ..vision import VisionEncoder
 from .memory import VisualMemory
-from .save_load import refuse_partitioned_tensors
+from .save_load import begin_in_place_save, refuse_partitioned_tensors
 from .injection_checks import check_before_injection
+from .input_tokens import check_cls_token_base
 from .load_checks import check_adapter_tensors
 from .lora_part import inject_lora, merge_lora_layers
 from .rollback import InjectionUndo
@@ -74,12 +75,14 @@ class MemVPModel(BaseTuner):
 
         `pixel_values` never reach the base model: on a VLM base the language model runs on the text alone.
         """
-        return call_with_memory(self._memvp_runtime, self.memvp_memory, underlying_forward(self.model), args, kwargs)
+        return call_with_memory(self._memvp_runtime, self.memvp_memory, underlying_forward(self.model), args, kwargs,
+                                self.model)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's `generate()`; the memory is computed once per call and read by every decode step."""
         install_entry(self.model, self._memvp_runtime, with_generate=False)  # see install_entry: decode steps enter here
-        return generate_with_memory(self._memvp_runtime, self.memvp_memory, self.model.generate, args, kwargs)
+        return generate_with_memory(self._memvp_runtime, self.memvp_memory, self.model.generate, args, kwargs,
+                                    self.model)
 
     @property
     def vision_encoder(self) -> Optional[Any]:
@@ -97,17 +100,7 @@ class MemVPModel(BaseTuner):
         return peft_config
 
     def _create_memory(self, adapter_name: str, config: MemVPConfig) -> None:
-        memory = VisualMemory(
-            visual_dim=config.visual_dim,
-            hidden_dim=config.projector_hidden_dim,
-            model_dim=model_hidden_size(self.model),
-            num_slots=config.num_memory_slots,
-            visual_scale=config.visual_scale,
-            key_init_std=config.key_init_std,
-            vision_layers=config.vision_num_layers or 0,
-            vision_adapter_dim=config.vision_adapter_dim,
-            vision_adapter_dropout=config.vision_adapter_dropout,
-        )
+        memory = VisualMemory.from_config(config, model_hidden_size(self.model))
         self.memvp_memory[adapter_name] = memory
         self._move_adapter_to_device_of_base_layer(adapter_name)
 
@@ -164,6 +157,7 @@ class MemVPModel(BaseTuner):
         undo = InjectionUndo(self, adapter_name)
         try:
             check_before_injection(self, model, config)
+            check_cls_token_base(model, config)
             replaced = self._attach_configured_encoder(config)
             lora_config = config.lora_peft_config()
             if lora_config is not None:
@@ -285,12 +279,15 @@ class MemVPModel(BaseTuner):
     def _get_adapter_state_dict(cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict,
                                 unwanted_adapter_names: list[str]) -> dict[str, torch.Tensor]:
         """peft's selection of this adapter's tensors, refused before any file is written if one is a 0-element
-        ZeRO-3 partition (see `save_load.py`)."""
+        ZeRO-3 partition (see `save_load.py`). When `PeftModel.save_pretrained` asks (it writes the weights next), the
+        folder's current adapter is set aside first, so a save killed before it finishes is undone
+        (`begin_in_place_save`)."""
         selected = super()._get_adapter_state_dict(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict,
             unwanted_adapter_names=unwanted_adapter_names,
         )
         refuse_partitioned_tensors(selected, f"adapter {adapter_name!r}")
+        begin_in_place_save(model, adapter_name)
         return selected
 
     @classmethod
@@ -328,6 +325,19 @@ class MemVPModel(BaseTuner):
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         self._check_merge_allowed()
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, *args: Any,
+                             **kwargs: Any) -> None:
+        """Refused by name (peft's LoRA-only method would otherwise fail with an unrelated AttributeError): a MemVP
+        adapter is no weight delta that sums -- its projector is non-linear (Linear -> SiLU -> Linear) and its keys
+        pass through the FFN's activation, so a weighted mix of two adapters' tensors reads neither image the way
+        either adapter learned."""
+        raise ValueError(
+            f"MemVP adapters cannot be combined with add_weighted_adapter (asked to mix {list(adapters)} into "
+            f"{adapter_name!r}): the visual memory is not a linear weight delta, so a weighted sum of two adapters' "
+            "projectors and position embeddings is not a mix of what they learned. Keep the adapters separate and "
+            "switch with set_adapter(), or train one adapter on both datasets."
+        )
 
     def merge_lora(self, safe_merge: bool = False) -> None:
         """Fold the LoRA part of the active adapter into the base weights; the visual memory keeps working.

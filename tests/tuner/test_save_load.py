@@ -75,6 +75,14 @@ def test_merge_and_unload_raises_clear_error():
     pm(input_ids=torch.randint(3, 64, (1, 4)), image_features=torch.randn(1, 2, 16))
 
 
+def test_add_weighted_adapter_is_refused_by_name_and_adds_nothing():
+    pm = get_peft_model(tiny_llama(), memvp_config())
+    pm.add_adapter("other", memvp_config())
+    with pytest.raises(ValueError, match="cannot be combined with add_weighted_adapter"):
+        pm.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")
+    assert set(pm.peft_config) == {"default", "other"} and set(pm.base_model.memvp_memory) == {"default", "other"}
+
+
 def test_unload_returns_the_untouched_base_model(batch):
     base = tiny_llama()
     reference = {k: v.clone() for k, v in base.state_dict().items()}
