@@ -68,6 +68,23 @@ def test_adapter_answers_and_writes_the_output_file(adapter, tmp_path, capsys):
     assert [json.loads(line)["image"] for line in target.read_text().splitlines()] == ["digits:0"]
 
 
+def test_an_adapter_holding_nan_is_refused_instead_of_answering(adapter, capsys):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(adapter / "adapter_model.safetensors")
+    weights["base_model.memvp_memory.value_pos"].fill_(float("nan"))
+    save_file(weights, adapter / "adapter_model.safetensors")
+    assert infer_main(["--adapter", str(adapter), "--image", "digits:0"]) == 2
+    assert "value_pos holds 640 NaN value(s)" in _error(capsys)
+
+
+def test_a_model_computing_nan_is_refused_instead_of_answering_an_empty_string(adapter, capsys):
+    """Finite weights and a finite visual_scale that overflows float32 in the first product: the scores are NaN."""
+    _edit_config(adapter, lambda data: data.update(visual_scale=1e38))
+    assert infer_main(["--adapter", str(adapter), "--image", "digits:0", "digits:1"]) == 2
+    assert "the model computed NaN/inf next-token scores for 2 question(s) (index 0, 1)" in _error(capsys)
+
+
 @pytest.mark.parametrize("text", ["{garbage", "[1, 2]", "null", '"MEMVP"', ""],
                          ids=["garbage", "list", "null", "string", "empty"])
 def test_adapter_config_that_is_not_a_json_object_is_one_error_naming_the_file(adapter, text, capsys):
