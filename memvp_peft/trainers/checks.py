@@ -131,13 +131,26 @@ def model_id(model: Any) -> str:
     return getattr(config, "_name_or_path", "") or ""
 
 
-def processor_of_model(trainer: str, model: Any) -> MemVPProcessor:
+def processor_of_model(trainer: str, model: Any, peft_config: Optional[PeftConfig] = None) -> MemVPProcessor:
     """Without `processing_class`, TRL loads the model folder's processor (a VLM's would expand `<image>`); MemVP's
-    reads the same folder."""
+    reads the same folder. A language model with `MemVPConfig(vision_encoder=<folder or Hub id>)` gets that encoder's
+    image processor: pixels must be prepared the way the encoder the memory reads was trained (size, mean, std)."""
     name = model_id(model)
     if not name:
         raise ValueError(
             f"{trainer}: the model was not loaded from a folder or Hub id, so there is no processor to load; pass "
             "processing_class=MemVPProcessor(image_processor, tokenizer)."
         )
-    return MemVPProcessor.from_pretrained(name)
+    encoder = _recorded_encoder(model, peft_config)
+    return MemVPProcessor.from_pretrained(name, image_processor=encoder)
+
+
+def _recorded_encoder(model: Any, peft_config: Optional[PeftConfig]) -> Optional[str]:
+    """The vision encoder a MemVP config names as a folder or Hub id (None for a VLM's own tower or an encoder built
+    in memory, whose image processor is the model folder's own or must be given)."""
+    if not isinstance(peft_config, MemVPConfig) and is_memvp_peft_model(model):
+        peft_config = model.peft_config[model.active_adapter]
+    encoder = getattr(peft_config, "vision_encoder", None)
+    if not isinstance(encoder, str) or encoder.startswith("<in-memory"):
+        return None
+    return encoder

@@ -56,7 +56,7 @@ class MemVPDPOTrainer(DPOTrainer):
         if data_collator is None:
             rows = first_rows([train_dataset, eval_dataset])
             if processing_class is None and has_images(rows):  # TRL would load the folder's own (a VLM's) processor
-                processing_class = processor_of_model(NAME, model)
+                processing_class = processor_of_model(NAME, model, peft_config)
             check_processor(NAME, processing_class, rows)
             check_no_precomputed_images(
                 NAME, rows, "Give the raw images as an 'images' column (one list per row) with MemVPProcessor."

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 from trl import SFTConfig, SFTTrainer
 
@@ -68,7 +69,7 @@ class MemVPSFTTrainer(SFTTrainer):
         elif data_collator is None:
             rows = first_rows([train_dataset, eval_dataset])
             if processing_class is None and has_images(rows):  # TRL would load the folder's own (a VLM's) processor
-                processing_class = processor_of_model(NAME, model)
+                processing_class = processor_of_model(NAME, model, peft_config)
             check_processor(NAME, processing_class, rows)
             check_no_precomputed_images(
                 NAME, rows,
@@ -79,6 +80,21 @@ class MemVPSFTTrainer(SFTTrainer):
             model, args=args, data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, **kwargs,
         )
+        _visual_memory_back_to_fp32(self.model)
+
+
+def _visual_memory_back_to_fp32(model: Any) -> None:
+    """On a quantised base TRL casts every trainable parameter to bf16 (QLoRA's recommendation for LoRA A/B). MemVP's
+    visual memory stays fp32 there, as on any quantised base (`MEMVP_SPEC.md`): `p_v` starts at zero and the
+    projector's output is scaled by lambda = 0.01, so bf16's 8-bit mantissa would round away the small early updates
+    of both. The LoRA part keeps TRL's bf16."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not (getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)):
+        return
+    tuner = getattr(model, "base_model", None)
+    for parameter in getattr(tuner, "memvp_memory", {}).parameters() if tuner is not None else ():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
 
 
 def _sft_config(args: Optional[Any], model: Any) -> SFTConfig:

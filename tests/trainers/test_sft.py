@@ -166,3 +166,41 @@ def test_trls_defaults_gradient_checkpointing_and_bf16_autocast_train_memvp(tmp_
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert "base_model.memvp_memory.default.projector.0.weight" in changed(before, trainer.model)
+
+
+def test_memvp_sft_trainer_takes_the_image_processor_of_the_encoder_folder_the_config_names(tmp_path):
+    tokenizer = word_tokenizer()
+    llm, clip = llm_and_encoder(tokenizer)
+    llm.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    clip.save_pretrained(tmp_path / "clip")
+    encoder_processor = clip_image_processor(32)
+    encoder_processor.image_mean = [0.25, 0.5, 0.75]  # the encoder's own normalisation, not any default
+    encoder_processor.save_pretrained(tmp_path / "clip")
+    llm = type(llm).from_pretrained(tmp_path / "llm")
+    trainer = MemVPSFTTrainer(
+        model=llm, peft_config=memvp_config(vision_encoder=str(tmp_path / "clip")), train_dataset=messages_dataset(),
+        args=trainer_args(SFTConfig, tmp_path / "out"),
+    )
+    assert list(trainer.processing_class.image_processor.image_mean) == [0.25, 0.5, 0.75]
+
+
+@pytest.mark.parametrize("trainer_class", [SFTTrainer, MemVPSFTTrainer])
+def test_on_a_4bit_base_memvp_sft_trainer_keeps_the_visual_memory_fp32_where_trl_casts_it_to_bf16(
+        tmp_path, trainer_class):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tokenizer = word_tokenizer()
+    llm, clip = llm_and_encoder(tokenizer)
+    llm.save_pretrained(tmp_path / "llm")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "llm", quantization_config=quantization, device_map="cpu")
+    trainer = trainer_class(
+        model=base, peft_config=memvp_config(vision_encoder=clip), train_dataset=messages_dataset(),
+        processing_class=MemVPProcessor(clip_image_processor(32), tokenizer), args=trainer_args(SFTConfig, tmp_path),
+    )
+    dtypes = {p.dtype for p in trainer.model.base_model.memvp_memory.parameters()}
+    assert dtypes == ({torch.float32} if trainer_class is MemVPSFTTrainer else {torch.bfloat16})
+    assert "base_model.memvp_memory.default.projector.0.weight" in train_and_list_changed(trainer)
