@@ -85,3 +85,70 @@ def test_an_array_with_nan_is_a_value_error():
 def test_an_array_of_unsupported_shape_is_a_value_error_naming_the_shape():
     with pytest.raises(ValueError, match="shape"):
         to_rgb_image(np.zeros((2, 4, 4, 4)))
+
+
+def _gradient_16_bit():
+    """A full-range 16-bit grey gradient, 0 .. 65535 left to right."""
+    return np.tile(np.linspace(0, 65535, 16).astype(np.uint16), (4, 1))
+
+
+@pytest.mark.parametrize("source", ["pil", "png file"])
+def test_a_16_bit_image_is_scaled_like_its_array_not_clipped_white(source, tmp_path):
+    from PIL import Image
+
+    gradient = _gradient_16_bit()
+    image = Image.fromarray(gradient)  # mode I;16
+    if source == "png file":
+        image.save(tmp_path / "gradient.png")
+        image = str(tmp_path / "gradient.png")
+    converted = np.asarray(to_rgb_image(image))
+    np.testing.assert_array_equal(converted, np.asarray(to_rgb_image(gradient)))
+    assert converted.min() == 0 and converted.max() == 255
+
+
+def test_a_32_bit_integer_image_is_scaled_like_its_array():
+    from PIL import Image
+
+    gradient = _gradient_16_bit().astype(np.int32) * 4
+    converted = np.asarray(to_rgb_image(Image.fromarray(gradient, mode="I")))
+    np.testing.assert_array_equal(converted, np.asarray(to_rgb_image(gradient)))
+
+
+def test_a_float_image_in_0_1_is_scaled_like_its_array_not_left_black():
+    from PIL import Image
+
+    ramp = np.tile(np.linspace(0.0, 1.0, 16, dtype=np.float32), (4, 1))
+    converted = np.asarray(to_rgb_image(Image.fromarray(ramp, mode="F")))
+    np.testing.assert_array_equal(converted, np.asarray(to_rgb_image(ramp)))
+    assert converted.max() == 255
+
+
+def _drawing():
+    """A black stroke on a fully transparent canvas (whose hidden colour is black, as drawing programs leave it)."""
+    canvas = np.zeros((8, 8, 4), dtype=np.uint8)
+    canvas[2:6, 3:5] = (0, 0, 0, 255)
+    return canvas
+
+
+def test_a_drawing_on_a_transparent_canvas_is_composited_over_white():
+    from PIL import Image
+
+    converted = np.asarray(to_rgb_image(Image.fromarray(_drawing(), mode="RGBA")))
+    assert (converted[2:6, 3:5] == 0).all()
+    assert (converted[:2] == 255).all() and (converted[:, :3] == 255).all()
+
+
+def test_half_transparent_pixels_blend_with_white():
+    from PIL import Image
+
+    black_at_three_alphas = np.array([[[0, 0], [0, 255], [0, 128]]], dtype=np.uint8)  # (1, 3, grey + alpha)
+    grey = np.asarray(to_rgb_image(Image.fromarray(black_at_three_alphas, mode="LA")))
+    assert grey[0, :, 0].tolist() == [255, 0, 127]
+
+
+def test_an_rgba_array_is_composited_over_white_like_the_pil_image():
+    from PIL import Image
+
+    from_array = np.asarray(to_rgb_image(_drawing()))
+    assert (from_array[:2] == 255).all() and (from_array[2:6, 3:5] == 0).all()
+    np.testing.assert_array_equal(from_array, np.asarray(to_rgb_image(Image.fromarray(_drawing(), mode="RGBA"))))
