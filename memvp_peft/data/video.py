@@ -8,8 +8,9 @@ Sampling: with more frames than `num_frames`, the video is cut into `num_frames`
 of each is taken (the usual uniform sampling of video-language models); with at most `num_frames` frames, every frame
 is kept, in order, and the remaining slots stay empty (`image_mask` False) -- no frame is invented.
 
-Video files are decoded with PyAV (`pip install memvp-peft[video]`: FFmpeg's libraries in a wheel), imported only
-when a file is read.
+A video file's frames are counted by decoding them, not read from its container's header, which may state none or
+a wrong number (`read_video_frames`). Video files are decoded with PyAV (`pip install memvp-peft[video]`: FFmpeg's
+libraries in a wheel), imported only when a file is read.
 """
 
 from __future__ import annotations
@@ -47,11 +48,27 @@ def _pyav():
     return av
 
 
+def _decode(av: Any, path: str, wanted: set[int]) -> tuple[list[Any], int]:
+    """Decode every frame of the file's first video stream: the frames whose index is in `wanted` as RGB PIL images
+    (in order), and how many frames the stream really holds."""
+    kept, total = [], 0
+    with av.open(path) as container:
+        if not container.streams.video:
+            return [], 0
+        for total, frame in enumerate(container.decode(container.streams.video[0]), start=1):
+            if total - 1 in wanted:
+                kept.append(frame.to_image().convert("RGB"))
+    return kept, total
+
+
 def read_video_frames(path: PathLike, num_frames: int) -> list[Any]:
     """The sampled frames of a video file as RGB PIL images (`sample_frame_indices` of its decoded frames).
 
-    A container that states its frame count is decoded up to the last frame wanted, keeping only those; one that
-    does not is decoded whole first. A file PyAV cannot open or that holds no video frames is a ValueError naming it.
+    The frames are counted by decoding them, never taken from the container's header: a header that states too few
+    frames would otherwise give the first frames instead of frames spread over the whole video, and one that states
+    none (Matroska) says nothing. The stated count only guesses which frames to keep on the one pass that counts;
+    when the count decoded differs, a second pass keeps the right ones. A file PyAV cannot open or that holds no
+    video frames is a ValueError naming it.
     """
     av = _pyav()
     path = os.fspath(path)
@@ -59,21 +76,15 @@ def read_video_frames(path: PathLike, num_frames: int) -> list[Any]:
         raise FileNotFoundError(f"video file not found: {path!r}")
     try:
         with av.open(path) as container:
-            stream = container.streams.video[0] if container.streams.video else None
-            total = int(stream.frames or 0) if stream is not None else 0
-            wanted = set(sample_frame_indices(total, num_frames)) if total else None
-            frames = []
-            for index, frame in enumerate(container.decode(stream) if stream is not None else ()):
-                if wanted is None or index in wanted:
-                    frames.append(frame.to_image().convert("RGB"))
-                if wanted is not None and len(frames) == len(wanted):
-                    break
+            stated = int(container.streams.video[0].frames or 0) if container.streams.video else 0
+        guess = sample_frame_indices(stated, num_frames) if stated else []
+        frames, total = _decode(av, path, set(guess))
+        if total and total != stated:
+            frames, _ = _decode(av, path, set(sample_frame_indices(total, num_frames)))
     except (av.error.FFmpegError, OSError) as exc:  # not a container FFmpeg reads, a damaged stream
         raise ValueError(f"cannot decode video file {path!r}: {type(exc).__name__}: {exc}") from exc
-    if not frames:
+    if not total:
         raise ValueError(f"video file {path!r} holds no video frames")
-    if wanted is None:
-        frames = [frames[i] for i in sample_frame_indices(len(frames), num_frames)]
     return frames
 
 

@@ -104,6 +104,29 @@ def test_a_video_file_is_decoded_and_sampled(tokenizer, tmp_path):  # noqa: F811
     torch.testing.assert_close(grey, torch.tensor([20.0, 70.0, 120.0, 170.0]), atol=4.0, rtol=0)
 
 
+def understate_avi_frame_count(path, stated: int) -> None:
+    """Rewrite an AVI file's headers (the main header's dwTotalFrames, the stream header's dwLength) to state
+    `stated` frames, leaving every frame in the file: a header that is wrong, as a damaged or hand-cut file's is."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    main, stream = data.find(b"avih"), data.find(b"strh")
+    data[main + 24:main + 28] = struct.pack("<I", stated)  # after the chunk size and 4 fields
+    data[stream + 40:stream + 44] = struct.pack("<I", stated)  # after the chunk size and 8 fields
+    path.write_bytes(bytes(data))
+
+
+def test_frames_are_spread_over_the_decoded_video_not_its_header_count(tokenizer, tmp_path):  # noqa: F811
+    av = pytest.importorskip("av")
+    write_video(tmp_path / "clip.avi", 16)
+    understate_avi_frame_count(tmp_path / "clip.avi", 4)
+    with av.open(str(tmp_path / "clip.avi")) as container:
+        assert container.streams.video[0].frames == 4  # what the header says; 16 frames decode
+    batch = featurizing(tokenizer, num_frames=4, image_folder=tmp_path)([record(video="clip.avi")])
+    grey = batch["image_features"][0, :, :, :4].mean(dim=(1, 2)) * 255
+    torch.testing.assert_close(grey, torch.tensor([20.0, 60.0, 100.0, 140.0]), atol=4.0, rtol=0)
+
+
 def test_a_missing_video_file_is_named(tokenizer, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match=r"record 0: missing video file: video file not found: .*nothing\.mp4"):
         featurizing(tokenizer, num_frames=4, image_folder=tmp_path)([record(video="nothing.mp4")])
