@@ -200,9 +200,19 @@ class VisionEncoder:
         return hook
 
     def features(
-        self, pixel_values: torch.Tensor, bottlenecks: Optional[nn.ModuleList] = None, scale: float = 0.0
-    ) -> torch.Tensor:
-        """(B, C, H, W) -> (B, N, hidden); gradients flow only into `bottlenecks` (the encoder stays frozen)."""
+        self, pixel_values: torch.Tensor, bottlenecks: Optional[nn.ModuleList] = None, scale: float = 0.0,
+        with_cls: bool = False,
+    ) -> Any:
+        """(B, C, H, W) -> (B, N, hidden); gradients flow only into `bottlenecks` (the encoder stays frozen).
+
+        `with_cls`: ((B, N, hidden), (B, hidden)), the second the CLS token of the same hidden state after the same
+        post-layernorm -- ADEM-VL's CLS input token (`tuner/input_tokens.py`); an encoder without one is refused."""
+        if with_cls and not self.has_cls:
+            raise ValueError(
+                f"MemVP: cls_token=True reads the encoder's CLS token, but {describe_encoder(self.model)!r} "
+                f"({type(self.model).__name__}) has none (SigLIP-style encoders keep only patches). Use a CLIP-style "
+                "encoder, or cls_token=False."
+            )
         reference = next(self.model.parameters())
         if reference.device != pixel_values.device:
             self.model.to(pixel_values.device)
@@ -212,13 +222,15 @@ class VisionEncoder:
             with torch.set_grad_enabled(torch.is_grad_enabled() and bottlenecks is not None):
                 outputs = self.model(pixel_values=pixel_values, output_hidden_states=True)
                 hidden = outputs.hidden_states[self.feature_layer]
+                cls = hidden[:, 0] if with_cls else None
                 if self.has_cls and self.select_strategy == "default":
                     hidden = hidden[:, 1:]
                 if self.post_layernorm is not None:
                     hidden = self.post_layernorm(hidden)
+                    cls = self.post_layernorm(cls) if with_cls else None
         finally:
             self._call.bottlenecks = None
-        return hidden
+        return (hidden, cls) if with_cls else hidden
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

@@ -89,7 +89,9 @@ def memvp_form(name: str, layout: tuple[int, int, str]) -> tuple[Callable[..., M
     if name == "memvp_pooled":
         return MemVPConfig, {**options, "pool_kernel": 2}
     if name == "memvp_adem":
-        return MemVPConfig.adem_vl, {**options, "multiscale_tokens": [tokens, tokens // 4]}
+        # ADEM-VL's memory on precomputed features: its CLS input token and CLIP adapters need an encoder's pixels
+        return MemVPConfig.adem_vl, {**options, "multiscale_tokens": [tokens, tokens // 4], "cls_token": False,
+                                     "vision_adapter_dim": 0}
     raise ValueError(f"{name!r} is no MemVP memory form; known: {', '.join(MEMVP_FORMS)}")
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from .targets import MEMORY_SIDES
 from .visual_layout import check_long_context, memory_tokens, parse_grid
+from .input_tokens import adem_vl_prefix_ids, check_cls_token
 from .model_card import write_model_card
 from .peft_type import MEMVP_PEFT_TYPE, MEMVP_STORED_NAME
 from .save_load import recover_adapter_folder
@@ -249,6 +250,28 @@ class MemVPConfig(PeftConfig):
             )
         },
     )
+    cls_token: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "ADEM-VL's CLS input token: the encoder's CLS feature, through a projector of its own, placed into the "
+                "input after each row's BOS token and `cls_token_prefix_ids`; rows without an image get "
+                "`cls_token_text_only_prefix_ids` instead (ADEM-VL: 'Image: ' and 'Image: N/A'). The rows grow by "
+                "the inserted tokens. Needs `pixel_values` and an encoder with a CLS token, one image per row, a "
+                "decoder-only base with a BOS token. False (default, MemVP): the sequence never grows."
+            )
+        },
+    )
+    cls_token_prefix_ids: Optional[list[int]] = field(
+        default=None,
+        metadata={"help": "With cls_token: the base tokenizer's ids of the text between BOS and the CLS token "
+                          "(ADEM-VL: 'Image: '; `input_tokens.adem_vl_prefix_ids(tokenizer)`); [] for none."},
+    )
+    cls_token_text_only_prefix_ids: Optional[list[int]] = field(
+        default=None,
+        metadata={"help": "With cls_token: the ids placed after BOS in rows without an image, which get no CLS token "
+                          "(ADEM-VL: 'Image: N/A'); [] for none."},
+    )
     lora_config: Optional[dict] = field(
         default=None,
         metadata={
@@ -278,25 +301,40 @@ class MemVPConfig(PeftConfig):
             self.lora_config = normalise_lora_config(self.lora_config)
         if isinstance(self.multiscale_tokens, tuple):
             self.multiscale_tokens = list(self.multiscale_tokens)
+        for name in ("cls_token_prefix_ids", "cls_token_text_only_prefix_ids"):
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
         if isinstance(self.target_modules, list):
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, set):
             self.exclude_modules = sorted(self.exclude_modules)
 
     @classmethod
-    def adem_vl(cls, **overrides: Any) -> "MemVPConfig":
-        """A config with ADEM-VL's memory form (arXiv 2410.17779; the authors' released defaults): multiscale slots
-        of the 16x16 CLIP grid plus its 8x8 pool (256 + 64 = 320 slots), the `silu(x) silu(K)^T` read, the lowest
-        10% of each token's scores dropped, no dropout on the scores, s = 0.1, lambda = 0.01. Any field can be
-        overridden, e.g. `multiscale_tokens=[16, 4]` and `num_memory_slots=20` for a 4x4 grid.
+    def adem_vl(cls, tokenizer: Any = None, **overrides: Any) -> "MemVPConfig":
+        """ADEM-VL's model (arXiv 2410.17779) with the authors' released defaults: multiscale slots of the 16x16 CLIP
+        grid plus its 8x8 pool (256 + 64 = 320 slots, exactly), the `silu(x) silu(K)^T` read, the lowest 10% of each
+        token's scores dropped, no dropout on the scores, s = 0.1, lambda = 0.01, bottleneck adapters of width 12 in
+        every CLIP block, and the CLS input token after 'Image: ' ('Image: N/A' in rows without an image).
 
-        (ADEM-VL also puts the projected CLS token into the *input* sequence; that input-space part is not MemVP's
-        memory and is left out here.)"""
+        The CLS token's prefixes are token ids of the base's tokenizer, so `tokenizer` is needed for it; without one,
+        pass `cls_token=False` (the memory form alone: ADEM-VL's read on `image_features` needs neither the CLS token
+        nor an encoder, so also `vision_adapter_dim=0` there). Any field can be overridden, e.g.
+        `multiscale_tokens=[16, 4]` and `num_memory_slots=20` for a 4x4 grid."""
         settings: dict[str, Any] = dict(
             multiscale_tokens=[256, 64], num_memory_slots=320, memory_read="adem", drop_ratio=0.1,
-            memory_dropout=0.0, memory_scale=0.1, visual_scale=0.01,
+            memory_dropout=0.0, memory_scale=0.1, visual_scale=0.01, vision_adapter_dim=12, cls_token=True,
         )
         settings.update(overrides)
+        if settings["cls_token"] and not all(
+            settings.get(name) is not None for name in ("cls_token_prefix_ids", "cls_token_text_only_prefix_ids")
+        ):
+            if tokenizer is None:
+                raise ValueError(
+                    "MemVPConfig.adem_vl: ADEM-VL's CLS input token follows 'Image: ' ('Image: N/A' without an "
+                    "image) in the base's own token ids: pass tokenizer=<the base's tokenizer>, or cls_token=False "
+                    "for ADEM-VL's memory alone."
+                )
+            settings = {**adem_vl_prefix_ids(tokenizer), **settings}
         return cls(**settings)
 
     def memory_tokens(self, tokens_per_image: int, images: int = 1) -> int:
@@ -433,6 +471,7 @@ class MemVPConfig(PeftConfig):
                 f"got {type(self.vision_encoder).__name__}."
             )
         check_long_context(self)
+        check_cls_token(self)
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("MemVPConfig.layers_pattern only makes sense together with layers_to_transform.")
         if self.layers_pattern is not None and not (

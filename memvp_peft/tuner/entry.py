@@ -30,6 +30,7 @@ from torch import nn
 
 from .checkpointing import wrap_checkpoint_function
 from .input_checks import VISUAL_INPUT_NAMES, infer_batch_size, values_checkable
+from .input_tokens import generate_grown, grown_call
 from .scope import ActiveCall, CallMemory, MemoryRuntime
 
 CALL_KWARG = "memvp_call"
@@ -119,9 +120,12 @@ def _disabled_kwargs(runtime: MemoryRuntime, pixel_values: Any, image_mask: Any,
 
 
 def call_with_memory(
-    runtime: MemoryRuntime, memories: nn.ModuleDict, forward: Callable, args: tuple, kwargs: dict
+    runtime: MemoryRuntime, memories: nn.ModuleDict, forward: Callable, args: tuple, kwargs: dict, owner: nn.Module
 ) -> Any:
-    """Run `forward(*args, **kwargs)` with this call's memory active (see the module docstring for which memory)."""
+    """Run `forward(*args, **kwargs)` with this call's memory active (see the module docstring for which memory).
+
+    A call that builds its memory for an adapter with `cls_token` also grows its input (`input_tokens.grown_call`,
+    with `owner`'s input embeddings); the decode steps of a `generate()` and nested entries inherit the grown input."""
     features, mask, pixels = _pop_visual_inputs(kwargs)
     pinned: Optional[CallMemory] = kwargs.pop(CALL_KWARG, None)
     if not runtime.enabled:
@@ -143,6 +147,8 @@ def call_with_memory(
         if not has_visual:
             _warn_if_training_without_images(runtime, memories)
         memory = runtime.build(memories, features, mask, pixels, batch_size)
+        if memory.cls_input is not None:
+            args, kwargs = grown_call(memory.cls_input, owner, args, kwargs)
     previous = runtime.activate(ActiveCall(memory, batch_size))
     try:
         return forward(*args, **kwargs)
@@ -151,7 +157,7 @@ def call_with_memory(
 
 
 def generate_with_memory(
-    runtime: MemoryRuntime, memories: nn.ModuleDict, generate: Callable, args: tuple, kwargs: dict
+    runtime: MemoryRuntime, memories: nn.ModuleDict, generate: Callable, args: tuple, kwargs: dict, owner: nn.Module
 ) -> Any:
     """Build the memory once and hand it to every decode step of this `generate()` call, and only to those.
 
@@ -165,6 +171,8 @@ def generate_with_memory(
     if pinned is None:
         _reject_image_placeholders(runtime, args, kwargs)
         pinned = runtime.build(memories, features, mask, pixels, infer_batch_size(args, kwargs))
+        if pinned.cls_input is not None:  # the prompt grows once, here; the decode steps read it as it is
+            return generate_grown(pinned.cls_input, owner, generate, args, {**kwargs, CALL_KWARG: pinned})
     elif features is not None or mask is not None or pixels is not None:
         raise ValueError("MemVP: generate() received visual inputs besides the memory of its own call.")
     return generate(*args, **kwargs, **{CALL_KWARG: pinned})
@@ -186,8 +194,8 @@ def _make_entry(method: str, inner_key: Optional[str]) -> Callable:
             return inner(*args, **kwargs)
         if method == "generate":
             install_entry(self, runtime, with_generate=False)  # decode steps must enter through ours (install_entry)
-            return generate_with_memory(runtime, runtime.memories, inner, args, kwargs)
-        return call_with_memory(runtime, runtime.memories, inner, args, kwargs)
+            return generate_with_memory(runtime, runtime.memories, inner, args, kwargs, self)
+        return call_with_memory(runtime, runtime.memories, inner, args, kwargs, self)
 
     return entry
 

@@ -7,7 +7,7 @@ layer), and `MemoryState` is the small immutable value that the layers read.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +52,15 @@ class VisualMemory(nn.Module):
         vision_layers: int = 0,
         vision_adapter_dim: int = 0,
         vision_adapter_dropout: float = 0.0,
+        cls_token: bool = False,
     ) -> None:
         super().__init__()
         self.visual_dim = visual_dim
         self.num_slots = num_slots
         self.visual_scale = visual_scale
         self.projector = build_projector(visual_dim, hidden_dim, model_dim)
+        # ADEM-VL's projector of the encoder's CLS feature into one input embedding (`input_tokens.py`)
+        self.cls_projector = build_projector(visual_dim, hidden_dim, model_dim) if cls_token else None
         self.key_pos = nn.Parameter(torch.empty(num_slots, model_dim))
         self.value_pos = nn.Parameter(torch.empty(num_slots, model_dim))
         self.key_init_std = key_init_std
@@ -71,8 +74,27 @@ class VisualMemory(nn.Module):
             else None
         )
 
+    @classmethod
+    def from_config(cls, config: Any, model_dim: int) -> "VisualMemory":
+        """The memory of a `MemVPConfig` on a model of width `model_dim`: what an injection creates and what a load
+        (or a checkpoint conversion) must fit, tensor by tensor."""
+        return cls(
+            visual_dim=config.visual_dim,
+            hidden_dim=config.projector_hidden_dim,
+            model_dim=model_dim,
+            num_slots=config.num_memory_slots,
+            visual_scale=config.visual_scale,
+            key_init_std=config.key_init_std,
+            vision_layers=config.vision_num_layers or 0,
+            vision_adapter_dim=config.vision_adapter_dim,
+            vision_adapter_dropout=config.vision_adapter_dropout,
+            cls_token=config.cls_token,
+        )
+
     def reset_parameters(self) -> None:
         init_projector(self.projector)
+        if self.cls_projector is not None:
+            init_projector(self.cls_projector)
         self._reset_position_embeddings()
 
     def _reset_position_embeddings(self) -> None:
@@ -98,6 +120,15 @@ class VisualMemory(nn.Module):
             projected = projected * (mask[:, None, None] if mask.dim() == 1 else mask[..., None])
         padded = F.pad(projected, (0, 0, 0, self.num_slots - projected.shape[1]))
         return MemoryState(padded + self.key_pos, padded + self.value_pos)
+
+
+    def project_cls(self, cls_features: torch.Tensor) -> torch.Tensor:
+        """(B, D_v) CLS features -> (B, 1, d) input embeddings: ADEM-VL's `adapter_proj_cls`, neither scaled by
+        lambda nor masked (rows without an image get no CLS token at all)."""
+        weight = self.cls_projector[0].weight
+        features = cls_features.to(weight.dtype)
+        check_cast_finite(features, cls_features.dtype, "the encoder's CLS feature")
+        return self.cls_projector(features)[:, None, :]
 
 
 class _MemoryStateFields(NamedTuple):

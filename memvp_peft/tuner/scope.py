@@ -25,12 +25,13 @@ Gradient checkpointing recomputes layers inside backward, after the call returne
 from __future__ import annotations
 
 import threading
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from .input_checks import validate_pixel_values, validate_visual_inputs
+from .input_tokens import ClsInput, cls_input_for
 from .memory import MemoryState
 from .visual_layout import arrange_visual_tokens, tile_for_adapter
 
@@ -38,10 +39,11 @@ from .visual_layout import arrange_visual_tokens, tile_for_adapter
 class CallMemory:
     """The keys/values of every active adapter for one forward or `generate()` call (immutable once built)."""
 
-    __slots__ = ("states",)
+    __slots__ = ("states", "cls_input")
 
-    def __init__(self, states: dict[str, MemoryState]) -> None:
+    def __init__(self, states: dict[str, MemoryState], cls_input: Optional[ClsInput] = None) -> None:
         self.states = states
+        self.cls_input = cls_input  # what the call inserts into its input (an adapter with cls_token): input_tokens.py
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for state in self.states.values() for t in state.tensors()]
@@ -128,12 +130,16 @@ class MemoryRuntime:
             raise ValueError("MemVP: pass either `pixel_values` or `image_features`, not both.")
         shared_features = {}  # per image_grid: adapters tiling alike share one encoding
         states = {}
-        for name in self.active_adapters:
-            if name not in memories:
-                continue
+        cls_input = None
+        active = [name for name in self.active_adapters if name in memories]
+        for name in active:
             config, memory = self.configs[name], memories[name]
             features, mask = image_features, image_mask
-            if pixel_values is not None:
+            cls_embeddings = None
+            if getattr(config, "cls_token", False):
+                features, cls_embeddings = self._with_cls_token(name, active, memory, features, pixel_values,
+                                                                batch_size)
+            elif pixel_values is not None:
                 pixels, mask = tile_for_adapter(pixel_values, image_mask, config, self.vision)  # visual_layout.py
                 if memory.vision_adapters is not None:
                     features = self._encode(pixels, batch_size, memory.vision_adapters, config.vision_adapter_scale)
@@ -147,11 +153,40 @@ class MemoryRuntime:
                 features, mask, batch_size, config.visual_dim, config.num_memory_slots
             )
             states[name] = memory(features, mask)
-        return CallMemory(states)
+            if getattr(config, "cls_token", False):  # the rows with an image: the checked per-token mask's first
+                cls_input = cls_input_for(config, cls_embeddings, None if mask is None else mask[:, 0])
+        return CallMemory(states, cls_input)
+
+    def _with_cls_token(self, name: str, active: list[str], memory: nn.Module, image_features: Any,
+                        pixel_values: Any, batch_size: Optional[int]) -> tuple[Any, Optional[torch.Tensor]]:
+        """The patch features of an adapter with `cls_token` and its projected CLS features (B, 1, d) from the same
+        encoding (`input_tokens.py`); (None, None) without visual inputs (every row then gets the text-only prefix)."""
+        config = self.configs[name]
+        if len(active) > 1:
+            raise ValueError(
+                f"MemVP: adapter {name!r} has cls_token=True, which changes the input sequence, and {len(active)} "
+                f"adapters are active ({active}); their calls cannot share one input layout. Activate one adapter."
+            )
+        if image_features is not None:
+            raise ValueError(
+                f"MemVP: adapter {name!r} has cls_token=True, which reads the encoder's CLS token; `image_features` "
+                "carry patch features only. Pass `pixel_values` (with the vision encoder attached)."
+            )
+        if pixel_values is None:
+            return None, None
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 5 and pixel_values.shape[1] != 1:
+            raise ValueError(
+                f"MemVP: adapter {name!r} has cls_token=True, which places one image's CLS token per row; "
+                f"pixel_values hold {pixel_values.shape[1]} images per row."
+            )
+        features, cls = self._encode(pixel_values, batch_size, memory.vision_adapters, config.vision_adapter_scale,
+                                     with_cls=True)
+        return features, memory.project_cls(cls)
 
     def _encode(
-        self, pixel_values: torch.Tensor, batch_size: Optional[int], adapters: Optional[nn.ModuleList], scale: float
-    ) -> torch.Tensor:
+        self, pixel_values: torch.Tensor, batch_size: Optional[int], adapters: Optional[nn.ModuleList], scale: float,
+        with_cls: bool = False,
+    ) -> Any:
         if self.vision is None:
             raise ValueError(
                 "MemVP: `pixel_values` were given but no vision encoder is attached. Set "
@@ -159,10 +194,11 @@ class MemoryRuntime:
                 "`memvp_peft.attach_vision_encoder(peft_model, encoder)`, or pass `image_features`."
             )
         pixels, images = validate_pixel_values(pixel_values, batch_size)
-        features = self.vision.features(pixels, adapters, scale)
+        features = self.vision.features(pixels, adapters, scale, with_cls=with_cls)
+        features, cls = features if with_cls else (features, None)
         if pixel_values.dim() == 5:
             features = features.reshape(pixel_values.shape[0], images, *features.shape[1:])
-        return features
+        return (features, cls) if with_cls else features
 
     # ------------------------------------------------------------------------------------------------ copy / pickle
 

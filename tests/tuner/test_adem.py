@@ -23,7 +23,9 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 
 
 def adem_config(**overrides):
-    settings = dict(visual_dim=VISUAL_DIM, multiscale_tokens=[16, 4], num_memory_slots=24, projector_hidden_dim=8)
+    """ADEM-VL's memory form on `image_features` (the CLS token and the CLIP adapters need an encoder)."""
+    settings = dict(visual_dim=VISUAL_DIM, multiscale_tokens=[16, 4], num_memory_slots=24, projector_hidden_dim=8,
+                    cls_token=False, vision_adapter_dim=0)
     settings.update(overrides)
     return MemVPConfig.adem_vl(**settings)
 
