@@ -140,7 +140,7 @@ class GrownInputs(NamedTuple):
     inputs_embeds: torch.Tensor  # (B, L, d)
     attention_mask: torch.Tensor  # (B, L)
     position_ids: torch.Tensor  # (B, L)
-    labels: Optional[torch.Tensor]  # (B, L), IGNORE_INDEX on the inserted and added positions
+    labels: Optional[torch.Tensor]  # (B, L), IGNORE_INDEX on the inserted and added positions and at BOS
 
 
 def grow_inputs(cls_input: ClsInput, embedding: nn.Module, input_ids: torch.Tensor,
@@ -190,7 +190,10 @@ def grow_inputs(cls_input: ClsInput, embedding: nn.Module, input_ids: torch.Tens
     ids = torch.where(padding, first_ids.expand_as(ids), ids)
     grown_labels = None
     if labels is not None:
-        grown_labels = labels.gather(1, source).masked_fill(padding | in_insertion, IGNORE_INDEX)
+        # BOS's label too: no token of its row precedes it (a position before it is padding, whose logits HF's
+        # shifted loss would otherwise score against it)
+        grown_labels = labels.gather(1, source).masked_fill(padding | in_insertion | (column == first[:, None]),
+                                                            IGNORE_INDEX)
     return GrownInputs(ids, embeds, grown_mask, position_ids, grown_labels)
 
 

@@ -153,3 +153,155 @@ def test_output_dir_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
     assert main([str(tmp_path / "memvp.pth"), str(tmp_path / "out")]) == 2
     assert "is a file" in capsys.readouterr().err
     assert (tmp_path / "out").read_text() == "my notes"
+
+
+# ---------------------------------------------------------------------------------------------------------- ADEM-VL
+
+LLAMA_VOCAB = 32000  # the prefix ids the converter records are the LLaMA tokenizer's
+ADEM_SLOTS = (16, 4)  # a tiny CLIP's 4x4 patch grid plus its 2x2 pool (their [256, 64] on CLIP-L)
+
+
+def adem_args(**overrides):
+    """The `args` ADEM-VL's train.py saves in every checkpoint (their README's ScienceQA command; slots scaled)."""
+    import argparse
+
+    values = dict(down_sample_num=list(ADEM_SLOTS), alpha=0.1, beta=0.01, drop_ratio=0.1, no_cls=False,
+                  adapter_dim=12, hidden_proj=8, max_seq_len=512, llm_model="7B", clip="ViT-L/14", dataset="sqa")
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def adem_checkpoint(path, d=32, dv=VISUAL_DIM, h=8, blocks=2, adapter_dim=12, with_cls=True, args=True, **arg_values):
+    """A checkpoint laid out as ADEM-VL's `save_model` writes it (DDP's `module.` prefix, fp16), random values."""
+    torch.manual_seed(3)
+    slots = sum(ADEM_SLOTS)
+    model = {
+        "adapter_proj.fc1.weight": torch.randn(h, dv) * 0.5, "adapter_proj.fc1.bias": torch.randn(h) * 0.1,
+        "adapter_proj.fc2.weight": torch.randn(d, h) * 0.5, "adapter_proj.fc2.bias": torch.randn(d) * 0.1,
+        "adapter_emb1": torch.randn(1, slots, d) * 0.5, "adapter_emb2": torch.randn(1, slots, d) * 0.5,
+    }
+    if with_cls:
+        model.update({"adapter_proj_cls.fc1.weight": torch.randn(h, dv) * 0.5,
+                      "adapter_proj_cls.fc1.bias": torch.randn(h) * 0.1,
+                      "adapter_proj_cls.fc2.weight": torch.randn(d, h) * 0.5,
+                      "adapter_proj_cls.fc2.bias": torch.randn(d) * 0.1})
+    for i in range(blocks):  # their set_Clip_Adapter puts one in every block (the last one never runs)
+        model[f"backbone.visual.transformer.resblocks.{i}.adapter_mlp.fc1.weight"] = torch.randn(adapter_dim, dv) * 0.3
+        model[f"backbone.visual.transformer.resblocks.{i}.adapter_mlp.fc2.weight"] = torch.randn(dv, adapter_dim) * 0.3
+    model = {f"module.{k}": v.half() for k, v in model.items()}
+    checkpoint = {"model": model, "optimizer": {}, "epoch": 19, "scaler": None}
+    if args:
+        checkpoint["args"] = adem_args(adapter_dim=adapter_dim, hidden_proj=h, no_cls=not with_cls, **arg_values)
+    torch.save(checkpoint, path)
+    return {"model": {k: v.float() for k, v in model.items()}, "args": checkpoint.get("args")}
+
+
+def adem_inputs():
+    """Three rows as their dataset pads them (BOS first, 0 after the text): two with an image, one without."""
+    generator = torch.Generator().manual_seed(11)
+    lengths = [9, 7, 5]
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, 0] = 1
+        ids[row, 1:length] = torch.randint(3, 64, (length - 1,), generator=generator)
+    indicators = [1, 0, 1]
+    images = torch.randn(3, 3, 32, 32, generator=generator) * torch.tensor(indicators).view(-1, 1, 1, 1)
+    return ids, lengths, indicators, images
+
+
+def test_adem_vl_checkpoint_converts_to_their_model_with_no_options(tmp_path):
+    """Their default model (CLS token, multiscale slots, drop, CLIP adapters), converted by the command line without
+    options, gives the logits and the loss of their forward (tests/reference_adem.py: written from their code)."""
+    from reference_adem import their_forward, their_loss
+
+    from memvp_peft import attach_vision_encoder
+    from memvp_peft.local_models import tiny_clip
+
+    checkpoint = adem_checkpoint(tmp_path / "adem.pth")
+    assert main([str(tmp_path / "adem.pth"), str(tmp_path / "out")]) == 0
+    config = memvp_peft.MemVPConfig.from_pretrained(tmp_path / "out")
+    assert (config.memory_read, config.multiscale_tokens, config.drop_ratio, config.memory_dropout) == (
+        "adem", list(ADEM_SLOTS), 0.1, 0.0)
+    assert (config.memory_scale, config.visual_scale, config.cls_token, config.vision_adapter_dim) == (0.1, 0.01, True, 12)
+
+    base, clip = tiny_llama(vocab_size=LLAMA_VOCAB), tiny_clip(hidden_size=VISUAL_DIM)
+    model = PeftModel.from_pretrained(tiny_llama(vocab_size=LLAMA_VOCAB), tmp_path / "out").eval()
+    attach_vision_encoder(model, clip)
+    ids, lengths, indicators, images = adem_inputs()
+    mask = (torch.arange(ids.shape[1])[None] < torch.tensor(lengths)[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=images,
+                    image_mask=torch.tensor(indicators, dtype=torch.bool))
+
+    prefix_img, prefix_nonimg = torch.tensor([7084, 29901, 29871]), torch.tensor([7084, 29901, 405, 29914, 29909])
+    padded = torch.nn.functional.pad(ids, (0, 8))  # their rows: padded with 0 to a fixed length
+    want, their_labels = their_forward(base, clip, checkpoint, padded, padded.clone(), images, indicators,
+                                       prefix_img, prefix_nonimg)
+    width = out.logits.shape[1] - ids.shape[1]
+    for row, length in enumerate(lengths):
+        grown = length + (len(prefix_img) + 1 if indicators[row] else len(prefix_nonimg))
+        extra = width - (grown - length)  # the shorter insertion is padded on the left
+        torch.testing.assert_close(out.logits[row, extra:extra + grown], want[row, :grown], rtol=0, atol=1e-4)
+    torch.testing.assert_close(out.loss, their_loss(want, their_labels), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("no_cls", [False, True])
+def test_adem_vl_settings_come_from_the_saved_args(tmp_path, no_cls):
+    adem_checkpoint(tmp_path / "adem.pth", with_cls=not no_cls, alpha=0.2, beta=0.05, drop_ratio=0.25)
+    config = convert_authors_checkpoint(str(tmp_path / "adem.pth"), str(tmp_path / "out"))
+    assert (config.memory_scale, config.visual_scale, config.drop_ratio, config.cls_token) == (0.2, 0.05, 0.25, not no_cls)
+    assert (config.cls_token_prefix_ids is None) == no_cls
+
+
+def test_adem_vl_checkpoint_without_its_args_is_refused(tmp_path, capsys):
+    adem_checkpoint(tmp_path / "adem.pth", args=False)
+    error = _convert_error(tmp_path, capsys, tmp_path / "adem.pth")
+    assert "ADEM-VL" in error and "drop_ratio" in error
+
+
+def test_adem_vl_flags_that_contradict_the_tensors_are_refused(tmp_path, capsys):
+    adem_checkpoint(tmp_path / "adem.pth", with_cls=True)
+    checkpoint = torch.load(tmp_path / "adem.pth", weights_only=False)
+    checkpoint["args"].no_cls = True
+    torch.save(checkpoint, tmp_path / "adem.pth")
+    assert "adapter_proj_cls" in _convert_error(tmp_path, capsys, tmp_path / "adem.pth")
+
+
+def test_trained_tensor_without_a_place_is_refused_not_dropped(tmp_path, capsys):
+    model = synthetic_checkpoint(tmp_path / "memvp.pth", blocks=0)
+    model["adapter_gate"] = torch.zeros(3)
+    torch.save({"model": model}, tmp_path / "memvp.pth")
+    assert "adapter_gate" in _convert_error(tmp_path, capsys, tmp_path / "memvp.pth")
+
+
+@pytest.mark.parametrize("key, shape", [
+    ("adapter_proj.fc1.bias", (5,)),  # the projector's hidden width is 8
+    ("backbone.visual.transformer.resblocks.1.adapter_mlp.fc1.weight", (4, VISUAL_DIM)),  # block 0's width is 3
+    ("backbone.visual.transformer.resblocks.1.adapter_mlp.fc2.weight", (VISUAL_DIM, 4)),
+])
+def test_tensor_that_would_not_load_is_refused_before_writing(tmp_path, capsys, key, shape):
+    model = synthetic_checkpoint(tmp_path / "bad.pth", blocks=2, adapter_dim=3)
+    model[key] = torch.zeros(shape)
+    torch.save({"model": model}, tmp_path / "bad.pth")
+    error = _convert_error(tmp_path, capsys, tmp_path / "bad.pth")
+    assert key in error and "would not load" in error
+
+
+@pytest.mark.parametrize("held", ["adapter_config.json", "memvp_cli.json", "checkpoint-100"])
+def test_folder_holding_a_run_is_refused_and_kept(tmp_path, capsys, held):
+    synthetic_checkpoint(tmp_path / "memvp.pth", blocks=0)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / held).write_text("a previous run")
+    assert main([str(tmp_path / "memvp.pth"), str(tmp_path / "out")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [held]
+    assert (tmp_path / "out" / held).read_text() == "a previous run"
+
+
+def test_empty_folder_is_converted_into(tmp_path):
+    synthetic_checkpoint(tmp_path / "memvp.pth", blocks=0)
+    (tmp_path / "out").mkdir()
+    convert_authors_checkpoint(str(tmp_path / "memvp.pth"), str(tmp_path / "out"))
+    assert PeftModel.from_pretrained(tiny_llama(), tmp_path / "out") is not None
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".memvp-converting-")]
