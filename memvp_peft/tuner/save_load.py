@@ -8,11 +8,24 @@ The rules live where peft asks each tuner for them, so importing memvp_peft chan
 * loading -- `MemVPModel._remap_adapter_state_dict_for_load` insists on every adapter tensor with the right shape
   (peft only warns about missing keys; for MemVP a missing projector would silently stay random).
 
-`PeftModel.save_pretrained` writes its files in place, one after the other (peft does so for every tuner): a kill
-between them leaves new weights next to the old `adapter_config.json`. Where a crash must never cost the previous
-adapter -- memvp-train, the Trainer recipe -- `save_adapter(model, folder)` saves the complete adapter into a staging
-folder *next to* the target (same filesystem), checks it, and then switches the whole folder at once; `atomic_saves`
-makes one PeftModel *instance* save that way, so the HF `Trainer` (which calls `model.save_pretrained`) does too.
+`PeftModel.save_pretrained` writes its files in place, one after the other (peft does so for every tuner): the
+weights file is truncated and rewritten, then `adapter_config.json`. Left alone, a kill in between leaves new weights
+next to the old config (or half a file). Two ways keep a MemVP adapter folder whole:
+
+* **peft's own save, undone unless finished** (every `PeftModel.save_pretrained` of a MemVP adapter, nothing to opt
+  into): peft asks the tuner for the adapter's tensors right before it writes them (`MemVPModel.
+  _get_adapter_state_dict`), and that is where `begin_in_place_save` sets the old adapter aside in an undo journal
+  `.memvp-undo-*` inside the folder -- a copy of the old `adapter_config.json` and the old weights file itself,
+  renamed in, so peft's truncating write lands in a new file. `MemVPConfig.save_pretrained`, which peft calls last,
+  switches the new config in with one rename and then drops the journal (`finish_in_place_save`): that is the moment
+  the new adapter wins. Until then, a load or the next save rolls the old files back first (`recover_adapter_folder`,
+  run by `MemVPConfig.from_pretrained` before peft reads the weights). The config in the folder is never written in
+  place, so peft's own first read of it (its `peft_type`) always finds whole JSON.
+* **Staged whole-folder saves**, where a crash must never cost the previous adapter and the folder holds more than
+  the adapter -- memvp-train, the Trainer recipe: `save_adapter(model, folder)` saves the complete adapter into a
+  staging folder *next to* the target (same filesystem), checks it, and then switches the whole folder at once;
+  `atomic_saves` makes one PeftModel *instance* save that way, so the HF `Trainer` (which calls
+  `model.save_pretrained`) does too.
 
 How the switch is made, and why:
 
@@ -34,7 +47,9 @@ How the switch is made, and why:
   `PeftModel.from_pretrained` calls before it reads any weights).
 
 Leftovers of killed saves (`.<name>.memvp-saving-*` beside the target, `.memvp-saving-*` inside it) are removed on
-the next save and before a load, unless their name says they belong to a save still running on this machine.
+the next save and before a load, and undo journals are rolled back, unless their name says they belong to a save
+still running on this machine. Every step of a recovery is a rename that is safe to repeat: a recovery killed half-way
+is finished by the next one.
 `check_adapter_folder` names the file when an adapter is incomplete; `adapter_model.bin`
 (`safe_serialization=False`) is accepted and read with `torch.load(weights_only=True)`, as peft loads it.
 """
@@ -49,10 +64,12 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 import types
 import zlib
-from typing import Any, Mapping, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
@@ -63,6 +80,7 @@ MODEL_CARD = "README.md"
 ADAPTER_FILES = (WEIGHTS_NAME, BIN_WEIGHTS_NAME, CONFIG_NAME)  # a new save drops the old ones it does not rewrite
 STAGING_PREFIX = ".memvp-saving-"
 READY_PREFIX = ".memvp-ready-"
+UNDO_PREFIX = ".memvp-undo-"
 MANIFEST = ".memvp-manifest.json"
 APPLYING_GRACE_S = 60.0  # a journal another machine touched more recently than this may still be being applied
 _HOST = format(zlib.crc32(socket.gethostname().encode()), "08x")
@@ -224,30 +242,60 @@ def _roll_forward(target: str, ready: str) -> None:
                 except FileNotFoundError:
                     pass
     _fsync_dir(target)
-    done = os.path.join(target, STAGING_PREFIX + os.path.basename(ready)[len(READY_PREFIX):])
+    _discard_journal(target, ready, READY_PREFIX)
+
+
+def _roll_back(target: str, undo: str) -> None:
+    """Put back the adapter an interrupted `PeftModel.save_pretrained` set aside (weights before config) and remove
+    the adapter files that save wrote where the old adapter had none; safe to repeat after a kill."""
     try:
-        os.rename(ready, done)  # one step from "to apply" to "garbage": a kill in the rmtree leaves no half marker
+        with open(os.path.join(undo, MANIFEST)) as handle:
+            kept = json.load(handle)
+    except FileNotFoundError:  # written before the rename to .memvp-undo-: gone only once undone (or by the user)
+        shutil.rmtree(undo, ignore_errors=True)
+        return
+    for name in sorted(ADAPTER_FILES, key=lambda file: file == CONFIG_NAME):
+        if name not in kept:
+            try:
+                os.remove(os.path.join(target, name))
+            except FileNotFoundError:
+                pass
+        elif os.path.lexists(os.path.join(undo, name)):  # else it was never set aside: the folder's one is the old
+            os.replace(os.path.join(undo, name), os.path.join(target, name))
+    _fsync_dir(target)
+    _discard_journal(target, undo, UNDO_PREFIX)
+
+
+def _discard_journal(target: str, journal: str, prefix: str) -> None:
+    """Remove a journal that has been applied: one rename from "to apply" to "garbage" (a kill in the rmtree then
+    leaves no half journal that a later recovery would apply again), then the garbage."""
+    done = os.path.join(target, STAGING_PREFIX + os.path.basename(journal)[len(prefix):])
+    try:
+        os.rename(journal, done)
     except OSError:
         return  # applied and renamed meanwhile by another process
     shutil.rmtree(done, ignore_errors=True)
 
 
 def recover_adapter_folder(folder: str, saving: bool = False) -> None:
-    """Finish a journalled save that a kill interrupted and remove staging leftovers of `folder` (see module docs).
+    """Finish a journalled save that a kill interrupted, undo an unfinished in-place peft save, and remove staging
+    leftovers of `folder` (see module docs).
 
-    Called by `save_adapter` before it saves and by `check_adapter_folder` / `MemVPConfig.from_pretrained` before a
-    load; a folder without leftovers is only listed, never written."""
+    Called by `save_adapter` and `begin_in_place_save` before they save and by `check_adapter_folder` /
+    `MemVPConfig.from_pretrained` before a load; a folder without leftovers is only listed, never written."""
     target = os.path.realpath(os.fspath(folder))
     if os.path.isdir(target):
         for name in sorted(os.listdir(target)):
             path = os.path.join(target, name)
-            if name.startswith(READY_PREFIX):
-                if not _may_be_running(name[len(READY_PREFIX):], path, saving, journal=True):
+            journal = next((prefix for prefix in (READY_PREFIX, UNDO_PREFIX) if name.startswith(prefix)), None)
+            if journal is not None:
+                if not _may_be_running(name[len(journal):], path, saving, journal=True):
                     try:
-                        _roll_forward(target, path)
+                        (_roll_forward if journal == READY_PREFIX else _roll_back)(target, path)
                     except (OSError, ValueError) as error:
+                        what = "completed" if journal == READY_PREFIX else "undone"
                         raise ValueError(
-                            f"{target} holds an interrupted MemVP save ({name}) that could not be completed: {error}"
+                            f"{target} holds an interrupted MemVP save ({name}) that could not be {what}: {error}"
                         ) from error
             elif name.startswith(STAGING_PREFIX):
                 if not _may_be_running(name[len(STAGING_PREFIX):], path, saving, journal=False):
@@ -299,14 +347,18 @@ def _files_under(folder: str) -> list:
     return sorted(found)
 
 
+def _fsync_file(path: str) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
 def _sync_files(folder: str, relatives: list) -> None:
     """Flush the new files to disk before they replace the old ones (a power cut must not leave empty files)."""
     for relative in relatives:
-        handle = os.open(os.path.join(folder, relative), os.O_RDONLY)
-        try:
-            os.fsync(handle)
-        finally:
-            os.close(handle)
+        _fsync_file(os.path.join(folder, relative))
     for root, _, _ in os.walk(folder):
         _fsync_dir(root)
 
@@ -393,6 +445,112 @@ def _staging_folder(target: str) -> str:
     except OSError:  # a parent we may not write, or a name too long for the prefix
         os.makedirs(target, exist_ok=True)
         return tempfile.mkdtemp(prefix=STAGING_PREFIX + _owner(), dir=target)
+
+
+# ------------------------------------------------------------------------------- peft's own save_pretrained, in place
+
+_UNDO_JOURNALS: dict = {}  # folder -> undo journal of the PeftModel.save_pretrained this process runs into it
+_UNDO_LOCK = threading.Lock()
+
+
+def _peft_save_folder(peft_model: Any, adapter_name: str) -> Optional[str]:
+    """The folder `PeftModel.save_pretrained` is about to write `adapter_name`'s files into, when that save of this
+    very model is what asks for the adapter's tensors now; None otherwise (another caller, a non-main process).
+
+    peft does not pass its folder down to the tuner, and asking the tuner for the tensors is the last moment before
+    it overwrites the weights; so the folder is read from that call's own arguments on the stack. The call is found
+    by its code object, not by name, and the folder rule is peft's: an adapter other than "default" goes into a
+    subfolder of its name."""
+    from peft import PeftModel
+
+    code = PeftModel.save_pretrained.__code__
+    frame = sys._getframe(1)
+    try:
+        while frame is not None:
+            if frame.f_code is code and frame.f_locals.get("self") is peft_model:
+                arguments = frame.f_locals
+                if not arguments.get("is_main_process", True):
+                    return None
+                folder = os.fspath(arguments["save_directory"])
+                return folder if adapter_name == "default" else os.path.join(folder, adapter_name)
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def begin_in_place_save(peft_model: Any, adapter_name: str) -> None:
+    """Set the folder's current adapter aside before `PeftModel.save_pretrained` overwrites it (module docstring).
+
+    Called by `MemVPModel._get_adapter_state_dict`, i.e. right before peft writes the weights; does nothing when that
+    is not a save of `peft_model` or the folder holds no adapter yet. The old config is copied (it stays in place, so
+    any reader always finds whole JSON), the old weights files are renamed into the journal (peft then writes a new
+    file instead of truncating the only copy). Until `finish_in_place_save` drops the journal, the next load or save
+    puts the old adapter back."""
+    folder = _peft_save_folder(peft_model, adapter_name)
+    if folder is None or not os.path.isdir(folder):
+        return
+    target = os.path.realpath(folder)
+    recover_adapter_folder(target, saving=True)  # an earlier save of this folder that was killed is undone first
+    old = [name for name in ADAPTER_FILES if os.path.isfile(os.path.join(target, name))]
+    if not old:
+        return
+    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX + _owner(), dir=target)
+    try:
+        if CONFIG_NAME in old:
+            shutil.copy2(os.path.join(target, CONFIG_NAME), os.path.join(staging, CONFIG_NAME))
+        with open(os.path.join(staging, MANIFEST), "w") as handle:
+            json.dump(old, handle)
+        _sync_files(staging, _files_under(staging))
+        undo = os.path.join(target, UNDO_PREFIX + os.path.basename(staging)[len(STAGING_PREFIX):])
+        os.rename(staging, undo)  # from here on, an unfinished save is undone
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing in the folder has changed
+        raise
+    _fsync_dir(target)
+    with _UNDO_LOCK:
+        _UNDO_JOURNALS[target] = undo
+    for name in old:
+        if name != CONFIG_NAME:
+            os.rename(os.path.join(target, name), os.path.join(undo, name))
+    _fsync_dir(target)
+
+
+def finish_in_place_save(folder: str) -> None:
+    """The new adapter wins: flush its weights and drop the undo journal `begin_in_place_save` made for `folder`.
+
+    Called by `MemVPConfig.save_pretrained` once the new `adapter_config.json` is in place (peft writes the config
+    last); does nothing for a folder this process is not saving into with peft."""
+    target = os.path.realpath(os.fspath(folder))
+    with _UNDO_LOCK:
+        undo = _UNDO_JOURNALS.pop(target, None)
+    if undo is None or not os.path.isdir(undo):
+        return
+    for name in (WEIGHTS_NAME, BIN_WEIGHTS_NAME):  # peft does not flush them; a power cut must not empty them
+        if os.path.isfile(os.path.join(target, name)):
+            _fsync_file(os.path.join(target, name))
+    _fsync_dir(target)
+    _discard_journal(target, undo, UNDO_PREFIX)
+
+
+@contextmanager
+def staging_folder_inside(folder: str) -> Iterator[str]:
+    """A fresh staging folder inside `folder` (created if missing), removed on exit; one a kill leaves behind is
+    removed by the next recovery of `folder`."""
+    os.makedirs(folder, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX + _owner(), dir=folder)
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_file(source: str, destination: str) -> None:
+    """Move a fully written file over `destination` in one step, flushed to disk first: a reader (and a kill) sees
+    the old file or the new one, never a truncated one."""
+    _fsync_file(source)
+    os.replace(source, destination)
+    _fsync_dir(os.path.dirname(os.path.abspath(destination)))
 
 
 def save_adapter(peft_model: Any, save_directory: str, *args: Any, **kwargs: Any) -> None:
