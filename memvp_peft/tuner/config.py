@@ -25,7 +25,8 @@ from .visual_layout import check_long_context, memory_tokens, parse_grid
 from .input_tokens import adem_vl_prefix_ids, check_cls_token
 from .model_card import write_model_card
 from .peft_type import MEMVP_PEFT_TYPE, MEMVP_STORED_NAME
-from .save_load import recover_adapter_folder
+from .save_load import (CONFIG_NAME, finish_in_place_save, recover_adapter_folder, replace_file,
+                        staging_folder_inside)
 from ..vision import SharedModuleRef, describe_encoder
 
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -349,11 +350,12 @@ class MemVPConfig(PeftConfig):
     ) -> "MemVPConfig":
         """peft's loading, plus a note of the folder on the config (not saved): injecting a config that came from a
         folder is the first half of a load, and a load refused in its second half (the weights) must undo it."""
-        if os.path.isdir(str(pretrained_model_name_or_path)):  # a save killed mid-way is finished first (save_load.py)
-            recover_adapter_folder(str(pretrained_model_name_or_path))
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         folder = str(pretrained_model_name_or_path)
-        config._memvp_source_folder = os.path.join(folder, subfolder) if subfolder else folder
+        source = os.path.join(folder, subfolder) if subfolder else folder
+        if os.path.isdir(source):  # a save killed mid-way is settled before peft reads a file (save_load.py)
+            recover_adapter_folder(source)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config._memvp_source_folder = source
         return config
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
@@ -364,16 +366,20 @@ class MemVPConfig(PeftConfig):
           folder without `import memvp_peft` fails in peft's lookup of that name, and the `KeyError` then says what
           to install and import instead of a bare `'MEMVP'`;
         * the model card gets its MemVP section (`model_card.py`): what the adapter is, how to load it, its base and
-          vision encoder."""
-        super().save_pretrained(save_directory, **kwargs)
-        path = os.path.join(save_directory, "adapter_config.json")
-        with open(path, encoding="utf-8") as handle:
-            stored = json.load(handle)
-        stored["peft_type"] = MEMVP_STORED_NAME
-        staged = path + ".memvp-tmp"
-        with open(staged, "w", encoding="utf-8") as handle:  # peft's own formatting, switched in by one rename
-            handle.write(json.dumps(stored, indent=2, sort_keys=True))
-        os.replace(staged, path)
+          vision encoder;
+        * the config is written beside the folder's and moved over it in one rename (peft itself opens the file for
+          writing in place: a kill there left an empty `adapter_config.json`), and only then does the new adapter win
+          over the old one peft's save set aside (`save_load.finish_in_place_save`)."""
+        with staging_folder_inside(save_directory) as staging:  # the config in the folder is only ever replaced
+            super().save_pretrained(staging, **kwargs)
+            path = os.path.join(staging, CONFIG_NAME)
+            with open(path, encoding="utf-8") as handle:
+                stored = json.load(handle)
+            stored["peft_type"] = MEMVP_STORED_NAME
+            with open(path, "w", encoding="utf-8") as handle:  # peft's own formatting
+                handle.write(json.dumps(stored, indent=2, sort_keys=True))
+            replace_file(path, os.path.join(save_directory, CONFIG_NAME))
+        finish_in_place_save(save_directory)  # the new adapter is whole: an interrupted save is no longer undone
         write_model_card(save_directory, self)
 
     @classmethod
