@@ -1,11 +1,14 @@
-"""SIGKILL at random moments of `save_adapter` over an adapter of another shape: the folder always loads as exactly
-the old or exactly the new adapter, and the next save leaves no staging leftovers behind.
+"""SIGKILL at random moments of a save over an adapter of another shape, and of the load that follows it: the folder
+always loads as exactly the old or exactly the new adapter, and the next save leaves no staging leftovers behind.
 
 The saving process is forked from the test process (nothing to import again, so each kill costs a fraction of a
-second) and saves two adapters of different `num_memory_slots` over each other in a loop until it is killed. After
-each kill the folder is loaded with plain `PeftModel.from_pretrained` and compared, tensor by tensor, with the adapter
-its config names. Two ways through the save are covered: the swap of the whole folder (the usual one) and the
-journalled in-place move used when the saving process works inside the folder."""
+second) and saves two adapters of different `num_memory_slots` over each other in a loop until it is killed. Then a
+forked process starts loading the folder -- which first finishes or undoes the interrupted save -- and is killed too,
+within the first milliseconds: often in the middle of that recovery (its base model is built before the fork). The folder is then loaded with plain
+`PeftModel.from_pretrained` and compared, tensor by tensor, with the adapter its config names. Three ways through a
+save are covered: peft's own `PeftModel.save_pretrained` (in place, made kill-safe by the tuner's hooks), and
+`save_adapter`'s swap of the whole folder (the usual one) and its journalled in-place move (used when the saving
+process works inside the folder)."""
 
 import json
 import multiprocessing
@@ -20,8 +23,8 @@ from peft.utils import get_peft_model_state_dict
 
 from memvp_peft import save_adapter
 
-KILLS = 24
-OLD_SLOTS, NEW_SLOTS = 8, 12
+KILLS = 50
+OLD_SLOTS, NEW_SLOTS = 8, 16
 
 
 def _adapter(slots, seed):
@@ -30,17 +33,25 @@ def _adapter(slots, seed):
     return pm
 
 
-def _save_forever(models, folder, work_inside):
+def _save_forever(models, folder, way):
     torch.set_num_threads(1)
-    if work_inside:
+    if way == "journal_in_place":
         os.chdir(folder)
     while True:
         for model in models:
-            save_adapter(model, folder)
+            if way == "peft_save_pretrained":
+                model.save_pretrained(folder)
+            else:
+                save_adapter(model, folder)
+
+
+def _load(base, folder):
+    torch.set_num_threads(1)
+    PeftModel.from_pretrained(base, folder)
 
 
 def _leftovers(folder):
-    inside = [name for name in os.listdir(folder) if name.startswith(".memvp")]
+    inside = [name for name in os.listdir(folder) if name.startswith(".memvp") or ".memvp-" in name]
     beside = [name for name in os.listdir(os.path.dirname(folder)) if ".memvp-" in name]
     return inside + beside
 
@@ -59,8 +70,8 @@ def _load_exactly_one_of(folder, references):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("work_inside", [False, True], ids=["folder_swap", "journal_in_place"])
-def test_sigkill_mid_save_leaves_exactly_the_old_or_the_new_adapter(tmp_path, work_inside):
+@pytest.mark.parametrize("way", ["peft_save_pretrained", "folder_swap", "journal_in_place"])
+def test_sigkill_mid_save_or_mid_recovery_leaves_exactly_the_old_or_the_new_adapter(tmp_path, way):
     folder = str(tmp_path / "adapter")
     old, new = _adapter(OLD_SLOTS, seed=1), _adapter(NEW_SLOTS, seed=2)
     references = {OLD_SLOTS: get_peft_model_state_dict(old), NEW_SLOTS: get_peft_model_state_dict(new)}
@@ -68,16 +79,22 @@ def test_sigkill_mid_save_leaves_exactly_the_old_or_the_new_adapter(tmp_path, wo
     (tmp_path / "adapter" / "notes.txt").write_text("kept")  # the user's files and folders survive every save
     (tmp_path / "adapter" / "checkpoint-1").mkdir()
     (tmp_path / "adapter" / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    base = tiny_llama()  # for the loads that are killed: built before they start, so they reach the recovery at once
     rng = random.Random(12)
     seen, mid_save = set(), 0
     context = multiprocessing.get_context("fork")
     for _ in range(KILLS):
-        saver = context.Process(target=_save_forever, args=([new, old], folder, work_inside), daemon=True)
+        saver = context.Process(target=_save_forever, args=([new, old], folder, way), daemon=True)
         saver.start()
         saver.join(rng.uniform(0.02, 0.4))
         saver.kill()  # SIGKILL: no finally, no cleanup
         saver.join()
         mid_save += bool(_leftovers(folder))
+        loader = context.Process(target=_load, args=(base, folder), daemon=True)  # killed in its recovery, or before
+        loader.start()
+        loader.join(rng.uniform(0.0, 0.02))
+        loader.kill()
+        loader.join()
         seen.add(_load_exactly_one_of(folder, references))
         assert (tmp_path / "adapter" / "notes.txt").read_text() == "kept"
         assert (tmp_path / "adapter" / "checkpoint-1" / "trainer_state.json").read_text() == "{}"
