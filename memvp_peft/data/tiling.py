@@ -4,15 +4,22 @@ then processed (resized to the encoder's input, or featurized) as an image of it
 The layout is the one the model uses for high-resolution `pixel_values` (`memvp_peft.vision_tiling`): per image, the
 overview first, then the tiles row by row (top left, top right, ..., bottom right for 2x2). Each becomes its own block
 of memory slots, told apart by the per-slot position embeddings, so the model sees exactly what it would see from
-tiling the pixels itself. The crops split the image into equal boxes (the last row/column takes the rounding), and the
-image processor resizes each to its input size -- a fixed grid, without LLaVA-NeXT's choice of grid by aspect ratio.
+tiling the pixels itself -- a fixed grid, without LLaVA-NeXT's choice of grid by aspect ratio.
+
+Every piece is square before the image processor sees it, because a processor that resizes the short side and
+center-crops (CLIP's, SigLIP's at crop size) keeps only the middle of a non-square piece: with `image_grid=(1, 4)` on a
+square image, each tile would be a 1:4 strip of which only the middle quarter reached the encoder. So, as LLaVA-NeXT
+does, the image is first padded (centred on black, its aspect kept) to a canvas of the grid's aspect (`grid_canvas`),
+whose rows x cols tiles are equal squares, each carrying its whole region. The overview is that canvas resized to a
+square, as the model's own tiling downscales the whole `rows*S x cols*S` input (LLaVA-NeXT likewise resizes the whole
+image to the encoder's square).
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-__all__ = ["check_grid", "tile_boxes", "tile_image"]
+__all__ = ["check_grid", "grid_canvas", "tile_boxes", "tile_image"]
 
 
 def check_grid(grid: Any, owner: str) -> tuple[int, int]:
@@ -42,11 +49,33 @@ def tile_boxes(width: int, height: int, grid: Sequence[int]) -> list[tuple[int, 
     ]
 
 
+def grid_canvas(image: Any, grid: Sequence[int]) -> Any:
+    """An RGB PIL image centred on a black canvas of `cols*T x rows*T` pixels, the smallest whose equal square tiles
+    (side `T`) hold the whole image without resizing it; the image itself when it already has that size."""
+    from PIL import Image
+
+    rows, cols = grid
+    width, height = image.size
+    side = max(-(-width // cols), -(-height // rows))
+    if (width, height) == (cols * side, rows * side):
+        return image
+    canvas = Image.new("RGB", (cols * side, rows * side))
+    canvas.paste(image, ((cols * side - width) // 2, (rows * side - height) // 2))
+    return canvas
+
+
 def tile_image(image: Any, grid: Sequence[int]) -> list[Any]:
-    """An RGB PIL image -> `[image, tile(0, 0), tile(0, 1), ...]`: 1 + rows x cols images. An image smaller than the
-    grid (fewer pixels than tiles along a side) is a ValueError: a tile would be empty."""
+    """An RGB PIL image -> `[overview, tile(0, 0), tile(0, 1), ...]`: 1 + rows x cols square images (module
+    docstring). An image smaller than the grid (fewer pixels than tiles along a side) is a ValueError: it has no
+    detail to tile."""
+    from PIL import Image
+
     rows, cols = grid
     width, height = image.size
     if width < cols or height < rows:
         raise ValueError(f"an image of {width}x{height} pixels cannot be cut into {rows}x{cols} tiles.")
-    return [image] + [image.crop(box) for box in tile_boxes(width, height, grid)]
+    canvas = grid_canvas(image, grid)
+    width, height = canvas.size
+    side = max(width, height)
+    overview = canvas if width == height else canvas.resize((side, side), Image.BICUBIC)
+    return [overview] + [canvas.crop(box) for box in tile_boxes(width, height, grid)]

@@ -58,6 +58,25 @@ def test_tiles_of_pixel_images_follow_the_processor(tokenizer, image_processor, 
     assert batch["pixel_values"].shape == (1, 3, 3, 32, 32)
 
 
+def test_the_tiles_of_a_grid_of_another_aspect_together_hold_the_whole_image(tokenizer, image_processor):  # noqa: F811
+    # (1, 4) on a square image: cut as it is, each tile is a 1:4 strip and the processor (short side resized, centre
+    # cropped) keeps only its middle quarter; on the padded canvas each tile is square and is kept whole
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    collator = MemVPDataCollator(tokenizer, image_processor, image_grid=(1, 4))
+    tiles = collator([record(image=image)])["pixel_values"][0, 1:]  # (4, 3, 32, 32)
+    side_by_side = torch.cat(list(tiles), dim=-1)  # the canvas: 128 wide, the image centred in it
+    whole = image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(side_by_side[..., 48:80], whole)
+
+
+def test_the_overview_of_a_wide_image_keeps_its_left_and_right_edges(tokenizer, image_processor):  # noqa: F811
+    image = np.zeros((16, 64), dtype=np.uint8)
+    image[:, :4] = image[:, -4:] = 255  # white bands at the left and right edges
+    collator = MemVPDataCollator(tokenizer, image_processor, image_grid=(1, 4))
+    overview = collator([record(image=image)])["pixel_values"][0, 0, 0]  # red channel, normalised: white > 0
+    assert bool((overview[:, 0] > 0).all()) and bool((overview[:, -1] > 0).all())
+
+
 def test_an_image_smaller_than_the_grid_is_refused_naming_the_record(tokenizer):  # noqa: F811
     with pytest.raises(ValueError, match=r"record 0: an image of 2x2 pixels cannot be cut into 3x3 tiles"):
         featurizing(tokenizer, image_grid=(3, 3))([record(image=np.ones((2, 2)))])
