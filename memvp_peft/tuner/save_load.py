@@ -289,7 +289,16 @@ def recover_adapter_folder(folder: str, saving: bool = False) -> None:
             path = os.path.join(target, name)
             journal = next((prefix for prefix in (READY_PREFIX, UNDO_PREFIX) if name.startswith(prefix)), None)
             if journal is not None:
-                if not _may_be_running(name[len(journal):], path, saving, journal=True):
+                running = _may_be_running(name[len(journal):], path, saving, journal=True)
+                if running and journal == UNDO_PREFIX and not saving:
+                    owner = name[len(UNDO_PREFIX):].split("-")[1]
+                    raise ValueError(
+                        f"{target} is being overwritten by PeftModel.save_pretrained in process {owner}, or that save "
+                        "failed and that process still runs: until the save finishes the folder holds neither "
+                        "adapter whole. Load it once the save has finished, or once that process has exited (the "
+                        "load then puts the previous adapter back)."
+                    )
+                if not running:
                     try:
                         (_roll_forward if journal == READY_PREFIX else _roll_back)(target, path)
                     except (OSError, ValueError) as error:

@@ -4,11 +4,11 @@ always loads as exactly the old or exactly the new adapter, and the next save le
 The saving process is forked from the test process (nothing to import again, so each kill costs a fraction of a
 second) and saves two adapters of different `num_memory_slots` over each other in a loop until it is killed. Then a
 forked process starts loading the folder -- which first finishes or undoes the interrupted save -- and is killed too,
-within the first milliseconds: often in the middle of that recovery (its base model is built before the fork). The folder is then loaded with plain
-`PeftModel.from_pretrained` and compared, tensor by tensor, with the adapter its config names. Three ways through a
-save are covered: peft's own `PeftModel.save_pretrained` (in place, made kill-safe by the tuner's hooks), and
-`save_adapter`'s swap of the whole folder (the usual one) and its journalled in-place move (used when the saving
-process works inside the folder)."""
+within the first milliseconds: often in the middle of that recovery (its base model is built before the fork). The
+folder is then loaded with plain `PeftModel.from_pretrained` and compared, tensor by tensor, with the adapter its
+config names. Three ways through a save are covered: peft's own `PeftModel.save_pretrained` (in place, made kill-safe
+by the tuner's hooks), and `save_adapter`'s swap of the whole folder (the usual one) and its journalled in-place move
+(used when the saving process works inside the folder)."""
 
 import json
 import multiprocessing
