@@ -242,6 +242,13 @@ class VisionEncoder:
         self._call = threading.local()
 
 
+def blocks_before_feature_layer(feature_layer: int, num_layers: int) -> int:
+    """How many encoder blocks the hidden state `feature_layer` comes out of (an index into the embeddings and one
+    state per block: -2 of 24 blocks is the output of block 22, after 23 blocks). A block beyond them never reaches
+    the features, so neither does its vision adapter: such adapters cannot train."""
+    return feature_layer % (num_layers + 1)
+
+
 def describe_encoder(model: nn.Module) -> str:
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     return name if name else f"<in-memory {type(model).__name__}>"
@@ -258,3 +265,26 @@ def vlm_vision_tower(model: nn.Module) -> Optional[nn.Module]:
 
 def is_vlm(model: Any) -> bool:
     return vlm_vision_tower(model) is not None and hasattr(model, "get_image_features")
+
+
+def vlm_modules_outside_language_model(model: nn.Module) -> list[str]:
+    """Qualified names of the modules of a VLM base that sit beside its language model: the vision tower and the
+    multi-modal projector (every sibling of the language model in the VLM's inner model). Empty for any other model.
+
+    Why they matter: MemVP runs a VLM's language model on the text alone; the tower runs frozen, without gradients,
+    to turn `pixel_values` into features (`VisionEncoder`), and the VLM's own projector never runs (MemVP's replaces
+    it). Trainable weights placed there would never get a gradient.
+    """
+    tower = vlm_vision_tower(model) if is_vlm(model) else None
+    if tower is None:
+        return []
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for owner_name, owner in model.named_modules():
+        children = dict(owner.named_children())
+        if any(child is tower for child in children.values()):
+            prefix = f"{owner_name}." if owner_name else ""
+            if decoder is None or all(child is not decoder for child in children.values()):
+                # the language model is not the tower's sibling: only the tower is known to be outside it
+                return [prefix + name for name, child in children.items() if child is tower]
+            return [prefix + name for name, child in children.items() if child is not decoder]
+    return []

@@ -279,8 +279,9 @@ class MemVPConfig(PeftConfig):
             "help": (
                 "Train LoRA together with the visual memory as ONE adapter: a `peft.LoraConfig` or its dict. LoRA is "
                 "injected first (it may target linears inside the FFNs that MemVP wraps), saved in the same "
-                "adapter_model.safetensors and restored by `PeftModel.from_pretrained`. Default None: MemVP only, as "
-                "in the paper."
+                "adapter_model.safetensors and restored by `PeftModel.from_pretrained`. It goes on the language "
+                "model only: on a VLM base never into the vision tower or projector, which MemVP runs without "
+                "gradients (the tower is adapted by `vision_adapter_dim`). Default None: MemVP only, as in the paper."
             )
         },
     )

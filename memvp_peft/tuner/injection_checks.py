@@ -4,7 +4,8 @@ Injection changes the caller's model in place (wrappers, hooks, frozen parameter
 changing it is refused here, first, with a ValueError that names the setting and what the model has: the base depth
 an adapter was made for, `layers_pattern` / `layers_to_transform` against the model's layer stacks, a
 `vision_encoder` folder that is not there, an adapter folder without readable weights, and targets that are no FFN
-block (`targets.check_ffn_targets`). What can only fail later is rolled back (`rollback.py`).
+block (`targets.check_ffn_targets`), `modules_to_save` that a VLM base never runs with gradients. What can only
+fail later is rolled back (`rollback.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..hub import is_hub_id
+from ..vision import vlm_modules_outside_language_model
 from .config import MemVPConfig
 from .save_load import BIN_WEIGHTS_NAME, CONFIG_NAME, WEIGHTS_NAME, adapter_weights_file, check_adapter_file_complete
 from .targets import check_ffn_targets, find_layer_stacks
@@ -119,6 +121,32 @@ def check_source_folder(config: MemVPConfig) -> None:
     check_adapter_file_complete(weights)
 
 
+def check_modules_to_save(model: nn.Module, config: MemVPConfig) -> None:
+    """`modules_to_save` (the adapter's, or its `lora_config`'s) must not name a VLM base's vision tower or projector
+    (or a module inside them): MemVP runs the tower frozen and without gradients and never runs the projector, so the
+    trainable copy peft makes of such a module would be counted as trainable and saved but never change. Names are
+    matched as peft's `_set_trainable` matches them (a module whose qualified name ends with one)."""
+    outside = tuple(prefix + "." for prefix in vlm_modules_outside_language_model(model))
+    requests = {
+        "modules_to_save": config.modules_to_save,
+        "lora_config.modules_to_save": (config.lora_config or {}).get("modules_to_save"),
+    }
+    for field_name, names in requests.items():
+        if not outside or not names:
+            continue
+        dead = [
+            key for key, _ in model.named_modules()
+            if (key + ".").startswith(outside) and any(key.endswith(name) for name in names)
+        ]
+        if dead:
+            raise ValueError(
+                f"MemVP: {field_name}={list(names)} names {dead[0]}, outside the language model of this VLM base: "
+                "MemVP runs the vision tower frozen and without gradients and never runs the VLM's projector, so it "
+                "would never train. Name language-model modules only (e.g. lm_head); to adapt the vision tower, set "
+                "MemVPConfig(vision_adapter_dim=...)."
+            )
+
+
 def matched_targets(tuner: Any, model: nn.Module, config: MemVPConfig) -> list[tuple[str, nn.Module]]:
     """The modules peft's own matching will wrap for `config` (the modules of other adapters' layers excepted)."""
     owned = [key + "." for key, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
@@ -135,5 +163,6 @@ def check_before_injection(tuner: Any, model: nn.Module, config: MemVPConfig) ->
     check_depth(model, config)
     check_layer_selection(model, config)
     check_source_folder(config)
+    check_modules_to_save(model, config)
     tuner._prepare_adapter_config(config, {})
     check_ffn_targets(model, matched_targets(tuner, model, config), config.activation)

@@ -34,7 +34,7 @@ from .entry import (
 from .config import MemVPConfig
 from .layer import MERGE_ERROR, FFNMemoryLayer, KeyMemoryLayer, MemVPLayer, ValueMemoryLayer
 from .scope import MemoryRuntime
-from ..vision import VisionEncoder
+from ..vision import VisionEncoder, blocks_before_feature_layer
 from .memory import VisualMemory
 from .save_load import begin_in_place_save, refuse_partitioned_tensors
 from .injection_checks import check_before_injection
@@ -237,11 +237,15 @@ class MemVPModel(BaseTuner):
     # ---------------------------------------------------------------------------------------------------- trainability
 
     def _sync_memory_trainability(self, inference_mode: bool = False) -> None:
+        """The active adapters' memories train; within them, the vision adapters of encoder blocks past the feature
+        layer stay frozen (with the paper's penultimate block, the last block's): no gradient ever reaches them."""
         for name, memory in self.memvp_memory.items():
-            trainable = (
-                name in self.active_adapters and not inference_mode and not self.peft_config[name].inference_mode
-            )
+            config = self.peft_config[name]
+            trainable = name in self.active_adapters and not inference_mode and not config.inference_mode
             memory.requires_grad_(trainable)
+            if trainable and memory.vision_adapters is not None:
+                reached = blocks_before_feature_layer(config.vision_feature_layer, len(memory.vision_adapters))
+                memory.vision_adapters[reached:].requires_grad_(False)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
