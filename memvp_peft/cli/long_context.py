@@ -1,6 +1,7 @@
 """`memvp-train`'s long-context options: tiles (`--image_grid`), frames (`--num_frames`), memory compression
-(`--pool_kernel`, `--pool_tokens`, `--multiscale_tokens`) and ADEM-VL's read (`--memory_read adem`, `--drop_ratio`),
-and the built-in digit-layout tasks that need them (`digits-grid`, `digits-grid-3x3`, `digits-sequence`).
+(`--pool_kernel`, `--pool_tokens`, `--multiscale_tokens`), ADEM-VL's read (`--memory_read adem`, `--drop_ratio`) and
+its whole model (`--preset adem-vl`), and the built-in digit-layout tasks that need them (`digits-grid`,
+`digits-grid-3x3`, `digits-sequence`).
 
 One place decides how a run lays out its visual input, so the collator (which tiles / samples the images), the
 `MemVPConfig` (which records the layout and sizes the memory) and `memvp_cli.json` (which `memvp-infer` rebuilds the
@@ -9,6 +10,7 @@ collator from) never disagree.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Optional
 
@@ -79,3 +81,57 @@ def default_slots(config_class: Any, fields: dict[str, Any], tokens_per_image: i
     probe = config_class(**fields)
     tokens = probe.memory_tokens(tokens_per_image, fields["num_frames"] or 1)
     return max(tokens + 16, math.ceil(tokens * 1.25))
+
+
+#: `--preset adem-vl`: the options ADEM-VL's released model sets (the authors' README commands) that are not the
+#: options' own defaults; the multiscale slots and the CLS token follow from the encoder and the tokenizer
+ADEM_VL_OPTIONS = {"memory_read": "adem", "drop_ratio": 0.1, "memory_dropout": 0.0, "memory_scale": 0.1,
+                   "visual_scale": 0.01, "vision_adapter_dim": 12}
+#: options a preset fixes as a whole: the layout and compression it brings
+_PRESET_LAYOUT = ("multiscale_tokens", "pool_tokens", "image_grid", "num_frames", "cache_image_features")
+
+
+def check_preset(options: Any) -> None:
+    """`--preset adem-vl` refused with what it cannot be combined with, before anything loads: an option it sets
+    given another value (the preset is ADEM-VL's model as released: for a variation, give the options one by one),
+    a layout or compression of its own, the feature cache (the CLIP adapters change the features), a dataset read as
+    digit patches (the CLS token needs an encoder's pixels)."""
+    if options.preset is None:
+        return
+    defaults = {item.name: item.default for item in dataclasses.fields(options)}
+    changed = [name for name in ADEM_VL_OPTIONS if getattr(options, name) not in (defaults[name], ADEM_VL_OPTIONS[name])]
+    changed += [name for name in _PRESET_LAYOUT if getattr(options, name) not in (None, defaults[name])]
+    changed += ["pool_kernel"] if options.pool_kernel != 1 else []
+    if changed:
+        raise ValueError(
+            f"--preset {options.preset} sets ADEM-VL's model as released ({ADEM_VL_OPTIONS}, multiscale slots of the "
+            f"encoder's grid, the CLS input token); {', '.join('--' + name for name in changed)} would change it: "
+            "drop them, or give ADEM-VL's options one by one instead of the preset."
+        )
+    if reads_digit_patches(options.dataset) and not options.vision_model_name_or_path:
+        raise ValueError(f"--preset {options.preset} puts the encoder's CLS token into the input; dataset "
+                         f"{options.dataset!r} is read as digit patches without an encoder: pass "
+                         "--vision_model_name_or_path (a CLIP-style encoder).")
+
+
+def preset_fields(options: Any, tokens_per_image: int, tokenizer: Any, kind: str,
+                  pixels: bool) -> dict[str, Any]:
+    """The `MemVPConfig` fields `--preset adem-vl` sets ({} without a preset): ADEM-VL's read, drop, scales and CLIP
+    adapters, multiscale slots of the encoder's grid and its half-side pool (CLIP-L's 16x16: their [256, 64]), and
+    the CLS token after the tokenizer's 'Image: ' ('Image: N/A' without an image); `num_memory_slots` then defaults
+    to exactly the visual slots, as ADEM-VL sizes its memory (no +25%)."""
+    from ..tuner.input_tokens import adem_vl_prefix_ids
+    from ..tuner.visual_layout import square_side
+
+    if options.preset is None:
+        return {}
+    if kind == "seq2seq" or not pixels:
+        what = "a seq2seq base" if kind == "seq2seq" else "visual input without an encoder"
+        raise ValueError(f"--preset {options.preset} places the encoder's CLS token after the BOS token of a "
+                         f"decoder-only model; this run has {what}.")
+    side = square_side(tokens_per_image)
+    if side is None:
+        raise ValueError(f"--preset {options.preset} pools the encoder's square patch grid; an image has "
+                         f"{tokens_per_image} patch tokens.")
+    scales = [tokens_per_image, (side // 2) ** 2] if side > 1 else [tokens_per_image]
+    return {**ADEM_VL_OPTIONS, "multiscale_tokens": scales, "cls_token": True, **adem_vl_prefix_ids(tokenizer)}

@@ -94,6 +94,14 @@ def _normalization(value: Any) -> bool:
     return value in IMAGE_NORMALIZATIONS
 
 
+#: `--preset`: ADEM-VL's released model (`long_context.preset_fields`)
+PRESETS = ("adem-vl",)
+
+
+def _preset(value: Any) -> bool:
+    return value in PRESETS
+
+
 def _name(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
@@ -147,6 +155,7 @@ class TrainOptions:
     multiscale_tokens: Optional[str] = field(default=None, metadata={"help": "ADEM-VL's multiscale slots, comma-separated token counts (e.g. 256,64: the 16x16 grid plus its 8x8 pool)."})
     memory_read: str = field(default="memvp", metadata={"help": "'memvp' (act(x K^T) V, the paper) or 'adem' (ADEM-VL: silu(x) silu(K)^T V)."})
     drop_ratio: float = field(default=0.0, metadata={"help": "ADEM-VL: zero the lowest fraction of each token's memory scores before V (ADEM-VL: 0.1; 0 = off)."})
+    preset: Optional[str] = field(default=None, metadata={"help": "'adem-vl': ADEM-VL's model as released -- its read, drop 0.1, no memory dropout, CLIP adapters of width 12, multiscale slots of the encoder's grid plus its half-side pool, exactly that many memory slots, and the CLS input token after 'Image: ' (needs a CLIP-style encoder and a decoder-only base)."})
     # ------------------------------------------------------------------ LoRA
     lora_rank: int = field(default=0, metadata={"help": "Add LoRA of this rank to the same adapter (0 = MemVP only, as in the paper)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
@@ -189,6 +198,7 @@ class TrainOptions:
             "max_length": (_positive, "> 0"),
             "eval_fraction": (_open_fraction, "in (0, 1)"),
             "image_normalization": (_normalization, f"one of {IMAGE_NORMALIZATIONS}"),
+            "preset": (_preset, f"one of {PRESETS}"),
             "train_split": (_name, "a split name such as 'train'"),
             "lora_rank": (_non_negative, ">= 0 (0 = no LoRA)"),
             "lora_alpha": (_positive, "> 0"),

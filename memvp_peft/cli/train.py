@@ -35,7 +35,8 @@ from .answering import accuracy, generate_answers
 from .base_loading import load_base
 from .collating import build_collator, chat_template_choice, collation_record, encoder_image_processor
 from .feature_caching import cached_collator, check_cache_request
-from .long_context import default_slots, embedded_corpus, memory_fields, reads_digit_patches, visual_layout
+from .long_context import (check_preset, default_slots, embedded_corpus, memory_fields, preset_fields,
+                           reads_digit_patches, visual_layout)
 from .options import TrainOptions, run_command
 from .record import CLI_RECORD, write_cli_record
 
@@ -87,13 +88,19 @@ def visual_setup(options: TrainOptions, model, kind: str):
     )
 
 
-def memvp_config(options: TrainOptions, visual_dim: int, tokens: int, encoder, kind: str):
+def memvp_config(options: TrainOptions, visual_dim: int, tokens: int, encoder, kind: str, tokenizer=None):
+    """The run's `MemVPConfig`; `--preset`'s fields (`long_context.preset_fields`, the CLS token's ids from
+    `tokenizer`) replace the options'."""
     from peft import LoraConfig
 
     from ..tuner.config import MemVPConfig
 
     layout = memory_fields(options, visual_layout(options))  # tiles, frames, compression, read (long_context.py)
+    preset = preset_fields(options, tokens, tokenizer, kind, encoder is not None or kind == "vlm")  # --preset
+    layout.update({name: value for name, value in preset.items() if name in layout})
     slots = options.num_memory_slots
+    if slots is None and preset:  # ADEM-VL's memory holds exactly the visual slots
+        slots = MemVPConfig(**layout).memory_tokens(tokens)
     if slots is None:  # not `or`: an explicit 0 is MemVPConfig's to refuse (the CLI refuses it first), not "default"
         slots = default_slots(MemVPConfig, layout, tokens)
     lora = None
@@ -101,7 +108,7 @@ def memvp_config(options: TrainOptions, visual_dim: int, tokens: int, encoder, k
         targets = [t.strip() for t in options.lora_target.split(",") if t.strip()] if options.lora_target else None
         lora = LoraConfig(r=options.lora_rank, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
                           target_modules=targets)
-    return MemVPConfig(
+    settings = dict(
         visual_dim=visual_dim,
         num_memory_slots=slots,
         projector_hidden_dim=options.projector_hidden_dim,
@@ -114,6 +121,7 @@ def memvp_config(options: TrainOptions, visual_dim: int, tokens: int, encoder, k
         task_type="SEQ_2_SEQ_LM" if kind == "seq2seq" else "CAUSAL_LM",
         **layout,
     )
+    return MemVPConfig(**{**settings, **preset})
 
 
 # ------------------------------------------------------------------------------------------------------ the run folder
@@ -153,6 +161,7 @@ def check_request(options: TrainOptions) -> list[str]:
     if options.vision_model_name_or_path:
         check_model_source(options.vision_model_name_or_path, "vision_model_name_or_path")
     check_cache_request(options)  # --cache_image_features with vision adapters (they change the features)
+    check_preset(options)  # --preset adem-vl with an option it sets otherwise
     return check_output_dir(options)
 
 
@@ -300,7 +309,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
     processor, input_name, visual_dim, tokens, encoder = visual_setup(options, model, kind)
     if options.load_in_4bit:  # checkpointing is the Trainer's (activation_checkpointing below), as without 4-bit
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = memvp_config(options, visual_dim, tokens, encoder, kind)
+    config = memvp_config(options, visual_dim, tokens, encoder, kind, tokenizer=tokenizer)
     with without_peft_probe_warning():
         peft_model = get_peft_model(model, config, revision=options.revision)  # refuses an unknown --lora_target
     peft_model.print_trainable_parameters()
