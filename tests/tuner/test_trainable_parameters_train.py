@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import VISUAL_DIM, VOCAB, memvp_config, tiny_llama
+from conftest import VISUAL_DIM, memvp_config, tiny_llama
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from pristine import assert_untouched
@@ -141,7 +141,8 @@ def test_lora_in_a_memvp_adapter_stays_out_of_the_vision_tower(tmp_path):
     model = get_peft_model(tiny_llava(), memvp_config(num_memory_slots=16, lora_config=lora(["q_proj", "v_proj"])))
     inner = model.get_base_model().model
     lora_modules = sorted(name for name, m in inner.named_modules() if isinstance(m, LoraLayer))
-    assert lora_modules == [f"language_model.layers.{i}.self_attn.{proj}" for i in (0, 1) for proj in ("q_proj", "v_proj")]
+    assert lora_modules == [f"language_model.layers.{i}.self_attn.{proj}"
+                            for i in (0, 1) for proj in ("q_proj", "v_proj")]
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert not any("vision_tower" in key or "multi_modal_projector" in key for key in saved)
@@ -162,7 +163,7 @@ def test_all_linear_lora_on_a_vlm_covers_the_language_model_only():
                                                       r"model.multi_modal_projector, outside the language model"),
     (dict(lora_config=lora(["q_proj"], modules_to_save=["vision_tower"])),
      r"lora_config.modules_to_save=\['vision_tower'\] names model.vision_tower, outside the language model"),
-])
+], ids=["lora_in_the_tower", "lora_in_the_projector", "modules_to_save", "lora_modules_to_save"])
 def test_trainable_weights_only_outside_the_language_model_of_a_vlm_are_refused(fields, message):
     vlm = tiny_llava()
     pristine = copy.deepcopy(vlm)
@@ -182,6 +183,7 @@ def test_vision_adapters_of_blocks_past_the_feature_layer_are_not_trainable(feat
     and not counted as trainable."""
     model = get_peft_model(tiny_llama(), with_encoder(clip(), vision_adapter_dim=4, vision_feature_layer=feature_layer))
     adapters = model.base_model.memvp_memory["default"].vision_adapters
-    assert [i for i, adapter in enumerate(adapters) if all(p.requires_grad for p in adapter.parameters())] == trained_blocks
+    trained = [i for i, adapter in enumerate(adapters) if all(p.requires_grad for p in adapter.parameters())]
+    assert trained == trained_blocks
     assert all(not p.requires_grad for i, adapter in enumerate(adapters) if i not in trained_blocks
                for p in adapter.parameters())
