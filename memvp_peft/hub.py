@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator
 from typing import Optional
 
-__all__ = ["check_model_source", "hub_errors", "is_hub_id", "is_offline", "not_resolved_message"]
+__all__ = ["check_model_source", "hub_errors", "is_hub_id", "is_offline", "not_resolved_message", "resolvable_name"]
 
 #: what a model name may be, for the errors
 MODEL_SOURCE = (
@@ -41,6 +41,18 @@ def is_hub_id(name: str) -> bool:
     except HFValidationError:
         return False
     return True
+
+
+def resolvable_name(name: str) -> str:
+    """`name` as it resolves from any working folder: a local folder (what `from_pretrained` reads first) as its
+    absolute path, anything else -- a Hub id, a path that is not here -- unchanged.
+
+    Why: a name is recorded (an adapter's vision encoder) to be resolved again later, possibly from another working
+    folder, where a relative `models/clip` names another folder or nothing -- or, taking the form of a Hub id, a
+    download of some other model."""
+    if isinstance(name, str) and name and os.path.isdir(name):
+        return os.path.abspath(name)
+    return name
 
 
 def is_offline() -> bool:

@@ -14,7 +14,9 @@ with it) and are added in parallel to each encoder MLP by forward hooks while th
 
 from __future__ import annotations
 
+import hashlib
 import threading
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -80,13 +82,42 @@ def load_vision_encoder(name_or_path: str, *, revision: Optional[str] = None,
     what = "MemVP: vision encoder"
     check_model_source(name_or_path, what, revision)
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    commit = _hub_commit(name_or_path, revision)
     with hub_errors(name_or_path, what, revision):
         model_type = AutoConfig.from_pretrained(name_or_path, **kwargs).model_type
         if model_type == "clip":
-            return CLIPVisionModel.from_pretrained(name_or_path, **kwargs)
-        if model_type == "siglip":
-            return SiglipVisionModel.from_pretrained(name_or_path, **kwargs)
-        return AutoModel.from_pretrained(name_or_path, **kwargs)
+            model = CLIPVisionModel.from_pretrained(name_or_path, **kwargs)
+        elif model_type == "siglip":
+            model = SiglipVisionModel.from_pretrained(name_or_path, **kwargs)
+        else:
+            model = AutoModel.from_pretrained(name_or_path, **kwargs)
+    if commit is not None:
+        _LOADED_COMMITS[model] = commit
+    return model
+
+
+# encoder -> the Hub commit `load_vision_encoder` loaded it from (transformers 5 keeps no `_commit_hash`)
+_LOADED_COMMITS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def _hub_commit(name: str, revision: Optional[str]) -> Optional[str]:
+    """The commit `revision` of the Hub id `name` points to (the cache's refs offline), or None for a local folder or
+    when it cannot be resolved (the load then fails or falls back the way transformers does)."""
+    from huggingface_hub import resolve_revision
+
+    from .hub import is_hub_id, is_offline
+
+    if not is_hub_id(name):
+        return None
+    try:
+        return resolve_revision(name, revision=revision, local_files_only=is_offline()).resolved
+    except Exception:  # unknown repo, no connection, not cached: the load below says which, with its own message
+        return None
+
+
+def loaded_commit(model: nn.Module) -> Optional[str]:
+    """The Hub commit `load_vision_encoder` loaded `model` from; None for a folder or a model loaded elsewhere."""
+    return _LOADED_COMMITS.get(model)
 
 
 def clip_style_image_processor(image_size: int) -> Any:
@@ -252,6 +283,31 @@ def blocks_before_feature_layer(feature_layer: int, num_layers: int) -> int:
 def describe_encoder(model: nn.Module) -> str:
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     return name if name else f"<in-memory {type(model).__name__}>"
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (any dtype, bfloat16 included: hashed as raw bytes)."""
+    flat = tensor.detach().contiguous().cpu().reshape(-1)
+    digest = hashlib.sha256(f"{flat.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weights_digest(model: nn.Module) -> Optional[str]:
+    """sha256 of an encoder's weights: every parameter and buffer by name, dtype, shape and bytes. Two encoders with
+    the same digest compute the same features; the name an encoder is loaded by says nothing of the kind (another
+    model saved into the same folder, a newer upload under the same Hub id). The feature cache keys its folders with
+    it and `MemVPConfig.vision_encoder_sha256` records it.
+
+    None when the weights are not all in this process (the meta device, DeepSpeed ZeRO-3 partitions): no digest can
+    then stand for them."""
+    named = sorted(list(model.named_parameters()) + list(model.named_buffers()), key=lambda item: item[0])
+    if any(t.device.type == "meta" or hasattr(t, "ds_id") for _, t in named):
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        digest.update(f"{name}:{tensor_digest(tensor)};".encode())
+    return digest.hexdigest()
 
 
 def vlm_vision_tower(model: nn.Module) -> Optional[nn.Module]:

@@ -27,6 +27,7 @@ from .model_card import write_model_card
 from .peft_type import MEMVP_PEFT_TYPE, MEMVP_STORED_NAME
 from .save_load import (CONFIG_NAME, finish_in_place_save, recover_adapter_folder, replace_file,
                         staging_folder_inside)
+from ..hub import resolvable_name
 from ..vision import SharedModuleRef, describe_encoder
 
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -138,6 +139,25 @@ class MemVPConfig(PeftConfig):
                 "('org/name': downloaded when online, read from the Hugging Face cache offline), or an already built "
                 "CLIPVisionModel/SiglipVisionModel (recorded here by its name). It is frozen and never saved in the "
                 "adapter. None: pass `image_features` yourself, or use a VLM base (its own vision tower is used)."
+            )
+        },
+    )
+    vision_encoder_revision: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Filled in when an encoder named by a Hub id is attached: the commit its files came from. A reload "
+                "loads the encoder at this revision, so a newer upload under the same id is not used silently."
+            )
+        },
+    )
+    vision_encoder_sha256: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Filled in when an encoder is attached: a sha256 of its weights (`vision.weights_digest`). Attaching "
+                "an encoder with other weights -- another model saved under the recorded folder, another revision -- "
+                "warns, naming both digests. Adapters saved without it load as before."
             )
         },
     )
@@ -297,6 +317,8 @@ class MemVPConfig(PeftConfig):
             # keep the built encoder for injection (without copying it), record its name in the config
             self._vision_encoder_module = SharedModuleRef(self.vision_encoder)
             self.vision_encoder = describe_encoder(self.vision_encoder)
+        if isinstance(self.vision_encoder, str):  # a folder as its absolute path: the same from any working folder
+            self.vision_encoder = resolvable_name(self.vision_encoder)
         self.image_grid = parse_grid(self.image_grid)
         self._validate()
         if self.lora_config is not None:
@@ -310,6 +332,39 @@ class MemVPConfig(PeftConfig):
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, set):
             self.exclude_modules = sorted(self.exclude_modules)
+        self._memvp_checked = True  # from here on, assignments are validated (__setattr__)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Assigning a field is checked like constructing the config (a NaN `drop_ratio` is refused here, not saved
+        and refused at the next load), and a field the adapter was built from cannot change once it is injected.
+
+        Why refuse rather than take the new value: the layers and the memory read these fields when they are built
+        (`memory_scale`, `visual_scale`, `memory_read`, `drop_ratio`, the widths, the targets, ...); a later value
+        would be ignored by the running model but written by `save_pretrained`, and the reloaded adapter would then
+        compute something else than the one that was trained and evaluated. `LIVE_FIELDS` are read at every call
+        and may change; peft's own bookkeeping fields (`inference_mode`, `base_model_name_or_path`, ...) too."""
+        state = self.__dict__
+        if name.startswith("_") or "_memvp_checked" not in state:  # private notes, or the dataclass __init__
+            object.__setattr__(self, name, value)
+            return
+        if state.get("_memvp_injected") and name in _built_fields() and not _same(state.get(name), value):
+            raise ValueError(
+                f"MemVPConfig.{name} cannot change after the adapter was injected: the model was built with "
+                f"{name}={state.get(name)!r} and keeps it, so {value!r} would only reach the saved adapter_config.json. "
+                f"Build a new adapter instead: get_peft_model(base, dataclasses.replace(config, {name}={value!r})) on "
+                "a fresh base, or peft_model.add_adapter(name, that config)."
+            )
+        missing = object()
+        previous = state.get(name, missing)
+        object.__setattr__(self, name, value)
+        try:
+            self._validate()
+        except ValueError:
+            if previous is missing:
+                del state[name]
+            else:
+                object.__setattr__(self, name, previous)
+            raise
 
     @classmethod
     def adem_vl(cls, tokenizer: Any = None, **overrides: Any) -> "MemVPConfig":
@@ -499,6 +554,36 @@ class MemVPConfig(PeftConfig):
                 raise ValueError(
                     f"MemVPConfig.layers_to_transform must hold non-negative layer indices, got {self.layers_to_transform!r}."
                 )
+
+
+#: Fields the model reads at every call (tiling, frames, compression, the vision adapters' scale): changing them after
+#: injection changes what the model computes and what is saved alike, so they may change.
+LIVE_FIELDS = frozenset({"image_grid", "num_frames", "pool_kernel", "pool_tokens", "multiscale_tokens",
+                         "vision_adapter_scale", "modules_to_save"})
+
+
+def _built_fields() -> frozenset:
+    """MemVPConfig's own fields that are read when the adapter is built (everything but `LIVE_FIELDS` and peft's
+    `PeftConfig` bookkeeping)."""
+    return frozenset(f.name for f in fields(MemVPConfig)) - {f.name for f in fields(PeftConfig)} - LIVE_FIELDS
+
+
+def _same(current: Any, new: Any) -> bool:
+    try:
+        return bool(current == new)
+    except Exception:  # values that do not compare (tensors) are not the same
+        return False
+
+
+def mark_injected(config: MemVPConfig) -> None:
+    """The tuner has built an adapter from `config`: from now on its built fields are fixed (`__setattr__`)."""
+    config._memvp_injected = True
+
+
+def record_built_field(config: MemVPConfig, name: str, value: Any) -> None:
+    """The tuner records what it built with (`vision_num_layers`, the encoder it attached, a LoRA part merged away)
+    on a config whose built fields are fixed to users."""
+    object.__setattr__(config, name, value)
 
 
 # LoraConfig fields that belong to the surrounding MemVP adapter, not to its LoRA part.

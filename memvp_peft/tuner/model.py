@@ -31,7 +31,7 @@ from .entry import (
     underlying_forward,
     unwrap_checkpoint_function,
 )
-from .config import MemVPConfig
+from .config import MemVPConfig, mark_injected, record_built_field
 from .layer import MERGE_ERROR, FFNMemoryLayer, KeyMemoryLayer, MemVPLayer, ValueMemoryLayer
 from .scope import MemoryRuntime
 from ..vision import VisionEncoder, blocks_before_feature_layer
@@ -170,6 +170,7 @@ class MemVPModel(BaseTuner):
             raise
         if replaced is not None and replaced is not self._memvp_runtime.vision:
             replaced.detach()
+        mark_injected(config)  # the model is built from it: its built fields are fixed from now on
         if getattr(config, "_memvp_source_folder", None) is not None:
             self._memvp_pending_loads[adapter_name] = undo
 
@@ -358,7 +359,7 @@ class MemVPModel(BaseTuner):
             )
         merge_lora_layers(self.model, safe_merge)
         for config in self.peft_config.values():
-            config.lora_config = None
+            record_built_field(config, "lora_config", None)
 
     def _unload_and_optionally_merge(
         self,

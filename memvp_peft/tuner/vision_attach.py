@@ -4,7 +4,12 @@
 builds the `VisionEncoder` -- which reads the encoder and changes nothing -- and checks it against every adapter
 (width = `visual_dim`, depth = the saved vision adapters, `vision_feature_layer` in range); only then does
 `switch_vision` hook the new encoder, unhook the old one and record the encoder in the configs. A refused encoder
-therefore leaves the previous one attached with its adapter hooks. During an injection the old encoder stays hooked
+therefore leaves the previous one attached with its adapter hooks.
+
+What a config records of its encoder is what a later load needs to find the same one: a local folder by its absolute
+path (`hub.resolvable_name`), a Hub id with the commit its files came from (`vision_encoder_revision`, loaded again at
+that commit), and a digest of the weights (`vision_encoder_sha256`). Attaching an encoder whose weights differ from
+the recorded digest warns, naming both: the adapter learned the features of the recorded one. During an injection the old encoder stays hooked
 until the injection has succeeded (`MemVPModel.inject_adapter` detaches it), so a rollback needs no re-hooking.
 """
 
@@ -17,9 +22,10 @@ from typing import Optional
 from peft.utils.integrations import _skip_init_on_device
 from torch import nn
 
-from ..hub import is_hub_id
-from ..vision import VisionEncoder, describe_encoder, is_vlm, load_vision_encoder, vlm_vision_tower
-from .config import MemVPConfig
+from ..hub import is_hub_id, resolvable_name
+from ..vision import (VisionEncoder, describe_encoder, is_vlm, load_vision_encoder, loaded_commit, vlm_vision_tower,
+                      weights_digest)
+from .config import MemVPConfig, record_built_field
 from .injection_checks import is_recorded
 from .scope import MemoryRuntime
 
@@ -42,11 +48,12 @@ def configured_encoder(model: nn.Module, runtime: MemoryRuntime, config: MemVPCo
     name = config.vision_encoder
     if name is not None and (os.path.exists(name) or is_hub_id(name)):
         current = runtime.vision
-        if current is not None and describe_encoder(current.model) == name:
+        if current is not None and resolvable_name(describe_encoder(current.model)) == resolvable_name(name):
             return current.model
+        revision = config.vision_encoder_revision if is_hub_id(name) else None  # the commit it was trained with
         try:
             with _skip_init_on_device():  # a frozen encoder, not adapter weights: real even under low_cpu_mem_usage
-                return load_vision_encoder(name)
+                return load_vision_encoder(name, revision=revision)
         except ValueError as error:
             if os.path.exists(name) or not is_recorded(config):
                 raise
@@ -88,13 +95,39 @@ def switch_vision(
 ) -> Optional[VisionEncoder]:
     """Make the checked `vision` the runtime's encoder and record it in `configs`; returns the one it replaced."""
     replaced = runtime.vision
+    digest = weights_digest(vision.model)
     for config in configs:
-        config.vision_num_layers = vision.num_layers
-        if config.vision_encoder is None:
-            config.vision_encoder = describe_encoder(vision.model)
+        record_built_field(config, "vision_num_layers", vision.num_layers)
+        record_encoder(config, vision.model, digest)
     if vision is not replaced:
         vision.attach()
         if replaced is not None and detach_replaced:
             replaced.detach()
     runtime.vision = vision
     return None if replaced is vision else replaced
+
+
+def record_encoder(config: MemVPConfig, encoder: nn.Module, digest: Optional[str]) -> None:
+    """Record the attached `encoder` in `config`: its name and a Hub id's commit where none is recorded yet, and its
+    weights digest -- after a warning when that differs from the digest `config` recorded, whose features an adapter
+    trained with the recorded encoder never saw. The digest then follows the encoder the adapter runs with, so a
+    later save says which weights it was last used (and trained) with."""
+    name = resolvable_name(describe_encoder(encoder))
+    if config.vision_encoder is None:
+        record_built_field(config, "vision_encoder", name)
+    commit = loaded_commit(encoder)
+    if config.vision_encoder_revision is None and commit and config.vision_encoder == name:
+        record_built_field(config, "vision_encoder_revision", commit)
+    if digest is None or config.vision_encoder_sha256 == digest:
+        return
+    if config.vision_encoder_sha256 is not None:
+        revision = f" at revision {config.vision_encoder_revision}" if config.vision_encoder_revision else ""
+        warnings.warn(
+            f"MemVP: the vision encoder {name!r} now attached has weights sha256 {digest}, but the adapter recorded "
+            f"{config.vision_encoder!r}{revision} with weights sha256 {config.vision_encoder_sha256}: other weights "
+            "(another model saved under that folder, another revision, another encoder), whose features an adapter "
+            "trained with the recorded one never saw. Unless that is meant, attach the recorded encoder "
+            "(memvp_peft.attach_vision_encoder). The adapter now records the attached one.",
+            stacklevel=3,
+        )
+    record_built_field(config, "vision_encoder_sha256", digest)

@@ -275,6 +275,7 @@ def python_api(hf_home, tmp_path_factory):
         out = pm(input_ids=torch.randint(3, 64, (1, 5)), pixel_values=torch.randn(1, 3, 32, 32))
         results["forward"] = list(out.logits.shape)
         pm.save_pretrained("adapter")
+        results["recorded_revision"] = json.load(open("adapter/adapter_config.json"))["vision_encoder_revision"]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             reloaded = PeftModel.from_pretrained(base(), "adapter")
@@ -316,6 +317,12 @@ def test_memvp_config_vision_encoder_takes_a_hub_id(python_api):
 @pytest.mark.slow
 def test_an_adapter_recording_an_encoder_id_loads_it_again_from_the_cache(python_api):
     assert python_api["reloaded"] == "org/clip" and python_api["reload_warnings"] == []
+
+
+@pytest.mark.slow
+def test_an_encoder_id_is_recorded_with_the_commit_it_was_loaded_from(python_api):
+    """A later upload under the same id is then not used silently: the reload above loaded that commit."""
+    assert python_api["recorded_revision"] == CLIP_COMMIT
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import memvp_config, tiny_llama
@@ -184,3 +185,77 @@ def test_large_float64_features_that_fit_float32_are_accepted():
     pm = get_peft_model(tiny_llama(), memvp_config())
     features = torch.full((2, 3, 16), 1e30, dtype=torch.float64)
     pm(input_ids=torch.randint(3, 64, (2, 4)), image_features=features)
+
+
+# --------------------------------------------------------------------------------------- assignments, after injection
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("drop_ratio", math.nan, "must be a number in"), ("memory_scale", math.inf, "must be a finite number"),
+     ("visual_dim", 0, "must be a positive integer"), ("memory_read", "fast", "must be one of")],
+)
+def test_an_assignment_is_checked_like_the_construction_and_a_refused_one_changes_nothing(field, value, message):
+    config = memvp_config()
+    before = getattr(config, field)
+    with pytest.raises(ValueError, match=rf"MemVPConfig\.{field} {message}"):
+        setattr(config, field, value)
+    assert getattr(config, field) == before
+
+
+@pytest.mark.parametrize("field, value", [("memory_scale", 0.5), ("visual_scale", 0.5), ("memory_read", "adem"),
+                                          ("drop_ratio", 0.2), ("num_memory_slots", 16)])
+def test_a_field_the_model_was_built_with_cannot_change_after_injection(tmp_path, field, value):
+    """The layers read these when they are built: a new value would be saved but not used, and the reloaded adapter
+    would compute something else than the one that ran."""
+    pm = get_peft_model(tiny_llama(), memvp_config())
+    config = pm.peft_config["default"]
+    before = getattr(config, field)
+    with pytest.raises(ValueError, match=rf"MemVPConfig\.{field} cannot change after the adapter was injected"):
+        setattr(config, field, value)
+    pm.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())[field] == before
+
+
+def test_fields_read_at_every_call_and_peft_bookkeeping_may_change_after_injection():
+    pm = get_peft_model(tiny_llama(), memvp_config())
+    config = pm.peft_config["default"]
+    config.inference_mode = True
+    config.vision_adapter_scale = 0.2
+    config.memory_scale = config.memory_scale  # the value it was built with: no change
+    assert config.inference_mode and config.vision_adapter_scale == 0.2
+
+
+def test_a_config_copied_with_a_new_value_builds_a_new_adapter():
+    """What the refusal tells to do instead."""
+    import dataclasses
+
+    pm = get_peft_model(tiny_llama(), memvp_config())
+    other = get_peft_model(tiny_llama(), dataclasses.replace(pm.peft_config["default"], memory_scale=0.5))
+    assert other.get_base_model().model.layers[0].mlp.memvp_scale["default"] == 0.5
+
+
+# --------------------------------------------------------------------------------------- numbers of other types
+
+
+@pytest.mark.parametrize("field, value, stored", [
+    ("drop_ratio", np.float32(0.5), 0.5), ("memory_dropout", np.float64(0.25), 0.25),
+    ("visual_scale", np.float16(0.5), 0.5), ("num_memory_slots", np.int64(8), 8), ("visual_dim", np.int32(16), 16),
+])
+def test_a_numpy_number_is_accepted_and_saved_as_the_python_number_it_is(tmp_path, field, value, stored):
+    config = memvp_config(**{field: value})
+    assert getattr(config, field) == stored and type(getattr(config, field)) is type(stored)
+    config.save_pretrained(str(tmp_path))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())[field] == stored
+
+
+def test_a_numpy_number_assigned_later_is_stored_as_a_python_number():
+    config = memvp_config()
+    config.drop_ratio = np.float32(0.25)
+    assert config.drop_ratio == 0.25 and type(config.drop_ratio) is float
+
+
+@pytest.mark.parametrize("value", [np.bool_(True), np.float32(1.5), np.float32("nan")])
+def test_a_numpy_value_out_of_range_is_refused_like_a_python_one(value):
+    with pytest.raises(ValueError, match="MemVPConfig.drop_ratio must be a number in"):
+        memvp_config(drop_ratio=value)

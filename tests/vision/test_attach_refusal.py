@@ -62,9 +62,11 @@ def test_an_accepted_encoder_replaces_the_previous_ones_hooks(adapted):
     assert _mlp_hooks(encoder) == [0, 0] and _mlp_hooks(other) == [1, 1]
 
 
-def test_a_refused_feature_layer_leaves_the_previous_encoder_attached(adapted):
-    pm, encoder = adapted
-    pm.peft_config["default"].vision_feature_layer = 5
-    with pytest.raises(ValueError, match="vision_feature_layer=5"):
-        memvp_peft.attach_vision_encoder(pm, clip(seed=1))
-    assert pm.base_model.vision_encoder.model is encoder and _mlp_hooks(encoder) == [1, 1]
+def test_a_refused_feature_layer_leaves_the_previous_encoder_attached():
+    """Hidden state 2 exists in a 2-block encoder, not in a 1-block one."""
+    encoder = clip()
+    pm = get_peft_model(tiny_llama(), memvp_config(num_memory_slots=20, vision_encoder=encoder, vision_feature_layer=2))
+    hooks = _mlp_hooks(encoder)
+    with pytest.raises(ValueError, match="vision_feature_layer=2"):
+        memvp_peft.attach_vision_encoder(pm, clip(layers=1, seed=1))
+    assert pm.base_model.vision_encoder.model is encoder and _mlp_hooks(encoder) == hooks
