@@ -372,6 +372,12 @@ def _sync_files(folder: str, relatives: list) -> None:
         _fsync_dir(root)
 
 
+def flush_folder(folder: str) -> None:
+    """Flush every file under `folder` and the folders themselves to disk: a folder about to be renamed into place
+    must not come back with empty files after a power cut."""
+    _sync_files(folder, _files_under(folder))
+
+
 def _carry_over(source: str, destination: str, manifest: list, move: bool) -> None:
     """Put every entry of `source` that the new save does not replace into `destination`: hard links (OSError where
     impossible), or with `move=True` renames -- the pass after the swap, for files another process wrote meanwhile."""
