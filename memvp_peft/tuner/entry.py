@@ -149,6 +149,9 @@ def call_with_memory(
         memory = runtime.build(memories, features, mask, pixels, batch_size)
         if memory.cls_input is not None:
             args, kwargs = grown_call(memory.cls_input, owner, args, kwargs)
+    if torch.is_grad_enabled():
+        for layer in runtime.checkpointed_layers:
+            wrap_layer_checkpointing(layer, runtime)
     previous = runtime.activate(ActiveCall(memory, batch_size))
     try:
         return forward(*args, **kwargs)
@@ -298,15 +301,24 @@ def make_layer_pre_hook(runtime: MemoryRuntime) -> Callable:
                 "model's own forward; a forward that calls the backbone directly with the visual inputs in its "
                 "kwargs bypasses the visual memory."
             )
-        if not (getattr(module, "gradient_checkpointing", False) and module.training):
-            return
-        current = getattr(module, "_gradient_checkpointing_func", None)
-        if current is not None and not is_entry(current):
-            wrapped = wrap_checkpoint_function(current, runtime)
-            setattr(wrapped, _ENTRY_MARK, True)
-            module._gradient_checkpointing_func = wrapped
+        wrap_layer_checkpointing(module, runtime)
 
     return pre_hook
+
+
+def wrap_layer_checkpointing(module: nn.Module, runtime: MemoryRuntime) -> None:
+    """Wrap `module`'s checkpoint function (once) so its recomputation re-activates the memory of the call that ran
+    the forward (`checkpointing.py`). Installed at a call's entry, before any layer runs: transformers before 5.20
+    checkpoints a layer's whole `__call__`, so its pre-hook runs *inside* the checkpoint -- too late to wrap the very
+    checkpoint that is running, and the first step's recomputation would read the text-only memory. The layer
+    pre-hook wraps too, for checkpointing enabled on a layer after the call began."""
+    if not (getattr(module, "gradient_checkpointing", False) and module.training):
+        return
+    current = getattr(module, "_gradient_checkpointing_func", None)
+    if current is not None and not is_entry(current):
+        wrapped = wrap_checkpoint_function(current, runtime)
+        setattr(wrapped, _ENTRY_MARK, True)
+        module._gradient_checkpointing_func = wrapped
 
 
 def unwrap_checkpoint_function(module: nn.Module) -> None:

@@ -219,16 +219,18 @@ class MemVPModel(BaseTuner):
             handle.remove()
         self._memvp_hook_handles = []
         pre_hook = make_layer_pre_hook(runtime)
-        for module in model.modules():
-            if isinstance(module, GradientCheckpointingLayer) and any(
-                isinstance(m, MemVPLayer) for m in module.modules()
-            ):
-                self._memvp_hook_handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        runtime.checkpointed_layers = [
+            module for module in model.modules()
+            if isinstance(module, GradientCheckpointingLayer) and any(isinstance(m, MemVPLayer) for m in module.modules())
+        ]
+        for module in runtime.checkpointed_layers:
+            self._memvp_hook_handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
 
     def _remove_runtime_hooks(self) -> None:
         for handle in getattr(self, "_memvp_hook_handles", []):
             handle.remove()
         self._memvp_hook_handles = []
+        self._memvp_runtime.checkpointed_layers = []
         for module in self.model.modules():
             unwrap_checkpoint_function(module)
             remove_entry(module)

@@ -80,6 +80,7 @@ class MemoryRuntime:
         self.image_token_id: Optional[int] = None  # VLM bases: placeholder tokens that must not be in the text
         self.placeholders_checked = False  # whether that check ran once on accelerator tensors (entry.py)
         self.seen_visual_inputs = False  # a call brought visual inputs; until then a training call warns once
+        self.checkpointed_layers: list = []  # the decoder/encoder layers holding MemVP layers (entry.py wraps them)
         self.text_only_warned = False
         self._local = threading.local()
 

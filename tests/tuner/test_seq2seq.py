@@ -222,7 +222,8 @@ def test_gradient_checkpointing_matches(inputs, use_reentrant):
         labels = inputs["decoder_input_ids"]
         pm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
            image_features=inputs["image_features"]).loss.backward()
-        assert pm.base_model.model.is_activation_checkpointing == (checkpointing is not None)
+        checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in pm.base_model.model.modules())
+        assert checkpointed == (checkpointing is not None)  # the layers' own flag: every transformers 5 release has it
         return {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
 
     expected, got = grads(None), grads(use_reentrant)
