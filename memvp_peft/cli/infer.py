@@ -255,7 +255,8 @@ def score_dataset(options: InferOptions) -> list[dict[str, Any]]:
                          "answer other questions, use --input_file or --image).")
     if options.output_file:
         scores_path(options.output_file)  # refused before the answering, not after
-    records = load_scienceqa(options.dataset, options.split, options.use_caption)
+    records = load_scienceqa(options.dataset, options.split, options.use_caption,
+                             allow_outside_image_folder=options.allow_outside_image_folder)
     model, tokenizer, collator, kind = load_for_inference(options)
     predictions = answer_scienceqa(model, collator, records, kind, tokenizer, batch_size=options.batch_size,
                                    max_new_tokens=options.max_new_tokens or 1)

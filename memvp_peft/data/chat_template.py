@@ -134,8 +134,12 @@ class ChatTemplateRenderer:
         full = self.render(messages, False, where)
         ids, starts = self._tokenize(full)
         supervised = [False] * len(ids)
+        answers = 0
         for j, (role, _text) in enumerate(messages):
             if role != "assistant":
+                continue
+            answers += 1
+            if answers <= dialogue.context_exchanges:  # answered by a TRL prompt: context, not trained on
                 continue
             what = f"assistant message {j}"
             begin = self._prefix_length(self.render(messages[:j], True, where), full, ids, f"{what} (its generation "

@@ -16,7 +16,11 @@ multiple-choice ``question``/``choices``/int ``answer`` (the authors' ScienceQA 
 
 Rows without an image are fine (ScienceQA has text-only questions): their ``pixel_values`` are zeros and their
 ``image_mask`` is False, so the memory is switched off for them.  An image the collator would not use is an error,
-never silently text-only training.  docs/datasets.md has the table of layouts.
+never silently text-only training: images in a field it does not read, text that marks another number of images than
+the record gives (:func:`.conversations.check_image_marks`).  Because every batch carries ``pixel_values`` and an
+``image_mask``, the model cannot tell a dataset whose images never arrive from one with text-only rows; so a
+collator with an image processor warns once when the first :data:`TEXT_ONLY_WARNING_RECORDS` records of its training
+batches carried no image at all.  docs/datasets.md has the table of layouts.
 
 The collator only orchestrates; each concern lives in its own module: a record's text (:mod:`.conversations`,
 :mod:`.chat_layouts`, :mod:`.multiple_choice`), tokens, labels and padding (:mod:`.tokenization` with a prompt
@@ -26,13 +30,14 @@ template, :mod:`.chat_template` with the base's chat template), images (:mod:`.i
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import torch
 
 from .chat_template import ChatTemplateRenderer, chat_template_of
-from .conversations import Dialogue, record_dialogue, record_label
+from .conversations import Dialogue, check_image_marks, record_dialogue, record_label
 from .image_batching import (
     RAW_IMAGE_FIELDS,
     assemble_images,
@@ -57,7 +62,12 @@ from .tokenization import (
     right_pad,
 )
 
-__all__ = ["MemVPDataCollator"]
+__all__ = ["TEXT_ONLY_WARNING_RECORDS", "MemVPDataCollator"]
+
+#: How many training records without any image a collator with an image processor batches before it warns (once)
+#: that no image reaches the model. A dataset whose images are lost gives none at all; one where a tenth of the rows
+#: have an image still shows one among the first 64 rows with 99.9% probability.
+TEXT_ONLY_WARNING_RECORDS = 64
 
 
 class _RecordImages:
@@ -189,6 +199,7 @@ class MemVPDataCollator:
         self._chat = self._chat_renderer(chat_template, prompt_template is not None)
         self._bos_len: Optional[int] = None
         self._image_shape: Optional[tuple[torch.Size, torch.dtype]] = None
+        self._records_without_image = 0  # training records batched before the first image (None once one came)
 
     def _chat_renderer(self, chat_template: Optional[bool], explicit_prompt_template: bool):
         """The decision of the ``chat_template`` argument (rule in the class docstring)."""
@@ -224,10 +235,34 @@ class MemVPDataCollator:
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """A training batch: prompt + answer tokens, answer-only labels, right padding, images."""
         if self.seq2seq:
-            return self.seq2seq_batch(records)
-        texts, images = self._read(records, with_answers=True, answer_prefix="")
-        batch = self._right_pad([ids for ids, _ in texts], [labels for _, labels in texts])
-        return self._add_images(batch, images)
+            batch = self.seq2seq_batch(records)
+        else:
+            texts, images = self._read(records, with_answers=True, answer_prefix="")
+            batch = self._add_images(self._right_pad([ids for ids, _ in texts], [labels for _, labels in texts]),
+                                     images)
+        self._watch_for_images(batch, len(records))
+        return batch
+
+    def _watch_for_images(self, batch: dict[str, torch.Tensor], records: int) -> None:
+        """Warn once when the first :data:`TEXT_ONLY_WARNING_RECORDS` training records carried no image (module
+        docstring).  Only with an image processor: without one, text-only batches are what was asked for."""
+        if self.image_processor is None or self._records_without_image is None:
+            return
+        mask = batch.get("image_mask")
+        if mask is not None and bool(mask.any()):
+            self._records_without_image = None
+            return
+        before = self._records_without_image
+        self._records_without_image += records
+        if before < TEXT_ONLY_WARNING_RECORDS <= self._records_without_image:
+            warnings.warn(
+                f"MemVPDataCollator: the first {self._records_without_image} training records carried no image (every "
+                "image_mask False), though the collator has an image processor: if the dataset has images, they do "
+                "not reach the model. Images are read from 'image' or 'images' (or precomputed 'pixel_values' / "
+                "'image_features'); a dataset whose first rows are text-only may ignore this (said once).",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def prompts(self, records: Sequence[Mapping[str, Any]], answer_prefix: str = "") -> dict[str, torch.Tensor]:
         """A generation batch: each record's first question as a prompt, with its images. Answers, if present, are
@@ -251,6 +286,11 @@ class MemVPDataCollator:
         answers = []
         for index, record in enumerate(records):
             dialogue = record_dialogue(record, record_label(index, record), self.image_placeholder)
+            if dialogue.context_exchanges:
+                raise ValueError(
+                    f"{record_label(index, record)}: its conversational prompt holds assistant answers (context); an "
+                    "encoder-decoder row is one question and its answer: give the prompt as one user message."
+                )
             answers.append(encode_answer(self.tokenizer, dialogue.exchanges[0][1], dialogue.separator))
         batch["labels"] = pad_labels(answers)
         return batch
@@ -279,14 +319,8 @@ class MemVPDataCollator:
                 ids = self._encode_prompt(dialogue, where, answer_prefix)
                 texts.append((ids, ids))
             images = self._record_images(record, where)
-            if dialogue.image_entries is not None and images.field not in FRAME_FIELDS and (
-                dialogue.image_entries != images.sources
-            ):
-                raise ValueError(
-                    f"{where}: its messages mark {dialogue.image_entries} images ({{'type': 'image'}} entries, or "
-                    f"{self.image_placeholder!r} in plain-string content) but the record gives {images.sources}; each "
-                    "mark stands for one image, in order."
-                )
+            if images.field not in FRAME_FIELDS:  # a video's frames are not marked one by one
+                check_image_marks(dialogue, images.sources, where, self.image_placeholder, record.keys())
             if self.num_images is not None and images.sources > self.num_images:
                 raise ValueError(f"{where}: has {images.sources} images but num_images={self.num_images}.")
             per_record.append(images)

@@ -31,6 +31,7 @@ __all__ = [
     "assemble_images",
     "blank_image_shape",
     "image_field",
+    "stray_image_fields",
     "process_images",
     "record_images",
 ]
@@ -42,6 +43,8 @@ PRECOMPUTED_FIELDS = ("pixel_values", "image_features")
 # Image-carrying fields of video: read (as `video.FRAME_FIELDS`) by a collator with `num_frames`, refused by one
 # without -- a record holding one is never silently trained text-only. `videos` (several videos) is never read.
 UNREAD_IMAGE_FIELDS = ("video", "videos", "frames")
+#: What a path to an image file ends with (any case): a field of such paths that is not read is a lost image.
+IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def image_field(record: Mapping[str, Any], where: str, read_video: bool = False) -> Optional[str]:
@@ -70,7 +73,47 @@ def image_field(record: Mapping[str, Any], where: str, read_video: bool = False)
             f"{where}: has images in several fields {present}; give them in one: 'image' or 'images' (one image or "
             "a list), or precomputed 'pixel_values' / 'image_features'."
         )
+    stray = stray_image_fields(record, gives_images=bool(present))
+    if stray:
+        raise ValueError(
+            f"{where}: {stray} hold images (or image file paths) that MemVPDataCollator does not read: it reads a "
+            "record's images from 'image' or 'images' only (or precomputed 'pixel_values' / 'image_features'). Put "
+            "them under 'image' (memvp-train: --image_column NAME), or drop the field."
+        )
+    if present == ["images"] and isinstance(record["images"], (str, os.PathLike)):
+        raise ValueError(
+            f"{where}: 'images' holds one path ({record['images']!r}) where a list is expected (TRL's layout; code "
+            "that iterates it reads it character by character): give ['path'], or put one image under 'image'."
+        )
     return present[0] if present else None
+
+
+def stray_image_fields(record: Mapping[str, Any], gives_images: bool) -> list[str]:
+    """The fields other than the ones read for images that still hold one: a PIL image or an undecoded
+    ``datasets.Image`` value (``{"bytes": ...}``), or a list of them -- always an image lost -- and, in a record that
+    gives no image otherwise (`gives_images` False), a path to an image file (or a list of paths), such as an
+    ``image_path`` or ``img`` column: the image the text was written for, which would never reach the model."""
+    Image = pillow_image_module()
+    read = RAW_IMAGE_FIELDS + PRECOMPUTED_FIELDS + UNREAD_IMAGE_FIELDS
+
+    def holds_image(value: Any) -> bool:
+        return isinstance(value, Image.Image) or (isinstance(value, Mapping) and bool(value.get("bytes")))
+
+    def names_image_file(value: Any) -> bool:
+        return isinstance(value, str) and value.lower().endswith(IMAGE_FILE_SUFFIXES)
+
+    stray = []
+    for key, value in record.items():
+        if key in read or value is None:
+            continue
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        items = [item for item in items if item is not None]
+        if not items:
+            continue
+        if any(holds_image(item) for item in items) or (not gives_images and all(map(names_image_file, items))):
+            stray.append(key)
+    return stray
+
 
 
 def record_images(

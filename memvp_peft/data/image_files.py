@@ -3,9 +3,11 @@
 The collator opens every image again during training; whatever it could trip over there -- a path that is not an
 image, a truncated file, a decompression bomb (a small file declaring billions of pixels), a path such as
 ``../../etc/passwd`` leading out of the image folder -- would otherwise stop a run hours in, reported by its place
-in some batch.  The loaders in :mod:`.formats` call :func:`resolve_image_path` for every path (cheap, no I/O, always)
-and :func:`check_image_files` once for the whole file, so that a bad dataset is refused before anything is trained
-or written, naming the dataset line.
+in some batch.  Every loader -- LLaVA JSON and JSONL (:mod:`.formats`), ScienceQA (:mod:`.scienceqa`), the sources
+the ``datasets`` library reads (:mod:`.sources`) -- calls :func:`resolve_image_path` for every image or video path
+a dataset names (cheap, no I/O, always): one rule, the path is relative to the dataset's folder and stays inside it
+unless ``allow_outside_image_folder``.  :func:`check_image_files` then runs once for the whole dataset, so that a bad
+dataset is refused before anything is trained or written, naming the dataset line.
 
 Cost: each distinct image is opened once (a record naming an image again is not checked again).  With
 ``decode=True`` (the default) it is fully decoded, which also catches truncated and corrupt data -- a few ms per
@@ -41,21 +43,23 @@ def image_pixel_limit(max_image_pixels: Optional[int]) -> Optional[int]:
     return max_image_pixels
 
 
-def resolve_image_path(item: Any, image_folder: PathLike, allow_outside: bool, where: str) -> str:
-    """`item` (a path from the dataset) resolved against `image_folder`, normalised; refused if it leads outside.
+def resolve_image_path(item: Any, image_folder: PathLike, allow_outside: bool, where: str, what: str = "image") -> str:
+    """`item` (an image or video path from the dataset) resolved against `image_folder` (the folder the dataset's
+    paths are relative to), normalised; refused if it leads outside.
 
     The check is on the path as written (``..`` segments and absolute paths), not on where symbolic links point:
     links inside the image folder were put there by whoever owns it, while the dataset file may come from anyone.
+    `what` names the kind of path in errors ("image", "video").
     """
     if not isinstance(item, str) or not item:
-        raise ValueError(f"{where}: 'image' must be a file path (str), got {item!r}.")
+        raise ValueError(f"{where}: {what!r} must be a file path (str), got {item!r}.")
     folder = os.path.abspath(os.fspath(image_folder))
     path = os.path.normpath(os.path.join(folder, item))  # an absolute `item` replaces the folder
     if not allow_outside and not _inside(path, folder):
         raise ValueError(
-            f"{where}: image path {item!r} resolves to {path!r}, outside image_folder {folder!r}. Paths must stay "
-            "inside the image folder; pass allow_outside_image_folder=True (--allow_outside_image_folder) to accept "
-            "absolute paths and '..' elsewhere."
+            f"{where}: {what} path {item!r} resolves to {path!r}, outside image_folder {folder!r} (the folder the "
+            "dataset's paths are relative to). Paths must stay inside it; pass allow_outside_image_folder=True "
+            "(--allow_outside_image_folder) to accept absolute paths and '..' elsewhere."
         )
     return path
 

@@ -17,6 +17,11 @@ The two layouts:
 
 Each record also carries what scoring needs (``subject``, ``grade``, ``has_image``, ``has_hint``) -- the columns of
 the paper's table are computed from these, never re-derived from the prompt.
+
+Image paths follow the loaders' one rule (:func:`.image_files.resolve_image_path`): a repository problem's ``image``
+names a file of its own folder ``images/<split>/<pid>/``, a Hub row's image without bytes a path relative to its
+parquet file's folder; one leading outside (``..``, an absolute path) is refused unless
+``allow_outside_image_folder``.  A Hub row's embedded bytes need no rule.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 from .conversations import ORIGIN_FIELD
+from .image_files import resolve_image_path
 from .images import PathLike
 
 __all__ = ["HELD_OUT_SPLITS", "SCIENCEQA_PREFIX", "SCIENCEQA_SPLITS", "is_scienceqa_dataset", "load_scienceqa",
@@ -51,7 +57,8 @@ def is_scienceqa_dataset(dataset: str) -> bool:
     return isinstance(dataset, str) and dataset.startswith(SCIENCEQA_PREFIX)
 
 
-def load_scienceqa(folder: PathLike, split: str, use_caption: bool = False) -> list[dict[str, Any]]:
+def load_scienceqa(folder: PathLike, split: str, use_caption: bool = False, *,
+                   allow_outside_image_folder: bool = False) -> list[dict[str, Any]]:
     """The problems of one split of a ScienceQA folder as multiple-choice records (layouts in the module docstring).
 
     Args:
@@ -61,6 +68,7 @@ def load_scienceqa(folder: PathLike, split: str, use_caption: bool = False) -> l
         use_caption: add the problem's caption from ``captions.json`` to the context, as the authors' ``--use_caption``
             does (their training script leaves it off; their ``eval.py`` turns it on). A missing ``captions.json``
             is then an error; a problem without a caption gets none.
+        allow_outside_image_folder: accept image paths leading outside their folder (module docstring).
 
     Problems without an image are text-only records (no ``image``): they train and answer with the memory off.
     Every problem is checked (question text, 2+ choices, an answer index among them, an existing image file) and a
@@ -75,12 +83,12 @@ def load_scienceqa(folder: PathLike, split: str, use_caption: bool = False) -> l
     if not isinstance(split, str) or not split:
         raise ValueError(f"ScienceQA: split must be a split name such as 'train' or 'test', got {split!r}.")
     if os.path.isfile(os.path.join(folder, "problems.json")):
-        records = _load_repository_layout(folder, split, use_caption)
+        records = _load_repository_layout(folder, split, use_caption, allow_outside_image_folder)
     else:
         if use_caption:
             raise ValueError("ScienceQA: use_caption needs captions.json, which only the repository layout has "
                              f"({folder!r} holds the Hub export).")
-        records = _load_hub_layout(folder, split)
+        records = _load_hub_layout(folder, split, allow_outside_image_folder)
     if not records:
         raise ValueError(f"ScienceQA: split {split!r} of {folder!r} holds no problems.")
     return records
@@ -97,7 +105,7 @@ def _read_json(path: str) -> Any:
         raise ValueError(f"ScienceQA: {path} is not valid JSON: {exc}.") from exc
 
 
-def _load_repository_layout(folder: str, split: str, use_caption: bool) -> list[dict[str, Any]]:
+def _load_repository_layout(folder: str, split: str, use_caption: bool, allow_outside: bool) -> list[dict[str, Any]]:
     problems = _read_json(os.path.join(folder, "problems.json"))
     splits = _read_json(os.path.join(folder, "pid_splits.json"))
     if not isinstance(problems, dict) or not isinstance(splits, dict):
@@ -120,7 +128,8 @@ def _load_repository_layout(folder: str, split: str, use_caption: bool) -> list[
         if problem.get("image"):
             # the authors read images/<split>/<pid>/image.png; the split folder is the problem's own for trainval/mini*
             own_split = str(problem.get("split") or image_split)
-            image = os.path.join(folder, "images", own_split, pid, str(problem["image"]))
+            image = resolve_image_path(str(problem["image"]), os.path.join(folder, "images", own_split, pid),
+                                       allow_outside, where)
             if not os.path.isfile(image):
                 raise ValueError(f"{where}: its image file {image} is missing.")
         caption = captions.get(pid, "") if use_caption else None
@@ -137,7 +146,7 @@ def _hub_files(folder: str, split: str) -> list[str]:
     return found
 
 
-def _load_hub_layout(folder: str, split: str) -> list[dict[str, Any]]:
+def _load_hub_layout(folder: str, split: str, allow_outside: bool) -> list[dict[str, Any]]:
     files = _hub_files(folder, split)
     if not files:
         present = sorted({os.path.basename(p).split("-")[0].split(".")[0]
@@ -161,6 +170,11 @@ def _load_hub_layout(folder: str, split: str) -> list[dict[str, Any]]:
             image = row.get("image")
             if isinstance(image, Mapping) and not image.get("bytes") and not image.get("path"):
                 image = None
+            elif isinstance(image, Mapping) and not image.get("bytes"):  # a path without the image's bytes
+                image = {"bytes": None, "path": resolve_image_path(
+                    image["path"], os.path.dirname(os.path.abspath(path)), allow_outside, where)}
+                if not os.path.isfile(image["path"]):
+                    raise ValueError(f"{where}: its image file {image['path']} is missing.")
             records.append(_record(pid, row, image, None, where))
     return records
 
@@ -196,7 +210,8 @@ def _record(pid: str, problem: Mapping[str, Any], image: Any, caption: Optional[
     return record
 
 
-def load_scienceqa_training(folder: PathLike, train_split: str = "train", use_caption: bool = False
+def load_scienceqa_training(folder: PathLike, train_split: str = "train", use_caption: bool = False, *,
+                            allow_outside_image_folder: bool = False
                             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
     """(training records, held-out records, held-out split) for `memvp-train --dataset scienceqa:DIR`.
 
@@ -209,8 +224,9 @@ def load_scienceqa_training(folder: PathLike, train_split: str = "train", use_ca
         raise ValueError(f"ScienceQA: train_split must be one of {sorted(HELD_OUT_SPLITS)} (each has a split held "
                          f"out from it: {HELD_OUT_SPLITS}), got {train_split!r}.")
     held_out_split = HELD_OUT_SPLITS[train_split]
-    train = load_scienceqa(folder, train_split, use_caption)
-    held_out = load_scienceqa(folder, held_out_split, use_caption)
+    train = load_scienceqa(folder, train_split, use_caption, allow_outside_image_folder=allow_outside_image_folder)
+    held_out = load_scienceqa(folder, held_out_split, use_caption,
+                              allow_outside_image_folder=allow_outside_image_folder)
     shared = sorted({r["id"] for r in train} & {r["id"] for r in held_out})
     if shared:
         raise ValueError(f"ScienceQA: splits {train_split!r} and {held_out_split!r} of {os.fspath(folder)!r} share "

@@ -5,7 +5,14 @@ the collator reads (`image`, `images`, `conversations`, `messages`, `question`/`
 its to interpret, and a `datasets.Image` column arrives decoded (PIL), as `datasets` gives it. What this module
 checks is what only the source can get wrong, each a ValueError naming the source and the flag to change: a split
 that is not there (with the splits that are), a configuration that is not there (with those that are), a split
-without rows, a glob that matches nothing, a Hub id that cannot be had.
+without rows, a glob that matches nothing, a Hub id that cannot be had -- and images that would never reach the
+model: a `datasets.Image` column under another name than `image`/`images` (`--image_column NAME` reads it instead).
+
+Image and video paths given as strings (an `image`/`images`/`video`/`frames` column of str) follow the loaders' one
+rule (`image_files.resolve_image_path`): relative to the dataset's folder (the data files' folder, the save_to_disk
+folder, the data folder, the Hub snapshot), never outside it unless `--allow_outside_image_folder`, each image file
+checked as it loads; the column is replaced by the resolved paths. A `datasets.Image` column embeds its bytes and
+needs no rule.
 
 How a Hub id resolves (read from datasets 5.2 / huggingface_hub 2.4): online, `datasets.load_dataset(ID)` downloads
 the repo's data files into the hub cache (`HF_HUB_CACHE/datasets--org--name/snapshots/<commit>/`) and prepares
@@ -30,6 +37,8 @@ from typing import Any, Optional
 
 from ..hub import is_hub_id, is_offline, not_resolved_message
 from .conversations import ORIGIN_FIELD
+from .image_batching import RAW_IMAGE_FIELDS
+from .image_files import check_image_files, image_pixel_limit, resolve_image_path
 
 __all__ = ["TABLE_SUFFIXES", "load_source", "source_kind"]
 
@@ -52,14 +61,20 @@ def source_kind(dataset: str) -> Optional[str]:
     return None
 
 
-def load_source(dataset: str, split: Optional[str] = None, config: Optional[str] = None) -> Any:
+def load_source(dataset: str, split: Optional[str] = None, config: Optional[str] = None, *,
+                image_column: Optional[str] = None, allow_outside_image_folder: bool = False,
+                decode_images: bool = True) -> Any:
     """The rows of `dataset` (see `source_kind`) in `split` (default 'train') of `config`, as a `datasets.Dataset`
-    with a `memvp_origin` column; refusals are ValueErrors naming the source."""
+    with a `memvp_origin` column; refusals are ValueErrors naming the source.
+
+    `image_column` names the column to read the images from (renamed `image`); path strings are resolved and their
+    files checked (`decode_images` as the loaders' `decode_images`), see the module docstring."""
     kind = source_kind(dataset)
     if kind is None:
         raise ValueError(f"dataset {dataset!r} is not a source memvp-train reads; see load_task.")
     datasets = _datasets_module()
     label = f"dataset {dataset!r}"
+    folder: Optional[str] = dataset
     if kind == "saved":
         if config is not None:
             raise ValueError(f"{label} is a save_to_disk folder: it has no configurations, drop --dataset_config.")
@@ -68,6 +83,7 @@ def load_source(dataset: str, split: Optional[str] = None, config: Optional[str]
         if config is not None:
             raise ValueError(f"{label} is data files: they have no configurations, drop --dataset_config.")
         builder, files = _data_files(dataset, label)
+        folder = os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in files])
         split = split or DEFAULT_SPLIT
         rows = _load(lambda: datasets.load_dataset(builder, data_files=files, split=split), label, split, config)
     elif kind == "folder":
@@ -76,11 +92,99 @@ def load_source(dataset: str, split: Optional[str] = None, config: Optional[str]
     else:
         split = split or DEFAULT_SPLIT
         rows = _load_hub(datasets, dataset, split, config, label)
+        folder = None  # found when a column needs it: the hub cache's snapshot of the repo (_cached_snapshot)
     if len(rows) == 0:
         raise ValueError(f"{label}: split {split!r} holds no records.")
     if ORIGIN_FIELD not in rows.column_names:
         rows = rows.add_column(ORIGIN_FIELD, [f"{dataset} [{split}] row {i}" for i in range(len(rows))])
+    rows = _image_columns(datasets, rows, label, image_column)
+    return _resolve_path_columns(datasets, rows, label, folder if kind != "hub" else dataset, kind == "hub",
+                                 allow_outside_image_folder, decode_images)
+
+
+# the columns the collator reads images from (`video` / `frames` with num_frames; refused by it without)
+_IMAGE_READING_COLUMNS = RAW_IMAGE_FIELDS + ("video", "frames")
+# string columns holding paths: resolved under the path rule; image files are checked, video files are the collator's
+_PATH_COLUMNS = {"image": "image", "images": "image", "frames": "frame", "video": "video"}
+
+
+def _element(datasets: Any, feature: Any) -> Any:
+    """The feature of one item of a list column, else the feature itself."""
+    lists = tuple(kind for kind in (getattr(datasets, "List", None), getattr(datasets, "LargeList", None),
+                                    getattr(datasets, "Sequence", None)) if isinstance(kind, type))
+    return feature.feature if lists and isinstance(feature, lists) else feature
+
+
+def _image_columns(datasets: Any, rows: Any, label: str, image_column: Optional[str]) -> Any:
+    """`image_column` renamed `image`; a `datasets.Image` column the collator would not read refused."""
+    if image_column is not None and image_column not in RAW_IMAGE_FIELDS:
+        if image_column not in rows.column_names:
+            raise ValueError(f"{label} has no column {image_column!r} (--image_column); its columns are "
+                             f"{sorted(rows.column_names)}.")
+        taken = [name for name in RAW_IMAGE_FIELDS if name in rows.column_names]
+        if taken:
+            raise ValueError(f"{label} has both {taken} and --image_column {image_column!r}: a record's images come "
+                             "from one field.")
+        rows = rows.rename_column(image_column, "image")
+    unread = [name for name, feature in rows.features.items()
+              if isinstance(_element(datasets, feature), datasets.Image) and name not in _IMAGE_READING_COLUMNS]
+    if unread:
+        read = [name for name in RAW_IMAGE_FIELDS if name in rows.column_names]
+        how = (f"drop {unread} from the dataset (its images come from {read})" if read else
+               f"pass --image_column {unread[0]} to train on them")
+        raise ValueError(
+            f"{label}: column {unread[0]!r} holds images (datasets.Image) but MemVPDataCollator reads a record's "
+            f"images from 'image' or 'images' only, so they would never reach the model: {how}."
+        )
     return rows
+
+
+def _resolve_path_columns(datasets: Any, rows: Any, label: str, folder: Optional[str], hub: bool,
+                          allow_outside: bool, decode: bool) -> Any:
+    """Each string column of `_PATH_COLUMNS` replaced by its paths resolved against the dataset's `folder` (for a
+    Hub id, `folder` is the id and the folder is its hub-cache snapshot); the image files checked."""
+    columns = [name for name in _PATH_COLUMNS if name in rows.column_names and _is_string(
+        datasets, _element(datasets, rows.features[name]))]
+    if not columns:
+        return rows
+    if "images" in columns and _is_string(datasets, rows.features["images"]):
+        raise ValueError(f"{label}: column 'images' holds one path per row where a list is expected (TRL's layout; "
+                         "code that iterates it reads each path character by character): store lists of paths, or "
+                         "name the column 'image'.")
+    if hub:
+        name, folder = folder, _cached_snapshot(folder or "")
+        if folder is None:
+            raise ValueError(f"{label} gives image paths as strings ({columns}) but its files are not on this "
+                             f"machine (no hub-cache snapshot of {name!r}) to resolve them against: download the "
+                             "repository (hf download ID --repo-type dataset), or store the images as datasets.Image.")
+    assert folder is not None
+    folder = folder if os.path.isdir(folder) else os.path.dirname(os.path.abspath(folder))
+    origins = rows[ORIGIN_FIELD]
+    pending: list[tuple[str, str]] = []
+    for name in columns:
+        what = _PATH_COLUMNS[name]
+
+        def one(value: Any, where: str) -> Any:
+            if value is None:
+                return None
+            path = resolve_image_path(value, folder, allow_outside, where, what)
+            if what != "video":
+                pending.append((path, where))
+            return path
+
+        resolved = []
+        for where, value in zip(origins, rows[name]):
+            if isinstance(value, list):
+                resolved.append([one(item, f"{where}, {what} {k}") for k, item in enumerate(value)])
+            else:
+                resolved.append(one(value, where))
+        rows = rows.remove_columns(name).add_column(name, resolved, feature=rows.features[name])
+    check_image_files(pending, decode, image_pixel_limit(None))
+    return rows
+
+
+def _is_string(datasets: Any, feature: Any) -> bool:
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
 def _datasets_module() -> Any:

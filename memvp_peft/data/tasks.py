@@ -15,12 +15,14 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .conversations import first_answer
+from .conversations import ORIGIN_FIELD, first_answer
 from .digit_layouts import DIGIT_LAYOUT_TASKS, digit_layout_task
 from .digits import DIGIT_QUESTION
 from .formats import load_jsonl, load_llava_json
+from .image_batching import PRECOMPUTED_FIELDS, RAW_IMAGE_FIELDS
 from .scienceqa import is_scienceqa_dataset, load_scienceqa_training
 from .sources import load_source, source_kind
+from .video import FRAME_FIELDS
 
 #: The held-out fraction of a dataset without a held-out split of its own (`--eval_fraction`'s default).
 DEFAULT_EVAL_FRACTION = 0.2
@@ -99,6 +101,7 @@ def load_task(
     config: Optional[str] = None,
     train_split: Optional[str] = None,
     use_caption: bool = False,
+    image_column: Optional[str] = None,
 ) -> Task:
     """`digits`, a LLaVA `.json`, a `.jsonl`, or a source `datasets` reads (`.sources.source_kind`); errors name
     what was expected.
@@ -108,9 +111,18 @@ def load_task(
     choose the rows of a `datasets` source; the held-out records are drawn from those rows, as for a file.
     `scienceqa:DIR` trains on `train_split` (`--train_split`, default `train`) with or without captions
     (`--use_caption`) and holds out ScienceQA's own validation split (`scienceqa.load_scienceqa_training`).
+    `image_column` (`--image_column`) names the field of a file's records or the column of a `datasets` source that
+    holds the images, when it is not `image`/`images`.
+
+    Every memvp-train run feeds images to the model, so training records that give no image at all are refused
+    here, before anything is built: their images, if any, are somewhere the collator does not read them.
     """
     if is_scienceqa_dataset(dataset):
-        return _scienceqa_task(dataset, image_folder, eval_fraction, split, config, train_split, use_caption)
+        if image_column is not None:
+            raise ValueError("--image_column does not apply to --dataset scienceqa:DIR: its images are in DIR/images "
+                             "(or the parquet rows' 'image'): drop it.")
+        return _scienceqa_task(dataset, image_folder, eval_fraction, split, config, train_split, use_caption,
+                               allow_outside_image_folder)
     given = [flag for flag, value in (("--train_split", train_split), ("--use_caption", use_caption)) if value]
     if given:
         raise ValueError(f"{' and '.join(given)} apply to --dataset scienceqa:DIR; dataset {dataset!r} is not "
@@ -121,6 +133,8 @@ def load_task(
         if given:
             raise ValueError(f"{' and '.join(given)} choose the rows of a datasets source (a Hub id, a save_to_disk "
                              f"folder, parquet/arrow files); dataset {dataset!r} has none: drop them.")
+    if image_column is not None and (dataset == "digits" or dataset in DIGIT_LAYOUT_TASKS):
+        raise ValueError(f"--image_column does not apply to the built-in {dataset!r} task: drop it.")
     if dataset == "digits":
         return load_digits_task(eval_fraction, seed)
     if dataset in DIGIT_LAYOUT_TASKS:  # digits-grid, digits-grid-3x3, digits-sequence (digit_layouts.py)
@@ -131,17 +145,20 @@ def load_task(
         folder = image_folder or os.path.dirname(os.path.abspath(dataset))
         loader = load_llava_json if dataset.endswith(".json") else load_jsonl
         records = loader(dataset, folder, allow_outside_image_folder=allow_outside_image_folder,
-                         decode_images=decode_images)
+                         decode_images=decode_images, image_column=image_column)
         if not records:
             raise ValueError(f"dataset file {dataset} holds no records.")
         train, held_out = _split(records, eval_fraction, seed)
+        _refuse_without_images(train, f"dataset file {dataset}", sorted({key for record in train for key in record}))
         return Task(os.path.basename(dataset), train, held_out)
     if source_kind(dataset) is not None:
         if image_folder is not None:
             raise ValueError(f"--image_folder resolves the image paths of a .json/.jsonl dataset; dataset {dataset!r} "
                              "gives its images in its own columns (datasets.Image, bytes, or paths read as they are): "
                              "drop --image_folder.")
-        rows = load_source(dataset, split, config)
+        rows = load_source(dataset, split, config, image_column=image_column,
+                           allow_outside_image_folder=allow_outside_image_folder, decode_images=decode_images)
+        _refuse_without_images(rows, f"dataset {dataset!r}", sorted(rows.column_names))
         train, held_out = _held_out_order(len(rows), eval_fraction, seed)
         return Task(dataset, rows.select(train), rows.select(held_out))
     raise ValueError(
@@ -152,7 +169,8 @@ def load_task(
 
 
 def _scienceqa_task(dataset: str, image_folder: Optional[str], eval_fraction: Optional[float], split: Optional[str],
-                    config: Optional[str], train_split: Optional[str], use_caption: bool) -> Task:
+                    config: Optional[str], train_split: Optional[str], use_caption: bool,
+                    allow_outside_image_folder: bool) -> Task:
     """ScienceQA's training split and its own held-out split; the options of other datasets are refused by name."""
     given = [flag for flag, value in (("--image_folder", image_folder), ("--eval_fraction", eval_fraction),
                                       ("--dataset_split", split), ("--dataset_config", config)) if value is not None]
@@ -160,8 +178,50 @@ def _scienceqa_task(dataset: str, image_folder: Optional[str], eval_fraction: Op
         raise ValueError(f"{' and '.join(given)} do not apply to --dataset scienceqa:DIR: its images are in "
                          "DIR/images (or the parquet rows), it trains on --train_split (default train) and holds out "
                          "its own validation split: drop them.")
-    train, held_out, _ = load_scienceqa_training(dataset, train_split or "train", use_caption)
+    train, held_out, _ = load_scienceqa_training(dataset, train_split or "train", use_caption,
+                                                 allow_outside_image_folder=allow_outside_image_folder)
     return Task("scienceqa", train, held_out)
+
+
+#: where a record gives its images: raw images, video, precomputed tensors (what `MemVPDataCollator` reads)
+IMAGE_GIVING_FIELDS = RAW_IMAGE_FIELDS + FRAME_FIELDS + PRECOMPUTED_FIELDS
+
+
+def _refuse_without_images(records: Any, label: str, fields: list[str]) -> None:
+    """Refuse training records (a list of dicts, or a whole `datasets` split) none of which gives an image.
+
+    A `datasets` split is read from its Arrow columns' null counts and list lengths: no row is decoded."""
+    if isinstance(records, list):
+        found = any(_gives_image(record.get(field)) for record in records for field in IMAGE_GIVING_FIELDS)
+    else:
+        found = any(_column_gives_image(records.data.column(name)) for name in IMAGE_GIVING_FIELDS
+                    if name in records.column_names)
+    if not found:
+        shown = [name for name in fields if name != ORIGIN_FIELD]
+        raise ValueError(
+            f"{label}: no training record gives an image ({'/'.join(IMAGE_GIVING_FIELDS)} are all missing or empty), "
+            f"so MemVP would train text-only and its memory learn nothing from images. If the images are under another "
+            f"name, name it with --image_column (the records' fields: {shown})."
+        )
+
+
+def _gives_image(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(item is not None for item in value)
+    return value is not None
+
+
+def _column_gives_image(column: Any) -> bool:
+    """Whether an Arrow column holds a non-null value (for a list column: a non-empty list)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if column.null_count == len(column):
+        return False
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        return bool(pc.sum(pc.list_value_length(column)).as_py() or 0)
+    return True
+
 
 
 def reference_answer(record: dict[str, Any]) -> str:

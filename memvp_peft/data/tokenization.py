@@ -141,6 +141,8 @@ def encode_turns(
     first_prompt_len = 0
     for t, (prompt, answer) in enumerate(plain_turns(dialogue, template)):
         turn_ids, turn_sup = encode_turn(tokenizer, prompt, answer, first=(t == 0))
+        if t < dialogue.context_exchanges:  # answered by a TRL prompt: context, not trained on
+            turn_sup = [False] * len(turn_sup)
         if t == 0:
             first_prompt_len = next((i for i, s in enumerate(turn_sup) if s), len(turn_sup))
         ids += turn_ids

@@ -208,6 +208,29 @@ def test_hub_options_with_the_embedded_base_are_refused(flag, tmp_path, capsys):
     assert "--revision and --trust_remote_code apply to a base loaded from --model_name_or_path" in error
 
 
+def test_a_dataset_whose_images_never_reach_the_model_is_refused_before_anything_is_written(tmp_path, capsys):
+    """Every record names its scan as `image_path`, which the collator does not read; then no record has an image at
+    all: both are refused before the output folder exists, never trained on text alone."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rows = []
+    for i in range(10):
+        Image.fromarray((digits.images[i] * 15).astype("uint8")).save(tmp_path / f"scan_{i}.png")
+        rows.append({"image_path": f"scan_{i}.png", "question": "What digit is shown ?",
+                     "answer": str(digits.target[i])})
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = [*FAST, "--dataset", str(tmp_path / "data.jsonl")]
+    error = _refused_fresh(argv, tmp_path, capsys)
+    assert "['image_path'] hold images" in error and "--image_column" in error
+    for row in rows:
+        row.pop("image_path")
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    error = _refused_fresh(argv, tmp_path, capsys)
+    assert "no training record gives an image" in error
+
+
 # ------------------------------------------------------------------------------------------- what a run prints
 
 

@@ -88,15 +88,15 @@ def test_fewer_images_than_image_entries_is_refused(collator, digits):
     images, _ = digits
     record = {"images": [_pil(images[0])],
               "messages": [_typed("user", QUESTION, images=2), _typed("assistant", "seven")]}
-    with pytest.raises(ValueError, match=r"record 0: its messages mark 2 images \(\{'type': 'image'\} entries.*"
-                                         r"but the record gives 1"):
+    with pytest.raises(ValueError, match=r"record 0: its text marks 2 images \('<image>' placeholders and "
+                                         r"\{'type': 'image'\} entries of typed content\) but the record gives 1"):
         collator([record])
 
 
 def test_images_without_image_entries_are_refused(collator, digits):
     images, _ = digits
     record = {"images": [_pil(images[0])], "messages": [_typed("user", QUESTION), _typed("assistant", "seven")]}
-    with pytest.raises(ValueError, match=r"mark 0 images .* but the record gives 1"):
+    with pytest.raises(ValueError, match=r"marks 0 images .* but the record gives 1"):
         collator([record])
 
 
@@ -111,7 +111,7 @@ def test_placeholders_in_plain_string_messages_are_counted_against_the_images(co
     images, _ = digits
     record = {"images": [_pil(images[0])], "messages": [{"role": "user", "content": "<image><image>" + QUESTION},
                                                         {"role": "assistant", "content": "seven"}]}
-    with pytest.raises(ValueError, match=r"mark 2 images .*'<image>' in plain-string content\) but the record gives 1"):
+    with pytest.raises(ValueError, match=r"marks 2 images \('<image>' placeholders.* but the record gives 1"):
         collator([record])
 
 
@@ -152,3 +152,81 @@ def test_the_cauldron_empty_answer_is_refused(collator):
 def test_a_record_with_two_text_layouts_is_refused(collator):
     with pytest.raises(ValueError, match=r"record 0: the record has several text layouts \(\['messages', 'question'\]"):
         collator([{"messages": [_typed("user", "q"), _typed("assistant", "a")], "question": "q", "answer": "a"}])
+
+
+# ----------------------------------------------------------------------------- TRL's conversational prompt/completion
+def test_a_prompt_completion_row_trains_like_the_messages_it_splits(collator, digits):
+    images, targets = digits
+    answer = DIGIT_NAMES[targets[0]]
+    row = datasets.Dataset.from_dict({
+        "images": [[_pil(images[0])]],
+        "prompt": [[_typed("user", QUESTION, images=1)]],
+        "completion": [[_typed("assistant", answer)]],
+    }).cast_column("images", datasets.Sequence(datasets.Image()))[0]
+    reference = {"images": [_pil(images[0])],
+                 "messages": [_typed("user", QUESTION, images=1), _typed("assistant", answer)]}
+    batch = collator([row])
+    assert _same_text(batch, collator([reference])) and batch["image_mask"].tolist() == [[True]]
+
+
+def test_assistant_turns_inside_a_prompt_are_context_and_not_supervised(collator, tokenizer):
+    record = {"prompt": [_typed("user", QUESTION), _typed("assistant", "seven"),
+                         _typed("user", "Is the digit odd or even ?")],
+              "completion": [_typed("assistant", "It is odd .")]}
+    batch = collator([record])
+    whole = collator([{"messages": record["prompt"] + record["completion"]}])
+    assert torch.equal(batch["input_ids"], whole["input_ids"])  # the same row ...
+    supervised = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert supervised == tokenizer(" It is odd .", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def test_prompt_completion_image_marks_are_counted_against_the_images(collator, digits):
+    images, _ = digits
+    record = {"images": [_pil(images[0])], "prompt": [_typed("user", QUESTION, images=2)],
+              "completion": [_typed("assistant", "zero")]}
+    with pytest.raises(ValueError, match=r"record 0: its text marks 2 images .* but the record gives 1"):
+        collator([record])
+
+
+def test_prompt_completion_errors_name_the_list_and_the_message(collator):
+    with pytest.raises(ValueError, match=r"record 0: completion message 0: messages must alternate .*'assistant' was "
+                                         r"expected"):
+        collator([{"prompt": [_typed("user", "q")], "completion": [_typed("user", "a")]}])
+    with pytest.raises(ValueError, match=r"'completion' must be a non-empty list of messages"):
+        collator([{"prompt": [_typed("user", "q")], "completion": "seven"}])
+
+
+def test_a_completion_without_a_conversational_prompt_is_refused(collator):
+    with pytest.raises(ValueError, match=r"'completion' is read with a conversational 'prompt'"):
+        collator([{"prompt": QUESTION, "completion": "seven"}])
+
+
+def test_a_generation_prompt_needs_no_completion(collator):
+    record = {"prompt": [_typed("user", QUESTION)]}
+    assert torch.equal(collator.prompts([record])["input_ids"], collator.prompts([{"question": QUESTION}])["input_ids"])
+
+
+def test_llava_instruct_mix_rows_from_a_parquet_source_collate_like_the_llava_conversation(tmp_path, collator, digits):
+    """HuggingFaceH4/llava-instruct-mix-vsft's schema: typed contents with an `index` key, `images` a list of
+    datasets.Image; read through memvp-train's parquet source."""
+    from memvp_peft.data.tasks import load_task
+
+    images, targets = digits
+
+    def entry(kind, text=None, index=None):
+        return {"index": index, "text": text, "type": kind}
+
+    content = datasets.List({"index": datasets.Value("int64"), "text": datasets.Value("string"),
+                             "type": datasets.Value("string")})
+    features = datasets.Features({"images": datasets.List(datasets.Image()), "messages": datasets.List(
+        {"content": content, "role": datasets.Value("string")})})
+    rows = [{"images": [_pil(images[i])], "messages": [
+        {"role": "user", "content": [entry("image", index=0), entry("text", QUESTION)]},
+        {"role": "assistant", "content": [entry("text", DIGIT_NAMES[targets[i]])]}]} for i in range(5)]
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / "mix.parquet"))
+    task = load_task(str(tmp_path / "mix.parquet"), None, 0.2, seed=0)
+    row = task.train[0]
+    i = int(row["memvp_origin"].rsplit(" ", 1)[1])
+    reference = collator([dict(_llava(("<image>\n" + QUESTION, DIGIT_NAMES[targets[i]])), image=[_pil(images[i])])])
+    batch = collator([row])
+    assert _same_text(batch, reference) and torch.equal(batch["pixel_values"], reference["pixel_values"])

@@ -174,3 +174,10 @@ def test_a_template_for_typed_content_only_gets_typed_content(chatml, image_proc
                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
     typed = MemVPDataCollator(_tokenizer(typed_only), image_processor)([ONE_TURN])
     assert torch.equal(typed["input_ids"], MemVPDataCollator(chatml, image_processor)([ONE_TURN])["input_ids"])
+
+
+def test_a_trl_prompts_own_assistant_turns_are_rendered_but_only_the_completion_is_supervised(collator, chatml):
+    messages = _messages(QUESTION, "seven", "Is it odd or even ?", "It is odd .")
+    batch = collator([{"prompt": messages[:3], "completion": messages[3:]}])
+    assert torch.equal(batch["input_ids"], collator([{"messages": messages}])["input_ids"])
+    assert supervised_ids(batch, 0) == _ids(chatml, "It is odd .<|im_end|>")

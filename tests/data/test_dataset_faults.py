@@ -162,6 +162,34 @@ def test_load_task_passes_allow_outside_image_folder(tmp_path, image_dir):
     assert len(task.train) == 3
 
 
+def test_a_list_of_images_resolves_against_the_dataset_folder_not_the_working_directory(tmp_path, image_dir,
+                                                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _write_jsonl(image_dir, [{"images": ["digit_0.png", "digit_1.png"], **QA}], name="two.jsonl")
+    assert load_jsonl(path)[0]["images"] == [str(image_dir / "digit_0.png"), str(image_dir / "digit_1.png")]
+
+
+def test_a_list_of_images_leading_outside_the_folder_is_refused_naming_the_image(tmp_path, image_dir):
+    path = _write_jsonl(tmp_path, [{"images": ["digit_0.png", "../../etc/passwd"], **QA}])
+    with pytest.raises(ValueError, match=r"line 1, image 1: image path '\.\./\.\./etc/passwd' .*outside"):
+        load_jsonl(path, image_dir)
+
+
+def test_a_video_path_resolves_against_the_dataset_folder_not_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    path = _write_jsonl(tmp_path / "data", [{"video": "clips/a.mp4", **QA}])
+    assert load_jsonl(path)[0]["video"] == str(tmp_path / "data" / "clips" / "a.mp4")
+
+
+@pytest.mark.parametrize("video", ["../elsewhere.mp4", "/tmp/elsewhere.mp4"])
+def test_a_video_path_leading_outside_the_folder_is_refused_unless_allowed(video, tmp_path):
+    path = _write_jsonl(tmp_path, [{"video": video, **QA}])
+    with pytest.raises(ValueError, match=r"line 1: video path .*elsewhere\.mp4.* outside image_folder"):
+        load_jsonl(path)
+    assert load_jsonl(path, allow_outside_image_folder=True)[0]["video"].endswith("elsewhere.mp4")
+
+
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     """A local vision encoder, so that the runs below get as far as their dataset whatever is checked first."""
@@ -195,6 +223,21 @@ def test_train_passes_allow_outside_image_folder_to_the_dataset(tmp_path, image_
 
 
 # ----------------------------------------------------------------------------------------------- malformed JSON
+def test_a_jsonl_line_nested_too_deeply_is_named(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(QA) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=r"data\.jsonl: line 2: JSON nested too deeply to read"):
+        load_jsonl(path)
+
+
+def test_a_json_file_nested_too_deeply_names_its_deepest_line(tmp_path):
+    path = tmp_path / "llava.json"
+    deep = "[" * 100_000 + "]" * 100_000
+    path.write_text("[\n" + json.dumps({"conversations": _conversation()}) + ",\n" + deep + "\n]")
+    with pytest.raises(ValueError, match=r"llava\.json: line 3: JSON nested too deeply to read"):
+        load_llava_json(path)
+
+
 def test_malformed_jsonl_line_reports_line_and_column(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps(QA) + "\n\n" + '  {"question": "q", "answer": "a",}\n')
@@ -244,7 +287,7 @@ def test_unreadable_image_found_by_the_collator_is_named_by_its_jsonl_line(tmp_p
 
 
 def test_seq2seq_batch_names_the_dataset_line(tmp_path, image_dir, tokenizer, image_processor):
-    path = _write_llava(tmp_path, [{"id": "q", "conversations": _conversation()[:1]}])
+    path = _write_llava(tmp_path, [{"id": "q", "image": "digit_0.png", "conversations": _conversation()[:1]}])
     records = load_llava_json(path, image_dir)
     seq2seq = MemVPDataCollator(tokenizer, image_processor, max_length=64, seq2seq=True)
     with pytest.raises(ValueError, match=r"llava\.json: entry 0 \(id='q'\): conversation must alternate"):

@@ -8,6 +8,7 @@ The Hub-id source needs an offline cache in a fresh process: tests/cli/test_hub_
 from __future__ import annotations
 
 import glob
+import shutil
 
 import datasets
 import pytest
@@ -162,3 +163,65 @@ def test_a_bad_row_is_named_by_its_source_split_and_row(tmp_path, tokenizer, ima
     row = task.train[0]
     with pytest.raises(ValueError, match=rf"rows\.parquet \[train\] row {row[ORIGIN_FIELD].rsplit(' ', 1)[1]}"):
         MemVPDataCollator(tokenizer, image_processor, max_length=64)([row])
+
+
+# ------------------------------------------------------------------------ image paths as strings: the one path rule
+@pytest.fixture
+def scans_on_disk(tmp_path):
+    """Digit scans as PNG files in tmp_path/data/scans, next to where the tests put their parquet files."""
+    (tmp_path / "data" / "scans").mkdir(parents=True)
+    for i, row in enumerate(_rows(4)):
+        row["image"].save(tmp_path / "data" / "scans" / f"{i}.png")
+    return tmp_path / "data"
+
+
+def _path_rows(images):
+    return datasets.Dataset.from_list([{"image": image, "question": QUESTION, "answer": "zero"} for image in images])
+
+
+def test_string_image_paths_resolve_against_the_dataset_folder(scans_on_disk, tmp_path, monkeypatch, tokenizer,
+                                                               image_processor):
+    _path_rows([f"scans/{i}.png" for i in range(4)] + [None]).to_parquet(str(scans_on_disk / "rows.parquet"))
+    monkeypatch.chdir(tmp_path)  # not the dataset's folder: paths must not depend on the working directory
+    task = _task(scans_on_disk / "rows.parquet")
+    rows = [task.train[i] for i in range(len(task.train))]
+    assert {row["image"] for row in rows} - {None} <= {str(scans_on_disk / "scans" / f"{i}.png") for i in range(4)}
+    assert MemVPDataCollator(tokenizer, image_processor, max_length=64)(rows[:2])["pixel_values"].shape[0] == 2
+
+
+def test_a_list_column_of_image_paths_resolves_against_the_dataset_folder(scans_on_disk):
+    rows = datasets.Dataset.from_list([{"images": [f"scans/{i}.png", f"scans/{i + 1}.png"], "question": QUESTION,
+                                        "answer": "zero"} for i in range(3)])
+    rows.save_to_disk(scans_on_disk / "saved")
+    shutil.copytree(scans_on_disk / "scans", scans_on_disk / "saved" / "scans")  # the saved folder's own images
+    task = _task(scans_on_disk / "saved")
+    assert task.train[0]["images"][0].startswith(str(scans_on_disk / "saved" / "scans" / ""))
+
+
+@pytest.mark.parametrize("escape", ["../../etc/passwd", "/etc/passwd"])
+def test_a_string_image_path_leading_outside_the_dataset_folder_is_refused(escape, scans_on_disk):
+    _path_rows(["scans/0.png", escape, "scans/1.png"]).to_parquet(str(scans_on_disk / "rows.parquet"))
+    with pytest.raises(ValueError, match=r"rows\.parquet \[train\] row 1: image path .* outside image_folder .*"
+                                         r"--allow_outside_image_folder"):
+        _task(scans_on_disk / "rows.parquet")
+
+
+def test_allow_outside_image_folder_accepts_a_string_path_elsewhere(scans_on_disk, tmp_path):
+    elsewhere = tmp_path / "elsewhere.png"
+    _rows(1)[0]["image"].save(elsewhere)
+    _path_rows(["scans/0.png", str(elsewhere), "scans/1.png"]).to_parquet(str(scans_on_disk / "rows.parquet"))
+    task = _task(scans_on_disk / "rows.parquet", allow_outside_image_folder=True)
+    assert str(elsewhere) in {task.train[i]["image"] for i in range(len(task.train))} | {task.eval[0]["image"]}
+
+
+def test_a_missing_image_file_of_a_string_path_is_refused_when_the_source_loads(scans_on_disk):
+    _path_rows(["scans/0.png", "scans/gone.png"]).to_parquet(str(scans_on_disk / "rows.parquet"))
+    with pytest.raises(ValueError, match=r"rows\.parquet \[train\] row 1: missing image file .*gone\.png"):
+        _task(scans_on_disk / "rows.parquet")
+
+
+def test_a_bare_path_per_row_in_an_images_column_is_refused(scans_on_disk):
+    datasets.Dataset.from_list([{"images": f"scans/{i}.png", "question": QUESTION, "answer": "zero"}
+                                for i in range(3)]).to_parquet(str(scans_on_disk / "rows.parquet"))
+    with pytest.raises(ValueError, match=r"column 'images' holds one path per row where a list is expected"):
+        _task(scans_on_disk / "rows.parquet")

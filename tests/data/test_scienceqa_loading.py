@@ -86,3 +86,48 @@ def test_trainval_reads_each_problems_image_from_its_own_split_folder(repository
     records = load_scienceqa(repository, "trainval")
     folders = {r["image"].split("/images/")[1].split("/")[0] for r in records if r["has_image"]}
     assert folders == {"train", "val"}
+
+
+def _first_image_problem(repository, split="test"):
+    data = json.loads((repository / "problems.json").read_text())
+    pid = next(pid for pid in json.loads((repository / "pid_splits.json").read_text())[split] if data[pid]["image"])
+    return data, pid
+
+
+@pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/passwd", "../{other}/image.png"])
+def test_a_problem_image_leading_outside_its_folder_is_refused(name, repository):
+    data, pid = _first_image_problem(repository)
+    other = next(p for p in json.loads((repository / "pid_splits.json").read_text())["test"] if p != pid)
+    data[pid]["image"] = name.format(other=other)
+    (repository / "problems.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"problem '{pid}': image path .* outside image_folder .*"
+                                         r"allow_outside_image_folder"):
+        load_scienceqa(repository, "test")
+
+
+def test_allow_outside_image_folder_accepts_a_problem_image_elsewhere(repository):
+    data, pid = _first_image_problem(repository)
+    elsewhere = repository / "shared.png"
+    (repository / "images" / "test" / pid / "image.png").rename(elsewhere)
+    data[pid]["image"] = str(elsewhere)
+    (repository / "problems.json").write_text(json.dumps(data))
+    records = load_scienceqa(repository, "test", allow_outside_image_folder=True)
+    assert next(r for r in records if r["id"] == pid)["image"] == str(elsewhere)
+
+
+def test_a_hub_row_image_given_by_path_resolves_against_its_parquet_folder(tmp_path, problems):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    hub = write_hub_layout(tmp_path / "hub", problems)
+    table = pq.read_table(hub / "data" / "test-00000-of-00001.parquet").to_pylist()
+    first = next(i for i, row in enumerate(table) if row["image"])
+    (hub / "data" / "scan.png").write_bytes(table[first]["image"]["bytes"])
+    for path, expected in (("scan.png", None), ("../../outside.png", "outside image_folder")):
+        table[first]["image"] = {"bytes": None, "path": path}
+        pq.write_table(pa.Table.from_pylist(table), hub / "data" / "test-00000-of-00001.parquet")
+        if expected is None:
+            assert load_scienceqa(hub, "test")[first]["image"]["path"] == str(hub / "data" / "scan.png")
+        else:
+            with pytest.raises(ValueError, match=rf"test-00000-of-00001\.parquet: row {first}: .*{expected}"):
+                load_scienceqa(hub, "test")
