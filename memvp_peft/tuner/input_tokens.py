@@ -119,6 +119,9 @@ class ClsInput(NamedTuple):
     text_only_prefix_ids: tuple[int, ...]
     embeddings: Optional[torch.Tensor]  # (B, 1, d), the CLS projector's output
     image_rows: Optional[torch.Tensor]  # (B,) bool
+    #: without images, 0 times the CLS projector's output, added to the embeddings: the projector runs in every call,
+    #: so data-parallel ranks with and without images use the same parameters (as `VisualMemory.forward` does)
+    unused: Optional[torch.Tensor] = None
 
     @property
     def width(self) -> int:
@@ -130,9 +133,10 @@ class ClsInput(NamedTuple):
         return with_image if self.image_rows is None else max(with_image, without)
 
 
-def cls_input_for(config: Any, embeddings: Optional[torch.Tensor], image_rows: Optional[torch.Tensor]) -> ClsInput:
+def cls_input_for(config: Any, embeddings: Optional[torch.Tensor], image_rows: Optional[torch.Tensor],
+                  unused: Optional[torch.Tensor] = None) -> ClsInput:
     return ClsInput(tuple(config.cls_token_prefix_ids), tuple(config.cls_token_text_only_prefix_ids), embeddings,
-                    image_rows)
+                    image_rows, unused)
 
 
 class GrownInputs(NamedTuple):
@@ -178,6 +182,8 @@ def grow_inputs(cls_input: ClsInput, embedding: nn.Module, input_ids: torch.Tens
     from_insertion = inserted_embeds.gather(1, slot[..., None].expand(-1, -1, hidden)) if width else from_text
     embeds = torch.where(in_insertion[..., None], from_insertion, from_text)
     embeds = embeds.masked_fill(padding[..., None], 0.0)
+    if cls_input.unused is not None:
+        embeds = embeds + cls_input.unused.to(embeds.dtype)
 
     grown_mask = torch.where(in_insertion, torch.ones_like(source), mask.gather(1, source).to(source.dtype))
     grown_mask = grown_mask.masked_fill(padding, 0).to(mask.dtype)

@@ -155,7 +155,9 @@ class MemoryRuntime:
             )
             states[name] = memory(features, mask)
             if getattr(config, "cls_token", False):  # the rows with an image: the checked per-token mask's first
-                cls_input = cls_input_for(config, cls_embeddings, None if mask is None else mask[:, 0])
+                unused = None if cls_embeddings is not None else memory.project_cls(
+                    memory.cls_projector[0].weight.new_zeros(1, config.visual_dim)).sum() * 0.0
+                cls_input = cls_input_for(config, cls_embeddings, None if mask is None else mask[:, 0], unused)
         return CallMemory(states, cls_input)
 
     def _with_cls_token(self, name: str, active: list[str], memory: nn.Module, image_features: Any,

@@ -289,6 +289,17 @@ def test_cls_token_trains_its_projector_and_the_loss_skips_the_inserted_tokens(b
     torch.testing.assert_close(out.loss, want)
 
 
+def test_cls_token_text_only_training_call_still_runs_the_cls_projector(base):
+    """Data-parallel ranks with and without images must use the same parameters: a text-only call runs the CLS
+    projector too (times 0), as the memory runs its projector."""
+    model = cls_model(base)
+    model.train()
+    ids, _ = cls_inputs()
+    model(input_ids=ids, labels=ids).loss.backward()
+    cls_projector = model.base_model.memvp_memory["default"].cls_projector
+    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in cls_projector.parameters())
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda model, ids, pixels: model(input_ids=ids, image_features=torch.randn(3, 16, 16)), "image_features"),
     (lambda model, ids, pixels: model(input_ids=ids, pixel_values=pixels[:, None].expand(-1, 2, -1, -1, -1)),
