@@ -50,6 +50,15 @@ def test_prompt_completion_rows_supervise_the_answer_exactly_as_the_collator_doe
     torch.testing.assert_close(batch["pixel_values"].sum(), reference["pixel_values"].sum())
 
 
+def test_memvp_data_collator_reads_trl_prompt_completion_rows_as_trl_trains_them(tmp_path):
+    """The same dataset through MemVPDataCollator (its prompt/completion layout) and through TRL's own collator:
+    the same rows, the loss on the completion alone."""
+    tokenizer, batch = _batch(tmp_path, prompt_completion_dataset(4))
+    rows = prompt_completion_dataset(4)
+    ours = MemVPDataCollator(tokenizer, clip_image_processor(32))([rows[i] for i in range(4)])
+    assert _same_rows(ours, batch)
+
+
 def test_messages_with_assistant_only_loss_supervise_the_assistant_turns_as_the_collator_does(tmp_path):
     tokenizer, batch = _batch(tmp_path, messages_dataset(4), assistant_only_loss=True)
     assert _same_rows(batch, _collator_batch(tokenizer, 4))
