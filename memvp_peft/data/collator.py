@@ -71,14 +71,17 @@ TEXT_ONLY_WARNING_RECORDS = 64
 
 
 class _RecordImages:
-    """One record's images on their way into the batch: raw RGB images (to process) or precomputed tensors."""
+    """One record's images on their way into the batch: raw RGB images (to process; ``None`` where a record's list
+    leaves a slot empty) or precomputed tensors."""
 
-    __slots__ = ("raw", "tensors", "is_list", "field", "sources")
+    __slots__ = ("raw", "tensors", "is_list", "field", "sources", "slots")
 
     def __init__(self, raw: list[Any], tensors: list[torch.Tensor], is_list: bool, field: Optional[str],
-                 sources: Optional[int] = None) -> None:
+                 sources: Optional[int] = None, slots: Optional[int] = None) -> None:
         self.raw, self.tensors, self.is_list, self.field = raw, tensors, is_list, field
-        self.sources = self.count if sources is None else sources  # images the record gave (before tiling)
+        given = sum(image is not None for image in raw) + len(tensors)
+        self.sources = given if sources is None else sources  # images the record gave (before tiling)
+        self.slots = self.count if slots is None else slots  # their slots before tiling, empty ones included
 
     @property
     def count(self) -> int:
@@ -321,8 +324,9 @@ class MemVPDataCollator:
             images = self._record_images(record, where)
             if images.field not in FRAME_FIELDS:  # a video's frames are not marked one by one
                 check_image_marks(dialogue, images.sources, where, self.image_placeholder, record.keys())
-            if self.num_images is not None and images.sources > self.num_images:
-                raise ValueError(f"{where}: has {images.sources} images but num_images={self.num_images}.")
+            if self.num_images is not None and images.slots > self.num_images:
+                raise ValueError(f"{where}: has {images.slots} images but num_images={self.num_images} (a None "
+                                 "entry of a list keeps its slot).")
             per_record.append(images)
         self._refuse_mixed_sources(records, per_record)
         return texts, per_record
@@ -366,11 +370,14 @@ class MemVPDataCollator:
             )
             if self.image_grid is None:
                 return _RecordImages(raw, [], is_list, field)
+            blocks = 1 + self.image_grid[0] * self.image_grid[1]
             try:
-                tiles = [tile for image in raw for tile in tile_image(image, self.image_grid)]
+                tiles = [tile for image in raw
+                         for tile in (tile_image(image, self.image_grid) if image is not None else [None] * blocks)]
             except ValueError as exc:
                 raise ValueError(f"{where}: {exc}") from exc
-            return _RecordImages(tiles, [], True, field, sources=len(raw))
+            return _RecordImages(tiles, [], True, field, sources=sum(image is not None for image in raw),
+                                 slots=len(raw))
         tensors, is_list = precomputed_images(record[field], field, where, self.image_input_name)
         return _RecordImages([], tensors, is_list, field)
 
@@ -378,7 +385,7 @@ class MemVPDataCollator:
     def _refuse_mixed_sources(records: Sequence[Mapping[str, Any]], per_record: list[_RecordImages]) -> None:
         """Raw images are processed and precomputed tensors are not: one batch holding both would put two different
         things side by side in one tensor."""
-        raw = next((i for i, images in enumerate(per_record) if images.raw), None)
+        raw = next((i for i, images in enumerate(per_record) if images.raw and images.sources), None)
         precomputed = next((i for i, images in enumerate(per_record) if images.tensors), None)
         if raw is not None and precomputed is not None:
             raise ValueError(
@@ -408,19 +415,16 @@ class MemVPDataCollator:
         """The image columns: processed raw images or the precomputed tensors, zeros and a False mask where a row
         has none.  A batch without any image gets zeros of the shape seen before (or the processor's); with neither
         (a text-only collator) it gets no image columns."""
-        flat = [image for images in per_record for image in images.raw]
-        processed = process_images(self.image_processor, flat, self.image_input_name) if flat else None
-        tensors: list[list[torch.Tensor]] = []
-        cursor = 0
-        for images in per_record:
+        flat = [image for images in per_record for image in images.raw if image is not None]
+        processed = iter(process_images(self.image_processor, flat, self.image_input_name) if flat else ())
+        tensors: list[list[Optional[torch.Tensor]]] = []
+        for images in per_record:  # an empty slot (None) stays None: assemble_images leaves it empty
             if images.raw:
-                assert processed is not None
-                tensors.append(list(processed[cursor : cursor + len(images.raw)]))
-                cursor += len(images.raw)
+                tensors.append([None if image is None else next(processed) for image in images.raw])
             else:
                 tensors.append(images.tensors)
-        if any(tensors):
-            first = next(t for row in tensors for t in row)
+        if any(t is not None for row in tensors for t in row):
+            first = next(t for row in tensors for t in row if t is not None)
             self._image_shape = (first.shape, first.dtype)
         elif self._image_shape is None:
             if self.image_processor is None:

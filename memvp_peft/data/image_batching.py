@@ -123,11 +123,13 @@ def record_images(
     image_processor: Any,
     image_folder: Optional[PathLike],
     array_value_range: Optional[tuple[float, float]],
-) -> tuple[list[Any], bool]:
+) -> tuple[list[Optional[Any]], bool]:
     """The raw images of a record's ``image``/``images`` field as RGB PIL images, and whether the field is a list
     (the multi-image layout).
 
-    ``None`` entries of a list are skipped (their slot stays empty).  A missing or unreadable image is a
+    A ``None`` entry of a list stays in it, as ``None``: its slot stays empty (zeros, ``image_mask`` False) and the
+    images after it keep theirs -- the k-th image is read in the k-th block of memory slots, with that block's
+    position embeddings, whether or not an earlier one is missing.  A missing or unreadable image is a
     ``ValueError`` naming the record, the image's index in its list and the ``image_folder`` paths were resolved
     against.
     """
@@ -138,6 +140,7 @@ def record_images(
     images = []
     for k, item in enumerate(items):
         if item is None:
+            images.append(None)
             continue
         label = f"{where}, image {k}" if is_list else where
         if image_processor is None:
@@ -178,20 +181,20 @@ def blank_image_shape(image_processor: Any, image_input_name: str) -> tuple[torc
 
 
 def assemble_images(
-    per_record: list[list[torch.Tensor]],
+    per_record: list[list[Optional[torch.Tensor]]],
     any_list: bool,
     *,
     num_images: Optional[int],
     blank: Optional[tuple[torch.Size, torch.dtype]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The image tensor and ``image_mask`` of a batch (layouts in the module docstring) from each record's per-image
-    tensors (processed images or precomputed ones).
+    tensors (processed images or precomputed ones); a ``None`` leaves its slot empty.
 
     ``blank`` is the per-image shape and dtype to use when no record of the batch has an image.  Per-image tensors of
     different shapes (precomputed ones can differ) are refused, naming the records.
     """
     batch_size = len(per_record)
-    shaped = [(row, tensor) for row, tensors in enumerate(per_record) for tensor in tensors]
+    shaped = [(row, tensor) for row, tensors in enumerate(per_record) for tensor in tensors if tensor is not None]
     if shaped:
         first_row, first = shaped[0]
         for row, tensor in shaped:
@@ -216,6 +219,8 @@ def assemble_images(
         image_mask = torch.zeros((batch_size,), dtype=torch.bool)
     for row, tensors in enumerate(per_record):
         for slot, tensor in enumerate(tensors):
+            if tensor is None:
+                continue
             if multi:
                 pixel_values[row, slot] = tensor
                 image_mask[row, slot] = True

@@ -58,6 +58,34 @@ def test_one_image_under_images_gives_the_single_image_layout(collator, digits):
     assert collator([dict(Q, images=images[0])])["pixel_values"].shape == (1, 3, IMAGE_SIDE, IMAGE_SIDE)
 
 
+def test_a_none_entry_leaves_its_slot_empty_and_the_next_image_keeps_its_own(collator, image_dir, reference):
+    path = str(image_dir / "digit_3.png")
+    batch = collator([dict(Q, images=[None, path]), dict(Q, images=[path, path])])
+    assert batch["image_mask"].tolist() == [[False, True], [True, True]]
+    assert not batch["pixel_values"][0, 0].any() and torch.equal(batch["pixel_values"][0, 1], reference)
+
+
+def test_a_datasets_list_with_a_missing_image_keeps_the_slots(collator, image_dir, reference):
+    dataset = datasets.Dataset.from_dict({"images": [[None, str(image_dir / "digit_3.png")]],
+                                          **{k: [v] for k, v in Q.items()}})
+    row = dataset.cast_column("images", datasets.Sequence(datasets.Image()))[0]
+    batch = collator([row])
+    assert batch["image_mask"].tolist() == [[False, True]] and torch.equal(batch["pixel_values"][0, 1], reference)
+
+
+def test_a_none_entry_of_a_tiled_record_leaves_all_its_blocks_empty(tokenizer, image_processor, digits):  # noqa: F811
+    scans, _ = digits
+    grid = np.block([[scans[0], scans[1]], [scans[2], scans[3]]])
+    tiling = MemVPDataCollator(tokenizer, image_processor, image_grid=(2, 2), array_value_range=(0, 16))
+    assert tiling([dict(Q, images=[None, grid])])["image_mask"].tolist() == [[False] * 5 + [True] * 5]
+
+
+def test_a_none_entry_counts_as_a_slot_against_num_images(tokenizer, image_processor, digits):  # noqa: F811
+    collator = MemVPDataCollator(tokenizer, image_processor, num_images=1)
+    with pytest.raises(ValueError, match=r"record 0: has 2 images but num_images=1 \(a None entry of a list keeps its slot\)"):
+        collator([dict(Q, images=[None, digits[0][0]])])
+
+
 @pytest.mark.parametrize("form", ["path", "bytes", "pil", "numpy"])
 def test_every_image_form_in_images_gives_the_same_pixels(collator, image_dir, reference, form):
     from PIL import Image
