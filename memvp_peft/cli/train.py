@@ -39,6 +39,7 @@ from .long_context import (check_preset, default_slots, embedded_corpus, memory_
                            reads_digit_patches, visual_layout)
 from .options import TrainOptions, run_command
 from .record import CLI_RECORD, write_cli_record
+from .run_writes import StagedCheckpointTrainer, refusing_write_failures
 
 DIGIT_WORDS = [str(d) for d in range(10)]
 PROMPT_CORPUS = ["Question: What digit is shown ?\nAnswer:"]
@@ -276,7 +277,7 @@ def shown_reference(record: dict) -> str:
 
 def train(options: TrainOptions) -> dict[str, Any]:
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
     from ..data.tasks import load_task
@@ -352,7 +353,9 @@ def train(options: TrainOptions) -> dict[str, Any]:
         print(replaced_schedule)
     start_run_folder(options.output_dir, replaced, embedded_base)  # the first write: every check above has passed
     atomic_saves(peft_model)  # trainer.save_model and checkpoint-N stage their files: a crash keeps the previous adapter
-    trainer = Trainer(model=peft_model, args=args, train_dataset=task.train, data_collator=train_collator)
+    trainer = StagedCheckpointTrainer(  # each checkpoint-N appears whole or not at all (run_writes.py)
+        model=peft_model, args=args, train_dataset=task.train, data_collator=train_collator
+    )
     print_each_loss_once(trainer)
     train_started = time.time()
     trainer.train(resume_from_checkpoint=options.resume_from_checkpoint)
@@ -450,7 +453,8 @@ def deepspeed_schedule_notice(deepspeed: Optional[str], lr_scheduler_type: str) 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
-        return run_command("memvp-train", TrainOptions, train, argv, __doc__.split("\n\n")[0])
+        return run_command("memvp-train", TrainOptions, refusing_write_failures(train), argv,
+                           __doc__.split("\n\n")[0])
     finally:  # under torchrun, ranks > 0 finish while rank 0 still evaluates: each leaves the process group itself
         leave_process_group()
 
