@@ -39,7 +39,8 @@ def is_memvp_peft_model(model: Any) -> bool:
 
 
 def check_memvp_model(trainer: str, model: Any, peft_config: Optional[PeftConfig]) -> None:
-    """The trainer trains a MemVP adapter: a MemVP PeftModel, or a base model with `peft_config=MemVPConfig(...)`."""
+    """The trainer trains a MemVP adapter: a MemVP PeftModel, or a base model with `peft_config=MemVPConfig(...)`,
+    whose rows are the ones the trainer built (no `cls_token`)."""
     if peft_config is not None and not isinstance(peft_config, MemVPConfig):
         raise ValueError(
             f"{trainer} trains a MemVP adapter, but peft_config is a {type(peft_config).__name__}; pass "
@@ -50,6 +51,13 @@ def check_memvp_model(trainer: str, model: Any, peft_config: Optional[PeftConfig
         raise ValueError(
             f"{trainer} trains a MemVP adapter: pass a MemVP PeftModel (get_peft_model(model, MemVPConfig(...))) or "
             f"a base model with peft_config=MemVPConfig(...); got a {type(model).__name__} without a MemVPConfig."
+        )
+    configs = [peft_config] if peft_config is not None else list(model.peft_config.values())
+    if any(getattr(config, "cls_token", False) for config in configs):
+        raise ValueError(
+            f"{trainer}: the adapter has cls_token=True (ADEM-VL's CLS input token), which grows every row of the "
+            "input inside the model; TRL's trainers score the logits against the masks and labels of the rows they "
+            "built. Train it with memvp-train or the HF Trainer (the model computes the loss on the grown rows)."
         )
 
 

@@ -54,6 +54,18 @@ def test_a_base_model_without_memvp_config_is_refused(tmp_path):
         MemVPSFTTrainer(model=llm, train_dataset=messages_dataset(4), args=trainer_args(SFTConfig, tmp_path))
 
 
+@pytest.mark.parametrize("trainer", [MemVPSFTTrainer, MemVPDPOTrainer])
+def test_an_adapter_with_the_cls_input_token_is_refused(tmp_path, trainer):
+    tokenizer = word_tokenizer()
+    llm, clip = llm_and_encoder(tokenizer)
+    config = memvp_config(vision_encoder=clip, cls_token=True, cls_token_prefix_ids=[5],
+                          cls_token_text_only_prefix_ids=[5, 6])
+    with pytest.raises(ValueError, match=r"cls_token=True \(ADEM-VL's CLS input token\)"):
+        trainer(model=llm, peft_config=config, train_dataset=messages_dataset(4),
+                processing_class=MemVPProcessor(clip_image_processor(32), tokenizer),
+                args=trainer_args(SFTConfig if trainer is MemVPSFTTrainer else DPOConfig, tmp_path))
+
+
 def test_images_with_a_plain_tokenizer_are_refused_with_the_processor_to_use(tmp_path):
     with pytest.raises(ValueError, match=r"has images .* but processing_class is a \w+, which cannot process them.*"
                                          r"MemVPProcessor\(image_processor, tokenizer\)"):
