@@ -22,7 +22,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any, Optional, Sequence
 
 import torch
@@ -339,8 +339,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
         save_steps=options.save_steps if options.save_steps > 0 else 500,
         bf16=options.bf16,
         fp16=options.fp16,
-        activation_checkpointing=options.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
-        activation_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
+        **_checkpointing_arguments(options.gradient_checkpointing),
         deepspeed=options.deepspeed,
         use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False,  # the collator needs the raw image/question/answer columns
@@ -449,6 +448,17 @@ def deepspeed_schedule_notice(deepspeed: Optional[str], lr_scheduler_type: str) 
     return (f"memvp-train: the DeepSpeed config {deepspeed} has a \"scheduler\" section ({kind}): DeepSpeed's "
             f"schedule runs, not --lr_scheduler_type {lr_scheduler_type} / --warmup_ratio (the HF Trainer's rule). "
             "Delete the section to use them.")
+
+
+def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """Non-reentrant activation checkpointing under the name this transformers release's `TrainingArguments` takes:
+    `activation_checkpointing` from 5.20 (where `gradient_checkpointing` is a deprecated alias), `gradient_checkpointing`
+    before (5.16-5.19, the releases vLLM pins)."""
+    from transformers import TrainingArguments
+
+    prefix = "activation" if "activation_checkpointing" in {f.name for f in fields(TrainingArguments)} else "gradient"
+    return {f"{prefix}_checkpointing": enabled,
+            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
