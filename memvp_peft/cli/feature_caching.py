@@ -58,3 +58,14 @@ def cached_collator(options: TrainOptions, peft_model: Any, collator: Any, proce
     config = peft_model.peft_config[peft_model.active_adapter]
     print(f"memvp-train: caching the encoder's image features in {cache.folder} ({len(cache)} images cached)")
     return CachedFeatureCollator(collator, cache, config, device=lambda: next(peft_model.parameters()).device)
+
+
+def encode_in_training_precision(train_collator: Any, trainer: Any) -> None:
+    """Make a cached run encode under the autocast the model's forward runs under: accelerate wraps that forward in
+    `trainer.accelerator.autocast()` (bf16 under `--bf16`, fp16 under `--fp16`), so the uncached run's encoder runs
+    in it; features computed outside it would be other numbers, and the run's losses with them. Nothing for a run
+    without the cache."""
+    from ..vision_cache import CachedFeatureCollator
+
+    if isinstance(train_collator, CachedFeatureCollator):
+        train_collator.precision = trainer.accelerator.autocast

@@ -34,7 +34,7 @@ from ..tuner.model_card import write_model_card
 from .answering import accuracy, generate_answers
 from .base_loading import load_base
 from .collating import build_collator, chat_template_choice, collation_record, encoder_image_processor
-from .feature_caching import cached_collator, check_cache_request
+from .feature_caching import cached_collator, check_cache_request, encode_in_training_precision
 from .long_context import (check_preset, default_slots, embedded_corpus, memory_fields, preset_fields,
                            reads_digit_patches, visual_layout)
 from .options import TrainOptions, run_command
@@ -355,6 +355,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
     trainer = StagedCheckpointTrainer(  # each checkpoint-N appears whole or not at all (run_writes.py)
         model=peft_model, args=args, train_dataset=task.train, data_collator=train_collator
     )
+    encode_in_training_precision(train_collator, trainer)  # --cache_image_features: under the forward's autocast
     print_each_loss_once(trainer)
     train_started = time.time()
     trainer.train(resume_from_checkpoint=options.resume_from_checkpoint)

@@ -17,7 +17,7 @@ from memvp_peft.cli.train import main as train_main
 from memvp_peft.data import MemVPDataCollator
 from memvp_peft.local_models import build_word_tokenizer, clip_image_processor, tiny_clip, tiny_llama
 from memvp_peft.vision import VisionEncoder, imagenet_image_processor
-from memvp_peft.vision_cache import CachedFeatureCollator, FeatureCache, encoder_settings
+from memvp_peft.vision_cache import CachedFeatureCollator, FeatureCache, encoder_settings, tensor_digest
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -99,8 +99,10 @@ def test_second_epoch_reads_from_the_cache(tmp_path, encoder):
     first = cache.features(pixels)
     assert counter.count == 6
     second = cache.features(pixels)
-    reopened = _cache(tmp_path, vision).features(pixels)  # a later run on the same folder
     assert counter.count == 6 and cache.reused == 6
+    later_run = _cache(tmp_path, vision)  # a later run on the same folder
+    reopened = later_run.features(pixels)
+    assert counter.count == 7 and later_run.reused == 5  # one image encoded to learn the encoder's output shape
     assert torch.equal(second, first) and torch.equal(reopened, first)
 
 
@@ -169,6 +171,102 @@ def test_a_shard_with_altered_bytes_is_detected_and_recomputed(tmp_path, encoder
     assert counter.count == 4
 
 
+def _rewrite_shard(path, change):
+    """Rewrite a shard through safetensors itself: `change(tensors, metadata)` edits both dicts in place."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, framework="pt") as shard:
+        tensors = {key: shard.get_tensor(key) for key in shard.keys()}
+        metadata = dict(shard.metadata())
+    change(tensors, metadata)
+    save_file(tensors, path, metadata=metadata)
+
+
+def test_features_rewritten_with_a_digest_of_their_own_are_not_served(tmp_path, encoder):
+    vision, pixels, expected, path = _one_written_shard(tmp_path, encoder)
+
+    def zero_the_first(tensors, metadata):  # as a tool that knows safetensors and sha256, but not the cache, would
+        key = sorted(tensors)[0]
+        tensors[key] = torch.zeros_like(tensors[key])
+        metadata[key] = tensor_digest(tensors[key])
+
+    _rewrite_shard(path, zero_the_first)
+    with pytest.warns(UserWarning, match="differ from their recorded sha256"):
+        features = _cache(tmp_path, vision).features(pixels)
+    torch.testing.assert_close(features, expected)
+
+
+def test_two_images_features_swapped_under_each_others_keys_are_not_served(tmp_path, encoder):
+    vision, pixels, expected, path = _one_written_shard(tmp_path, encoder)
+
+    def swap(tensors, metadata):  # each tensor moves with its own digest
+        a, b = sorted(tensors)[:2]
+        tensors[a], tensors[b] = tensors[b], tensors[a]
+        metadata[a], metadata[b] = metadata[b], metadata[a]
+
+    _rewrite_shard(path, swap)
+    with pytest.warns(UserWarning, match="differ from their recorded sha256"):
+        features = _cache(tmp_path, vision).features(pixels)
+    torch.testing.assert_close(features, expected)
+
+
+def test_features_of_another_token_count_are_not_served_even_with_valid_digests(tmp_path, encoder):
+    from safetensors import safe_open
+
+    vision, pixels, expected, path = _one_written_shard(tmp_path, encoder)
+    with safe_open(path, framework="pt") as shard:
+        keys = list(shard.keys())
+    writer = _cache(tmp_path, vision)  # the cache's own writer: the digests are right, the tensors are not
+    writer._store({key: torch.zeros(expected.shape[1] - 1, expected.shape[2]) for key in keys})
+    os.remove(path)
+    with pytest.warns(UserWarning, match=r"holds features of shape \(15, 32\) .* where this encoder gives \(16, 32\)"):
+        features = _cache(tmp_path, vision).features(pixels)
+    torch.testing.assert_close(features, expected)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "folder"])
+def test_a_symlink_or_folder_named_like_a_shard_is_refused(tmp_path, encoder, kind):
+    vision, _, _, path = _one_written_shard(tmp_path, encoder)
+    outside = tmp_path / "elsewhere.safetensors"
+    os.replace(path, outside)
+    if kind == "symlink":  # features from outside the cache's folder
+        os.symlink(outside, path)
+    else:
+        os.mkdir(path)
+    with pytest.raises(ValueError, match="is a symlink" if kind == "symlink" else "is not a regular file"):
+        _cache(tmp_path, vision)
+
+
+def _bf16():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def test_cached_features_under_bf16_autocast_give_the_uncached_loss(tmp_path, encoder):
+    model, tokenizer = _model(encoder)
+    collator = _collator(tokenizer)
+    cached = CachedFeatureCollator(collator, _cache(tmp_path, model.base_model.vision_encoder),
+                                   model.peft_config["default"], precision=_bf16)  # what the model's forward runs in
+    records = _records(8)
+    with torch.no_grad(), _bf16():
+        plain = model(**collator(records)).loss
+    with torch.no_grad(), _bf16():
+        first = model(**cached(records)).loss
+        again = model(**cached(records)).loss
+    torch.testing.assert_close(first, plain, rtol=0, atol=0)
+    torch.testing.assert_close(again, plain, rtol=0, atol=0)
+
+
+def test_features_cached_without_autocast_are_not_served_under_bf16(tmp_path, encoder):
+    vision = VisionEncoder(encoder)
+    pixels = _collator(build_word_tokenizer(["a"], NAMES))(_records(3))["pixel_values"]
+    cache = _cache(tmp_path, vision)
+    full_precision = cache.features(pixels)
+    counter = EncodedImages(encoder)
+    under_bf16 = cache.features(pixels, precision=_bf16)
+    assert counter.count == 3 and not torch.equal(under_bf16.float(), full_precision)
+
+
 def _train(tmp_path, *extra):
     clip = tmp_path / "clip"
     if not clip.exists():
@@ -180,10 +278,11 @@ def _train(tmp_path, *extra):
     return code, out
 
 
-def test_memvp_train_with_the_cache_logs_the_uncached_losses(tmp_path):
-    code, plain = _train(tmp_path)
+@pytest.mark.parametrize("precision", [(), ("--bf16",)], ids=["fp32", "bf16"])
+def test_memvp_train_with_the_cache_logs_the_uncached_losses(tmp_path, precision):
+    code, plain = _train(tmp_path, *precision)
     assert code == 0
-    code, cached = _train(tmp_path, "--cache_image_features", str(tmp_path / "cache"))
+    code, cached = _train(tmp_path, *precision, "--cache_image_features", str(tmp_path / "cache"))
     assert code == 0
     plain_metrics = json.loads((plain / "metrics.json").read_text())
     cached_metrics = json.loads((cached / "metrics.json").read_text())
