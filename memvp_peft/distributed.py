@@ -13,11 +13,43 @@ its group down -- no rank ever leaves while a peer still holds the group.
 from __future__ import annotations
 
 import gc
-from typing import Callable, TypeVar
+import importlib.util
+import os
+from typing import Callable, Optional, TypeVar
 
 import torch
 
 T = TypeVar("T")
+
+#: what every launcher (torchrun, the deepspeed launcher, accelerate launch) sets for each process it starts
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+# clusters whose own variables DeepSpeed turns into the launcher's (deepspeed.comm.comm: AzureML, SageMaker)
+_CLUSTER_VARIABLES = ("AZUREML_EXPERIMENT_ID", "SM_TRAINING_ENV")
+
+
+def check_deepspeed_launch(deepspeed_config: Optional[str]) -> None:
+    """Refuse a `--deepspeed` run that DeepSpeed could not start, before anything is loaded or written.
+
+    DeepSpeed joins its process group only when training begins (`deepspeed.initialize`, from the Trainer's first
+    step). Without the variables a launcher sets, it then looks for an MPI job through `mpi4py` -- a plain
+    `python -m memvp_peft.train --deepspeed ...` without mpi4py fails there with "No module named 'mpi4py'", after the
+    run has started. Nothing is refused where DeepSpeed would find its ranks: under a launcher, in a process group
+    already joined, with mpi4py installed (an MPI job, or a single process), or on a cluster DeepSpeed reads itself.
+    """
+    if not deepspeed_config or all(name in os.environ for name in LAUNCHER_VARIABLES):
+        return
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    if importlib.util.find_spec("mpi4py") is not None or any(name in os.environ for name in _CLUSTER_VARIABLES):
+        return
+    missing = [name for name in LAUNCHER_VARIABLES if name not in os.environ]
+    raise ValueError(
+        f"--deepspeed {deepspeed_config} needs a launcher: DeepSpeed learns each process's rank from the variables "
+        f"a launcher sets ({', '.join(missing)} are not set), and without them it looks for an MPI job through "
+        "mpi4py, which is not installed. Run it under one, on one GPU too -- `torchrun --nproc_per_node 1 -m "
+        "memvp_peft.train ...`, `deepspeed --num_gpus 1 --module memvp_peft.train ...` or `accelerate launch -m "
+        "memvp_peft.train ...` -- or drop --deepspeed."
+    )
 
 
 def leave_process_group() -> None:

@@ -3,7 +3,9 @@
 The cache (`memvp_peft.vision_cache`) is only right when the features of an image cannot change during training:
 vision adapters train inside the encoder, so with `--vision_adapter_dim > 0` the flag is refused; a run without a
 vision encoder (the built-in digits' 2x2-pixel patches) has nothing to cache and is refused too, rather than the
-flag doing nothing without a word.
+flag doing nothing without a word. The cache is written as training reaches images it does not hold yet, so a folder
+this user cannot write (a shared cache, filled in part by someone else) is refused before the run starts, not at the
+first such batch.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 from typing import Any, Optional
 
 from .options import TrainOptions
+from .run_folder import writable_folder_problem
 
 
 def cache_folder(options: TrainOptions) -> Optional[str]:
@@ -27,7 +30,8 @@ def cache_folder(options: TrainOptions) -> Optional[str]:
 
 
 def check_cache_request(options: TrainOptions) -> None:
-    """The refusal that needs no model: vision adapters change the encoder's features while they train."""
+    """The refusals that need no model: vision adapters change the encoder's features while they train; a folder
+    that cannot be written."""
     folder = cache_folder(options)
     if folder is None:
         return
@@ -37,6 +41,16 @@ def check_cache_request(options: TrainOptions) -> None:
                          "its features change every step: drop --cache_image_features, or set --vision_adapter_dim 0.")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"--cache_image_features {folder!r} is a file; pass a folder (it is created if missing).")
+    problem = writable_folder_problem(folder)
+    if problem is not None:
+        raise ValueError(_unwritable(folder, problem))
+
+
+def _unwritable(folder: str, problem: str) -> str:
+    """The refusal of a cache folder the run could not write: the features of every image not cached yet are written
+    as training reaches it, so a read-only cache would fail at the first such batch."""
+    return (f"--cache_image_features {folder!r} cannot be written: {problem}. The cache is written as training "
+            "encodes images it does not hold yet: pass a folder this user may write, or drop --cache_image_features.")
 
 
 def cached_collator(options: TrainOptions, peft_model: Any, collator: Any, processor: Any, input_name: str) -> Any:
@@ -55,6 +69,9 @@ def cached_collator(options: TrainOptions, peft_model: Any, collator: Any, proce
     settings = encoder_settings(vision, revision=revision, image_processor=processor,
                                 image_normalization=options.image_normalization)
     cache = FeatureCache(folder, vision, settings)
+    problem = writable_folder_problem(cache.folder)  # this encoder's own folder, made by another user perhaps
+    if problem is not None:
+        raise ValueError(_unwritable(cache.folder, problem))
     config = peft_model.peft_config[peft_model.active_adapter]
     print(f"memvp-train: caching the encoder's image features in {cache.folder} ({len(cache)} images cached)")
     return CachedFeatureCollator(collator, cache, config, device=lambda: next(peft_model.parameters()).device)

@@ -75,12 +75,34 @@ def memory_fields(options: Any, layout: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def default_slots(config_class: Any, fields: dict[str, Any], tokens_per_image: int) -> int:
-    """`--num_memory_slots` left unset: the visual tokens a sample fills (tiles or frames, compressed) + 25%, at
-    least + 16 (the authors' 256 -> 320), from `MemVPConfig.memory_tokens`."""
+def memory_slots(config_class: Any, fields: dict[str, Any], tokens_per_image: int, given: Optional[int],
+                 most_images: tuple[int, Optional[str]] = (0, None)) -> int:
+    """`--num_memory_slots` of a run: `given`, or when unset the visual tokens the fullest sample fills (tiles or
+    frames, compressed: `MemVPConfig.memory_tokens`) + 25%, at least + 16 (the authors' 256 -> 320).
+
+    `most_images` is (the most image slots one record of the run fills, that record's name), from
+    `MemVPDataCollator.check_records`: a sample is sized for a video's `num_frames` (a batch always has that many
+    frame slots), else for the record with the most images (each image's tiles counted in those slots), at least
+    one image -- a batch carries image tensors even when its rows are text-only. A given value too small for that is
+    refused here, naming the record, instead of by the model at the first batch that holds it."""
     probe = config_class(**fields)
-    tokens = probe.memory_tokens(tokens_per_image, fields["num_frames"] or 1)
-    return max(tokens + 16, math.ceil(tokens * 1.25))
+    slots, named = most_images
+    grid = fields["image_grid"]
+    blocks = 1 + grid[0] * grid[1] if grid else 1
+    images = fields["num_frames"] or max(1, math.ceil(slots / blocks))
+    tokens = probe.memory_tokens(tokens_per_image, images)
+    if given is None:
+        return max(tokens + 16, math.ceil(tokens * 1.25))
+    if given < tokens:
+        if fields["num_frames"]:
+            sample = f"a sample holds {images} frames (--num_frames)"
+        else:
+            sample = f"{named if images > 1 else 'a sample'} gives {images} image(s)"
+        raise ValueError(f"--num_memory_slots {given} is too small: {sample}, which fill {tokens} memory slots "
+                         f"({tokens // images} per image, tiles and compression counted). Pass --num_memory_slots "
+                         f"{tokens} or more, or leave it unset: memvp-train then sizes the memory for the fullest "
+                         "sample.")
+    return given
 
 
 #: `--preset adem-vl`: the options ADEM-VL's released model sets (the authors' README commands) that are not the

@@ -8,10 +8,10 @@ A run writes into `output_dir`: the adapter (`adapter_config.json`, `adapter_mod
 `loss_curve.png`, and for the embedded model its base (`base_model/`) so that `memvp-infer` can load it again. At the
 end the adapter is reloaded from disk onto a fresh base and answers a few held-out images.
 
-Nothing is written before every check has passed -- the options, the output folder, the dataset, the base, the MemVP
-and LoRA configs, the `TrainingArguments`: a refused call leaves a previous run in `output_dir` byte-identical. A
-folder holding a run is only replaced with `--overwrite_output_dir`, or continued with a `--resume_from_checkpoint`
-inside it.
+Nothing is written before every check has passed -- the options, the output folder, the dataset (every record read as
+its batch will read it), the base, the MemVP and LoRA configs, the `TrainingArguments`: a refused call leaves a
+previous run in `output_dir` byte-identical. A folder holding a run is only replaced with `--overwrite_output_dir` --
+and only once the new run has trained (`run_folder.py`) -- or continued with a `--resume_from_checkpoint` inside it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, fields
@@ -27,18 +26,19 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..distributed import leave_process_group, wait_for_every_rank
+from ..distributed import check_deepspeed_launch, leave_process_group, wait_for_every_rank
 from ..hub import check_model_source
-from ..tuner.save_load import atomic_saves, global_rank
+from ..tuner.save_load import atomic_saves
 from ..tuner.model_card import write_model_card
 from .answering import accuracy, generate_answers
 from .base_loading import load_base
 from .collating import build_collator, chat_template_choice, collation_record, encoder_image_processor
 from .feature_caching import cached_collator, check_cache_request, encode_in_training_precision
-from .long_context import (check_preset, default_slots, embedded_corpus, memory_fields, preset_fields,
+from .long_context import (check_preset, embedded_corpus, memory_fields, memory_slots, preset_fields,
                            reads_digit_patches, visual_layout)
 from .options import TrainOptions, run_command
-from .record import CLI_RECORD, write_cli_record
+from .record import write_cli_record
+from .run_folder import check_output_dir, finish_run_folder, run_folder_of, start_run_folder
 from .run_writes import StagedCheckpointTrainer, refusing_write_failures
 
 DIGIT_WORDS = [str(d) for d in range(10)]
@@ -89,9 +89,10 @@ def visual_setup(options: TrainOptions, model, kind: str):
     )
 
 
-def memvp_config(options: TrainOptions, visual_dim: int, tokens: int, encoder, kind: str, tokenizer=None):
-    """The run's `MemVPConfig`; `--preset`'s fields (`long_context.preset_fields`, the CLS token's ids from
-    `tokenizer`) replace the options'."""
+def memvp_config(options: TrainOptions, visual_dim: int, tokens: int, encoder, kind: str,
+                 most_images: tuple[int, Optional[str]] = (0, None), tokenizer=None):
+    """The run's `MemVPConfig`; its memory sized for `most_images` (`long_context.memory_slots`); `--preset`'s
+    fields (`long_context.preset_fields`, the CLS token's ids from `tokenizer`) replace the options'."""
     from peft import LoraConfig
 
     from ..tuner.config import MemVPConfig
@@ -99,11 +100,10 @@ def memvp_config(options: TrainOptions, visual_dim: int, tokens: int, encoder, k
     layout = memory_fields(options, visual_layout(options))  # tiles, frames, compression, read (long_context.py)
     preset = preset_fields(options, tokens, tokenizer, kind, encoder is not None or kind == "vlm")  # --preset
     layout.update({name: value for name, value in preset.items() if name in layout})
-    slots = options.num_memory_slots
-    if slots is None and preset:  # ADEM-VL's memory holds exactly the visual slots
-        slots = MemVPConfig(**layout).memory_tokens(tokens)
-    if slots is None:  # not `or`: an explicit 0 is MemVPConfig's to refuse (the CLI refuses it first), not "default"
-        slots = default_slots(MemVPConfig, layout, tokens)
+    given = options.num_memory_slots
+    if preset and given is None:  # ADEM-VL's memory holds exactly the visual slots
+        given = MemVPConfig(**layout).memory_tokens(tokens)
+    slots = memory_slots(MemVPConfig, layout, tokens, given, most_images)
     lora = None
     if options.lora_rank > 0:
         targets = [t.strip() for t in options.lora_target.split(",") if t.strip()] if options.lora_target else None
@@ -127,18 +127,8 @@ def memvp_config(options: TrainOptions, visual_dim: int, tokens: int, encoder, k
 
 # ------------------------------------------------------------------------------------------------------ the run folder
 
-# what a memvp-train run writes into output_dir, besides its checkpoint-* folders
-RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", CLI_RECORD, "metrics.json", "loss_curve.png",
-             "training_args.bin", "base_model")
-
-
-def _is_inside(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path != folder and os.path.commonpath([path, folder]) == folder
-
-
 def check_request(options: TrainOptions) -> list[str]:
-    """The refusals that need no model, before anything is loaded; returns what `--overwrite_output_dir` removes.
+    """The refusals that need no model, before anything is loaded; returns what `--overwrite_output_dir` replaces.
 
     Why these are checked up front: each used to fail (or be ignored) only after `output_dir/base_model/` had been
     rewritten, which leaves a previous adapter next to a different base -- memvp-infer then answers garbage, exit 0.
@@ -163,66 +153,8 @@ def check_request(options: TrainOptions) -> list[str]:
         check_model_source(options.vision_model_name_or_path, "vision_model_name_or_path")
     check_cache_request(options)  # --cache_image_features with vision adapters (they change the features)
     check_preset(options)  # --preset adem-vl with an option it sets otherwise
+    check_deepspeed_launch(options.deepspeed)  # DeepSpeed would find no ranks only once training begins
     return check_output_dir(options)
-
-
-def check_output_dir(options: TrainOptions) -> list[str]:
-    """Refuse an `output_dir` that is a file, or a non-empty folder (the HF convention) unless the run replaces it
-    (`--overwrite_output_dir`) or continues it (`--resume_from_checkpoint` one of its checkpoints). Returns the paths a
-    replacing run removes once every check has passed: the previous run's own files and `checkpoint-*` folders, so
-    that old checkpoints are not mixed with the new ones and a failed new run cannot leave the old adapter next to a
-    new base. Anything else in the folder is left alone."""
-    out = options.output_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"output_dir {out!r} is a file, not a folder: pass a new or empty folder.")
-    existing = os.path.abspath(out)  # the folder itself, or the nearest folder above it that exists
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"output_dir {out!r} cannot be created: {existing!r} is a file.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"output_dir {out!r} cannot be written: {existing!r} is not a writable folder.")
-    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
-    if not entries:
-        return []
-    ours = [name for name in entries if name in RUN_FILES or name.startswith("checkpoint-")]
-    resume = options.resume_from_checkpoint
-    if resume is not None and _is_inside(resume, out):
-        if options.overwrite_output_dir:
-            raise ValueError(f"--overwrite_output_dir would remove the run in {out!r}, including {resume!r} that "
-                             "--resume_from_checkpoint continues from: drop --overwrite_output_dir to continue it.")
-        return []  # continuing this folder's run: its checkpoints are kept, the Trainer writes the later ones
-    if not options.overwrite_output_dir:
-        shown = ", ".join((ours or entries)[:4]) + (", ..." if len(ours or entries) > 4 else "")
-        what = f"already holds a run ({shown})" if ours else f"is not empty ({shown})"
-        raise ValueError(f"output_dir {out!r} {what}: pass --overwrite_output_dir to replace it, or another "
-                         "--output_dir.")
-    return [os.path.join(out, name) for name in ours]
-
-
-def start_run_folder(output_dir: str, replaced: list[str], embedded_base) -> None:
-    """The run's first write, once every check has passed: remove the replaced run's files, write the embedded base.
-
-    Under a launcher every rank checked the folder; the barrier before rank 0 changes it keeps a slower rank from
-    finding rank 0's new files and refusing the run, and the one after keeps the others from going on before it is
-    done. The rank is the process group's (a single process is rank 0), not a RANK variable left in the environment.
-    """
-    launched = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if launched:
-        torch.distributed.barrier()
-    if global_rank() == 0:
-        for path in replaced:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
-        os.makedirs(output_dir, exist_ok=True)
-        if embedded_base is not None:
-            model, tokenizer, path = embedded_base
-            model.save_pretrained(path)
-            tokenizer.save_pretrained(path)
-    if launched:
-        torch.distributed.barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------- training
@@ -302,29 +234,38 @@ def train(options: TrainOptions) -> dict[str, Any]:
         # saved next to the adapter (so that memvp-infer and the reload check below can load it) once every check has
         # passed; the copy is the base as built, before get_peft_model changes the model
         base_path = os.path.abspath(os.path.join(options.output_dir, "base_model"))
-        embedded_base = (copy.deepcopy(model), tokenizer, base_path)
+        embedded_base = (copy.deepcopy(model), tokenizer)
         model.name_or_path = base_path  # what adapter_config.json records as the base
     else:
         model, tokenizer, kind = load_base(options.model_name_or_path, options.load_in_4bit, options.bf16,
                                            revision=options.revision, trust_remote_code=options.trust_remote_code)
         base_path = options.model_name_or_path  # a Hub id stays the id: adapter_config.json records what was given
     processor, input_name, visual_dim, tokens, encoder = visual_setup(options, model, kind)
-    if options.load_in_4bit:  # checkpointing is the Trainer's (activation_checkpointing below), as without 4-bit
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = memvp_config(options, visual_dim, tokens, encoder, kind, tokenizer=tokenizer)
-    with without_peft_probe_warning():
-        peft_model = get_peft_model(model, config, revision=options.revision)  # refuses an unknown --lora_target
-    peft_model.print_trainable_parameters()
+    layout = visual_layout(options)
     collator = build_collator(  # image paths are already resolved by load_task
         tokenizer, processor, input_name=input_name, kind=kind, max_length=options.max_length,
         array_value_range=task.array_value_range, prompt_template=options.prompt_template,
-        chat_template=chat_template_choice(options.dataset), image_grid=config.image_grid, num_frames=config.num_frames,
+        chat_template=chat_template_choice(options.dataset), image_grid=layout["image_grid"],
+        num_frames=layout["num_frames"],
     )
+    # every record read as its batch will read it, now: a bad one is named before anything is written, not hours in
+    held_out_rows = task.held_out_rows(48 if options.quick else options.max_eval_samples)
+    checking = time.time()
+    most_images = max(collator.check_records(task.train), collator.check_records(held_out_rows), key=lambda m: m[0])
+    print(f"memvp-train: read the {len(task.train) + len(held_out_rows)} records as training and answering will "
+          f"({time.time() - checking:.1f} s)")
+    eval_records = task.held_out(len(held_out_rows))
+    if options.load_in_4bit:  # checkpointing is the Trainer's (activation_checkpointing below), as without 4-bit
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = memvp_config(options, visual_dim, tokens, encoder, kind, most_images, tokenizer)  # memory sized for the records
+    with without_peft_probe_warning():
+        peft_model = get_peft_model(model, config, revision=options.revision)  # refuses an unknown --lora_target
+    peft_model.print_trainable_parameters()
     train_collator = cached_collator(options, peft_model, collator, processor, input_name)  # the flag's, else itself
-    eval_records = task.held_out(48 if options.quick else options.max_eval_samples)
     max_steps = 20 if options.quick and options.max_steps <= 0 else options.max_steps
+    run_dir = run_folder_of(options.output_dir, replaced)  # with a previous run to replace, a folder inside
     args = TrainingArguments(
-        output_dir=options.output_dir,
+        output_dir=run_dir,
         per_device_train_batch_size=options.per_device_train_batch_size,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         learning_rate=default_learning_rate(options),
@@ -360,7 +301,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
     train_started = time.time()
     trainer.train(resume_from_checkpoint=options.resume_from_checkpoint)
     train_time = time.time() - train_started
-    trainer.save_model(options.output_dir)
+    trainer.save_model(run_dir)
+    finish_run_folder(options.output_dir, run_dir, replaced)  # a previous run is replaced only now
     # Under ZeRO-3 the trained model's weights stay partitioned across the ranks: a generate() on rank 0 alone would
     # wait for all-gathers the other ranks never join (gloo aborts, NCCL hangs). The held-out answers then come from
     # the saved adapter reloaded onto a single-process base below -- the model users deploy.

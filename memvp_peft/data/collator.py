@@ -37,7 +37,7 @@ from typing import Any, Optional
 import torch
 
 from .chat_template import ChatTemplateRenderer, chat_template_of
-from .conversations import Dialogue, check_image_marks, record_dialogue, record_label
+from .conversations import ORIGIN_FIELD, Dialogue, check_image_marks, record_dialogue, record_label
 from .image_batching import (
     RAW_IMAGE_FIELDS,
     assemble_images,
@@ -286,17 +286,18 @@ class MemVPDataCollator:
     def seq2seq_batch(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Encoder-decoder layout: the prompt feeds the encoder, the answer (+EOS) is the decoder's `labels`."""
         batch = self._encoder_inputs(records)
-        answers = []
-        for index, record in enumerate(records):
-            dialogue = record_dialogue(record, record_label(index, record), self.image_placeholder)
-            if dialogue.context_exchanges:
-                raise ValueError(
-                    f"{record_label(index, record)}: its conversational prompt holds assistant answers (context); an "
-                    "encoder-decoder row is one question and its answer: give the prompt as one user message."
-                )
-            answers.append(encode_answer(self.tokenizer, dialogue.exchanges[0][1], dialogue.separator))
-        batch["labels"] = pad_labels(answers)
+        batch["labels"] = pad_labels([self._seq2seq_answer(index, record) for index, record in enumerate(records)])
         return batch
+
+    def _seq2seq_answer(self, index: int, record: Mapping[str, Any]) -> list[int]:
+        """The decoder's labels of one record: its answer (+EOS)."""
+        dialogue = record_dialogue(record, record_label(index, record), self.image_placeholder)
+        if dialogue.context_exchanges:
+            raise ValueError(
+                f"{record_label(index, record)}: its conversational prompt holds assistant answers (context); an "
+                "encoder-decoder row is one question and its answer: give the prompt as one user message."
+            )
+        return encode_answer(self.tokenizer, dialogue.exchanges[0][1], dialogue.separator)
 
     def _encoder_inputs(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Each record's first question, right-padded, with its images: the encoder side of a seq2seq batch."""
@@ -305,13 +306,15 @@ class MemVPDataCollator:
         batch.pop("labels")
         return self._add_images(batch, images)
 
-    def _read(self, records: Sequence[Mapping[str, Any]], with_answers: bool, answer_prefix: str):
-        """Each record's (ids, labels) and images; a batch mixing raw images and precomputed tensors is refused."""
+    def _read(self, records: Sequence[Mapping[str, Any]], with_answers: bool, answer_prefix: str,
+              first_index: int = 0):
+        """Each record's (ids, labels) and images; a batch mixing raw images and precomputed tensors is refused.
+        Errors name a record without a recorded origin by `first_index` + its place in `records`."""
         if not isinstance(records, Sequence) or len(records) == 0:
             raise ValueError("MemVPDataCollator: expected a non-empty list of records.")
         texts: list[tuple[list[int], list[int]]] = []
         per_record: list[_RecordImages] = []
-        for index, record in enumerate(records):
+        for index, record in enumerate(records, start=first_index):
             where = record_label(index, record)
             if not isinstance(record, Mapping):
                 raise ValueError(f"{where}: a record must be a dict, got {type(record).__name__}.")
@@ -328,8 +331,39 @@ class MemVPDataCollator:
                 raise ValueError(f"{where}: has {images.slots} images but num_images={self.num_images} (a None "
                                  "entry of a list keeps its slot).")
             per_record.append(images)
-        self._refuse_mixed_sources(records, per_record)
+        labels = [record_label(index, record) for index, record in enumerate(records, start=first_index)]
+        self._refuse_mixed_sources(labels, per_record)
         return texts, per_record
+
+    def check_records(self, records: Sequence[Mapping[str, Any]]) -> tuple[int, Optional[str]]:
+        """Read every record as a training batch would, before any training starts; return the most image slots one
+        record fills and the name of the first record that fills that many (None when no record has an image).
+
+        A batch meets a record only when the `Trainer` reaches it, so a bad record would stop a run hours in. Here
+        each record goes through what :meth:`__call__` does with it on its own -- its text in its layout, tokenized;
+        each image decoded (tiled, a video sampled), precomputed tensors checked, marks counted against images --
+        and a dataset mixing raw images with precomputed tensors, which some batch would mix, is refused. Left out is
+        only what a batch does for all its records at once: the image processor (the same resize for every image)
+        and the padding. The cost is one more read of the dataset, every image decoded once.
+
+        `records` is a list of dicts or a `datasets.Dataset`, which decodes a row's images as the row is read: a row
+        it cannot give is named too. The slots are the ``I`` of the ``(B, I, ...)`` image layout, tiles and frames
+        counted (not the empty slots a batch pads with)."""
+        most, most_at = 0, None
+        first: dict[bool, tuple[str, _RecordImages]] = {}  # raw images (True) / tensors (False) -> the first record
+        for index in range(len(records)):
+            record = _read_row(records, index)
+            if self.seq2seq:
+                _, (images,) = self._read([record], with_answers=False, answer_prefix="", first_index=index)
+                self._seq2seq_answer(index, record)
+            else:
+                _, (images,) = self._read([record], with_answers=True, answer_prefix="", first_index=index)
+            if images.sources:
+                first.setdefault(bool(images.raw), (record_label(index, record), images))
+            if images.count > most:
+                most, most_at = images.count, record_label(index, record)
+        self._refuse_mixed_sources([label for label, _ in first.values()], [images for _, images in first.values()])
+        return most, most_at
 
     def _encode_record(self, dialogue: Dialogue, where: str) -> tuple[list[int], list[int]]:
         if self._chat is not None:
@@ -382,16 +416,16 @@ class MemVPDataCollator:
         return _RecordImages([], tensors, is_list, field)
 
     @staticmethod
-    def _refuse_mixed_sources(records: Sequence[Mapping[str, Any]], per_record: list[_RecordImages]) -> None:
+    def _refuse_mixed_sources(labels: list[str], per_record: list[_RecordImages]) -> None:
         """Raw images are processed and precomputed tensors are not: one batch holding both would put two different
-        things side by side in one tensor."""
+        things side by side in one tensor. `labels` name the records of `per_record`."""
         raw = next((i for i, images in enumerate(per_record) if images.raw and images.sources), None)
         precomputed = next((i for i, images in enumerate(per_record) if images.tensors), None)
         if raw is not None and precomputed is not None:
             raise ValueError(
-                f"MemVPDataCollator: the batch mixes raw images ({record_label(raw, records[raw])}: "
-                f"'{per_record[raw].field}') with precomputed tensors ({record_label(precomputed, records[precomputed])}"
-                f": '{per_record[precomputed].field}'); a dataset gives one or the other."
+                f"MemVPDataCollator: the batch mixes raw images ({labels[raw]}: '{per_record[raw].field}') with "
+                f"precomputed tensors ({labels[precomputed]}: '{per_record[precomputed].field}'); a dataset gives one "
+                "or the other."
             )
 
     def _slots(self) -> Optional[int]:
@@ -435,3 +469,20 @@ class MemVPDataCollator:
         batch[self.image_input_name] = pixel_values
         batch["image_mask"] = image_mask
         return batch
+
+
+def _read_row(records: Sequence[Mapping[str, Any]], index: int) -> Any:
+    """Row `index` of `records`. A `datasets.Dataset` decodes the row's images as it reads it, so a row it cannot
+    decode (a damaged image, a decompression bomb) fails here, in `datasets`' own words: named by the place the
+    loaders recorded for it (`ORIGIN_FIELD`, read on its own), else by its index."""
+    try:
+        return records[index]
+    except Exception as exc:
+        where = f"record {index}"
+        columns = getattr(records, "column_names", None)
+        if columns is not None and ORIGIN_FIELD in columns:
+            try:
+                where = records.select_columns([ORIGIN_FIELD])[index][ORIGIN_FIELD]
+            except Exception:  # the name is a courtesy: the error below is what matters
+                pass
+        raise ValueError(f"{where}: the row cannot be read: {type(exc).__name__}: {exc}") from exc

@@ -45,7 +45,13 @@ class Task:
 
     def held_out(self, count: int) -> list[dict]:
         """The first `count` held-out records as dicts (what is answered by generation at the end of a run)."""
-        return [self.eval[i] for i in range(min(count, len(self.eval)))]
+        rows = self.held_out_rows(count)
+        return [rows[i] for i in range(len(rows))]
+
+    def held_out_rows(self, count: int) -> Any:
+        """The first `count` held-out records, not read yet: a slice of the list, or a `datasets.Dataset` of them."""
+        count = min(count, len(self.eval))
+        return self.eval[:count] if isinstance(self.eval, list) else self.eval.select(range(count))
 
 
 def normalise_answer(text: str) -> str:
@@ -221,7 +227,6 @@ def _column_gives_image(column: Any) -> bool:
     if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
         return bool(pc.sum(pc.list_value_length(column)).as_py() or 0)
     return True
-
 
 
 def reference_answer(record: dict[str, Any]) -> str:

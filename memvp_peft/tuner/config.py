@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass, field, fields
@@ -31,6 +32,20 @@ from ..hub import resolvable_name
 from ..vision import SharedModuleRef, describe_encoder
 
 _FLOAT32_MAX = 3.4028234663852886e38
+# the fields that hold a real number (the others of a number type hold a count or an index)
+_FLOAT_FIELDS = ("visual_scale", "memory_scale", "memory_dropout", "key_init_std", "vision_adapter_scale",
+                 "vision_adapter_dropout", "drop_ratio")
+
+
+def _plain_number(name: str, value: Any) -> Any:
+    """A number of another number type (numpy's `np.float32(0.5)`, `np.int64(8)`) as the Python float or int it is:
+    accepted like any real number, and stored so that `adapter_config.json` can be written (json cannot write a numpy
+    scalar). Anything else is returned as it is, for `_validate` to judge (a bool is no number here)."""
+    if isinstance(value, bool) or type(value) in (int, float) or not isinstance(value, numbers.Real):
+        return value
+    if name in _FLOAT_FIELDS:
+        return float(value)
+    return int(value) if isinstance(value, numbers.Integral) else value
 
 #: Activation names accepted by `MemVPConfig.activation` (besides `None`, which means "the FFN's own activation").
 SUPPORTED_ACTIVATIONS = (
@@ -320,6 +335,7 @@ class MemVPConfig(PeftConfig):
         if isinstance(self.vision_encoder, str):  # a folder as its absolute path: the same from any working folder
             self.vision_encoder = resolvable_name(self.vision_encoder)
         self.image_grid = parse_grid(self.image_grid)
+        self._plain_numbers()
         self._validate()
         if self.lora_config is not None:
             self.lora_config = normalise_lora_config(self.lora_config)
@@ -347,6 +363,7 @@ class MemVPConfig(PeftConfig):
         if name.startswith("_") or "_memvp_checked" not in state:  # private notes, or the dataclass __init__
             object.__setattr__(self, name, value)
             return
+        value = _plain_number(name, value)
         if state.get("_memvp_injected") and name in _built_fields() and not _same(state.get(name), value):
             raise ValueError(
                 f"MemVPConfig.{name} cannot change after the adapter was injected: the model was built with "
@@ -462,6 +479,14 @@ class MemVPConfig(PeftConfig):
         if self.lora_config is None:
             return None
         return LoraConfig(**{**self.lora_config, "inference_mode": self.inference_mode})
+
+    def _plain_numbers(self) -> None:
+        """Every field through `_plain_number` (numpy scalars as Python numbers)."""
+        for item in fields(self):
+            value = getattr(self, item.name)
+            plain = _plain_number(item.name, value)
+            if plain is not value:
+                setattr(self, item.name, plain)
 
     def _validate(self) -> None:
         def positive_int(name: str, optional: bool = False) -> None:

@@ -289,3 +289,239 @@ def test_training_md_lists_every_option_with_its_real_default():
     expected = {f.name: f'"{f.default}"' if isinstance(f.default, str) else str(f.default)
                 for f in dataclasses.fields(TrainOptions)}
     assert {name: table.get(name) for name in expected} == expected
+
+
+# ------------------------------------------------------------------------------------------- every record, up front
+# Each of these used to be found at the first batch that held it -- after --overwrite_output_dir had removed the
+# previous run. Every record is now read as its batch will read it before anything is written.
+
+QUESTION = "What digit is shown ?"
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    """A tiny CLIP (16 patch tokens per 32x32 image) and its image processor, saved as an encoder folder."""
+    from memvp_peft.local_models import clip_image_processor, tiny_clip
+
+    folder = tmp_path_factory.mktemp("clip")
+    tiny_clip(hidden_size=32).save_pretrained(folder)
+    clip_image_processor(32).save_pretrained(folder)
+    return str(folder)
+
+
+def _digit_png(index: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    buffer = io.BytesIO()
+    Image.fromarray((load_digits().images[index] * 15).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _bomb_png(side: int = 30000) -> bytes:
+    """A PNG whose header declares side x side pixels (over twice Pillow's limit): Pillow refuses it when it opens."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _saved_dataset(folder, rows: list, features=None) -> str:
+    """`rows` as a datasets.save_to_disk folder (what --dataset reads as a datasets source)."""
+    import datasets
+
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(folder))
+    return str(folder)
+
+
+def _digit_rows(count: int, **replace) -> list:
+    """`count` rows of a digit image ({bytes, path}, as datasets.Image stores it), the question and the answer; row 5
+    gets the fields in `replace` instead."""
+    rows = [{"image": {"bytes": _digit_png(i), "path": None}, "question": QUESTION, "answer": str(i % 10)}
+            for i in range(count)]
+    rows[5] = {**rows[5], **replace}
+    return rows
+
+
+def _image_features(answer_type: str = "string"):
+    import datasets
+
+    return datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                              "answer": datasets.Value(answer_type)})
+
+
+def _refused_replacing(argv, run_dir, capsys, clip_folder) -> str:
+    """`_refused` for a run through the tiny CLIP that would replace the previous run."""
+    return _refused([*FAST, "--vision_model_name_or_path", clip_folder, "--overwrite_output_dir", *argv], run_dir,
+                    capsys)
+
+
+def test_a_datasets_source_of_another_schema_is_refused_before_the_previous_run_is_removed(
+        run_dir, tmp_path, capsys, clip_folder):
+    import datasets
+
+    rows = [{"image": {"bytes": _digit_png(i), "path": None}, "caption": "a digit", "label": i % 10}
+            for i in range(20)]
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
+                                  "label": datasets.Value("int64")})
+    dataset = _saved_dataset(tmp_path / "captions", rows, features)
+    error = _refused_replacing(["--dataset", dataset], run_dir, capsys, clip_folder)
+    assert "captions [train] row" in error and "question" in error
+
+
+def test_an_image_column_of_ints_is_refused_before_the_previous_run_is_removed(run_dir, tmp_path, capsys, clip_folder):
+    rows = [{"image": i, "question": QUESTION, "answer": str(i % 10)} for i in range(20)]
+    error = _refused_replacing(["--dataset", _saved_dataset(tmp_path / "ints", rows)], run_dir, capsys, clip_folder)
+    assert "ints [train] row" in error and "got int" in error
+
+
+def test_a_float_answer_is_refused_before_the_previous_run_is_removed(run_dir, tmp_path, capsys, clip_folder):
+    rows = [{**row, "answer": float(i)} for i, row in enumerate(_digit_rows(20))]
+    rows[5]["answer"] = 2.5
+    dataset = _saved_dataset(tmp_path / "floats", rows, _image_features("float64"))
+    error = _refused_replacing(["--dataset", dataset], run_dir, capsys, clip_folder)
+    assert "floats [train] row" in error and "'answer' is a float" in error
+
+
+def test_a_decompression_bomb_in_a_datasets_source_is_refused_before_the_previous_run_is_removed(
+        run_dir, tmp_path, capsys, clip_folder):
+    rows = _digit_rows(20, image={"bytes": _bomb_png(), "path": None})
+    dataset = _saved_dataset(tmp_path / "bomb", rows, _image_features())
+    error = _refused_replacing(["--dataset", dataset], run_dir, capsys, clip_folder)
+    assert "bomb [train] row 5" in error and "DecompressionBombError" in error
+
+
+def test_corrupt_scienceqa_images_are_refused_before_the_previous_run_is_removed(run_dir, tmp_path, capsys,
+                                                                                  clip_folder):
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "data"))
+    from scienceqa_fixture import scienceqa_problems, write_repository_layout
+
+    folder = write_repository_layout(tmp_path / "scienceqa", scienceqa_problems(num_image=12, num_text=6))
+    damaged = sorted((folder / "images" / "train").glob("*/image.png"))[-1]
+    damaged.write_bytes(damaged.read_bytes()[:40])  # a PNG cut off in its pixel data
+    error = _refused_replacing(["--dataset", f"scienceqa:{folder}"], run_dir, capsys, clip_folder)
+    assert str(damaged) in error
+
+
+def test_a_missing_video_is_refused_before_the_previous_run_is_removed(run_dir, tmp_path, capsys, clip_folder):
+    rows = [{"frames": [{"bytes": _digit_png(i), "path": None}, {"bytes": _digit_png(i + 1), "path": None}],
+             "question": QUESTION, "answer": str(i % 10)} for i in range(20)]
+    rows = [{"video": None, **row} for row in rows]
+    rows[5] = {"video": "clips/missing.mp4", "frames": None, "question": QUESTION, "answer": "5"}
+    dataset = _saved_dataset(tmp_path / "videos", rows)
+    error = _refused_replacing(["--dataset", dataset, "--num_frames", "2"], run_dir, capsys, clip_folder)
+    assert "videos [train] row 5" in error and "missing video file" in error
+
+
+@contextlib.contextmanager
+def _read_only(folders):
+    """The folders made read-only for this process: immutable for root (whom permissions do not stop), else mode
+    0o555. Skips where neither is possible."""
+    import os
+
+    if os.geteuid() != 0:
+        for folder in folders:
+            folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            for folder in folders:
+                folder.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", *map(str, folders)]).returncode != 0:
+        pytest.skip("no way to make a folder read-only for root here (chattr +i)")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, folders)], check=True)
+
+
+def test_a_partly_filled_read_only_feature_cache_is_refused_before_the_previous_run_is_removed(
+        run_dir, tmp_path, capsys, clip_folder):
+    cache = tmp_path / "cache"
+    assert train_main(["--max_steps", "1", "--per_device_train_batch_size", "2", "--max_eval_samples", "1",
+                       "--vision_model_name_or_path", clip_folder, "--cache_image_features", str(cache),
+                       "--output_dir", str(tmp_path / "filling")]) == 0  # encodes the first batch's 2 images
+    folders = [cache, *[path for path in cache.iterdir() if path.is_dir()]]
+    with _read_only(folders):
+        error = _refused_replacing(["--cache_image_features", str(cache)], run_dir, capsys, clip_folder)
+    assert "--cache_image_features" in error and "cannot be written" in error
+
+
+def test_deepspeed_without_a_launcher_is_refused_before_the_previous_run_is_removed(run_dir, capsys, monkeypatch):
+    import importlib.util
+
+    from memvp_peft.distributed import LAUNCHER_VARIABLES
+
+    if importlib.util.find_spec("mpi4py") is not None:
+        pytest.skip("with mpi4py DeepSpeed starts a single process on its own")
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    config = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "integrations" / "deepspeed" / "zero2.json")
+    error = _refused([*FAST, "--overwrite_output_dir", "--deepspeed", config], run_dir, capsys)
+    assert "needs a launcher" in error and "torchrun --nproc_per_node 1" in error
+
+
+def _rows_with_three_images_in_row_5(count: int = 20) -> list:
+    image = {"bytes": _digit_png(3), "path": None}
+    rows = [{"images": [{"bytes": _digit_png(i), "path": None}], "question": QUESTION, "answer": str(i % 10)}
+            for i in range(count)]
+    rows[5]["images"] = [image, image, image]
+    return rows
+
+
+def test_a_record_with_more_images_than_the_memory_slots_is_refused_naming_it_and_the_option(
+        run_dir, tmp_path, capsys, clip_folder):
+    """3 images x 16 tokens = 48 visual tokens do not fit 32 slots: the model would refuse the batch holding it."""
+    dataset = _saved_dataset(tmp_path / "three", _rows_with_three_images_in_row_5())
+    error = _refused_replacing(["--dataset", dataset, "--num_memory_slots", "32"], run_dir, capsys, clip_folder)
+    assert "--num_memory_slots 32 is too small" in error and "three [train] row 5" in error
+    assert "gives 3 image(s), which fill 48 memory slots" in error
+
+
+@pytest.mark.slow
+def test_without_num_memory_slots_the_memory_is_sized_for_the_record_with_the_most_images(tmp_path, clip_folder):
+    dataset = _saved_dataset(tmp_path / "three", _rows_with_three_images_in_row_5())
+    out = tmp_path / "run"
+    assert train_main([*FAST, "--dataset", dataset, "--vision_model_name_or_path", clip_folder,
+                       "--output_dir", str(out)]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["num_memory_slots"] == 64  # 48 tokens + 16
+
+
+def test_resuming_from_inside_an_unfinished_replacing_run_is_refused(run_dir, capsys):
+    checkpoint = run_dir / ".memvp-new-run" / "checkpoint-1"
+    shutil.copytree(run_dir / "checkpoint-1", checkpoint)
+    error = _refused([*FAST, "--resume_from_checkpoint", str(checkpoint)], run_dir, capsys)
+    assert "inside .memvp-new-run" in error and "move the checkpoint out" in error
+
+
+@pytest.mark.slow
+def test_a_replacing_run_killed_while_training_leaves_the_previous_run(run_dir):
+    """The replacing run trains in output_dir/.memvp-new-run; the previous run's files are switched out only once it
+    has trained and saved."""
+    import time
+
+    before = _snapshot(run_dir)
+    started = time.time()
+
+    def new_checkpoint() -> bool:  # the replacing run has trained a step and saved it, wherever it writes
+        return any(path.stat().st_mtime > started for path in run_dir.rglob("trainer_state.json"))
+
+    process = subprocess.Popen([sys.executable, "-m", "memvp_peft.cli.train", "--max_steps", "100000",
+                                "--save_steps", "1", "--seed", "7", "--overwrite_output_dir",
+                                "--output_dir", str(run_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while not new_checkpoint() and time.time() < started + 240:
+            assert process.poll() is None, f"the run ended before it was killed: {process.stderr.read()[-2000:]}"
+            time.sleep(0.5)
+        assert new_checkpoint(), "no checkpoint within 4 minutes"
+    finally:
+        process.kill()
+        process.wait()
+    after = {path: digest for path, digest in _snapshot(run_dir).items() if not path.startswith(".memvp-new-run")}
+    assert after == before

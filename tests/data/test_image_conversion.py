@@ -152,3 +152,11 @@ def test_an_rgba_array_is_composited_over_white_like_the_pil_image():
     from_array = np.asarray(to_rgb_image(_drawing()))
     assert (from_array[:2] == 255).all() and (from_array[2:6, 3:5] == 0).all()
     np.testing.assert_array_equal(from_array, np.asarray(to_rgb_image(Image.fromarray(_drawing(), mode="RGBA"))))
+
+
+@pytest.mark.parametrize("value", [None, 7, {"label": 1}], ids=["None", "int", "dict"])
+def test_what_is_no_image_is_refused_by_its_type_without_offering_none(value):
+    """The refusal lists what an image may be; None is not one of them (a record's missing image is the caller's)."""
+    with pytest.raises(ValueError, match=rf"got {type(value).__name__}$") as caught:
+        to_rgb_image(value)
+    assert "None" not in str(caught.value).rsplit("got", 1)[0]

@@ -6,6 +6,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import memvp_config, tiny_llama
@@ -232,3 +233,29 @@ def test_a_config_copied_with_a_new_value_builds_a_new_adapter():
     pm = get_peft_model(tiny_llama(), memvp_config())
     other = get_peft_model(tiny_llama(), dataclasses.replace(pm.peft_config["default"], memory_scale=0.5))
     assert other.get_base_model().model.layers[0].mlp.memvp_scale["default"] == 0.5
+
+
+# --------------------------------------------------------------------------------------- numbers of other types
+
+
+@pytest.mark.parametrize("field, value, stored", [
+    ("drop_ratio", np.float32(0.5), 0.5), ("memory_dropout", np.float64(0.25), 0.25),
+    ("visual_scale", np.float16(0.5), 0.5), ("num_memory_slots", np.int64(8), 8), ("visual_dim", np.int32(16), 16),
+])
+def test_a_numpy_number_is_accepted_and_saved_as_the_python_number_it_is(tmp_path, field, value, stored):
+    config = memvp_config(**{field: value})
+    assert getattr(config, field) == stored and type(getattr(config, field)) is type(stored)
+    config.save_pretrained(str(tmp_path))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())[field] == stored
+
+
+def test_a_numpy_number_assigned_later_is_stored_as_a_python_number():
+    config = memvp_config()
+    config.drop_ratio = np.float32(0.25)
+    assert config.drop_ratio == 0.25 and type(config.drop_ratio) is float
+
+
+@pytest.mark.parametrize("value", [np.bool_(True), np.float32(1.5), np.float32("nan")])
+def test_a_numpy_value_out_of_range_is_refused_like_a_python_one(value):
+    with pytest.raises(ValueError, match="MemVPConfig.drop_ratio must be a number in"):
+        memvp_config(drop_ratio=value)
