@@ -32,11 +32,13 @@ from .tuner import (
 )
 from .tuner import __all__ as _tuner_names
 from .tuner.save_load import save_adapter
+from .finite_training import NonFiniteTrainingError, StopOnNonFinite
 from .processing import MemVPProcessor
 
 __version__ = "0.1.0"
 
-__all__ = [*_tuner_names, "save_adapter", "MemVPProcessor", "MemVPSFTTrainer", "MemVPDPOTrainer"]
+__all__ = [*_tuner_names, "save_adapter", "MemVPProcessor", "StopOnNonFinite", "NonFiniteTrainingError",
+           "MemVPSFTTrainer", "MemVPDPOTrainer"]
 
 _TRL_TRAINERS = ("MemVPSFTTrainer", "MemVPDPOTrainer")
 

@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..distributed import check_deepspeed_launch, leave_process_group, wait_for_every_rank
+from ..finite_training import StopOnNonFinite
 from ..hub import check_model_source
 from ..tuner.save_load import atomic_saves
 from ..tuner.model_card import write_model_card
@@ -287,6 +288,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
         report_to=[],
         seed=options.seed,
         dataloader_num_workers=0,
+        logging_nan_inf_filter=False,  # a NaN step is logged as NaN (and stops the run), not left out of the mean
     )  # checks the scheduler name, the precision and the DeepSpeed JSON; under a launcher, joins the process group
     replaced_schedule = deepspeed_schedule_notice(options.deepspeed, options.lr_scheduler_type)
     if replaced_schedule and args.process_index == 0:
@@ -298,6 +300,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
     )
     encode_in_training_precision(train_collator, trainer)  # --cache_image_features: under the forward's autocast
     print_each_loss_once(trainer)
+    trainer.add_callback(StopOnNonFinite())  # a loss or weights that stop being finite end the run, naming the step
     train_started = time.time()
     trainer.train(resume_from_checkpoint=options.resume_from_checkpoint)
     train_time = time.time() - train_started

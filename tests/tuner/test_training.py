@@ -128,42 +128,78 @@ def test_optimizer_steps_learn_answers_only_the_image_tells():
     assert accuracy >= 0.9, f"held-out accuracy {accuracy:.3f}; one answer for every row reaches {1 / CLASSES}"
 
 
-def test_trainer_keeps_image_features_and_trains(tmp_path):
+class _Rows(torch.utils.data.Dataset):
+    """16 rows of random tokens, each with 4 image-feature vectors."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        rows = [{"input_ids": torch.randint(3, 64, (6,)), "image_features": torch.randn(4, 16)} for _ in range(16)]
+        self.rows = [dict(r, labels=r["input_ids"].clone(), attention_mask=torch.ones(6, dtype=torch.long))
+                     for r in rows]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def _trainer(pm, tmp_path, callbacks=(), **settings):
+    """A plain HF Trainer over `_Rows`, 4 rows a step, 4 steps (`settings` override the TrainingArguments)."""
     from transformers import Trainer, TrainingArguments
 
-    torch.manual_seed(0)
-    rows = [
-        {"input_ids": torch.randint(3, 64, (6,)), "image_features": torch.randn(4, 16)} for _ in range(16)
-    ]
-    dataset = [dict(r, labels=r["input_ids"].clone(), attention_mask=torch.ones(6, dtype=torch.long)) for r in rows]
+    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
+                logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", remove_unused_columns=True)
+    args.update(settings)
+    return Trainer(model=pm, args=TrainingArguments(**args), train_dataset=_Rows(), callbacks=list(callbacks))
 
-    class ListDataset(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(dataset)
 
-        def __getitem__(self, i):
-            return dataset[i]
-
+def test_trainer_keeps_image_features_and_trains(tmp_path):
     seen = []
     pm = get_peft_model(tiny_llama(), memvp_config(task_type="CAUSAL_LM"))
     pm.base_model.memvp_memory["default"].register_forward_pre_hook(lambda m, args: seen.append(args))
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        remove_unused_columns=True,
-    )
-    trainer = Trainer(model=pm, args=args, train_dataset=ListDataset())
+    trainer = _trainer(pm, tmp_path)
     before = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
     trainer.train()
     assert seen and all(a and a[0] is not None and a[0].shape == (4, 4, 16) for a in seen)
     changed = [n for n, p in pm.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert any("projector" in n for n in changed)
+
+
+def test_stop_on_non_finite_ends_a_run_whose_loss_is_nan_before_the_step_is_applied(tmp_path):
+    """visual_scale=1e38 is a finite float32, but the first product with it overflows: the loss of step 1 is NaN.
+    Without the callback the Trainer writes the NaN gradients into the weights and carries on."""
+    from memvp_peft import NonFiniteTrainingError, StopOnNonFinite
+
+    pm = get_peft_model(tiny_llama(), memvp_config(task_type="CAUSAL_LM", visual_scale=1e38))
+    before = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+    with pytest.raises(NonFiniteTrainingError, match=r"training stopped at step 1: the loss of that step, or its "
+                                                     r"gradient, is not finite \(the gradient of .*memvp_memory"):
+        _trainer(pm, tmp_path, callbacks=[StopOnNonFinite()]).train()
+    assert all(torch.equal(p, before[n]) for n, p in pm.named_parameters() if p.requires_grad)
+
+
+def test_stop_on_non_finite_names_the_parameter_a_huge_learning_rate_blew_up(tmp_path):
+    """lr 1e38: Adam's first step moves the weights by about 1e38 (finite, but beyond what an adapter may hold) or
+    beyond float32 (inf, then NaN)."""
+    from memvp_peft import NonFiniteTrainingError, StopOnNonFinite
+
+    pm = get_peft_model(tiny_llama(), memvp_config(task_type="CAUSAL_LM"))
+    with pytest.raises(NonFiniteTrainingError, match=r"training stopped at step 1: after that step the parameter "
+                                                     r"\S*memvp_memory\S* holds .*The learning rate \(1e\+38\)"):
+        _trainer(pm, tmp_path, callbacks=[StopOnNonFinite()], learning_rate=1e38).train()
+
+
+def test_stop_on_non_finite_ends_a_run_whose_logged_loss_is_nan(tmp_path):
+    """What fp16 runs rely on (their loss scaler skips steps with inf gradients, so gradients are not checked)."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from memvp_peft import NonFiniteTrainingError, StopOnNonFinite
+
+    state = TrainerState(global_step=7)
+    with pytest.raises(NonFiniteTrainingError, match="step 7: the logged training loss is nan"):
+        StopOnNonFinite().on_log(TrainingArguments(str(tmp_path), report_to=[]), state, TrainerControl(),
+                                 logs={"loss": float("nan")})
 
 
 def test_text_only_batch_still_touches_every_adapter_parameter(batch):
