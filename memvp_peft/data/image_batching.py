@@ -115,7 +115,6 @@ def stray_image_fields(record: Mapping[str, Any], gives_images: bool) -> list[st
     return stray
 
 
-
 def record_images(
     raw: Any,
     where: str,
