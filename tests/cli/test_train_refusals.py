@@ -174,6 +174,24 @@ def test_a_non_finite_setting_is_refused(flag, value, tmp_path, capsys):
     assert f"option '{flag[2:]}' must be a finite number" in error
 
 
+@pytest.mark.parametrize("flag, stopped", [
+    ("--visual_scale", "the loss of that step, or its gradient, is not finite"),
+    ("--learning_rate", "after that step the parameter base_model.memvp_memory"),
+])
+def test_a_run_whose_loss_or_weights_stop_being_finite_stops_naming_the_step_and_keeps_the_previous_run(
+        flag, stopped, run_dir, capsys):
+    """1e38 is a finite float32 each flag takes; the forward (a scale) or the first step (a rate) overflows it. Such
+    a run trained an all-NaN adapter, saved it over the previous run, exited 0 and reported final_loss 0.0."""
+    before = _snapshot(run_dir)
+    capsys.readouterr()
+    code = train_main([*FAST, flag, "1e38", "--overwrite_output_dir", "--seed", "7", "--output_dir", str(run_dir)])
+    error = capsys.readouterr().err
+    assert code == 2, error[-3000:]
+    assert "memvp-train: error: training stopped at step " in error and stopped in error
+    after = {path: digest for path, digest in _snapshot(run_dir).items() if not path.startswith(".memvp-new-run")}
+    assert after == before  # the previous run's adapter, metrics.json and checkpoints, byte-identical
+
+
 def test_a_non_finite_yaml_value_is_refused(tmp_path, capsys):
     (tmp_path / "run.yaml").write_text("visual_scale: .inf\n")
     error = _refused_fresh([str(tmp_path / "run.yaml"), *FAST], tmp_path, capsys)
