@@ -66,8 +66,10 @@ def load_scienceqa(folder: PathLike, split: str, use_caption: bool = False, *,
             parquet files the Hub export.
         split: ``train``, ``val``, ``test`` (and the repository's ``trainval``/``mini*``).
         use_caption: add the problem's caption from ``captions.json`` to the context, as the authors' ``--use_caption``
-            does (their training script leaves it off; their ``eval.py`` turns it on). A missing ``captions.json``
-            is then an error; a problem without a caption gets none.
+            does (their training script leaves it off; their ``eval.py`` turns it on). A ``captions.json`` that is
+            missing, is not ``{"captions": {pid: text}}``, or lacks the caption of an image problem of the split is
+            then an error (every image problem would otherwise be prompted without its caption, silently); a
+            problem without an image and without a caption gets an empty one.
         allow_outside_image_folder: accept image paths leading outside their folder (module docstring).
 
     Problems without an image are text-only records (no ``image``): they train and answer with the memory off.
@@ -114,8 +116,7 @@ def _load_repository_layout(folder: str, split: str, use_caption: bool, allow_ou
         raise ValueError(f"ScienceQA: unknown split {split!r}; pid_splits.json has {sorted(splits)}.")
     captions: Mapping[str, str] = {}
     if use_caption:
-        data = _read_json(os.path.join(folder, "captions.json"))
-        captions = data.get("captions", {}) if isinstance(data, dict) else {}
+        captions = _read_captions(folder, problems, [str(pid) for pid in splits[split]], split)
     image_split = "val" if split == "validation" else split
     records = []
     for pid in splits[split]:
@@ -135,6 +136,34 @@ def _load_repository_layout(folder: str, split: str, use_caption: bool, allow_ou
         caption = captions.get(pid, "") if use_caption else None
         records.append(_record(pid, problem, image, caption, where))
     return records
+
+
+def _read_captions(folder: str, problems: Mapping[str, Any], pids: list[str], split: str) -> Mapping[str, str]:
+    """`captions.json`'s {pid: caption}, checked: the repository's `{"captions": {pid: text}}` layout, text captions,
+    and one for every image problem of the split (what `use_caption` is asked for)."""
+    path = os.path.join(folder, "captions.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"ScienceQA: use_caption reads the image captions from {path}, which is missing; it ships "
+                         "with the ScienceQA repository (data/captions.json). Add it, or train without use_caption.")
+    data = _read_json(path)
+    captions = data.get("captions") if isinstance(data, dict) else None
+    if not isinstance(captions, dict):
+        held = (f"an object with the keys {sorted(data)[:5]}" if isinstance(data, dict)
+                else f"a JSON {type(data).__name__}")
+        raise ValueError(f'ScienceQA: {path} must hold {{"captions": {{problem id: caption text}}}}, the '
+                         f"repository's layout; it holds {held}.")
+    wrong = next((pid for pid, text in captions.items() if not isinstance(text, str)), None)
+    if wrong is not None:
+        raise ValueError(f"ScienceQA: {path}: the caption of problem {wrong!r} must be a str, got "
+                         f"{type(captions[wrong]).__name__}.")
+    with_image = [pid for pid in pids if isinstance(problems.get(pid), dict) and problems[pid].get("image")]
+    missing = [pid for pid in with_image if pid not in captions]
+    if missing:
+        raise ValueError(f"ScienceQA: {path} has no caption for {len(missing)} of the {len(with_image)} image problems "
+                         f"of split {split!r} (e.g. {missing[:3]}); with use_caption every image problem is prompted "
+                         "with its caption. Pass the captions.json of this copy of ScienceQA, or train without "
+                         "use_caption.")
+    return captions
 
 
 def _hub_files(folder: str, split: str) -> list[str]:

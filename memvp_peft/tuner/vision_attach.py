@@ -4,13 +4,13 @@
 builds the `VisionEncoder` -- which reads the encoder and changes nothing -- and checks it against every adapter
 (width = `visual_dim`, depth = the saved vision adapters, `vision_feature_layer` in range); only then does
 `switch_vision` hook the new encoder, unhook the old one and record the encoder in the configs. A refused encoder
-therefore leaves the previous one attached with its adapter hooks.
+therefore leaves the previous one attached with its adapter hooks. During an injection the old encoder stays hooked
+until the injection has succeeded (`MemVPModel.inject_adapter` detaches it), so a rollback needs no re-hooking.
 
 What a config records of its encoder is what a later load needs to find the same one: a local folder by its absolute
 path (`hub.resolvable_name`), a Hub id with the commit its files came from (`vision_encoder_revision`, loaded again at
 that commit), and a digest of the weights (`vision_encoder_sha256`). Attaching an encoder whose weights differ from
-the recorded digest warns, naming both: the adapter learned the features of the recorded one. During an injection the old encoder stays hooked
-until the injection has succeeded (`MemVPModel.inject_adapter` detaches it), so a rollback needs no re-hooking.
+the recorded digest warns, naming both: an adapter trained with the recorded one never saw their features.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ..hub import is_hub_id, resolvable_name
 from ..vision import (VisionEncoder, describe_encoder, is_vlm, load_vision_encoder, loaded_commit, vlm_vision_tower,
                       weights_digest)
 from .config import MemVPConfig, record_built_field
+from .entry import unwrap_checkpoint_function
 from .injection_checks import is_recorded
 from .scope import MemoryRuntime
 
@@ -102,9 +103,17 @@ def switch_vision(
     if vision is not replaced:
         vision.attach()
         if replaced is not None and detach_replaced:
-            replaced.detach()
+            release_encoder(replaced)
     runtime.vision = vision
     return None if replaced is vision else replaced
+
+
+def release_encoder(vision: VisionEncoder) -> None:
+    """Take MemVP off an encoder it no longer uses (replaced, or the model unloaded): the adapter hooks of its
+    blocks, and the checkpoint wrappers a training call put on them (`entry.wrap_layer_checkpointing`)."""
+    vision.detach()
+    for layer in vision.layers:
+        unwrap_checkpoint_function(layer)
 
 
 def record_encoder(config: MemVPConfig, encoder: nn.Module, digest: Optional[str]) -> None:

@@ -76,6 +76,35 @@ def test_a_folder_of_neither_layout_is_refused(tmp_path):
         load_scienceqa(tmp_path, "test")
 
 
+@pytest.mark.parametrize("content, held", [
+    ({"A handwritten digit.": "x"}, r"it holds an object with the keys \['A handwritten digit.'\]"),
+    (["A handwritten digit."], "it holds a JSON list"),
+    ({"captions": ["A handwritten digit."]}, r"it holds an object with the keys \['captions'\]"),
+], ids=["no-captions-key", "a-list", "captions-not-an-object"])
+def test_captions_json_of_another_layout_is_refused_naming_the_file(repository, content, held):
+    """It gave every problem an empty caption: a run 'with captions' trained and scored without them."""
+    (repository / "captions.json").write_text(json.dumps(content))
+    layout = r'captions.json must hold {"captions": {problem id: caption text}}'
+    with pytest.raises(ValueError, match=rf"{layout}.*{held}"):
+        load_scienceqa(repository, "test", use_caption=True)
+
+
+def test_captions_json_missing_image_problems_is_refused_naming_them(repository):
+    data, pid = _first_image_problem(repository)
+    captions = json.loads((repository / "captions.json").read_text())
+    del captions["captions"][pid]
+    (repository / "captions.json").write_text(json.dumps(captions))
+    expected = rf"has no caption for 1 of the \d+ image problems of split 'test' \(e.g. \['{pid}'\]\)"
+    with pytest.raises(ValueError, match=expected):
+        load_scienceqa(repository, "test", use_caption=True)
+
+
+def test_a_missing_captions_json_is_refused_naming_it(repository):
+    (repository / "captions.json").unlink()
+    with pytest.raises(ValueError, match=r"use_caption reads the image captions from .*captions.json, which is"):
+        load_scienceqa(repository, "test", use_caption=True)
+
+
 def test_captions_with_the_hub_layout_are_refused(tmp_path, problems):
     hub = write_hub_layout(tmp_path / "hub", problems)
     with pytest.raises(ValueError, match="use_caption needs captions.json"):
