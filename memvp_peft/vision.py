@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import weakref
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -160,6 +160,13 @@ def imagenet_image_processor(image_size: int) -> Any:
     )
 
 
+class RunningAdapters(NamedTuple):
+    """The vision adapters one `VisionEncoder.features()` call adds to the encoder's block MLPs, and their scale."""
+
+    bottlenecks: nn.ModuleList
+    scale: float
+
+
 class VisionEncoder:
     """A frozen vision tower plus the feature-selection rules; deliberately not an `nn.Module` (never saved/trained).
 
@@ -182,10 +189,10 @@ class VisionEncoder:
         root = _vision_root(model)
         self.hidden_size = int(model.config.hidden_size)
         self.has_cls = hasattr(getattr(root, "embeddings", None), "class_embedding")
-        self.post_layernorm = getattr(root, "post_layernorm", None) if layernorm else None
+        self.post_layernorm = getattr(root, "post_layernorm", None)
         self.layers = _encoder_layers(model)
-        # The bottlenecks of the running `features()` call, per thread: two threads encoding for different adapters
-        # (or one with and one without adapters) must never see each other's.
+        # The vision adapters of the running `features()` call, per thread: two threads encoding for different
+        # adapters (or one with and one without adapters) must never see each other's.
         self._call = threading.local()
         self._hooks: list = []
 
@@ -221,23 +228,46 @@ class VisionEncoder:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def running_adapters(self) -> Optional[RunningAdapters]:
+        """The vision adapters the block hooks add in this thread now: those of the running `features()` call, or
+        of the call a checkpointed block is being recomputed for (`run_adapters`); None otherwise."""
+        return getattr(self._call, "adapters", None)
+
+    def run_adapters(self, adapters: Optional[RunningAdapters]) -> Optional[RunningAdapters]:
+        """Make `adapters` the ones the block hooks add in this thread; returns the previous ones, to put back.
+
+        Gradient checkpointing of the encoder's blocks recomputes a block inside backward, after `features()`
+        returned (possibly on an autograd thread): the tuner's checkpoint wrapper (`tuner/checkpointing.py`)
+        captures the running adapters at forward time and re-runs the block with them, so the recomputation adds the
+        same adapters the forward did."""
+        previous = self.running_adapters()
+        self._call.adapters = adapters
+        return previous
+
     def _make_bottleneck_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
-            bottlenecks = getattr(self._call, "bottlenecks", None)
-            if bottlenecks is None:
+            adapters = self.running_adapters()
+            if adapters is None:
                 return None
-            return output + self._call.scale * bottlenecks[index](args[0])
+            return output + adapters.scale * adapters.bottlenecks[index](args[0])
 
         return hook
 
     def features(
         self, pixel_values: torch.Tensor, bottlenecks: Optional[nn.ModuleList] = None, scale: float = 0.0,
-        with_cls: bool = False,
+        with_cls: bool = False, *, feature_layer: Optional[int] = None, select_strategy: Optional[str] = None,
+        layernorm: Optional[bool] = None,
     ) -> Any:
         """(B, C, H, W) -> (B, N, hidden); gradients flow only into `bottlenecks` (the encoder stays frozen).
 
+        `feature_layer`, `select_strategy` and `layernorm` select the features for this call (default: the
+        encoder's own): adapters sharing one encoder may each read another hidden state.
+
         `with_cls`: ((B, N, hidden), (B, hidden)), the second the CLS token of the same hidden state after the same
         post-layernorm -- ADEM-VL's CLS input token (`tuner/input_tokens.py`); an encoder without one is refused."""
+        feature_layer = self.feature_layer if feature_layer is None else feature_layer
+        select_strategy = self.select_strategy if select_strategy is None else select_strategy
+        layernorm = self.layernorm if layernorm is None else layernorm
         if with_cls and not self.has_cls:
             raise ValueError(
                 f"MemVP: cls_token=True reads the encoder's CLS token, but {describe_encoder(self.model)!r} "
@@ -248,19 +278,20 @@ class VisionEncoder:
         if reference.device != pixel_values.device:
             self.model.to(pixel_values.device)
         pixel_values = pixel_values.to(reference.dtype)
-        self._call.bottlenecks, self._call.scale = bottlenecks, scale
+        post_layernorm = self.post_layernorm if layernorm else None
+        previous = self.run_adapters(None if bottlenecks is None else RunningAdapters(bottlenecks, scale))
         try:
             with torch.set_grad_enabled(torch.is_grad_enabled() and bottlenecks is not None):
                 outputs = self.model(pixel_values=pixel_values, output_hidden_states=True)
-                hidden = outputs.hidden_states[self.feature_layer]
+                hidden = outputs.hidden_states[feature_layer]
                 cls = hidden[:, 0] if with_cls else None
-                if self.has_cls and self.select_strategy == "default":
+                if self.has_cls and select_strategy == "default":
                     hidden = hidden[:, 1:]
-                if self.post_layernorm is not None:
-                    hidden = self.post_layernorm(hidden)
-                    cls = self.post_layernorm(cls) if with_cls else None
+                if post_layernorm is not None:
+                    hidden = post_layernorm(hidden)
+                    cls = post_layernorm(cls) if with_cls else None
         finally:
-            self._call.bottlenecks = None
+            self.run_adapters(previous)
         return (hidden, cls) if with_cls else hidden
 
     def __getstate__(self) -> dict:

@@ -135,6 +135,9 @@ def call_with_memory(
         _reject_packed_rows(kwargs)
         runtime.seen_visual_inputs = True
     batch_size = infer_batch_size(args, kwargs)
+    if torch.is_grad_enabled():  # before the memory is built: the vision encoder's blocks run in `build`
+        for layer in runtime.layers_reading_the_call():
+            wrap_layer_checkpointing(layer, runtime)
     active = runtime.active()
     if pinned is not None:
         if has_visual:
@@ -149,9 +152,6 @@ def call_with_memory(
         memory = runtime.build(memories, features, mask, pixels, batch_size)
         if memory.cls_input is not None:
             args, kwargs = grown_call(memory.cls_input, owner, args, kwargs)
-    if torch.is_grad_enabled():
-        for layer in runtime.checkpointed_layers:
-            wrap_layer_checkpointing(layer, runtime)
     previous = runtime.activate(ActiveCall(memory, batch_size))
     try:
         return forward(*args, **kwargs)
@@ -307,11 +307,11 @@ def make_layer_pre_hook(runtime: MemoryRuntime) -> Callable:
 
 
 def wrap_layer_checkpointing(module: nn.Module, runtime: MemoryRuntime) -> None:
-    """Wrap `module`'s checkpoint function (once) so its recomputation re-activates the memory of the call that ran
-    the forward (`checkpointing.py`). Installed at a call's entry, before any layer runs: transformers before 5.20
-    checkpoints a layer's whole `__call__`, so its pre-hook runs *inside* the checkpoint -- too late to wrap the very
-    checkpoint that is running, and the first step's recomputation would read the text-only memory. The layer
-    pre-hook wraps too, for checkpointing enabled on a layer after the call began."""
+    """Wrap `module`'s checkpoint function (once) so its recomputation re-activates the memory (or the vision
+    adapters) of the call that ran the forward (`checkpointing.py`). Installed at a call's entry, before any layer
+    runs: transformers before 5.20 checkpoints a layer's whole `__call__`, so its pre-hook runs *inside* the
+    checkpoint -- too late to wrap the very checkpoint that is running, and the first step's recomputation would read
+    the text-only memory. The layer pre-hook wraps too, for checkpointing enabled on a layer after the call began."""
     if not (getattr(module, "gradient_checkpointing", False) and module.training):
         return
     current = getattr(module, "_gradient_checkpointing_func", None)

@@ -42,7 +42,7 @@ from .input_tokens import check_cls_token_base
 from .load_checks import check_adapter_tensors
 from .lora_part import inject_lora, merge_lora_layers
 from .rollback import InjectionUndo
-from .vision_attach import checked_vision, configured_encoder, switch_vision
+from .vision_attach import checked_vision, configured_encoder, release_encoder, switch_vision
 
 _LAYER_CLASSES = {"ffn": FFNMemoryLayer, "key": KeyMemoryLayer, "value": ValueMemoryLayer}
 
@@ -169,7 +169,7 @@ class MemVPModel(BaseTuner):
             undo.restore(self)
             raise
         if replaced is not None and replaced is not self._memvp_runtime.vision:
-            replaced.detach()
+            release_encoder(replaced)
         mark_injected(config)  # the model is built from it: its built fields are fixed from now on
         if getattr(config, "_memvp_source_folder", None) is not None:
             self._memvp_pending_loads[adapter_name] = undo
@@ -235,7 +235,7 @@ class MemVPModel(BaseTuner):
             unwrap_checkpoint_function(module)
             remove_entry(module)
         if self._memvp_runtime.vision is not None:
-            self._memvp_runtime.vision.detach()
+            release_encoder(self._memvp_runtime.vision)
 
     # ---------------------------------------------------------------------------------------------------- trainability
 

@@ -36,6 +36,17 @@ from .memory import MemoryState
 from .visual_layout import arrange_visual_tokens, tile_for_adapter
 
 
+def feature_selection(config: Any) -> dict[str, Any]:
+    """Which features of the encoder an adapter reads, as `VisionEncoder.features` takes them. Passed on every
+    call: adapters sharing one encoder may each read another hidden state, while the `VisionEncoder` keeps only the
+    selection it was built with (that of the adapter it was attached for)."""
+    return {
+        "feature_layer": config.vision_feature_layer,
+        "select_strategy": config.vision_feature_select_strategy,
+        "layernorm": config.vision_feature_layernorm,
+    }
+
+
 class CallMemory:
     """The keys/values of every active adapter for one forward or `generate()` call (immutable once built)."""
 
@@ -112,6 +123,12 @@ class MemoryRuntime:
         call = self.active()
         return None if call is None else call.batch_size
 
+    def layers_reading_the_call(self) -> list:
+        """Every layer whose gradient-checkpointing recomputation must see the state of the call that ran it
+        (`checkpointing.py`): the layers holding MemVP layers (the call's memory) and the blocks of the attached
+        vision encoder (the call's vision adapters, added by hooks)."""
+        return [*self.checkpointed_layers, *(self.vision.layers if self.vision is not None else ())]
+
     # ------------------------------------------------------------------------------------------ building the memory
 
     def build(
@@ -129,7 +146,7 @@ class MemoryRuntime:
         """
         if pixel_values is not None and image_features is not None:
             raise ValueError("MemVP: pass either `pixel_values` or `image_features`, not both.")
-        shared_features = {}  # per image_grid: adapters tiling alike share one encoding
+        shared_features = {}  # adapters tiling alike and selecting the same features share one encoding
         states = {}
         cls_input = None
         active = [name for name in self.active_adapters if name in memories]
@@ -143,12 +160,12 @@ class MemoryRuntime:
             elif pixel_values is not None:
                 pixels, mask = tile_for_adapter(pixel_values, image_mask, config, self.vision)  # visual_layout.py
                 if memory.vision_adapters is not None:
-                    features = self._encode(pixels, batch_size, memory.vision_adapters, config.vision_adapter_scale)
+                    features = self._encode(pixels, batch_size, config, memory.vision_adapters)
                 else:
-                    grid = tuple(config.image_grid or ())
-                    if grid not in shared_features:
-                        shared_features[grid] = self._encode(pixels, batch_size, None, 0.0)
-                    features = shared_features[grid]
+                    key = (tuple(config.image_grid or ()), *feature_selection(config).values())
+                    if key not in shared_features:
+                        shared_features[key] = self._encode(pixels, batch_size, config, None)
+                    features = shared_features[key]
             features, mask = arrange_visual_tokens(features, mask, config)  # frames, tiles, compression
             features, mask = validate_visual_inputs(
                 features, mask, batch_size, config.visual_dim, config.num_memory_slots
@@ -182,14 +199,15 @@ class MemoryRuntime:
                 f"MemVP: adapter {name!r} has cls_token=True, which places one image's CLS token per row; "
                 f"pixel_values hold {pixel_values.shape[1]} images per row."
             )
-        features, cls = self._encode(pixel_values, batch_size, memory.vision_adapters, config.vision_adapter_scale,
-                                     with_cls=True)
+        features, cls = self._encode(pixel_values, batch_size, config, memory.vision_adapters, with_cls=True)
         return features, memory.project_cls(cls)
 
     def _encode(
-        self, pixel_values: torch.Tensor, batch_size: Optional[int], adapters: Optional[nn.ModuleList], scale: float,
+        self, pixel_values: torch.Tensor, batch_size: Optional[int], config: Any, adapters: Optional[nn.ModuleList],
         with_cls: bool = False,
     ) -> Any:
+        """`config`'s features of `pixel_values` (the hidden state, CLS selection and layernorm it names), with
+        `adapters` (its vision adapters, at its scale) added to the encoder's blocks."""
         if self.vision is None:
             raise ValueError(
                 "MemVP: `pixel_values` were given but no vision encoder is attached. Set "
@@ -197,7 +215,8 @@ class MemoryRuntime:
                 "`memvp_peft.attach_vision_encoder(peft_model, encoder)`, or pass `image_features`."
             )
         pixels, images = validate_pixel_values(pixel_values, batch_size)
-        features = self.vision.features(pixels, adapters, scale, with_cls=with_cls)
+        scale = config.vision_adapter_scale if adapters is not None else 0.0
+        features = self.vision.features(pixels, adapters, scale, with_cls=with_cls, **feature_selection(config))
         features, cls = features if with_cls else (features, None)
         if pixel_values.dim() == 5:
             features = features.reshape(pixel_values.shape[0], images, *features.shape[1:])

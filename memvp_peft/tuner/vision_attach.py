@@ -26,6 +26,7 @@ from ..hub import is_hub_id, resolvable_name
 from ..vision import (VisionEncoder, describe_encoder, is_vlm, load_vision_encoder, loaded_commit, vlm_vision_tower,
                       weights_digest)
 from .config import MemVPConfig, record_built_field
+from .entry import unwrap_checkpoint_function
 from .injection_checks import is_recorded
 from .scope import MemoryRuntime
 
@@ -102,9 +103,17 @@ def switch_vision(
     if vision is not replaced:
         vision.attach()
         if replaced is not None and detach_replaced:
-            replaced.detach()
+            release_encoder(replaced)
     runtime.vision = vision
     return None if replaced is vision else replaced
+
+
+def release_encoder(vision: VisionEncoder) -> None:
+    """Take MemVP off an encoder it no longer uses (replaced, or the model unloaded): the adapter hooks of its
+    blocks, and the checkpoint wrappers a training call put on them (`entry.wrap_layer_checkpointing`)."""
+    vision.detach()
+    for layer in vision.layers:
+        unwrap_checkpoint_function(layer)
 
 
 def record_encoder(config: MemVPConfig, encoder: nn.Module, digest: Optional[str]) -> None:

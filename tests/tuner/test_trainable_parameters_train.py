@@ -117,9 +117,26 @@ def test_every_parameter_counted_as_trainable_gets_a_gradient_and_trains(case):
        means "got a nonzero gradient", without a threshold on magnitudes.
     """
     make_base, make_config, visual_inputs = CASES[case]
-    base = make_base()
-    model = get_peft_model(base, make_config()).train()
-    inputs = batch(visual_inputs)
+    assert_every_trainable_parameter_trains(get_peft_model(make_base(), make_config()).train(), batch(visual_inputs))
+
+
+# the cases whose gradients pass through a checkpointed vision tower (a VLM's own, which gradient_checkpointing_enable
+# on the VLM checkpoints too) or through checkpointed decoder layers with LoRA inside
+CHECKPOINTED_CASES = ["llama+clip+vision_adapters", "llava+vision_adapters+lora", "llava+lora"]
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("case", CHECKPOINTED_CASES)
+def test_every_parameter_counted_as_trainable_trains_under_gradient_checkpointing(case, use_reentrant):
+    """The same invariant with gradient checkpointing on the base (both of torch's kinds): the recomputation inside
+    backward must put every trainable parameter back on the gradient path."""
+    make_base, make_config, visual_inputs = CASES[case]
+    model = get_peft_model(make_base(), make_config()).train()
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    assert_every_trainable_parameter_trains(model, batch(visual_inputs))
+
+
+def assert_every_trainable_parameter_trains(model, inputs) -> None:
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     assert sum(p.numel() for p in trainable.values()) == model.get_nb_trainable_parameters()[0]
     initial = {name: p.detach().clone() for name, p in trainable.items()}
