@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Optional, Union
 
 from .conversations import ORIGIN_FIELD, check_image_marks, record_dialogue
 from .image_batching import PRECOMPUTED_FIELDS, RAW_IMAGE_FIELDS, image_field
 from .image_files import check_image_files, image_pixel_limit, resolve_image_path
 from .images import PathLike
+from .video import FRAME_FIELDS
 
 __all__ = ["load_jsonl", "load_llava_json"]
 
@@ -33,7 +34,9 @@ class _Images:
     """One load's image policy, and the (path, where) pairs its records name, checked together at the end."""
 
     def __init__(self, dataset: str, image_folder: Optional[PathLike], check: bool, decode: bool,
-                 max_image_pixels: Optional[int], allow_outside: bool, image_column: Optional[str] = None) -> None:
+                 max_image_pixels: Optional[int], allow_outside: bool, image_column: Optional[str] = None,
+                 image_names: Optional[Callable[[str], bool]] = None) -> None:
+        self.image_names = image_names
         self.folder = os.fspath(image_folder) if image_folder is not None else os.path.dirname(dataset)
         self.check, self.decode, self.allow_outside = check, decode, allow_outside
         self.max_pixels = image_pixel_limit(max_image_pixels)  # a bad limit is refused before the file is read
@@ -50,6 +53,8 @@ class _Images:
         def one(item: Any, label: str) -> Optional[str]:
             if item is None:
                 return None
+            if self.image_names is not None and isinstance(item, str) and self.image_names(item):
+                return item  # a name the caller resolves, not a path
             path = resolve_image_path(item, self.folder, self.allow_outside, label, what)
             self.pending.append((path, label))
             return path
@@ -67,14 +72,14 @@ class _Images:
                 raise ValueError(f"{where}: has both 'image' and the image_column {self.image_column!r}; give the "
                                  "images in one field.")
             record["image"] = record.pop(self.image_column, None)
-        for field in ("images", "frames"):
-            if isinstance(record.get(field), list):  # a bare str under 'images' is refused by image_field below
-                record[field] = self.resolve(record[field], where, "frame" if field == "frames" else "image")
+        if isinstance(record.get("images"), list):  # a bare str under 'images' is refused by image_field below
+            record["images"] = self.resolve(record["images"], where)
         record["image"] = self.resolve(record.get("image"), where)
-        if isinstance(record.get("video"), str):  # a video file: the path rule, its frames decoded by the collator
-            record["video"] = resolve_image_path(record["video"], self.folder, self.allow_outside, where, "video")
-        elif isinstance(record.get("video"), list):
-            record["video"] = self.resolve(record["video"], where, "frame")
+        for field in FRAME_FIELDS:
+            if isinstance(record.get(field), str):  # a video file: the path rule; the collator decodes its frames
+                record[field] = resolve_image_path(record[field], self.folder, self.allow_outside, where, "video")
+            elif isinstance(record.get(field), list):  # frames, each an image
+                record[field] = self.resolve(record[field], where, "frame")
         record[ORIGIN_FIELD] = where
         image_field(record, where, read_video=True)  # two image fields, a stray image path, a bare 'images' str
         _check_marks(record, where)
@@ -237,6 +242,7 @@ def load_jsonl(
     max_image_pixels: Optional[int] = None,
     allow_outside_image_folder: bool = False,
     image_column: Optional[str] = None,
+    image_names: Optional[Callable[[str], bool]] = None,
 ) -> list[dict[str, Any]]:
     """Load a simple JSON Lines file: one ``{"image": ..., "question": ..., "answer": ...}`` object per line.
 
@@ -247,10 +253,12 @@ def load_jsonl(
     (the same ``check_images``, ``decode_images``, ``max_image_pixels``, ``allow_outside_image_folder`` and
     ``image_column``).
     ``require_answer=False`` reads question files for inference, where ``answer`` may be absent.
+    ``image_names`` tells the image values that are names rather than paths (memvp-infer's built-in
+    ``digits:INDEX``): they are left as written, for the caller to resolve.
     """
     path = os.fspath(path)
     images = _Images(path, image_folder, check_images, decode_images, max_image_pixels, allow_outside_image_folder,
-                     image_column)
+                     image_column, image_names)
     records = []
     for lineno, line in _utf8_lines(path):
         item = _parse_line(line, f"{path}: line {lineno}")

@@ -105,7 +105,7 @@ def load_source(dataset: str, split: Optional[str] = None, config: Optional[str]
 # the columns the collator reads images from (`video` / `frames` with num_frames; refused by it without)
 _IMAGE_READING_COLUMNS = RAW_IMAGE_FIELDS + ("video", "frames")
 # string columns holding paths: resolved under the path rule; image files are checked, video files are the collator's
-_PATH_COLUMNS = {"image": "image", "images": "image", "frames": "frame", "video": "video"}
+_PATH_COLUMNS = ("image", "images", "video", "frames")
 
 
 def _element(datasets: Any, feature: Any) -> Any:
@@ -162,7 +162,11 @@ def _resolve_path_columns(datasets: Any, rows: Any, label: str, folder: Optional
     origins = rows[ORIGIN_FIELD]
     pending: list[tuple[str, str]] = []
     for name in columns:
-        what = _PATH_COLUMNS[name]
+        # a video column: one file per row (a str), or a list of frames (images); image columns: images
+        if name in ("video", "frames"):
+            what = "video" if _is_string(datasets, rows.features[name]) else "frame"
+        else:
+            what = "image"
 
         def one(value: Any, where: str) -> Any:
             if value is None:

@@ -175,11 +175,12 @@ def test_a_list_of_images_leading_outside_the_folder_is_refused_naming_the_image
         load_jsonl(path, image_dir)
 
 
-def test_a_video_path_resolves_against_the_dataset_folder_not_the_working_directory(tmp_path, monkeypatch):
+@pytest.mark.parametrize("field", ["video", "frames"])  # both are read as a video file when they hold a path
+def test_a_video_path_resolves_against_the_dataset_folder_not_the_working_directory(field, tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     monkeypatch.chdir(tmp_path)
-    path = _write_jsonl(tmp_path / "data", [{"video": "clips/a.mp4", **QA}])
-    assert load_jsonl(path)[0]["video"] == str(tmp_path / "data" / "clips" / "a.mp4")
+    path = _write_jsonl(tmp_path / "data", [{field: "clips/a.mp4", **QA}])
+    assert load_jsonl(path)[0][field] == str(tmp_path / "data" / "clips" / "a.mp4")
 
 
 @pytest.mark.parametrize("video", ["../elsewhere.mp4", "/tmp/elsewhere.mp4"])

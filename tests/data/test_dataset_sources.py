@@ -225,3 +225,11 @@ def test_a_bare_path_per_row_in_an_images_column_is_refused(scans_on_disk):
                                 for i in range(3)]).to_parquet(str(scans_on_disk / "rows.parquet"))
     with pytest.raises(ValueError, match=r"column 'images' holds one path per row where a list is expected"):
         _task(scans_on_disk / "rows.parquet")
+
+
+@pytest.mark.parametrize("column", ["video", "frames"])  # a path in either is a video file, decoded by the collator
+def test_a_video_path_column_resolves_against_the_dataset_folder(column, scans_on_disk):
+    datasets.Dataset.from_list([{column: f"clips/{i}.mp4", "question": QUESTION, "answer": "zero"}
+                                for i in range(3)]).to_parquet(str(scans_on_disk / "rows.parquet"))
+    task = _task(scans_on_disk / "rows.parquet")
+    assert task.train[0][column].startswith(str(scans_on_disk / "clips" / ""))
