@@ -28,7 +28,7 @@ import torch
 
 from ..distributed import check_deepspeed_launch, leave_process_group, wait_for_every_rank
 from ..finite_training import StopOnNonFinite
-from ..hub import check_model_source
+from ..hub import check_model_source, resolvable_name
 from ..tuner.save_load import atomic_saves
 from ..tuner.model_card import write_model_card
 from .answering import accuracy, generate_answers
@@ -317,7 +317,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
         unset_hf_deepspeed_config()  # the reload below is a plain single-process model: no zero.Init, no synced_gpus
     write_cli_record(options.output_dir, {
         "featurizer": "digit_patches" if input_name == "image_features" else None,
-        "vision_model_name_or_path": options.vision_model_name_or_path,
+        # a folder by its absolute path, as adapter_config.json records it: memvp-infer may run from another folder
+        "vision_model_name_or_path": resolvable_name(options.vision_model_name_or_path),
         "array_value_range": list(task.array_value_range) if task.array_value_range else None,
         "kind": kind,
         **collation_record(collator, options.prompt_template, options.image_normalization),

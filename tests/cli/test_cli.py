@@ -1,6 +1,7 @@
 """memvp-train / memvp-infer: parsing, datasets, bad inputs, and short real runs on local tiny checkpoints."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -302,3 +303,24 @@ def test_infer_reads_a_question_file_without_answers_from_another_folder(tmp_pat
     assert infer_main(["--adapter", str(out), "--input_file", str(tmp_path / "q.jsonl"),
                        "--image_folder", "img"]) == 0  # relative, applied once
     assert capsys.readouterr().out.count("What digit is shown ?") == 3
+
+
+@pytest.mark.slow
+def test_an_encoder_folder_given_relative_is_used_by_memvp_infer_from_another_folder(tmp_path, monkeypatch, capsys):
+    """`--vision_model_name_or_path clip` is recorded by its absolute path (adapter_config.json and memvp_cli.json):
+    from a folder holding another `clip`, memvp-infer still uses the encoder the adapter was trained with."""
+    tiny_clip(hidden_size=32).save_pretrained(tmp_path / "clip")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert train_main(["--quick", "--max_steps", "2", "--vision_model_name_or_path", "clip",
+                       "--output_dir", str(out)]) == 0
+    assert json.loads((out / "memvp_cli.json").read_text())["vision_model_name_or_path"] == str(tmp_path / "clip")
+    assert json.loads((out / "adapter_config.json").read_text())["vision_encoder"] == str(tmp_path / "clip")
+    tiny_clip(hidden_size=32, seed=1).save_pretrained(tmp_path / "elsewhere" / "clip")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert infer_main(["--adapter", str(out), "--image", "digits:0"]) == 0
+    assert "digits:0" in capsys.readouterr().out
+    assert not [w for w in caught if "weights sha256" in str(w.message)]
