@@ -9,7 +9,7 @@ from test_vision import clip
 
 SELECTIONS = {
     "last_block": dict(vision_feature_layer=-1),
-    "first_block": dict(vision_feature_layer=1),
+    "embeddings": dict(vision_feature_layer=0),
     "cls_kept": dict(vision_feature_select_strategy="full"),
     "no_layernorm": dict(vision_feature_layernorm=False),
 }
