@@ -10,4 +10,7 @@ import sys
 from .cli.train import main
 
 if __name__ == "__main__":
+    from memvp_peft_console import quiet_third_party_output
+
+    quiet_third_party_output()  # as `memvp-train` does (what peft printed while this package imported is out already)
     sys.exit(main())
