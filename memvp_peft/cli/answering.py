@@ -68,6 +68,19 @@ def generate_answers(model, collator, records: list[dict], kind: str, tokenizer,
     return answers
 
 
+def asked_question(record: dict) -> str:
+    """The question a record asks, as shown next to its answer (memvp-train's sample answers, memvp-infer's lines and
+    answers file): the first user turn of the record's dialogue in any layout -- `question` or `prompt`, LLaVA
+    `conversations`, TRL `messages`, ... -- with its `<image>` marks removed; for a multiple-choice record its
+    `question`, not the whole prompt the authors' template builds from it."""
+    from ..data.conversations import record_dialogue, record_label
+
+    dialogue = record_dialogue(record, record_label(0, record), need_answer=False)
+    if dialogue.preformatted and isinstance(record.get("question"), str):
+        return record["question"]
+    return dialogue.exchanges[0][0]
+
+
 def accuracy(answers: list[str], records: list[dict]) -> float:
     """Exact-match accuracy after `tasks.normalise_answer` (case, spacing and full stops do not count)."""
     from ..data.tasks import normalise_answer, reference_answer

@@ -22,13 +22,18 @@ import sys
 from typing import Any, Optional, Sequence
 
 from ..tuner.save_load import CONFIG_NAME, check_adapter_folder
-from .answering import generate_answers
+from ..data.conversations import ORIGIN_FIELD
+from .answering import asked_question, generate_answers
 from ..hub import MODEL_SOURCE, check_model_source, is_hub_id, is_offline
 from .base_loading import load_base
 from .collating import collator_from_record, encoder_image_processor
 from .options import InferOptions, run_command
 from .record import CLI_RECORD, read_adapter_config, read_cli_record
 from .reporting import without_peft_probe_warning
+
+
+#: `--image digits:INDEX` (and `"image": "digits:INDEX"` in an --input_file): scikit-learn's digit scan INDEX
+DIGIT_IMAGE_PREFIX = "digits:"
 
 
 @functools.lru_cache(maxsize=1)
@@ -38,22 +43,69 @@ def _digit_scans() -> Any:
     return load_digits().images
 
 
+def is_digit_image(value: Any) -> bool:
+    """Whether an image value names one of scikit-learn's digit scans (`digits:INDEX`) rather than a file."""
+    return isinstance(value, str) and value.startswith(DIGIT_IMAGE_PREFIX)
+
+
+def digit_image(spec: str, where: str = "") -> Any:
+    """The array of `digits:INDEX`, for `--image` and for an `--input_file` line alike -- a negative INDEX would count
+    from the end (numpy), which is never what was meant, so only 0 <= INDEX < 1797 is accepted."""
+    images = _digit_scans()
+    expected = f"{where}{': ' if where else ''}{spec!r}: expected digits:INDEX with 0 <= INDEX < {len(images)}."
+    try:
+        index = int(spec[len(DIGIT_IMAGE_PREFIX):])
+    except ValueError as error:
+        raise ValueError(expected) from error
+    if not 0 <= index < len(images):
+        raise ValueError(expected)
+    return images[index]
+
+
 def _resolve_image(spec: str) -> Any:
-    """An image file path, or the array of `digits:INDEX` -- a negative INDEX would count from the end (numpy), which
-    is never what was meant, so only 0 <= INDEX < 1797 is accepted."""
-    if spec.startswith("digits:"):
-        images = _digit_scans()
-        expected = f"{spec!r}: expected digits:INDEX with 0 <= INDEX < {len(images)}."
-        try:
-            index = int(spec.split(":", 1)[1])
-        except ValueError as error:
-            raise ValueError(expected) from error
-        if not 0 <= index < len(images):
-            raise ValueError(expected)
-        return images[index]
+    """An `--image`: a file path, or the array of `digits:INDEX`."""
+    if is_digit_image(spec):
+        return digit_image(spec)
     if not os.path.isfile(spec):
         raise ValueError(f"image file {spec} does not exist.")
     return spec
+
+
+def _with_digit_images(record: dict[str, Any]) -> dict[str, Any]:
+    """An `--input_file` record whose `digits:INDEX` images (under `image` or in an `images` list) are arrays, as
+    `--image digits:INDEX` makes them; the names stay as the record's `source`, what its answer line shows."""
+    for field in ("image", "images"):
+        value = record.get(field)
+        names = value if isinstance(value, list) else [value]
+        if not any(is_digit_image(name) for name in names):
+            continue
+        where = str(record.get(ORIGIN_FIELD, ""))
+        record["source"] = value
+        arrays = [digit_image(name, where) if is_digit_image(name) else name for name in names]
+        record[field] = arrays if isinstance(value, list) else arrays[0]
+    return record
+
+
+def answer_row(record: dict[str, Any], answer: str) -> dict[str, Any]:
+    """One line of the answers: the image as the question named it (`digits:3`, the file's path, a list for several,
+    null for a text-only question), the question in whatever layout it came (`question`, `prompt`, `conversations`,
+    ...), the answer, and for a video its file or frames."""
+    image = record.get("source")
+    if image is None:
+        image = record.get("image") if record.get("image") is not None else record.get("images")
+    row = {"image": image, "question": asked_question(record), "answer": answer}
+    video = record.get("video") if record.get("video") is not None else record.get("frames")
+    if video is not None:
+        row["video"] = video
+    return row
+
+
+def _shown_source(row: dict[str, Any]) -> str:
+    """What an answer's printed line starts with: its image(s), else its video, else that it had none."""
+    source = row["image"] if row["image"] is not None else row.get("video")
+    if source is None:
+        return "(no image)"
+    return ", ".join(map(str, source)) if isinstance(source, list) else str(source)
 
 
 def _check_output_file(options: InferOptions) -> None:
@@ -217,8 +269,9 @@ def infer(options: InferOptions) -> list[dict[str, Any]]:
         if not os.path.isfile(options.input_file):
             raise ValueError(f"input file {options.input_file} does not exist.")
         folder = options.image_folder or os.path.dirname(os.path.abspath(options.input_file))
-        records = load_jsonl(options.input_file, folder, require_answer=False,
+        records = load_jsonl(options.input_file, folder, require_answer=False, image_names=is_digit_image,
                              allow_outside_image_folder=options.allow_outside_image_folder)
+        records = [_with_digit_images(record) for record in records]
         if not records:
             raise ValueError(f"input file {options.input_file} holds no questions (it is empty or has only blank "
                              'lines); write one {"image": ..., "question": ...} object per line.')
@@ -229,11 +282,9 @@ def infer(options: InferOptions) -> list[dict[str, Any]]:
     model, tokenizer, collator, kind = load_for_inference(options)
     answers = generate_answers(model, collator, records, kind, tokenizer, options.max_new_tokens or 16,
                                batch_size=options.batch_size, progress=len(records) > options.batch_size)
-    results = []
-    for record, answer in zip(records, answers):
-        source = record.get("source") or record.get("image")
-        results.append({"image": str(source), "question": record.get("question"), "answer": answer})
-        print(f"{source}: {record.get('question')} -> {answer}")
+    results = [answer_row(record, answer) for record, answer in zip(records, answers)]
+    for row in results:
+        print(f"{_shown_source(row)}: {row['question']} -> {row['answer']}")
     if options.output_file:
         _write_answers(options.output_file, results)
     return results

@@ -31,7 +31,7 @@ from ..finite_training import StopOnNonFinite
 from ..hub import check_model_source, resolvable_name
 from ..tuner.save_load import atomic_saves
 from ..tuner.model_card import write_model_card
-from .answering import accuracy, generate_answers
+from .answering import accuracy, asked_question, generate_answers
 from .base_loading import load_base
 from .collating import build_collator, chat_template_choice, collation_record, encoder_image_processor
 from .feature_caching import cached_collator, check_cache_request, encode_in_training_precision
@@ -347,7 +347,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
     for record, answer in list(zip(eval_records, reloaded_answers))[:4]:
         art = ascii_image(record.get("image")) if task.name == "digits" else []
         print("\n".join(art))
-        print(f"Q: {record.get('question', '')}  ->  A: {answer!r}  (reference {shown_reference(record)!r})\n")
+        print(f"Q: {asked_question(record)}  ->  A: {answer!r}  (reference {shown_reference(record)!r})\n")
 
     steps, losses = logged_losses(trainer.state.log_history)
     save_loss_curve(steps, losses, os.path.join(options.output_dir, "loss_curve.png"),
