@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, get_type_hints
 
@@ -106,6 +107,43 @@ def _name(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
+#: file extensions a default run name leaves out (`data/llava_instruct.json` names the run `llava_instruct`)
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+
+
+def run_name_part(name: str) -> str:
+    """The readable part of a dataset or model name in a default `output_dir`: the prefix of `scienceqa:DIR`, else
+    the last path part (a Hub id's name, a folder's or a file's name without its data extension), in the characters a
+    folder name keeps everywhere. A part that reads as nothing (`data/*.parquet`, `.`) gives way to the folder above."""
+    prefix, colon, _ = name.partition(":")
+    if colon and len(prefix) > 1 and prefix.isidentifier():  # scienceqa:DIR (len > 1: not a Windows drive)
+        return prefix
+    for part in reversed(os.path.abspath(name).split(os.sep)):
+        for suffix in _DATA_SUFFIXES:
+            if part.endswith(suffix):
+                part = part[: -len(suffix)]
+                break
+        readable = re.sub(r"[^A-Za-z0-9._-]+", "-", part).strip("-.")
+        if readable:
+            return readable
+    return "run"
+
+
+def default_output_dir(dataset: str, model_name_or_path: Optional[str], vision_model_name_or_path: Optional[str],
+                       quick: bool) -> str:
+    """`outputs/memvp-DATASET[-BASE][-ENCODER][-quick]`: the folder of a run given no `--output_dir`.
+
+    Why derived: with one folder for every run, the documented commands would refuse each other -- the embedded
+    default, a T5 run and a LLaVA run would all want it -- and a `--quick` smoke run would replace a real run. Each
+    (dataset, base, encoder) gets its own folder; the embedded default's is `outputs/memvp-digits`, the folder
+    `memvp-infer --adapter` defaults to."""
+    parts = [run_name_part(dataset)]
+    parts += [run_name_part(name) for name in (model_name_or_path, vision_model_name_or_path) if name]
+    if quick:
+        parts.append("quick")
+    return os.path.join("outputs", "memvp-" + "-".join(parts))
+
+
 @dataclass
 class TrainOptions:
     # ------------------------------------------------------------------ model
@@ -166,7 +204,7 @@ class TrainOptions:
         metadata={"help": "Comma-separated module names LoRA targets (default: peft's choice for the architecture, e.g. q_proj,v_proj for Llama, q,v for T5)."},
     )
     # ------------------------------------------------------------------ training
-    output_dir: str = field(default="outputs/memvp-digits", metadata={"help": "Where the adapter, metrics.json and loss_curve.png go: a new or empty folder, or one holding a previous run with --overwrite_output_dir."})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Where the adapter, metrics.json and loss_curve.png go: a new or empty folder, or one holding a previous run with --overwrite_output_dir. Default: outputs/memvp-DATASET[-BASE][-ENCODER][-quick], named after --dataset, --model_name_or_path and --vision_model_name_or_path (their last path part; a file without its extension) and --quick: outputs/memvp-digits for the embedded default, outputs/memvp-llava_instruct-llama-clip for --dataset data/llava_instruct.json --model_name_or_path ./llama --vision_model_name_or_path ./clip."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace the run in a non-empty output_dir (its checkpoint-* folders are removed); without it such a folder is refused."})
     num_train_epochs: float = field(default=20.0, metadata={"help": "Epochs (authors: 20). Ignored when max_steps > 0."})
     max_steps: int = field(default=-1, metadata={"help": "Total optimiser steps; overrides num_train_epochs when > 0."})
@@ -191,6 +229,9 @@ class TrainOptions:
     quick: bool = field(default=False, metadata={"help": "Smoke run: a few steps and a small evaluation (CI)."})
 
     def __post_init__(self) -> None:
+        if self.output_dir is None:
+            self.output_dir = default_output_dir(self.dataset, self.model_name_or_path,
+                                                 self.vision_model_name_or_path, self.quick)
         _check_finite(self)
         _check_ranges(self, {
             "num_memory_slots": (_positive, "> 0 (leave it unset for the default)"),
