@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .checkpointing import wrap_checkpoint_function
-from .input_checks import VISUAL_INPUT_NAMES, infer_batch_size, values_checkable
+from .input_checks import VISUAL_INPUT_NAMES, infer_batch_size, reject_vlm_image_path_inputs, values_checkable
 from .input_tokens import generate_grown, grown_call
 from .scope import ActiveCall, CallMemory, MemoryRuntime
 
@@ -130,6 +130,7 @@ def call_with_memory(
     pinned: Optional[CallMemory] = kwargs.pop(CALL_KWARG, None)
     if not runtime.enabled:
         return forward(*args, **_disabled_kwargs(runtime, pixels, mask, kwargs))
+    reject_vlm_image_path_inputs(kwargs)
     has_visual = features is not None or mask is not None or pixels is not None
     if has_visual:
         _reject_packed_rows(kwargs)
@@ -171,6 +172,7 @@ def generate_with_memory(
     pinned: Optional[CallMemory] = kwargs.pop(CALL_KWARG, None)
     if not runtime.enabled:
         return generate(*args, **_disabled_kwargs(runtime, pixels, mask, kwargs))
+    reject_vlm_image_path_inputs(kwargs)
     if pinned is None:
         _reject_image_placeholders(runtime, args, kwargs)
         pinned = runtime.build(memories, features, mask, pixels, infer_batch_size(args, kwargs))

@@ -22,6 +22,24 @@ CHECK_VALUES_ENV = "MEMVP_CHECK_VALUES"
 
 VISUAL_INPUT_NAMES = ("image_features", "image_mask", "pixel_values")
 
+#: Inputs of a VLM's own image path that MemVP never reads: what Qwen2-VL-style processors give besides
+#: `pixel_values` (the patch grid of each image or video, the video pixels).
+VLM_IMAGE_PATH_INPUT_NAMES = ("image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+def reject_vlm_image_path_inputs(kwargs: dict[str, Any]) -> None:
+    """Refuse a call that brings inputs of a VLM's own image path: MemVP would hand them to the language model,
+    which drops them (and with them the images they describe) -- a batch built by a VLM's own processor."""
+    given = [name for name in VLM_IMAGE_PATH_INPUT_NAMES if kwargs.get(name) is not None]
+    if given:
+        raise ValueError(
+            f"MemVP: {given} came with the call: inputs of a VLM's own image path (a Qwen2-VL-style processor lays "
+            "pixel_values out as flattened patches, with a grid per image), which MemVP does not run, so the images "
+            "would be dropped. MemVP reads pixel_values as whole images, (batch, channels, height, width), through a "
+            "CLIP/SigLIP encoder or a Llava-layout VLM's tower: build the batch with memvp_peft.MemVPDataCollator / "
+            "MemVPProcessor and that encoder's image processor, or pass image_features."
+        )
+
 
 def infer_batch_size(args: tuple, kwargs: dict[str, Any]) -> Optional[int]:
     """Batch size of a HF forward call, from `input_ids`/`inputs_embeds` (keyword or first positional)."""

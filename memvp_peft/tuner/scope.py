@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import nn
 
+from ..vision import unread_tower_message
 from .input_checks import validate_pixel_values, validate_visual_inputs
 from .input_tokens import ClsInput, cls_input_for
 from .memory import MemoryState
@@ -89,6 +90,7 @@ class MemoryRuntime:
         self.enabled = True
         self.vision = None  # VisionEncoder turning pixel_values into features, when one is attached
         self.image_token_id: Optional[int] = None  # VLM bases: placeholder tokens that must not be in the text
+        self.unread_vlm_class: Optional[str] = None  # a VLM base whose tower MemVP cannot read (vision_attach.py)
         self.placeholders_checked = False  # whether that check ran once on accelerator tensors (entry.py)
         self.seen_visual_inputs = False  # a call brought visual inputs; until then a training call warns once
         self.checkpointed_layers: list = []  # the decoder/encoder layers holding MemVP layers (entry.py wraps them)
@@ -208,6 +210,9 @@ class MemoryRuntime:
     ) -> Any:
         """`config`'s features of `pixel_values` (the hidden state, CLS selection and layernorm it names), with
         `adapters` (its vision adapters, at its scale) added to the encoder's blocks."""
+        if self.vision is None and self.unread_vlm_class is not None:
+            raise ValueError(f"MemVP: `pixel_values` were given, but no vision encoder reads them: "
+                             f"{unread_tower_message(self.unread_vlm_class)}")
         if self.vision is None:
             raise ValueError(
                 "MemVP: `pixel_values` were given but no vision encoder is attached. Set "

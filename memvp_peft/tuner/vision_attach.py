@@ -23,8 +23,8 @@ from peft.utils.integrations import _skip_init_on_device
 from torch import nn
 
 from ..hub import is_hub_id, resolvable_name
-from ..vision import (VisionEncoder, describe_encoder, is_vlm, load_vision_encoder, loaded_commit, vlm_vision_tower,
-                      weights_digest)
+from ..vision import (VisionEncoder, describe_encoder, has_own_vision_model, is_vlm, load_vision_encoder,
+                      loaded_commit, unread_tower_message, vlm_vision_tower, weights_digest)
 from .config import MemVPConfig, record_built_field
 from .entry import unwrap_checkpoint_function
 from .injection_checks import is_recorded
@@ -42,7 +42,16 @@ def image_token_id(model: nn.Module) -> Optional[int]:
 
 def configured_encoder(model: nn.Module, runtime: MemoryRuntime, config: MemVPConfig) -> Optional[nn.Module]:
     """The encoder `config` names: a built module, a local folder (loaded once), the VLM base's own tower, or the one
-    already attached. None when there is none (features come as `image_features`)."""
+    already attached. None when there is none (features come as `image_features`).
+
+    A VLM base, whichever encoder reads the pixels, gets its image placeholder token recorded (a text holding it was
+    built by the VLM's processor, for the VLM's own image path, which MemVP does not run: refused at the entry). A
+    VLM whose tower MemVP cannot read is recorded by class (for the `pixel_values` refusal), and said once here
+    when no other encoder gives the adapter pixels."""
+    if has_own_vision_model(model):
+        runtime.image_token_id = image_token_id(model)
+        if not is_vlm(model):
+            runtime.unread_vlm_class = type(model).__name__
     reference = getattr(config, "_vision_encoder_module", None)
     if reference is not None:
         return reference.module
@@ -63,9 +72,12 @@ def configured_encoder(model: nn.Module, runtime: MemoryRuntime, config: MemVPCo
             warnings.warn(f"{error} The adapter loads without it: attach it with "
                           "memvp_peft.attach_vision_encoder(model, encoder).", stacklevel=2)
     if is_vlm(model):
-        runtime.image_token_id = image_token_id(model)
         return vlm_vision_tower(model)
-    return runtime.vision.model if runtime.vision is not None else None
+    if runtime.vision is not None:
+        return runtime.vision.model
+    if runtime.unread_vlm_class is not None:
+        warnings.warn(f"MemVP: {unread_tower_message(runtime.unread_vlm_class)}", stacklevel=2)
+    return None
 
 
 def checked_vision(runtime: MemoryRuntime, encoder: nn.Module, configs: list[MemVPConfig]) -> VisionEncoder:

@@ -24,6 +24,7 @@ from test_architectures import ARCHITECTURES, build
 from test_seq2seq import BUILDERS as SEQ2SEQ_BUILDERS
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vision"))  # tests/vision
+from test_unread_vlm_tower import tiny_qwen2_vl  # noqa: E402
 from test_vision import clip, siglip, tiny_llava  # noqa: E402
 
 STEPS = 2  # LoRA's A (a vision adapter's fc1) first gets a gradient once B (fc2) has moved
@@ -91,6 +92,8 @@ CASES = {
     "llava+lora": (tiny_llava, lambda: memvp_config(num_memory_slots=16, lora_config=lora(["q_proj", "v_proj"])),
                    pixels),
     "llava+lora+all-linear": (tiny_llava, lambda: memvp_config(num_memory_slots=16, lora_config=lora()), pixels),
+    # a VLM whose tower MemVP does not read: image_features only, LoRA on its language model only
+    "qwen2_vl+lora+all-linear": (tiny_qwen2_vl, lambda: memvp_config(lora_config=lora()), features),
     "llava+vision_adapters+lora": (
         tiny_llava, lambda: memvp_config(num_memory_slots=16, vision_adapter_dim=4, lora_config=lora(["q_proj"])),
         pixels,
