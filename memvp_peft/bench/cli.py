@@ -28,7 +28,7 @@ from .report import markdown_report, plot_report, write_outputs
 from .sweep import run_sweep
 
 #: what ``--help`` prints above the options (the first line of the package docstring)
-#: where results go unless --output_dir says otherwise (beside memvp-train's outputs/memvp-digits)
+#: where results go unless --output_dir says otherwise (beside memvp-train's outputs/memvp-* run folders)
 DEFAULT_OUTPUT_DIR = "outputs/memvp-bench"
 DESCRIPTION = "Benchmark MemVP against input-space visual prompting + LoRA (LLaVA style) and text-only + LoRA."
 
