@@ -267,7 +267,7 @@ class InferOptions:
     adapter: str = field(default="outputs/memvp-digits", metadata={"help": "MemVP adapter folder written by memvp-train."})
     image: list = field(default_factory=list, metadata={"help": "One or more image files (or 'digits:INDEX' for a built-in digit)."})
     question: str = field(default="What digit is shown ?", metadata={"help": "Question asked about each image."})
-    input_file: Optional[str] = field(default=None, metadata={"help": "JSONL with image/question per line (an answer field, if any, is ignored)."})
+    input_file: Optional[str] = field(default=None, metadata={"help": "JSONL with an image (a path, or digits:INDEX as for --image; none for a text-only question) and a question (or prompt) per line (an answer field, if any, is ignored)."})
     image_folder: Optional[str] = field(default=None, metadata={"help": "Folder for relative image paths in --input_file."})
     allow_outside_image_folder: bool = field(default=False, metadata={"help": "Accept --input_file image paths outside --image_folder (absolute, or with '..'); refused by default."})
     dataset: Optional[str] = field(default=None, metadata={"help": "Score a benchmark instead of answering --image/--input_file: scienceqa:DIR (the repository layout or the Hub parquet export) writes --output_file (one line per problem), scores.json next to it and prints the paper's table."})
