@@ -43,17 +43,17 @@ def _first_bad(named: list[tuple[str, torch.Tensor]], limit: float) -> Optional[
     """(name, what) of the first tensor holding NaN/inf or a magnitude beyond `limit`, or None; one host read when
     all are fine (the check of every step), more only to word the error."""
     named = [(name, tensor) for name, tensor in named if tensor.numel()]
-    if not named:
+    launched = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not named and not launched:
         return None
-    largest = torch.stack([torch.linalg.vector_norm(t.detach(), ord=math.inf).float().to(named[0][1].device)
-                           for _, t in named])
+    device = named[0][1].device if named else _collective_device()
+    largest = torch.stack([torch.linalg.vector_norm(t.detach(), ord=math.inf).float().to(device) for _, t in named]
+                          ) if named else torch.zeros(0, device=device)
     bad = ~(largest <= limit)  # NaN compares False: caught with inf and too large values
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        anywhere = bad.any().to(torch.int32)
+    anywhere = bad.any().to(torch.int32)
+    if launched:  # every rank joins, with or without tensors of its own, so none waits alone
         torch.distributed.all_reduce(anywhere, op=torch.distributed.ReduceOp.MAX)
-        if not bool(anywhere):
-            return None
-    elif not bool(bad.any()):
+    if not bool(anywhere):
         return None
     for (name, tensor), flagged, value in zip(named, bad.tolist(), largest.tolist()):
         if flagged:
@@ -63,12 +63,25 @@ def _first_bad(named: list[tuple[str, torch.Tensor]], limit: float) -> Optional[
                 parts = [f"{nan} NaN" if nan else "", f"{inf} inf" if inf else ""]
                 return name, f"holds {' and '.join(p for p in parts if p)} value(s) (of {values.numel()})"
             return name, f"holds a value of magnitude {value:.4g}, beyond {limit:.3g}"
-    return "(a tensor on another rank)", "is not finite"
+    return "of another rank", "is not finite"
+
+
+def _collective_device() -> torch.device:
+    """Where a rank without tensors of its own puts its flag: NCCL reduces CUDA tensors only."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: ZeRO-3 keeps a parameter's shard in `ds_tensor` (the parameter itself is empty
+    then), FSDP2 a DTensor's in `to_local()`; the flag is reduced over the ranks (`_first_bad`)."""
+    tensor = getattr(tensor, "ds_tensor", tensor)
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    # ZeRO-3 keeps each rank's shard of a parameter in `ds_tensor` (the parameter itself is empty then)
-    return [(name, getattr(p, "ds_tensor", p)) for name, p in model.named_parameters() if p.requires_grad]
+    return [(name, _local(p)) for name, p in model.named_parameters() if p.requires_grad]
 
 
 class StopOnNonFinite(TrainerCallback):
@@ -79,7 +92,8 @@ class StopOnNonFinite(TrainerCallback):
                               model: Optional[nn.Module] = None, **kwargs: Any) -> None:
         if model is None or args.fp16:  # fp16: the loss scaler skips steps with inf gradients, as it should
             return
-        grads = [(name, t.grad) for name, t in _trainable(model) if t.grad is not None]
+        grads = [(name, _local(p.grad)) for name, p in model.named_parameters()
+                 if p.requires_grad and p.grad is not None]
         found = _first_bad(grads, math.inf)
         if found is not None:
             name, what = found
