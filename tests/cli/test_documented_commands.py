@@ -2,7 +2,7 @@
 
 Each page runs in an empty folder. What the docs say the reader brings -- `my_digit.png`, a `questions.jsonl`, a
 local `./llama` or `./t5`, a `./clip` encoder, LLaVA data under `data/` -- is made there, tiny, when a command first
-names it. Every `memvp-train` gets `--max_steps 3 --max_eval_samples 8` appended (flags given later win), so a page
+names it. Every `memvp-train` gets `--max_steps 2 --max_eval_samples 4` appended (flags given later win), so a page
 takes seconds; everything else is the command as printed. A documented command that does not run here is listed in
 `NOT_RUN` with the reason, and a listing that matches no documented command any more fails, so the list stays honest.
 """
@@ -31,7 +31,7 @@ PROGRAMS = {"memvp-train": train_main, "python -m memvp_peft.train": train_main,
             "python -m memvp_peft.bench": bench_main, "python -m memvp_peft.cli.seeds": seeds_main}
 TRAINING = (train_main, seeds_main)
 MENTION = re.compile(r"memvp-(train|infer|bench)|python -m memvp_peft")
-STEP_CAP = ["--max_steps", "3", "--max_eval_samples", "8"]
+STEP_CAP = ["--max_steps", "2", "--max_eval_samples", "4"]
 
 #: a documented command that does not run here (the first pattern found in it) -> why
 NOT_RUN = {
