@@ -311,9 +311,13 @@ def blocks_before_feature_layer(feature_layer: int, num_layers: int) -> int:
     return feature_layer % (num_layers + 1)
 
 
+#: How `describe_encoder` records an encoder that was built in memory (no folder or Hub id to load it from again).
+IN_MEMORY_PREFIX = "<in-memory "
+
+
 def describe_encoder(model: nn.Module) -> str:
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    return name if name else f"<in-memory {type(model).__name__}>"
+    return name if name else f"{IN_MEMORY_PREFIX}{type(model).__name__}>"
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:

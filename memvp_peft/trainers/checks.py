@@ -17,6 +17,7 @@ from ..data.image_batching import PRECOMPUTED_FIELDS
 from ..processing import MemVPProcessor
 from ..tuner.config import MemVPConfig
 from ..tuner.model import MemVPModel
+from ..vision import IN_MEMORY_PREFIX
 
 __all__ = [
     "check_memvp_model",
@@ -159,6 +160,6 @@ def _recorded_encoder(model: Any, peft_config: Optional[PeftConfig]) -> Optional
     if not isinstance(peft_config, MemVPConfig) and is_memvp_peft_model(model):
         peft_config = model.peft_config[model.active_adapter]
     encoder = getattr(peft_config, "vision_encoder", None)
-    if not isinstance(encoder, str) or encoder.startswith("<in-memory"):
+    if not isinstance(encoder, str) or encoder.startswith(IN_MEMORY_PREFIX):
         return None
     return encoder

@@ -17,12 +17,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..hub import is_hub_id
-from ..vision import vlm_modules_outside_language_model
+from ..vision import IN_MEMORY_PREFIX, vlm_modules_outside_language_model
 from .config import MemVPConfig
 from .save_load import BIN_WEIGHTS_NAME, CONFIG_NAME, WEIGHTS_NAME, adapter_weights_file, check_adapter_file_complete
 from .targets import check_ffn_targets, find_layer_stacks
-
-IN_MEMORY_PREFIX = "<in-memory "
 
 
 def _as_list(value: Any) -> list:

@@ -7,19 +7,19 @@ last for every save, adds one MemVP section here, and `memvp-train` adds the dat
 
 The section sits between two HTML comments, so a later save replaces it instead of appending a second one, and
 whatever the user wrote elsewhere in the card is kept. The card is written through a temporary file and one
-`os.replace`: a kill mid-write leaves the previous card, never half of one.
+rename (`save_load.replace_file`): a kill mid-write leaves the previous card, never half of one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Mapping, Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 
-MODEL_CARD = "README.md"
+from .save_load import MODEL_CARD, replace_file, staging_folder_inside
+
 SECTION_START = "<!-- memvp-peft: start -->"
 SECTION_END = "<!-- memvp-peft: end -->"
 CARD_TAGS = ("memvp", "memvp-peft", "vision-language")
@@ -103,11 +103,7 @@ def write_model_card(
     else:
         text = section + "\n\n" + text.lstrip("\n")
     card.text = text
-    handle, staged = tempfile.mkstemp(prefix=".README-", suffix=".md", dir=folder)
-    os.close(handle)
-    try:
+    with staging_folder_inside(folder) as staging:  # a kill leaves the previous card; recovery removes the staging
+        staged = os.path.join(staging, MODEL_CARD)
         card.save(staged)
-        os.replace(staged, path)
-    finally:
-        if os.path.exists(staged):
-            os.unlink(staged)
+        replace_file(staged, path)

@@ -220,13 +220,22 @@ def _is_obsolete(relative: str, manifest_dirs: set) -> bool:
     return os.path.basename(relative) in ADAPTER_FILES and os.path.dirname(relative) in manifest_dirs
 
 
+def _journal_manifest(journal: str) -> Optional[list]:
+    """The files a journal (`.memvp-ready-*` or `.memvp-undo-*`) lists, or None -- and the journal removed -- when it
+    has no manifest: the manifest is written before the journal gets its name and removed only once the journal has
+    been applied (or by the user), so a journal without one has nothing left to do."""
+    try:
+        with open(os.path.join(journal, MANIFEST)) as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        shutil.rmtree(journal, ignore_errors=True)
+        return None
+
+
 def _roll_forward(target: str, ready: str) -> None:
     """Move a complete journalled save into `target` (weights before config); safe to repeat after a kill."""
-    try:
-        with open(os.path.join(ready, MANIFEST)) as handle:
-            manifest = json.load(handle)
-    except FileNotFoundError:  # written before the rename to .memvp-ready-: gone only once applied (or by the user)
-        shutil.rmtree(ready, ignore_errors=True)
+    manifest = _journal_manifest(ready)
+    if manifest is None:
         return
     for relative in sorted(manifest, key=lambda name: (os.path.basename(name) == CONFIG_NAME, name)):
         source, destination = os.path.join(ready, relative), os.path.join(target, relative)
@@ -248,11 +257,8 @@ def _roll_forward(target: str, ready: str) -> None:
 def _roll_back(target: str, undo: str) -> None:
     """Put back the adapter an interrupted `PeftModel.save_pretrained` set aside (weights before config) and remove
     the adapter files that save wrote where the old adapter had none; safe to repeat after a kill."""
-    try:
-        with open(os.path.join(undo, MANIFEST)) as handle:
-            kept = json.load(handle)
-    except FileNotFoundError:  # written before the rename to .memvp-undo-: gone only once undone (or by the user)
-        shutil.rmtree(undo, ignore_errors=True)
+    kept = _journal_manifest(undo)
+    if kept is None:
         return
     for name in sorted(ADAPTER_FILES, key=lambda file: file == CONFIG_NAME):
         if name not in kept:
