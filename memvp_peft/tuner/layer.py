@@ -37,6 +37,7 @@ accelerator (tests/tuner/test_host_syncs.py).
 
 from __future__ import annotations
 
+import abc
 import functools
 from typing import Any, Callable, Optional, Protocol
 
@@ -59,9 +60,9 @@ FEW_TOKENS = 4
 
 
 class MemorySource(Protocol):
-    """What a layer asks of the tuner's shared `MemoryRuntime`: an adapter's memory for the running call,
-    and the running batch size. Named here rather than imported: the config validates `memory_read` against this
-    module's `MEMORY_READS`, so this module stays below everything that builds a call's memory."""
+    """What a layer asks of the tuner's shared `MemoryRuntime`: an adapter's memory for the running call, and the
+    running batch size. Named here rather than imported: the config validates `memory_read` against this module's
+    `MEMORY_READS`, so this module stays below everything that builds a call's memory."""
 
     def state_for(self, adapter_name: str) -> MemoryState: ...
 
@@ -132,7 +133,7 @@ def keep_all_scores(scores: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------- the reads
 
 
-class MemoryRead:
+class MemoryRead(abc.ABC):
     """How one adapter reads the memory in one layer: the scores of the FFN input against the keys (`scores`, only
     asked of an `FFNMemoryLayer`; a plain FFN's own W1 and activation make them) and the scores kept for the product
     with V (`select`: ADEM-VL's drop when `drop_ratio` > 0, else all of them, decided here once)."""
@@ -144,10 +145,11 @@ class MemoryRead:
         )
 
     def check_layer(self, layer: "MemVPLayer") -> None:
-        """Refuse a layer this read cannot run in (every layer can run the base read)."""
+        """Refuse a layer this read cannot run in; by default every layer kind can run it."""
 
+    @abc.abstractmethod
     def scores(self, layer: "FFNMemoryLayer", adapter_name: str, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The scores of `x` (B, T, d), the FFN's input, against `keys` (this adapter's, from `_memories`)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(drop_ratio={self.drop_ratio})"
