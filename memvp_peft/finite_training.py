@@ -11,7 +11,7 @@ and every later forward computes inf and NaN from them. This callback stops such
   that step, or its backward, was not finite -- the step is not applied, so the weights stay those of the step
   before (skipped under fp16 mixed precision, whose loss scaler skips such steps itself);
 * after each step, the trainable parameters: NaN/inf, or a value beyond `LARGEST_ADAPTER_VALUE` (what loading an
-  adapter refuses, `tuner/load_checks.py`: training never saves an adapter that cannot be loaded);
+  adapter refuses, `tuner/guards.py`: training never saves an adapter that cannot be loaded);
 * every logged loss and gradient norm.
 
 Each check reads one flag on the host per step. Under a launcher the flag is reduced over the ranks first, so every
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .tuner.load_checks import LARGEST_ADAPTER_VALUE
+from .tuner.guards import LARGEST_ADAPTER_VALUE
 
 __all__ = ["NonFiniteTrainingError", "StopOnNonFinite"]
 

@@ -29,8 +29,7 @@ import torch
 from ..distributed import check_deepspeed_launch, leave_process_group, wait_for_every_rank
 from ..finite_training import StopOnNonFinite
 from ..hub import check_model_source, resolvable_name
-from ..tuner.save_load import atomic_saves
-from ..tuner.model_card import write_model_card
+from ..tuner.save_load import atomic_saves, write_model_card
 from .answering import accuracy, asked_question, generate_answers
 from .base_loading import load_base
 from .collating import build_collator, chat_template_choice, collation_record, encoder_image_processor

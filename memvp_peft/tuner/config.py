@@ -24,10 +24,9 @@ from torch import nn
 from .targets import MEMORY_SIDES
 from .visual_layout import check_long_context, memory_tokens, parse_grid
 from .input_tokens import adem_vl_prefix_ids, check_cls_token
-from .model_card import write_model_card
 from .peft_type import MEMVP_PEFT_TYPE, MEMVP_STORED_NAME
 from .save_load import (CONFIG_NAME, finish_in_place_save, recover_adapter_folder, replace_file,
-                        staging_folder_inside)
+                        staging_folder_inside, write_model_card)
 from ..hub import resolvable_name
 from ..vision import SharedModuleRef, describe_encoder
 
@@ -438,8 +437,8 @@ class MemVPConfig(PeftConfig):
         * `peft_type` is stored under its self-explaining name (`peft_type.MEMVP_STORED_NAME`): a process loading the
           folder without `import memvp_peft` fails in peft's lookup of that name, and the `KeyError` then says what
           to install and import instead of a bare `'MEMVP'`;
-        * the model card gets its MemVP section (`model_card.py`): what the adapter is, how to load it, its base and
-          vision encoder;
+        * the model card gets its MemVP section (`save_load.write_model_card`): what the adapter is, how to load it,
+          its base and vision encoder;
         * the config is written beside the folder's and moved over it in one rename (peft itself opens the file for
           writing in place: a kill there left an empty `adapter_config.json`), and only then does the new adapter win
           over the old one peft's save set aside (`save_load.finish_in_place_save`)."""

@@ -1,4 +1,4 @@
-"""The MemVP tuner layers: where the visual memory is read inside each FFN block.
+"""The MemVP tuner layers: where the visual memory is read inside each FFN block, and how (the reads).
 
 Two shapes of FFN exist in the wild, and the paper's formula maps onto both exactly:
 
@@ -9,30 +9,44 @@ Two shapes of FFN exist in the wild, and the paper's formula maps onto both exac
   value layer splits the memory activations off and reads `s * Dropout(.) V`. This is literally "K appended to W1,
   V appended to W2".
 
-`MemVPConfig(memory_read="adem", drop_ratio=...)` swaps the read for ADEM-VL's `silu(x) silu(K)^T` and zeroes each
-token's lowest scores before `V` (`read_forms.py`); the first needs the whole FFN (`FFNMemoryLayer`), the drop works
-in both shapes. The default is exactly the paper's read.
+How an adapter reads the memory is an object, `MemoryRead`, picked once per adapter and layer when `update_layer`
+builds it (`resolve_read`, like peft's LoRA variants) and called by the forward without asking which it is:
+
+* `MemVPRead` (the default, MEMVP_SPEC step 6): the scores are `act(x K^T)`, `act` being the FFN's own activation.
+* `AdemRead` (`MemVPConfig(memory_read="adem")`): ADEM-VL (Hao et al. 2024, arXiv 2410.17779, "adaptive and
+  embedded fusion") puts the same projected image into the same place -- a memory read in parallel to every FFN --
+  but reads it as a linear-attention-like product of two SiLU feature maps, `silu(x) silu(K)^T`. It needs the FFN's
+  input, so only `FFNMemoryLayer` can read it; `silu(K)` is computed once per call and cached with the keys.
+* ADEM-VL's drop (`drop_ratio`, both reads, both FFN shapes): each token's lowest `floor(drop_ratio * n)` scores are
+  set to zero before the product with `V`, so each text token keeps only the visual slots it responds to most. The
+  authors' code uses `drop_ratio = 0.1` and applies no dropout to the scores.
+
+Both reads share the keys and values of `VisualMemory` (`K = lambda * f(z) + p_k`, `V = lambda * f(z) + p_v`).
 
 The layers own no parameters: keys and values come from the active call of the shared `MemoryRuntime` (one memory
-per forward or generate() call, shared by all layers; see scope.py). The memory depends on the image, so nothing can be merged into the base weights.
+per forward or generate() call, shared by all layers). The memory depends on the image, so nothing can
+be merged into the base weights.
 
 The read is on every layer's hot path, each decode step included, so it is two GEMMs and nothing around them that
 can be folded in: `bmm` straight on the batched (B, n, d) memory (no `matmul` broadcasting logic), the scale `s` and
 the residual add riding on the second product (`baddbmm(result, h, V, alpha=s)`: one kernel instead of a product,
 a multiply and an add), and the dropout module skipped in eval, where it is the identity. Nothing here reads a value
-on the host: the hot path never synchronises with an accelerator (tests/tuner/test_host_syncs.py).
+on the host (the drop's threshold is a `kthvalue` on the device): the hot path never synchronises with an
+accelerator (tests/tuner/test_host_syncs.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import abc
+import functools
+from typing import Any, Callable, Optional, Protocol
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .read_forms import adem_scores, drop_lowest_scores
-from .scope import MemoryRuntime
+from .memory import MemoryState
 
 MERGE_ERROR = (
     "MemVP cannot be merged into the base weights: its keys and values are computed from each input's image, so "
@@ -43,6 +57,19 @@ MERGE_ERROR = (
 
 #: up to this many tokens per sample (a decode step has 1), a CPU read computes `x K^T` as `(K x^T)^T`
 FEW_TOKENS = 4
+
+
+class MemorySource(Protocol):
+    """What a layer asks of the tuner's shared `MemoryRuntime`: an adapter's memory for the running call, and the
+    running batch size. Named here rather than imported: the config validates `memory_read` against this module's
+    `MEMORY_READS`, so this module stays below everything that builds a call's memory."""
+
+    def state_for(self, adapter_name: str) -> MemoryState: ...
+
+    def batch_size(self) -> Optional[int]: ...
+
+
+# ------------------------------------------------------------------------------------------------- the products
 
 
 def memory_scores(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -78,35 +105,130 @@ def add_memory_read(result: torch.Tensor, scores: torch.Tensor, values: torch.Te
     return fused.reshape(result.shape)
 
 
+def dropped_count(num_slots: int, drop_ratio: float) -> int:
+    """How many of a token's `num_slots` scores the drop zeroes: `floor(drop_ratio * num_slots)`, as ADEM-VL takes
+    the score at that index of the ascending sort as the threshold (everything strictly below it is dropped)."""
+    return int(drop_ratio * num_slots)
+
+
+def drop_lowest_scores(scores: torch.Tensor, drop_ratio: float) -> torch.Tensor:
+    """`scores` (..., n) with each row's `floor(drop_ratio * n)` lowest values set to zero (ADEM-VL's drop).
+
+    Why `kthvalue` and a comparison, not a sort: the threshold is the k-th smallest score of the row (k = the number
+    dropped, 0-based), one selection instead of a full sort, and scores equal to the threshold are kept, exactly like
+    the authors' `x < threshold` mask. The mask is not differentiated: gradients reach the kept scores only.
+    """
+    dropped = dropped_count(scores.shape[-1], drop_ratio)
+    if dropped == 0:
+        return scores
+    threshold = scores.kthvalue(dropped + 1, dim=-1, keepdim=True).values
+    return scores * (scores >= threshold).to(scores.dtype)
+
+
+def keep_all_scores(scores: torch.Tensor) -> torch.Tensor:
+    """No drop: every score is read with V."""
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------------- the reads
+
+
+class MemoryRead(abc.ABC):
+    """How one adapter reads the memory in one layer: the scores of the FFN input against the keys (`scores`, only
+    asked of an `FFNMemoryLayer`; a plain FFN's own W1 and activation make them) and the scores kept for the product
+    with V (`select`: ADEM-VL's drop when `drop_ratio` > 0, else all of them, decided here once)."""
+
+    def __init__(self, drop_ratio: float = 0.0) -> None:
+        self.drop_ratio = drop_ratio
+        self.select: Callable[[torch.Tensor], torch.Tensor] = (
+            functools.partial(drop_lowest_scores, drop_ratio=drop_ratio) if drop_ratio else keep_all_scores
+        )
+
+    def check_layer(self, layer: "MemVPLayer") -> None:
+        """Refuse a layer this read cannot run in; by default every layer kind can run it."""
+
+    @abc.abstractmethod
+    def scores(self, layer: "FFNMemoryLayer", adapter_name: str, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The scores of `x` (B, T, d), the FFN's input, against `keys` (this adapter's, from `_memories`)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(drop_ratio={self.drop_ratio})"
+
+
+class MemVPRead(MemoryRead):
+    """MemVP's read (MEMVP_SPEC step 6): `act(x K^T)`, `act` being the FFN's own activation."""
+
+    def scores(self, layer: "FFNMemoryLayer", adapter_name: str, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return layer.memvp_activation[adapter_name](memory_scores(x, keys))
+
+
+class AdemRead(MemoryRead):
+    """ADEM-VL's read `silu(x) silu(K)^T`, next to the whole FFN (see the module docstring)."""
+
+    def check_layer(self, layer: "MemVPLayer") -> None:
+        if not isinstance(layer, FFNMemoryLayer):
+            raise ValueError(
+                "MemVP: memory_read='adem' reads silu(x) silu(K)^T next to the FFN, which needs the whole FFN wrapped "
+                f"(GLU FFNs: Llama, Mistral, Qwen, Gemma, Phi-3, gated T5); {type(layer.base_layer).__name__} is one "
+                "linear of a plain FFN, whose own activation would run over the memory scores. Use "
+                "memory_read='memvp', or name the whole FFN modules in target_modules (with activation=...)."
+            )
+
+    def scores(self, layer: "FFNMemoryLayer", adapter_name: str, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """`silu(x) silu(K)^T` for x (B, T, d) and `silu(K)` (B, n, d) or the shared (n, d)."""
+        activated_keys = self.activated_keys(layer._memvp_runtime.state_for(adapter_name), x)
+        x = F.silu(x)
+        if x.dim() == 3 and activated_keys.dim() == 3:
+            return torch.bmm(x, activated_keys.transpose(1, 2))
+        return torch.matmul(x, activated_keys.transpose(-1, -2))
+
+    @staticmethod
+    def activated_keys(state: MemoryState, x: torch.Tensor) -> torch.Tensor:
+        """`silu(K)` of the keys `state.for_input` gives for `x`, cached in the state beside them: computed once per
+        call and compute dtype, not once per layer and decode step."""
+        batch_size, dtype, device = x.shape[0], x.dtype, x.device
+        key = ("silu", batch_size, dtype, device)
+        cached = state.cache.get(key)
+        if cached is None:
+            cached = state.cache[key] = F.silu(state.for_input(batch_size, dtype, device)[0])
+        return cached
+
+
+#: `MemVPConfig.memory_read` -> its read: the paper's, and ADEM-VL's
+READS: dict[str, type[MemoryRead]] = {"memvp": MemVPRead, "adem": AdemRead}
+#: `MemVPConfig.memory_read` values
+MEMORY_READS = tuple(READS)
+
+
+def resolve_read(config: Any) -> MemoryRead:
+    """The read a `MemVPConfig` asks for (`memory_read`, `drop_ratio`)."""
+    return READS[getattr(config, "memory_read", "memvp")](float(getattr(config, "drop_ratio", 0.0)))
+
+
+# --------------------------------------------------------------------------------------------------- the layers
+
+
 class MemVPLayer(nn.Module, BaseTunerLayer):
-    """Common bookkeeping of the three MemVP layer kinds (adapter registry, dropout, scale, merge refusal)."""
+    """Common bookkeeping of the three MemVP layer kinds (adapter registry, read, dropout, scale, merge refusal)."""
 
     adapter_layer_names = ("memvp_dropout",)
     other_param_names = ("memvp_scale", "memvp_num_slots", "memvp_read")
-    #: whether the layer sees the FFN input x and adds the whole read itself (ADEM-VL's read needs that)
-    reads_whole_ffn = False
 
-    def __init__(self, base_layer: nn.Module, runtime: MemoryRuntime) -> None:
+    def __init__(self, base_layer: nn.Module, runtime: MemorySource) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.memvp_dropout = nn.ModuleDict({})
         self.memvp_scale: dict[str, float] = {}
         self.memvp_num_slots: dict[str, int] = {}
-        self.memvp_read: dict[str, tuple[str, float]] = {}  # adapter -> (memory_read, drop_ratio): read_forms.py
+        self.memvp_read: dict[str, MemoryRead] = {}
         self._memvp_runtime = runtime
         self._disable_adapters = False
         self.merged_adapters = []
 
     def update_layer(self, adapter_name: str, config: Any, activation: Optional[Callable] = None) -> None:
-        read = getattr(config, "memory_read", "memvp")
-        if read == "adem" and not self.reads_whole_ffn:
-            raise ValueError(
-                "MemVP: memory_read='adem' reads silu(x) silu(K)^T next to the FFN, which needs the whole FFN wrapped "
-                f"(GLU FFNs: Llama, Mistral, Qwen, Gemma, Phi-3, gated T5); {type(self.base_layer).__name__} is one "
-                "linear of a plain FFN, whose own activation would run over the memory scores. Use "
-                "memory_read='memvp', or name the whole FFN modules in target_modules (with activation=...)."
-            )
-        self.memvp_read[adapter_name] = (read, float(getattr(config, "drop_ratio", 0.0)))
+        read = resolve_read(config)
+        read.check_layer(self)
+        self.memvp_read[adapter_name] = read
         self.memvp_dropout[adapter_name] = (
             nn.Dropout(p=config.memory_dropout) if config.memory_dropout > 0 else nn.Identity()
         )
@@ -156,12 +278,12 @@ class MemVPLayer(nn.Module, BaseTunerLayer):
 
 
 class FFNMemoryLayer(MemVPLayer):
-    """A whole FFN module plus the visual memory branch `s * Dropout(act(x K^T)) V` (no gate)."""
+    """A whole FFN module plus the visual memory branch `s * Dropout(act(x K^T)) V` (no gate; the scores are the
+    adapter's read's: `act(x K^T)` or ADEM-VL's `silu(x) silu(K)^T`)."""
 
     other_param_names = MemVPLayer.other_param_names + ("memvp_activation",)
-    reads_whole_ffn = True
 
-    def __init__(self, base_layer: nn.Module, runtime: MemoryRuntime) -> None:
+    def __init__(self, base_layer: nn.Module, runtime: MemorySource) -> None:
         super().__init__(base_layer, runtime)
         self.memvp_activation: dict[str, Callable] = {}
 
@@ -177,14 +299,8 @@ class FFNMemoryLayer(MemVPLayer):
             return result
         xb = self._batched(x)
         for name, keys, values in self._memories(xb):
-            read, drop_ratio = self.memvp_read[name]
-            if read == "adem":  # silu(x) silu(K)^T, silu(K) cached per call (read_forms.py)
-                state = self._memvp_runtime.state_for(name)
-                scores = adem_scores(xb, state.activated_keys_for_input(xb.shape[0], xb.dtype, xb.device))
-            else:
-                scores = self.memvp_activation[name](memory_scores(xb, keys))
-            if drop_ratio:
-                scores = drop_lowest_scores(scores, drop_ratio)
+            read = self.memvp_read[name]
+            scores = read.select(read.scores(self, name, xb, keys))
             result = add_memory_read(result, self._dropout(name, scores), values, self.memvp_scale[name])
         return result
 
@@ -209,7 +325,7 @@ class KeyMemoryLayer(MemVPLayer):
 class ValueMemoryLayer(MemVPLayer):
     """W2 of a plain FFN with the memory values appended: splits off the memory activations and reads them."""
 
-    def __init__(self, base_layer: nn.Module, runtime: MemoryRuntime) -> None:
+    def __init__(self, base_layer: nn.Module, runtime: MemorySource) -> None:
         super().__init__(base_layer, runtime)
         in_features = getattr(base_layer, "in_features", None) or getattr(base_layer, "nx", None)
         if in_features is None:
@@ -229,9 +345,6 @@ class ValueMemoryLayer(MemVPLayer):
         for name, _, values in memories:
             scores = self._batched(h[..., offset : offset + self.memvp_num_slots[name]])
             offset += self.memvp_num_slots[name]
-            drop_ratio = self.memvp_read[name][1]
-            if drop_ratio:
-                scores = drop_lowest_scores(scores, drop_ratio)
-            scores = self._dropout(name, scores).to(values.dtype)
+            scores = self._dropout(name, self.memvp_read[name].select(scores)).to(values.dtype)
             result = add_memory_read(result, scores, values, self.memvp_scale[name])
         return result

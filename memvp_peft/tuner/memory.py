@@ -15,7 +15,6 @@ from torch import nn
 
 from ..vision import VisionBottleneck
 from .input_checks import check_cast_finite
-from .read_forms import adem_keys
 
 
 def init_projector(projector: nn.Sequential) -> None:
@@ -182,12 +181,3 @@ class MemoryState(_MemoryStateFields):
         values = values.to(device=device, dtype=dtype)
         self.cache[key] = (keys, values)
         return keys, values
-
-    def activated_keys_for_input(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """ADEM-VL's `silu(K)` (`read_forms.adem_keys`) of `for_input`'s keys, cached the same way: computed once per
-        call and compute dtype, not once per layer and decode step."""
-        key = ("silu", batch_size, dtype, device)
-        cached = self.cache.get(key)
-        if cached is None:
-            cached = self.cache[key] = adem_keys(self.for_input(batch_size, dtype, device)[0])
-        return cached

@@ -27,7 +27,7 @@ from ..vision import (VisionEncoder, describe_encoder, has_own_vision_model, is_
                       loaded_commit, unread_tower_message, vlm_vision_tower, weights_digest)
 from .config import MemVPConfig, record_built_field
 from .entry import unwrap_checkpoint_function
-from .injection_checks import is_recorded
+from .guards import is_recorded
 from .scope import MemoryRuntime
 
 

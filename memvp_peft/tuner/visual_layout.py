@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..vision_tiling import blocks_per_image, encoder_image_size, tile_pixel_values
-from .read_forms import MEMORY_READS
+from .layer import MEMORY_READS
 
 
 def square_side(count: int) -> Optional[int]:

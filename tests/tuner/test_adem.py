@@ -19,7 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from memvp_peft import MemVPConfig
 from memvp_peft.local_models import tiny_clip
-from memvp_peft.tuner.read_forms import drop_lowest_scores
+from memvp_peft.tuner.layer import drop_lowest_scores
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 

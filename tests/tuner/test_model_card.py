@@ -9,7 +9,7 @@ from huggingface_hub import ModelCard
 from peft import get_peft_model
 
 from memvp_peft.local_models import tiny_clip
-from memvp_peft.tuner.model_card import SECTION_START, write_model_card
+from memvp_peft.tuner.save_load import SECTION_START, write_model_card
 
 
 def _saved(tmp_path, **config):
