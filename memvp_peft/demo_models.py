@@ -1,7 +1,8 @@
-"""Small models and tokenizers built locally from configs: the embedded default needs no download.
+"""Tiny demo models and tokenizers built locally from configs: the embedded default needs no download.
 
-Used by the demo, the CLI's built-in `digits` task, the benchmark and the tests. Everything is random-initialised
-and deterministic for a given seed.
+Used by the demo, the CLI's built-in `digits` task, the benchmark, the docs' examples and the tests. Everything is
+random-initialised and deterministic for a given seed. Scaffolding, not a part of MemVP: the tuner, vision and data
+layers never import it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,16 @@ from typing import Iterable, Optional
 import torch
 
 from .vision import clip_style_image_processor
+
+__all__ = [
+    "SPECIAL_TOKEN_IDS",
+    "FixedVocabTokenizer",
+    "build_word_tokenizer",
+    "clip_image_processor",
+    "tiny_clip",
+    "tiny_llama",
+    "tiny_llama_config",
+]
 
 
 def build_word_tokenizer(corpus: Iterable[str], extra_words: Iterable[str] = ()):

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from peft import PeftConfig, PeftModel
 from transformers import ProcessorMixin
 
-from ..data.image_batching import PRECOMPUTED_FIELDS
+from ..data.images import PRECOMPUTED_FIELDS
 from ..processing import MemVPProcessor
 from ..tuner.config import MemVPConfig
 from ..tuner.model import MemVPModel
