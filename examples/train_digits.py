@@ -9,7 +9,7 @@ What happens:
    Each image becomes 16 *visual tokens*, one per 2x2-pixel patch; a token is the 4 pixel values scaled to [0, 1]
    plus the patch's (row, column) on a [0, 1] grid, so `visual_dim = 6`. These play the role of CLIP patch features.
 2. Language model: a tiny Llama-shaped decoder built from `LlamaConfig` (2 layers, width 128), randomly initialised
-   and *frozen*, with a fixed-vocabulary word tokenizer (`memvp_peft.local_models`; no hub download of any kind).
+   and *frozen*, with a fixed-vocabulary word tokenizer (`memvp_peft.demo_models`; no hub download of any kind).
 3. Task (visual question answering): prompt `what digit is this ?`, answer `7` followed by `<eos>`. The loss is on
    the answer tokens only (labels are -100 on the prompt), as in the MemVP recipe.
 4. Only MemVP is trained -- its projector and the key/value position embeddings, nothing else. The image enters the
@@ -54,8 +54,8 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from memvp_peft import MemVPConfig  # noqa: E402
-from memvp_peft.local_models import FixedVocabTokenizer, tiny_llama_config  # noqa: E402
-from memvp_peft.data.digits import digit_scan_tokens  # noqa: E402
+from memvp_peft.demo_models import FixedVocabTokenizer, tiny_llama_config  # noqa: E402
+from memvp_peft.tasks.digits import digit_scan_tokens  # noqa: E402
 
 # peft 0.21 probes `model.is_gradient_checkpointing`, which transformers 5 deprecates; nothing to act on here.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

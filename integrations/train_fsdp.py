@@ -20,7 +20,7 @@ What the script does (each step is a small function, so it can be copied into a 
    root's pre-forward hook all-gathers them before `MemVPModel.forward` computes the call's memory, and the root's
    post-backward reduce-scatters their gradients;
 4. trains a few steps on real images: scikit-learn's handwritten digits (16 patch tokens per image,
-   `memvp_peft.data.digits`), "What digit is shown ?" -> "7". Rank r of step s reads global batch `s * world + r`
+   `memvp_peft.tasks.digits`), "What digit is shown ?" -> "7". Rank r of step s reads global batch `s * world + r`
    of a fixed permutation, so an unsharded run can replay the same batches (`train_unsharded`, what the test
    compares against). `--text_only_every N` makes one rank's batch text-only (no `image_features`) every N-th step;
 5. generates greedy answers for held-out images, after `register_fsdp_forward_method(model, "generate")`: FSDP2
@@ -54,9 +54,9 @@ except ImportError:  # running from a source checkout without `pip install -e .`
     import memvp_peft  # noqa: F401
 
 from memvp_peft import MemVPConfig, save_adapter  # noqa: E402
-from memvp_peft.data.digits import DIGIT_QUESTION, digit_scan_tokens  # noqa: E402
+from memvp_peft.demo_models import FixedVocabTokenizer, tiny_llama_config  # noqa: E402
 from memvp_peft.distributed import run_then_leave_process_group  # noqa: E402
-from memvp_peft.local_models import FixedVocabTokenizer, tiny_llama_config  # noqa: E402
+from memvp_peft.tasks.digits import DIGIT_QUESTION, digit_scan_tokens  # noqa: E402
 
 ANSWERS = tuple(str(d) for d in range(10))
 

@@ -42,7 +42,7 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
 from .data.collator import MemVPDataCollator
-from .data.image_batching import PRECOMPUTED_FIELDS
+from .data.images import PRECOMPUTED_FIELDS
 from .processing import MemVPProcessor
 from .tuner.config import MemVPConfig
 from .tuner.model import MemVPModel

@@ -11,14 +11,15 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(__file__))
-# tests/ and its package-mirror folders: fresh-process checks import helpers from any of them
+# tests/ and its package-mirror folders: a test imports the helpers of any of them by name (tests/tasks uses
+# tests/data's `data_fixtures`, tests/cli tests/tasks' `scienceqa_fixture`), and so do fresh-process checks
 _TEST_DIRS = [os.path.dirname(__file__)] + sorted(
     entry.path for entry in os.scandir(os.path.dirname(__file__)) if entry.is_dir() and not entry.name.startswith((".", "_"))
 )
+sys.path[:0] = [folder for folder in _TEST_DIRS if folder not in sys.path]
 
 import memvp_peft  # noqa: E402,F401  (registers the MEMVP peft type)
-from memvp_peft.local_models import tiny_llama_config  # noqa: E402
+from memvp_peft.demo_models import tiny_llama_config  # noqa: E402
 from process_launch import launcher_env  # noqa: E402
 
 # Under pytest-xdist (pyproject.toml's addopts) every worker gets an equal share of the cores. Left alone, torch starts

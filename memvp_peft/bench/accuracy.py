@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.digits import digit_scan_tokens
-from ..local_models import FixedVocabTokenizer, tiny_llama_config
+from ..demo_models import FixedVocabTokenizer, tiny_llama_config
+from ..tasks.digits import digit_scan_tokens
 from .machine import cpu_name
 from .methods import METHOD_LABELS, Batch, LoRAMethod, MemVPMethod, Method
 

@@ -83,7 +83,7 @@ def asked_question(record: dict) -> str:
 
 def accuracy(answers: list[str], records: list[dict]) -> float:
     """Exact-match accuracy after `tasks.normalise_answer` (case, spacing and full stops do not count)."""
-    from ..data.tasks import normalise_answer, reference_answer
+    from ..tasks.catalogue import normalise_answer, reference_answer
 
     hits = sum(normalise_answer(a) == normalise_answer(reference_answer(r)) for a, r in zip(answers, records))
     return hits / max(1, len(records))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ..data.scienceqa import is_scienceqa_dataset
+from ..tasks.scienceqa import is_scienceqa_dataset
 from ..vision import imagenet_image_processor
 from .base_loading import image_processor_for
 from .record import CLI_RECORD

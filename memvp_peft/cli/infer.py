@@ -215,7 +215,7 @@ def load_for_inference(options: InferOptions):
 
     import memvp_peft  # noqa: F401  (registers MEMVP)
 
-    from ..data.digits import DigitPatchFeaturizer
+    from ..tasks.digits import DigitPatchFeaturizer
 
     adapter = _adapter_folder(options.adapter)
     check_adapter_folder(adapter)
@@ -260,7 +260,7 @@ def load_for_inference(options: InferOptions):
 def infer(options: InferOptions) -> list[dict[str, Any]]:
     """Answer every question; everything that can be checked without a model (the output file, the questions and
     images, then the adapter's files) is checked before the first model loads."""
-    from ..data import load_jsonl
+    from ..tasks.files import load_jsonl
 
     _check_output_file(options)
     if options.dataset is not None:
@@ -293,9 +293,8 @@ def infer(options: InferOptions) -> list[dict[str, Any]]:
 def score_dataset(options: InferOptions) -> list[dict[str, Any]]:
     """`--dataset scienceqa:DIR`: answer every problem of `--split`, write the prediction lines and `scores.json`
     (with `--output_file`), print the paper's table. The problems and their images are read before any model loads."""
-    from ..data.scienceqa import is_scienceqa_dataset, load_scienceqa
+    from ..tasks.scienceqa import format_scores_table, is_scienceqa_dataset, load_scienceqa, scienceqa_scores
     from .scienceqa_eval import answer_scienceqa, prediction_rows, scores_path, write_scienceqa_results
-    from .scienceqa_scoring import format_scores_table, scienceqa_scores
 
     given = [flag for flag, value in (("--image", options.image), ("--input_file", options.input_file)) if value]
     if given:

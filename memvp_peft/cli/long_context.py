@@ -14,8 +14,8 @@ import dataclasses
 import math
 from typing import Any, Optional
 
-from ..data.digit_layouts import layout_of, layout_prompts
 from ..data.tiling import check_grid
+from ..tasks.digits import layout_of, layout_prompts
 
 #: datasets the embedded model reads as 2x2-pixel digit patches (`data.digits.DigitPatchFeaturizer`)
 DIGIT_PATCH_DATASETS = ("digits", "digits-grid", "digits-grid-3x3", "digits-sequence")

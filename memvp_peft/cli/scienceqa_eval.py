@@ -20,8 +20,8 @@ from typing import Any
 from ..data.conversations import record_dialogue, record_label
 from ..data.multiple_choice import ANSWER_PHRASE
 from ..data.tokenization import plain_turns
+from ..tasks.scienceqa import answer_letter, predicted_letter, scienceqa_scores
 from .answering import generate_answers
-from .scienceqa_scoring import answer_letter, predicted_letter, scienceqa_scores
 
 __all__ = ["SCORES_FILE", "answer_scienceqa", "check_scienceqa_collator", "prediction_rows", "scienceqa_prompt",
            "scores_path", "write_scienceqa_results"]

@@ -77,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         from transformers import AutoTokenizer
 
-        from ..data.scienceqa import load_scienceqa
+        from ..tasks.scienceqa import load_scienceqa
 
         records = load_scienceqa(args.dataset, args.split, args.use_caption)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)

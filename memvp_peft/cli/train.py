@@ -51,7 +51,7 @@ PROMPT_CORPUS = ["Question: What digit is shown ?\nAnswer:"]
 def build_embedded_base(seed: int, extra_corpus: Sequence[str] = ()):
     """The embedded default: a 2-layer width-128 Llama (random, frozen) and a word-level tokenizer (that also knows
     the words of `extra_corpus`: the questions of a digit-layout task)."""
-    from ..local_models import build_word_tokenizer, tiny_llama
+    from ..demo_models import build_word_tokenizer, tiny_llama
 
     tokenizer = build_word_tokenizer(PROMPT_CORPUS + list(extra_corpus), DIGIT_WORDS)
     # initializer_range 0.1: with LlamaConfig's 0.02 a random lm_head caps every answer probability well below 1
@@ -61,7 +61,7 @@ def build_embedded_base(seed: int, extra_corpus: Sequence[str] = ()):
 
 def visual_setup(options: TrainOptions, model, kind: str):
     """(image processor/featurizer, input name, visual_dim, visual tokens per image, encoder module or None)."""
-    from ..data.digits import DIGIT_PATCH_DIM, DIGIT_PATCH_TOKENS, DigitPatchFeaturizer
+    from ..tasks.digits import DIGIT_PATCH_DIM, DIGIT_PATCH_TOKENS, DigitPatchFeaturizer
     from ..vision import load_vision_encoder
 
     normalization = options.image_normalization
@@ -190,7 +190,7 @@ def answer_held_out(model, collator, records: list[dict], kind: str, tokenizer, 
     answer (a seq2seq base answers ScienceQA with its whole target, 'The answer is B.')."""
     if task == "scienceqa" and kind != "seq2seq":
         from .scienceqa_eval import answer_scienceqa
-        from .scienceqa_scoring import scienceqa_scores
+        from ..tasks.scienceqa import scienceqa_scores
 
         letters = answer_scienceqa(model, collator, records, kind, tokenizer, progress=progress)
         scores = scienceqa_scores(records, letters)
@@ -201,8 +201,8 @@ def answer_held_out(model, collator, records: list[dict], kind: str, tokenizer, 
 
 def shown_reference(record: dict) -> str:
     """The reference printed next to a sample answer: a multiple-choice record's letter, else the answer text."""
-    from ..data.tasks import reference_answer
-    from .scienceqa_scoring import answer_letter
+    from ..tasks.catalogue import reference_answer
+    from ..tasks.scienceqa import answer_letter
 
     return answer_letter(record) if record.get("choices") is not None else reference_answer(record)
 
@@ -212,7 +212,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
     from transformers import TrainingArguments, set_seed
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
-    from ..data.tasks import load_task
+    from ..tasks.catalogue import load_task
     from .reporting import (logged_losses, print_each_loss_once, save_loss_curve, without_peft_probe_warning,
                             write_metrics)
 
@@ -340,7 +340,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
                                                                    options, task.name, progress=False)
     print(f"reloaded adapter from {options.output_dir}: held-out accuracy {reloaded_accuracy:.2%}")
     if scores is not None:
-        from .scienceqa_scoring import format_scores_table
+        from ..tasks.scienceqa import format_scores_table
 
         print(format_scores_table(scores))
     for record, answer in list(zip(eval_records, reloaded_answers))[:4]:

@@ -4,35 +4,37 @@ MemVP puts the image into the FFN *memory* of the language model, not into the t
 record is tokenized as plain text (any LLaVA ``<image>`` placeholder is removed, not expanded) and its images travel
 beside it as ``pixel_values`` plus an ``image_mask``.  The modules follow a record through that path:
 
-* ``formats``       -- dataset files -> records: ``load_llava_json`` (LLaVA conversations), ``load_jsonl``;
-* ``conversations`` -- a record in any text layout -> its checked ``Dialogue`` (``record_dialogue``), with
-  ``chat_layouts`` (TRL ``messages``, the_cauldron ``texts``) and ``multiple_choice`` (the authors' ScienceQA prompt);
-* ``prompts``       -- the prompt template and ``build_prompt``, shared by training and generation;
+* ``conversations`` -- a record in any text layout (simple, LLaVA ``conversations``, TRL ``messages`` and
+  ``prompt``/``completion``, the_cauldron ``texts``) -> its checked ``Dialogue`` (``record_dialogue``), and the
+  prompt template with ``build_prompt``, shared by training and generation;
+* ``multiple_choice`` -- the authors' ScienceQA prompt for records with ``choices``;
 * ``tokenization``  -- dialogues -> ids with answer-only labels (``IGNORE_INDEX``), truncation, padding;
 * ``chat_template`` -- the same through the base's chat template, loss on the assistant turns;
-* ``images``        -- any image form -> an RGB PIL image (``to_rgb_image``);
-* ``image_batching``-- a batch's images (raw, or ``precomputed`` tensors) -> ``pixel_values``/``image_features``
-  and ``image_mask``;
+* ``images``        -- any image form -> an RGB PIL image (``to_rgb_image``), a dataset's image files checked as it
+  loads, and a batch's images -> ``pixel_values``/``image_features`` and ``image_mask``;
 * ``tiling``, ``video`` -- a high-resolution image as the overview plus a grid of tiles (``image_grid``), a video file
   or frame list sampled to ``num_frames`` (``sample_frame_indices``): several images of the multi-image layout;
-* ``collator``      -- ``MemVPDataCollator``, which puts those together for the ``Trainer`` and for ``generate``;
-* ``digits``, ``tasks`` -- the command line's datasets: the built-in digits task (and its patch-token featurizer
-  for the embedded model), ``load_task`` and answer scoring.
+* ``collator``      -- ``MemVPDataCollator``, which puts those together for the ``Trainer`` and for ``generate``
+  (precomputed ``pixel_values``/``image_features`` columns too).
+
+Where records come from -- dataset files (``load_jsonl``, ``load_llava_json``), the sources ``datasets`` reads,
+ScienceQA, the built-in digit tasks -- is :mod:`memvp_peft.tasks`, one layer up: it builds records for this one.
 """
 
 from .collator import MemVPDataCollator
-from .conversations import Dialogue, first_answer, record_dialogue
-from .formats import load_jsonl, load_llava_json
-from .images import to_rgb_image
-from .multiple_choice import ANSWER_PHRASE, multiple_choice_prompt, multiple_choice_target
-from .prompts import (
+from .conversations import (
     DEFAULT_PROMPT_TEMPLATE,
     GPT_ROLES,
     HUMAN_ROLES,
     IMAGE_PLACEHOLDER,
+    Dialogue,
     build_prompt,
+    first_answer,
+    record_dialogue,
     strip_image_placeholder,
 )
+from .images import to_rgb_image
+from .multiple_choice import ANSWER_PHRASE, multiple_choice_prompt, multiple_choice_target
 from .tokenization import IGNORE_INDEX
 from .video import sample_frame_indices
 
@@ -47,8 +49,6 @@ __all__ = [
     "MemVPDataCollator",
     "build_prompt",
     "first_answer",
-    "load_jsonl",
-    "load_llava_json",
     "multiple_choice_prompt",
     "multiple_choice_target",
     "record_dialogue",

@@ -22,10 +22,20 @@ the record gives (:func:`.conversations.check_image_marks`).  Because every batc
 collator with an image processor warns once when the first :data:`TEXT_ONLY_WARNING_RECORDS` records of its training
 batches carried no image at all.  docs/datasets.md has the table of layouts.
 
-The collator only orchestrates; each concern lives in its own module: a record's text (:mod:`.conversations`,
-:mod:`.chat_layouts`, :mod:`.multiple_choice`), tokens, labels and padding (:mod:`.tokenization` with a prompt
-template, :mod:`.chat_template` with the base's chat template), images (:mod:`.images`, :mod:`.image_batching`,
-:mod:`.precomputed`).
+Datasets prepared once carry the model input itself: precomputed ``pixel_values`` (images already resized and
+normalised) or ``image_features`` (encoder features already extracted), one image or several per row:
+
+* ``pixel_values``: ``(C, H, W)`` or ``(I, C, H, W)``;
+* ``image_features``: ``(tokens, dim)`` or ``(I, tokens, dim)``;
+
+as a ``torch`` tensor, a numpy array or nested lists (what a ``datasets`` row gives without a format; those are
+read as float32).  The tensor goes into the batch under the model input name it is, so it must be the kind the
+collator was built for (``image_input_name``): ``image_features`` handed to a collator whose model wants
+``pixel_values`` would otherwise reach the wrong input, or none.
+
+The collator orchestrates; the other concerns live in their own modules: a record's text
+(:mod:`.conversations`, :mod:`.multiple_choice`), tokens, labels and padding (:mod:`.tokenization` with a prompt
+template, :mod:`.chat_template` with the base's chat template), raw images (:mod:`.images`).
 """
 
 from __future__ import annotations
@@ -34,23 +44,32 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
+from ..vision_tiling import blocks_per_image
 from .chat_template import ChatTemplateRenderer, chat_template_of
-from .conversations import ORIGIN_FIELD, Dialogue, check_image_marks, record_dialogue, record_label
-from .image_batching import (
+from .conversations import (
+    DEFAULT_PROMPT_TEMPLATE,
+    IMAGE_PLACEHOLDER,
+    ORIGIN_FIELD,
+    Dialogue,
+    build_prompt,
+    check_image_marks,
+    record_dialogue,
+    record_label,
+)
+from .images import (
     RAW_IMAGE_FIELDS,
+    PathLike,
     assemble_images,
     blank_image_shape,
     image_field,
     process_images,
     record_images,
 )
-from .images import PathLike
-from .precomputed import precomputed_images
 from .tiling import check_grid, tile_image
 from .video import FRAME_FIELDS, record_frames
-from .prompts import DEFAULT_PROMPT_TEMPLATE, IMAGE_PLACEHOLDER, build_prompt
 from .tokenization import (
     count_leading_special_tokens,
     encode_answer,
@@ -62,7 +81,7 @@ from .tokenization import (
     right_pad,
 )
 
-__all__ = ["TEXT_ONLY_WARNING_RECORDS", "MemVPDataCollator"]
+__all__ = ["TEXT_ONLY_WARNING_RECORDS", "MemVPDataCollator", "precomputed_images"]
 
 #: How many training records without any image a collator with an image processor batches before it warns (once)
 #: that no image reaches the model. A dataset whose images are lost gives none at all; one where a tenth of the rows
@@ -404,7 +423,7 @@ class MemVPDataCollator:
             )
             if self.image_grid is None:
                 return _RecordImages(raw, [], is_list, field)
-            blocks = 1 + self.image_grid[0] * self.image_grid[1]
+            blocks = blocks_per_image(self.image_grid)
             try:
                 tiles = [tile for image in raw
                          for tile in (tile_image(image, self.image_grid) if image is not None else [None] * blocks)]
@@ -433,7 +452,7 @@ class MemVPDataCollator:
         if self.num_frames is not None:
             return self.num_frames
         if self.num_images is not None and self.image_grid is not None:
-            return self.num_images * (1 + self.image_grid[0] * self.image_grid[1])
+            return self.num_images * blocks_per_image(self.image_grid)
         return self.num_images
 
     def _leading_special(self) -> int:
@@ -486,3 +505,54 @@ def _read_row(records: Sequence[Mapping[str, Any]], index: int) -> Any:
             except Exception:  # the name is a courtesy: the error below is what matters
                 pass
         raise ValueError(f"{where}: the row cannot be read: {type(exc).__name__}: {exc}") from exc
+
+
+# dimensions of ONE image's tensor, per model input
+_IMAGE_DIMS = {"pixel_values": (3, "(C, H, W)"), "image_features": (2, "(tokens, dim)")}
+
+
+def precomputed_images(value: Any, field: str, where: str, image_input_name: str) -> tuple[list[torch.Tensor], bool]:
+    """One record's precomputed ``field`` as a list of per-image tensors, and whether it gave several (the
+    multi-image layout, like a list of raw images).  An empty list is a record without images."""
+    if field != image_input_name:
+        raise ValueError(
+            f"{where}: has precomputed '{field}' but this collator builds '{image_input_name}' (its "
+            f"image_input_name); the model takes each as a different input. Build the collator with "
+            f"image_input_name={field!r}, or give raw images in 'image'/'images'."
+        )
+    if isinstance(value, (list, tuple)) and not value:
+        return [], True
+    tensor = _as_tensor(value, field, where)
+    dims, layout = _IMAGE_DIMS[field]
+    if tensor.dim() == dims:
+        return [tensor], False
+    if tensor.dim() == dims + 1:
+        return list(tensor.unbind(0)), True
+    raise ValueError(
+        f"{where}: '{field}' has shape {tuple(tensor.shape)}; one row holds {layout} for one image or "
+        f"(I, {layout[1:-1]}) for I images."
+    )
+
+
+def _as_tensor(value: Any, field: str, where: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        tensor = value
+    elif isinstance(value, np.ndarray):
+        tensor = torch.from_numpy(value)
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if value and all(isinstance(item, torch.Tensor) for item in value):
+            try:
+                return torch.stack(list(value))
+            except RuntimeError as exc:
+                raise ValueError(f"{where}: the '{field}' tensors of one record differ in shape: {exc}") from exc
+        try:
+            tensor = torch.from_numpy(np.asarray(value, dtype=np.float32))
+        except (ValueError, TypeError) as exc:  # ragged nesting, or something that is not a number
+            raise ValueError(f"{where}: '{field}' is not a rectangular array of numbers: {exc}") from exc
+    else:
+        raise ValueError(
+            f"{where}: '{field}' must be a tensor, a numpy array or nested lists of numbers, got {type(value).__name__}."
+        )
+    if not tensor.is_floating_point():
+        raise ValueError(f"{where}: '{field}' must hold floating point values, got dtype {tensor.dtype}.")
+    return tensor

@@ -20,8 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from .conversations import Dialogue
-from .prompts import build_prompt
+from .conversations import Dialogue, build_prompt
 
 __all__ = [
     "IGNORE_INDEX",

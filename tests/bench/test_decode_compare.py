@@ -7,7 +7,7 @@ import torch
 
 from memvp_peft import MemVPConfig, bench
 from memvp_peft.bench.decode import forward_before_issue16
-from memvp_peft.local_models import tiny_llama
+from memvp_peft.demo_models import tiny_llama
 from memvp_peft.tuner.layer import FFNMemoryLayer
 from peft import get_peft_model
 

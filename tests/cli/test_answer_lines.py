@@ -10,7 +10,7 @@ import pytest
 
 from memvp_peft.cli.infer import main as infer_main
 from memvp_peft.cli.train import main as train_main
-from memvp_peft.local_models import build_word_tokenizer, tiny_clip, tiny_llama
+from memvp_peft.demo_models import build_word_tokenizer, tiny_clip, tiny_llama
 
 QUESTION = "What digit is shown ?"
 SHORT = ["--max_steps", "2", "--max_eval_samples", "4"]

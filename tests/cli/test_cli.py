@@ -10,8 +10,8 @@ import torch
 from memvp_peft.cli.infer import main as infer_main
 from memvp_peft.cli.options import InferOptions, TrainOptions, load_yaml_options, parse_options
 from memvp_peft.cli.train import main as train_main
-from memvp_peft.data.tasks import load_task
-from memvp_peft.local_models import build_word_tokenizer, tiny_clip, tiny_llama
+from memvp_peft.demo_models import build_word_tokenizer, tiny_clip, tiny_llama
+from memvp_peft.tasks.catalogue import load_task
 
 NAMES = [str(d) for d in range(10)]
 

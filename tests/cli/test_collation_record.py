@@ -22,8 +22,8 @@ from memvp_peft.cli.collating import (
 from memvp_peft.cli.infer import load_for_inference
 from memvp_peft.cli.options import InferOptions
 from memvp_peft.cli.record import read_cli_record, write_cli_record
-from memvp_peft.data.digits import DIGIT_QUESTION
-from memvp_peft.local_models import build_word_tokenizer, clip_image_processor, tiny_clip, tiny_llama
+from memvp_peft.demo_models import build_word_tokenizer, clip_image_processor, tiny_clip, tiny_llama
+from memvp_peft.tasks.digits import DIGIT_QUESTION
 from memvp_peft.vision import IMAGENET_MEAN, IMAGENET_STD, imagenet_image_processor
 
 WORDS = ["user", "assistant", "Question", "Answer", "What", "digit", "is", "shown", "?", ":", "Q", "A", "seven"]

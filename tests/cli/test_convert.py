@@ -215,7 +215,7 @@ def test_adem_vl_checkpoint_converts_to_their_model_with_no_options(tmp_path):
     from reference_adem import their_forward, their_loss
 
     from memvp_peft import attach_vision_encoder
-    from memvp_peft.local_models import tiny_clip
+    from memvp_peft.demo_models import tiny_clip
 
     checkpoint = adem_checkpoint(tmp_path / "adem.pth")
     assert main([str(tmp_path / "adem.pth"), str(tmp_path / "out")]) == 0

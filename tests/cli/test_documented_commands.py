@@ -22,7 +22,7 @@ from memvp_peft.bench import main as bench_main
 from memvp_peft.cli.infer import main as infer_main
 from memvp_peft.cli.seeds import main as seeds_main
 from memvp_peft.cli.train import main as train_main
-from memvp_peft.local_models import build_word_tokenizer, tiny_clip, tiny_llama
+from memvp_peft.demo_models import build_word_tokenizer, tiny_clip, tiny_llama
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PAGES = ["README.md", *(f"docs/{path.name}" for path in sorted((ROOT / "docs").glob("*.md")))]

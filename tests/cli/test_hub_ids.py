@@ -22,8 +22,8 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data"))  # tests/data
 from data_fixtures import digit_scans  # noqa: E402
 
+from memvp_peft.demo_models import build_word_tokenizer, clip_image_processor, tiny_clip, tiny_llama
 from memvp_peft.hub import check_model_source, is_hub_id
-from memvp_peft.local_models import build_word_tokenizer, clip_image_processor, tiny_clip, tiny_llama
 
 LLM_COMMIT, CLIP_COMMIT, DATA_COMMIT, CUSTOM_COMMIT = "1" * 40, "2" * 40, "3" * 40, "4" * 40
 QUESTION = "What digit is shown ?"
@@ -263,7 +263,7 @@ def python_api(hf_home, tmp_path_factory):
         import torch
         import memvp_peft
         from memvp_peft import MemVPConfig
-        from memvp_peft.local_models import tiny_llama
+        from memvp_peft.demo_models import tiny_llama
         from memvp_peft.vision import describe_encoder, load_vision_encoder
         from peft import PeftModel, get_peft_model
 

@@ -15,8 +15,8 @@ from peft import get_peft_model
 from memvp_peft import MemVPConfig
 from memvp_peft.cli.infer import main as infer_main
 from memvp_peft.cli.record import write_cli_record
-from memvp_peft.data.digits import DIGIT_PATCH_DIM
-from memvp_peft.local_models import build_word_tokenizer, tiny_llama
+from memvp_peft.demo_models import build_word_tokenizer, tiny_llama
+from memvp_peft.tasks.digits import DIGIT_PATCH_DIM
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,7 @@ def adem_run_inputs(tmp_path):
     """A local Llama whose tokenizer knows 'Image: N/A', a tiny CLIP folder, and digit images as a .jsonl dataset."""
     from test_cli import NAMES, _write_digit_pngs
 
-    from memvp_peft.local_models import build_word_tokenizer, tiny_clip, tiny_llama
+    from memvp_peft.demo_models import build_word_tokenizer, tiny_clip, tiny_llama
 
     tokenizer = build_word_tokenizer(["Image: N/A", "Question: What digit is shown ?\nAnswer:"], NAMES)
     tiny_llama(tokenizer, hidden_size=64).save_pretrained(tmp_path / "llm")

@@ -15,11 +15,11 @@ from memvp_peft.cli.options import InferOptions, TrainOptions, parse_options
 from memvp_peft.cli.scienceqa_eval import check_scienceqa_collator, prediction_rows, scienceqa_prompt, scores_path
 from memvp_peft.cli.train import main as train_main
 from memvp_peft.data import ANSWER_PHRASE, MemVPDataCollator
-from memvp_peft.data.scienceqa import load_scienceqa
-from memvp_peft.data.tasks import load_task
-from memvp_peft.local_models import build_word_tokenizer
+from memvp_peft.demo_models import build_word_tokenizer
+from memvp_peft.tasks.catalogue import load_task
+from memvp_peft.tasks.scienceqa import load_scienceqa
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "data"))  # tests/data: the ScienceQA fixture
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tasks"))  # tests/tasks: the ScienceQA fixture
 from scienceqa_fixture import fixture_tokenizer, problems, repository  # noqa: E402,F401  (fixtures, found by name)
 
 
@@ -198,7 +198,7 @@ def test_scoring_refuses_an_encoder_decoder_base(collator):
 
 
 def test_a_text_only_problem_is_prompted_with_the_memory_off(repository, collator):
-    from memvp_peft.local_models import clip_image_processor
+    from memvp_peft.demo_models import clip_image_processor
 
     with_images = MemVPDataCollator(collator.tokenizer, clip_image_processor(), chat_template=False)
     records = load_scienceqa(repository, "test")

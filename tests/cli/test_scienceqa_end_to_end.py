@@ -5,7 +5,7 @@ normalisation), then `memvp-infer ... --dataset scienceqa:DIR --split test --out
 The fixture's image problems ask "Which digit is shown?" about a real scikit-learn digit with four choices; the
 choices are the block of four digits holding the answer (`digit_choices(shuffled=False)`), so a base that cannot
 read option texts can still learn the letter from the image -- chance is about 30%. The scores are recomputed here
-from preds.jsonl and problems.json, independently of `scienceqa_scoring`.
+from preds.jsonl and problems.json, independently of `memvp_peft.tasks.scienceqa`'s scoring.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import pytest
 
 from memvp_peft.cli.infer import main as infer_main
 from memvp_peft.cli.train import main as train_main
-from memvp_peft.local_models import tiny_clip
+from memvp_peft.demo_models import tiny_clip
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "data"))  # tests/data: the ScienceQA fixture
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tasks"))  # tests/tasks: the ScienceQA fixture
 from scienceqa_fixture import (  # noqa: E402
     scienceqa_problems,
     write_fixture_base,

@@ -10,7 +10,7 @@ import pytest
 from memvp_peft.cli.token_budget import main, token_budget
 from memvp_peft.data.multiple_choice import multiple_choice_prompt, multiple_choice_target
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "data"))  # tests/data: the ScienceQA fixture
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tasks"))  # tests/tasks: the ScienceQA fixture
 from scienceqa_fixture import fixture_tokenizer, scienceqa_problems, write_repository_layout  # noqa: E402
 
 SHORT = {"question": "Which is a country?", "choices": ["France", "apple"], "answer": 0, "hint": ""}
@@ -40,7 +40,7 @@ def test_one_step_counts_each_way_by_hand(problems):
 
 
 def test_the_authors_cut_computes_on_as_many_tokens_as_per_batch_padding(problems, tmp_path):
-    from memvp_peft.data.scienceqa import load_scienceqa
+    from memvp_peft.tasks.scienceqa import load_scienceqa
 
     records = load_scienceqa(write_repository_layout(tmp_path / "sqa", problems), "train")
     budget = token_budget(records, fixture_tokenizer(problems), batch_size=3)

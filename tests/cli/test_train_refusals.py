@@ -319,7 +319,7 @@ QUESTION = "What digit is shown ?"
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
     """A tiny CLIP (16 patch tokens per 32x32 image) and its image processor, saved as an encoder folder."""
-    from memvp_peft.local_models import clip_image_processor, tiny_clip
+    from memvp_peft.demo_models import clip_image_processor, tiny_clip
 
     folder = tmp_path_factory.mktemp("clip")
     tiny_clip(hidden_size=32).save_pretrained(folder)

@@ -1,8 +1,8 @@
-"""Fixtures and helpers shared by the tests of memvp_peft.data (imported by name: pytest finds fixtures in a test
-module's namespace).  A module rather than a second conftest.py, so that `from conftest import ...` keeps meaning
-tests/conftest.py everywhere.
+"""Fixtures and helpers shared by the tests of memvp_peft.data and memvp_peft.tasks (imported by name: pytest finds
+fixtures in a test module's namespace).  A module rather than a second conftest.py, so that `from conftest import
+...` keeps meaning tests/conftest.py everywhere.
 
-Everything is local: the tokenizer is trained in-test (`local_models.build_word_tokenizer`), the image processor is a
+Everything is local: the tokenizer is trained in-test (`demo_models.build_word_tokenizer`), the image processor is a
 `CLIPImageProcessor` built from arguments, the images are scikit-learn digits written to PNG files.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from memvp_peft.data import IGNORE_INDEX, MemVPDataCollator
-from memvp_peft.local_models import build_word_tokenizer, clip_image_processor
+from memvp_peft.demo_models import build_word_tokenizer, clip_image_processor
 
 IMAGE_SIDE = 32
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

@@ -209,7 +209,7 @@ def test_a_generation_prompt_needs_no_completion(collator):
 def test_llava_instruct_mix_rows_from_a_parquet_source_collate_like_the_llava_conversation(tmp_path, collator, digits):
     """HuggingFaceH4/llava-instruct-mix-vsft's schema: typed contents with an `index` key, `images` a list of
     datasets.Image; read through memvp-train's parquet source."""
-    from memvp_peft.data.tasks import load_task
+    from memvp_peft.tasks.catalogue import load_task
 
     images, targets = digits
 

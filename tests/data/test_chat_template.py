@@ -8,7 +8,7 @@ import torch
 from data_fixtures import digits, image_processor, supervised_ids  # noqa: F401  (fixtures are used by name)
 
 from memvp_peft.data import MemVPDataCollator
-from memvp_peft.local_models import build_word_tokenizer
+from memvp_peft.demo_models import build_word_tokenizer
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"

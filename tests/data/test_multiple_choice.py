@@ -8,7 +8,7 @@ from data_fixtures import image_processor, supervised_ids  # noqa: F401  (fixtur
 
 from memvp_peft.data import MemVPDataCollator, first_answer, multiple_choice_prompt, multiple_choice_target
 from memvp_peft.data.multiple_choice import format_choices, multiple_choice_context
-from memvp_peft.local_models import build_word_tokenizer
+from memvp_peft.demo_models import build_word_tokenizer
 
 SQA_WORDS = ("Question: Which digit is shown ? Context: N/A The picture is a scan . Options: (A) (B) (C) (D) (E) "
              "three seven one four zero Response: The answer is A B C D E .")

@@ -1,4 +1,4 @@
-"""Tests of memvp_peft.data.prompts: the prompt template and the removal of LLaVA's `<image>` placeholder."""
+"""Tests of memvp_peft.data.conversations: the prompt template and the removal of LLaVA's `<image>` placeholder."""
 
 from __future__ import annotations
 

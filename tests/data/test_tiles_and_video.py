@@ -10,8 +10,8 @@ import torch
 from data_fixtures import digits, image_processor, tokenizer  # noqa: F401  (fixtures are used by name)
 
 from memvp_peft.data import MemVPDataCollator
-from memvp_peft.data.digits import DigitPatchFeaturizer, digit_scan_tokens
 from memvp_peft.data.video import sample_frame_indices
+from memvp_peft.tasks.digits import DigitPatchFeaturizer, digit_scan_tokens
 
 QUESTION = "What digit is shown in the image ?"
 

@@ -167,7 +167,7 @@ def _jsonl(folder, rows, name="data.jsonl"):
 
 
 def test_a_jsonl_image_path_field_is_refused_when_the_file_loads(tmp_path, image_dir):  # noqa: F811
-    from memvp_peft.data import load_jsonl
+    from memvp_peft.tasks import load_jsonl
 
     path = _jsonl(tmp_path, [{"image_path": "digit_0.png", "question": "What digit?", "answer": "zero"}])
     with pytest.raises(ValueError, match=r"data\.jsonl: line 1: \['image_path'\] hold images .*--image_column"):
@@ -175,7 +175,7 @@ def test_a_jsonl_image_path_field_is_refused_when_the_file_loads(tmp_path, image
 
 
 def test_image_column_reads_the_images_of_another_field(tmp_path, image_dir, collator):  # noqa: F811
-    from memvp_peft.data import load_jsonl
+    from memvp_peft.tasks import load_jsonl
 
     path = _jsonl(tmp_path, [{"image_path": "digit_0.png", "question": "What digit?", "answer": "zero"}])
     records = load_jsonl(path, image_dir, image_column="image_path")
@@ -188,7 +188,7 @@ def test_a_llava_image_marker_without_the_image_field_is_refused_when_the_file_l
                                                                                      image_dir):  # noqa: F811
     import json
 
-    from memvp_peft.data import load_llava_json
+    from memvp_peft.tasks import load_llava_json
 
     record = {"id": "a", "conversations": [{"from": "human", "value": "<image>\nWhat digit?"},
                                            {"from": "gpt", "value": "zero"}]}
@@ -200,7 +200,7 @@ def test_a_llava_image_marker_without_the_image_field_is_refused_when_the_file_l
 
 
 def test_a_jsonl_question_marking_an_image_it_lacks_is_refused_when_the_file_loads(tmp_path):
-    from memvp_peft.data import load_jsonl
+    from memvp_peft.tasks import load_jsonl
 
     path = _jsonl(tmp_path, [{"question": "<image>\nWhat digit?", "answer": "zero"}])
     with pytest.raises(ValueError, match=r"data\.jsonl: line 1: its text marks 1 images .* gives 0"):
@@ -210,7 +210,7 @@ def test_a_jsonl_question_marking_an_image_it_lacks_is_refused_when_the_file_loa
 def test_a_typed_image_column_under_another_name_is_refused_when_the_source_loads(tmp_path):
     from data_fixtures import digit_scans
 
-    from memvp_peft.data.tasks import load_task
+    from memvp_peft.tasks.catalogue import load_task
 
     digit_scans(5, "What digit?", str).rename_column("image", "img").to_parquet(str(tmp_path / "rows.parquet"))
     with pytest.raises(ValueError, match=r"column 'img' holds images \(datasets.Image\) .* --image_column img"):
@@ -220,7 +220,7 @@ def test_a_typed_image_column_under_another_name_is_refused_when_the_source_load
 def test_image_column_trains_on_a_typed_image_column_of_another_name(tmp_path, collator):  # noqa: F811
     from data_fixtures import digit_scans
 
-    from memvp_peft.data.tasks import load_task
+    from memvp_peft.tasks.catalogue import load_task
 
     digit_scans(5, "What digit?", str).rename_column("image", "img").to_parquet(str(tmp_path / "rows.parquet"))
     task = load_task(str(tmp_path / "rows.parquet"), None, 0.2, seed=0, image_column="img")
@@ -231,7 +231,7 @@ def test_image_column_trains_on_a_typed_image_column_of_another_name(tmp_path, c
 def test_training_records_without_any_image_are_refused_when_the_task_loads(suffix, tmp_path):
     import datasets
 
-    from memvp_peft.data.tasks import load_task
+    from memvp_peft.tasks.catalogue import load_task
 
     rows = [{"question": "What digit?", "answer": "zero", "img_file": None}] * 5
     if suffix == "jsonl":

@@ -172,7 +172,7 @@ def checkpoint(tmp_path_factory):
     it (measured: ~0.35 vs ~2.2 after 32 steps)."""
     from transformers import LlamaForCausalLM
 
-    from memvp_peft.local_models import tiny_llama_config
+    from memvp_peft.demo_models import tiny_llama_config
 
     path = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)

@@ -190,7 +190,7 @@ def test_full_state_dict_saved_on_rank0_reloads_with_identical_logits(fsdp_run, 
 
 
 def test_accelerate_config_is_read_as_fsdp2_with_decoder_layer_wrap_and_full_state_dict(accelerate_probe):
-    from memvp_peft.local_models import tiny_llama
+    from memvp_peft.demo_models import tiny_llama
 
     decoder_layer = tiny_llama()._no_split_modules  # the class the recipe's models shard per layer
     assert [info["rank"] for info in accelerate_probe] == [0, 1]

@@ -21,7 +21,7 @@ from trl_fixtures import (
 )
 
 from memvp_peft import MemVPDPOTrainer, MemVPProcessor
-from memvp_peft.local_models import clip_image_processor
+from memvp_peft.demo_models import clip_image_processor
 
 
 def _completion_logps(model, batch):

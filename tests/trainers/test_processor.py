@@ -7,7 +7,7 @@ from trl_fixtures import LLAVA_TEMPLATE, QUESTION, digit_images, save_tiny_llava
 
 from memvp_peft import MemVPProcessor
 from memvp_peft.data import MemVPDataCollator
-from memvp_peft.local_models import clip_image_processor
+from memvp_peft.demo_models import clip_image_processor
 
 
 def _conversation(image, answer="seven"):

@@ -18,7 +18,7 @@ from trl_fixtures import (
 )
 
 from memvp_peft import MemVPDPOTrainer, MemVPProcessor, MemVPSFTTrainer
-from memvp_peft.local_models import clip_image_processor
+from memvp_peft.demo_models import clip_image_processor
 
 
 def _sft(tmp_path, dataset=None, processing_class=None, peft_config=None, **options):

@@ -27,7 +27,7 @@ from trl_fixtures import (
 
 from memvp_peft import MemVPProcessor, MemVPSFTTrainer
 from memvp_peft.data import MemVPDataCollator
-from memvp_peft.local_models import clip_image_processor
+from memvp_peft.demo_models import clip_image_processor
 
 
 def _assert_trainer_loss_is_image_conditioned(trainer):

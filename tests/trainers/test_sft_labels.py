@@ -15,7 +15,7 @@ from trl_fixtures import (
 
 from memvp_peft import MemVPProcessor
 from memvp_peft.data import MemVPDataCollator
-from memvp_peft.local_models import clip_image_processor
+from memvp_peft.demo_models import clip_image_processor
 
 
 def _batch(tmp_path, dataset, **options):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from memvp_peft import MemVPConfig
-from memvp_peft.local_models import build_word_tokenizer, clip_image_processor, tiny_clip, tiny_llama
+from memvp_peft.demo_models import build_word_tokenizer, clip_image_processor, tiny_clip, tiny_llama
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 QUESTION = "What digit is shown ?"

@@ -18,7 +18,7 @@ from reference_memvp import adapter_state
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from memvp_peft import MemVPConfig
-from memvp_peft.local_models import tiny_clip
+from memvp_peft.demo_models import tiny_clip
 from memvp_peft.tuner.layer import drop_lowest_scores
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -50,7 +50,7 @@ def inputs(seed=5, batch=3, tokens=16):
 
 
 def word_tokenizer():
-    from memvp_peft.local_models import build_word_tokenizer
+    from memvp_peft.demo_models import build_word_tokenizer
 
     return build_word_tokenizer(["Image : N/A", "Question: what is shown ? Answer:"])
 

@@ -14,7 +14,7 @@ from reference_memvp import adapter_state, reference_logits
 from torch import nn
 
 from memvp_peft import MemVPConfig, MemVPLayer
-from memvp_peft.local_models import SPECIAL_TOKEN_IDS
+from memvp_peft.demo_models import SPECIAL_TOKEN_IDS
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 TOKEN_IDS = SPECIAL_TOKEN_IDS

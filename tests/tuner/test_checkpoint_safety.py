@@ -253,9 +253,9 @@ def test_memvp_infer_answers_with_a_bin_adapter(tmp_path, capsys):
     from memvp_peft import MemVPConfig
     from memvp_peft.cli.infer import main as infer_main
     from memvp_peft.cli.record import write_cli_record
-    from memvp_peft.data.digits import DIGIT_PATCH_DIM
-    from memvp_peft.local_models import build_word_tokenizer
-    from memvp_peft.local_models import tiny_llama as word_llama
+    from memvp_peft.demo_models import build_word_tokenizer
+    from memvp_peft.demo_models import tiny_llama as word_llama
+    from memvp_peft.tasks.digits import DIGIT_PATCH_DIM
 
     tokenizer = build_word_tokenizer(["Question: What digit is shown ?\nAnswer:"], [str(d) for d in range(10)])
     base = word_llama(tokenizer, hidden_size=32)

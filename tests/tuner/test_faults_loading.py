@@ -173,7 +173,7 @@ def test_a_copy_of_a_folder_loads_as_a_second_adapter(saved, tmp_path):
 
 
 def test_from_pretrained_low_cpu_mem_usage_loads_a_real_vision_encoder_from_its_folder(tmp_path):
-    from memvp_peft.local_models import tiny_clip
+    from memvp_peft.demo_models import tiny_clip
 
     tiny_clip(hidden_size=16).save_pretrained(tmp_path / "clip")
     config = memvp_config(num_memory_slots=20, vision_encoder=str(tmp_path / "clip"), vision_adapter_dim=4)

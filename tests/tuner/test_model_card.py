@@ -8,7 +8,7 @@ from conftest import memvp_config, tiny_llama
 from huggingface_hub import ModelCard
 from peft import get_peft_model
 
-from memvp_peft.local_models import tiny_clip
+from memvp_peft.demo_models import tiny_clip
 from memvp_peft.tuner.save_load import SECTION_START, write_model_card
 
 

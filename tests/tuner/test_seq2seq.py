@@ -243,7 +243,7 @@ def test_bad_input_is_rejected(inputs):
 
 
 def test_pixel_values_with_an_attached_encoder(inputs):
-    from memvp_peft.local_models import tiny_clip
+    from memvp_peft.demo_models import tiny_clip
 
     encoder = tiny_clip(hidden_size=VISUAL_DIM)
     pm = get_peft_model(bart(), s2s_config(num_memory_slots=20, vision_encoder=encoder))

@@ -12,7 +12,7 @@ from peft import get_peft_model
 
 from memvp_peft import MemVPConfig
 from memvp_peft.data import MemVPDataCollator
-from memvp_peft.local_models import build_word_tokenizer, clip_image_processor, tiny_clip, tiny_llama
+from memvp_peft.demo_models import build_word_tokenizer, clip_image_processor, tiny_clip, tiny_llama
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TRAIN, HELD_OUT = range(0, 96), range(96, 192)

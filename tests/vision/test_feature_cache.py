@@ -15,7 +15,7 @@ from memvp_peft import MemVPConfig
 from memvp_peft.cli.options import TrainOptions, parse_options
 from memvp_peft.cli.train import main as train_main
 from memvp_peft.data import MemVPDataCollator
-from memvp_peft.local_models import build_word_tokenizer, clip_image_processor, tiny_clip, tiny_llama
+from memvp_peft.demo_models import build_word_tokenizer, clip_image_processor, tiny_clip, tiny_llama
 from memvp_peft.vision import VisionEncoder, imagenet_image_processor
 from memvp_peft.vision_cache import CachedFeatureCollator, FeatureCache, encoder_settings, tensor_digest
 

@@ -57,6 +57,6 @@ def test_blocks_per_image_counts_the_overview():
 
 
 def test_encoder_image_size_reads_the_tower_config():
-    from memvp_peft.local_models import tiny_clip
+    from memvp_peft.demo_models import tiny_clip
 
     assert encoder_image_size(tiny_clip(image_size=32)) == 32

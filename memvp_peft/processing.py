@@ -1,4 +1,5 @@
-"""`MemVPProcessor`: a tokenizer and an image processor as one transformers `ProcessorMixin`, built for MemVP.
+"""`MemVPProcessor`: a tokenizer and an image processor as one transformers `ProcessorMixin`, built for MemVP, and its
+registration with `AutoProcessor`.
 
 A VLM processor (Llava's) expands every `<image>` of a text into hundreds of placeholder tokens, because its model puts
 the image *into the sequence*. MemVP puts the image into the FFN memory, so its processor does the opposite: each image
@@ -7,25 +8,48 @@ token of a text is replaced by nothing, the text is tokenized as plain text, and
 it is what TRL's vision collators (`SFTTrainer`, `DPOTrainer` with `processing_class=`) pass on to the model.
 
 Everything else is transformers' own machinery: `apply_chat_template` (the image entries of a conversation render
-to the image token, see `chat_templates.py`), the replacement bookkeeping that keeps assistant masks aligned,
+to the image token, below), the replacement bookkeeping that keeps assistant masks aligned,
 `save_pretrained` / `from_pretrained` / `AutoProcessor.from_pretrained` (`processor_config.json`, the tokenizer's
 files, `chat_template.jinja`).
+
+Chat templates: an image entry renders to the processor's image token, and the processor's `__call__` replaces that
+token by nothing. Why a token rather than rendering images to nothing directly: transformers' `ProcessorMixin` counts
+the image tokens of every text against the images it gets, and records where each one was replaced, so the assistant
+masks it computes from the rendered text (`return_assistant_tokens_mask`, TRL's `assistant_only_loss`) still line up
+with the tokens after the replacement. MemVP's sequence carries no image: the text the tokenizer sees has no
+placeholder left. Three kinds of template meet the processor:
+
+* `default_chat_template(image_token)`: for bases without a template. It renders a conversation exactly as
+  `MemVPDataCollator` lays out a record (`[BOS]Question: {q}\\nAnswer: {a}[EOS]...`, the collator's default prompt), so
+  a model trained through TRL answers the prompts `memvp-infer` and the collator build, and it marks the assistant
+  turns with `{% generation %}` (TRL's `assistant_only_loss` needs the markers).
+* a VLM processor's own template (Llava's renders `<image>` per image entry): used as it is.
+* a text-only LLM's template reads message contents as strings; TRL hands it typed lists
+  (`[{"type": "image"}, {"type": "text", "text": ...}]`). `wrap_text_template` prefixes it with a block that turns
+  each list into a string (text parts joined, the image token in place of each image) before the template proper runs.
+
+Registration: importing this module registers `MemVPProcessor` with `AutoProcessor`, so `AutoProcessor.from_pretrained`
+of a folder a MemVPProcessor saved returns one (after `import memvp_peft`, as for the adapter itself). `AutoProcessor`
+finds the class a `processor_config.json` names among transformers' own processors and those registered with
+`AutoProcessor.register(config_class, processor_class)`. Registration is keyed by a model config class: that key is
+also how `AutoProcessor` picks a processor for a folder whose files name none (by `type(config)`). MemVP is not a
+model, so the key here is `MemVPProcessorConfig`, a config class no checkpoint has: the registration makes the name
+`MemVPProcessor` resolvable and changes the processor `AutoProcessor` chooses for no model.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional, Union
 
-from transformers import AutoImageProcessor, AutoProcessor, PreTrainedTokenizerBase, ProcessorMixin
+from transformers import AutoImageProcessor, AutoProcessor, PreTrainedConfig, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.image_processing_base import ImageProcessingMixin
 
-from ..data.image_batching import assemble_images, process_images
-from ..data.images import to_rgb_image
-from ..data.prompts import IMAGE_PLACEHOLDER
-from .chat_templates import default_chat_template, wrap_text_template
+from .data.conversations import DEFAULT_PROMPT_TEMPLATE, IMAGE_PLACEHOLDER
+from .data.images import assemble_images, process_images, to_rgb_image
 
-__all__ = ["MemVPProcessor"]
-
+__all__ = ["WRAP_MARKER", "MemVPProcessor", "MemVPProcessorConfig", "default_chat_template", "register_memvp_processor",
+           "wrap_text_template"]
 
 class MemVPProcessor(ProcessorMixin):
     """Tokenizer + image processor for MemVP: no image placeholder tokens in `input_ids`; `pixel_values` and
@@ -208,3 +232,83 @@ def _image_processor(value: Any, hub: dict) -> Any:
     if isinstance(value, ImageProcessingMixin):
         return value
     return AutoImageProcessor.from_pretrained(value, **hub)
+
+
+#: First line of a wrapped template: a template that has it is never wrapped twice (e.g. after a save and a reload).
+WRAP_MARKER = "{#- memvp: typed message contents become strings, each image entry the image token -#}"
+
+
+def _literal(text: str) -> str:
+    """`text` as a Jinja string literal (JSON's double-quoted escaping is valid Jinja)."""
+    return json.dumps(text)
+
+
+def _content_loop(target: str, content: str, image_token: str) -> str:
+    """Jinja that appends the string form of a typed `content` list to the namespace attribute `target`."""
+    return (
+        f"{{%- for part in {content} -%}}"
+        f"{{%- if part['type'] == 'text' -%}}{{%- set {target} = {target} ~ part['text'] -%}}"
+        f"{{%- elif part['type'] == 'image' -%}}{{%- set {target} = {target} ~ {_literal(image_token)} -%}}"
+        "{%- else -%}{{ raise_exception('MemVPProcessor reads text and image entries; a message holds a ' ~ "
+        "part['type'] ~ ' entry.') }}"
+        "{%- endif -%}{%- endfor -%}"
+    )
+
+
+def default_chat_template(image_token: str) -> str:
+    """The template for bases without one: `MemVPDataCollator`'s layout (see the module docstring)."""
+    question_prefix, question_suffix = DEFAULT_PROMPT_TEMPLATE.split("{question}")
+    return (
+        "{%- set ns = namespace(text='') -%}"
+        "{%- if bos_token is defined and bos_token -%}{{ bos_token }}{%- endif -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}{%- set ns.text = message['content'] -%}"
+        "{%- else -%}{%- set ns.text = '' -%}" + _content_loop("ns.text", "message['content']", image_token) +
+        "{%- endif -%}"
+        "{%- if message['role'] == 'system' -%}{{ ns.text ~ '\\n' }}"
+        f"{{%- elif message['role'] == 'user' -%}}{{{{ {_literal(question_prefix)} ~ ns.text ~ "
+        f"{_literal(question_suffix)} }}}}"
+        "{%- elif message['role'] == 'assistant' -%}{% generation %}{{ ' ' ~ ns.text ~ eos_token }}{% endgeneration %}"
+        "{%- else -%}{{ raise_exception('MemVPProcessor: unknown role ' ~ message['role'] ~ "
+        "' (expected system, user or assistant).') }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
+
+def wrap_text_template(template: str, image_token: str) -> str:
+    """`template` (a text-only LLM's) preceded by the block that turns typed contents into strings.
+
+    The block rebuilds `messages` with `dict(message, content=...)`, so every other key of a message (`name`,
+    `tool_calls`, ...) reaches the template unchanged; string contents and messages without content pass as they are.
+    """
+    if template.startswith(WRAP_MARKER):
+        return template
+    preamble = (
+        WRAP_MARKER
+        + "{%- set memvp = namespace(messages=[], text='') -%}"
+        "{%- for memvp_message in messages -%}"
+        "{%- if memvp_message['content'] is defined and memvp_message['content'] is not none "
+        "and memvp_message['content'] is not string -%}"
+        "{%- set memvp.text = '' -%}" + _content_loop("memvp.text", "memvp_message['content']", image_token) +
+        "{%- set memvp.messages = memvp.messages + [dict(memvp_message, content=memvp.text)] -%}"
+        "{%- else -%}{%- set memvp.messages = memvp.messages + [memvp_message] -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set messages = memvp.messages -%}"
+    )
+    return preamble + template
+
+
+class MemVPProcessorConfig(PreTrainedConfig):
+    """The registration key of `MemVPProcessor` (see the module docstring); never instantiated by a checkpoint."""
+
+    model_type = "memvp_processor"
+
+
+def register_memvp_processor() -> None:
+    """Make `AutoProcessor.from_pretrained` resolve `"processor_class": "MemVPProcessor"` (idempotent)."""
+    AutoProcessor.register(MemVPProcessorConfig, MemVPProcessor, exist_ok=True)
+
+
+register_memvp_processor()

@@ -1,10 +1,12 @@
-"""ScienceQA (Lu et al. 2022) -> multiple-choice records, from either of the two layouts it is distributed in.
+"""ScienceQA (Lu et al. 2022): its problems -> multiple-choice records, from either of the two layouts it is
+distributed in, and the answers to them -> the paper's table `NAT SOC LAN TXT IMG NO G1-6 G7-12 Avg`.
 
 MemVP's headline result is ScienceQA, so `--dataset scienceqa:DIR` reads the data exactly as the authors' code does
 (github JieShibo/MemVP, ``util/datasets.py``) and hands the collator *multiple-choice records* --
 ``question``, ``choices``, integer ``answer``, ``hint`` (and ``caption`` when asked) -- which
-:mod:`.multiple_choice` renders with the paper's QCM-A prompt. Keeping the rendering there (not here) means a
-ScienceQA problem and any other multiple-choice record are prompted the same way, at training and at answering time.
+:mod:`memvp_peft.data.multiple_choice` renders with the paper's QCM-A prompt. Keeping the rendering there (not here)
+means a ScienceQA problem and any other multiple-choice record are prompted the same way, at training and at
+answering time.
 
 The two layouts:
 
@@ -18,10 +20,15 @@ The two layouts:
 Each record also carries what scoring needs (``subject``, ``grade``, ``has_image``, ``has_hint``) -- the columns of
 the paper's table are computed from these, never re-derived from the prompt.
 
-Image paths follow the loaders' one rule (:func:`.image_files.resolve_image_path`): a repository problem's ``image``
-names a file of its own folder ``images/<split>/<pid>/``, a Hub row's image without bytes a path relative to its
-parquet file's folder; one leading outside (``..``, an absolute path) is refused unless
+Image paths follow the loaders' one rule (:func:`memvp_peft.data.images.resolve_image_path`): a repository
+problem's ``image`` names a file of its own folder ``images/<split>/<pid>/``, a Hub row's image without bytes a path
+relative to its parquet file's folder; one leading outside (``..``, an absolute path) is refused unless
 ``allow_outside_image_folder``.  A Hub row's embedded bytes need no rule.
+
+Scoring: the columns are the ones ScienceQA papers report (MemVP's Table 1 among them) and the authors' ``eval.py``
+computes: accuracy on the natural / social / language science subjects, on problems with a text context (a hint),
+with an image, with neither, on grades 1-6 and 7-12, and on all. A prediction is the first capital letter of the
+generated text; a letter beyond the problem's choices (or none at all) is wrong, as in the authors' scoring.
 """
 
 from __future__ import annotations
@@ -29,15 +36,17 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Mapping
+import re
+import string
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
-from .conversations import ORIGIN_FIELD
-from .image_files import resolve_image_path
-from .images import PathLike
+from ..data.conversations import ORIGIN_FIELD
+from ..data.images import PathLike, resolve_image_path
 
-__all__ = ["HELD_OUT_SPLITS", "SCIENCEQA_PREFIX", "SCIENCEQA_SPLITS", "is_scienceqa_dataset", "load_scienceqa",
-           "load_scienceqa_training"]
+__all__ = ["HELD_OUT_SPLITS", "SCIENCEQA_COLUMNS", "SCIENCEQA_PREFIX", "SCIENCEQA_SPLITS", "answer_letter",
+           "format_scores_table", "is_scienceqa_dataset", "load_scienceqa", "load_scienceqa_training",
+           "predicted_letter", "scienceqa_scores"]
 
 #: `--dataset scienceqa:DIR` names a ScienceQA folder in either layout.
 SCIENCEQA_PREFIX = "scienceqa:"
@@ -262,3 +271,62 @@ def load_scienceqa_training(folder: PathLike, train_split: str = "train", use_ca
                          f"{len(shared)} problems (e.g. {shared[:3]}); the held-out split must hold none of the "
                          "training problems.")
     return train, held_out, held_out_split
+
+
+#: The table's columns, in the paper's order.
+SCIENCEQA_COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
+
+_LETTERS = string.ascii_uppercase
+_CAPITAL = re.compile(r"[A-Z]")
+
+
+def _grade(record: Mapping[str, Any]) -> Optional[int]:
+    match = re.fullmatch(r"grade(\d+)", str(record.get("grade", "")))
+    return int(match.group(1)) if match else None
+
+
+_CATEGORIES: dict[str, Callable[[Mapping[str, Any]], bool]] = {
+    "NAT": lambda r: r.get("subject") == "natural science",
+    "SOC": lambda r: r.get("subject") == "social science",
+    "LAN": lambda r: r.get("subject") == "language science",
+    "TXT": lambda r: bool(r.get("has_hint")),
+    "IMG": lambda r: bool(r.get("has_image")),
+    "NO": lambda r: not r.get("has_hint") and not r.get("has_image"),
+    "G1-6": lambda r: (_grade(r) or 0) in range(1, 7),
+    "G7-12": lambda r: (_grade(r) or 0) in range(7, 13),
+    "Avg": lambda r: True,
+}
+
+
+def answer_letter(record: Mapping[str, Any]) -> str:
+    """The reference letter of a multiple-choice record (integer ``answer`` 0 -> ``A``)."""
+    return _LETTERS[int(record["answer"])]
+
+
+def predicted_letter(generated: str, num_choices: int) -> str:
+    """The first capital letter of the generated text if it names one of the choices, else ``""`` (wrong)."""
+    match = _CAPITAL.search(generated or "")
+    if match is None or _LETTERS.index(match.group(0)) >= num_choices:
+        return ""
+    return match.group(0)
+
+
+def scienceqa_scores(records: Sequence[Mapping[str, Any]], predictions: Sequence[str]) -> dict[str, Optional[float]]:
+    """Accuracy in percent (2 decimals) per column; ``None`` for a column with no problem (e.g. a split without
+    grades 7-12), never a division by zero dressed up as 0."""
+    if len(records) != len(predictions):
+        raise ValueError(f"ScienceQA scoring: {len(records)} problems but {len(predictions)} predictions.")
+    scores: dict[str, Optional[float]] = {}
+    for column, belongs in _CATEGORIES.items():
+        chosen = [prediction == answer_letter(record) for record, prediction in zip(records, predictions)
+                  if belongs(record)]
+        scores[column] = round(100.0 * sum(chosen) / len(chosen), 2) if chosen else None
+    return scores
+
+
+def format_scores_table(scores: Mapping[str, Optional[float]]) -> str:
+    """The scores as a two-line markdown table in the paper's column order."""
+    cells = ["-" if scores.get(c) is None else f"{scores[c]:.2f}" for c in SCIENCEQA_COLUMNS]
+    header = "| " + " | ".join(SCIENCEQA_COLUMNS) + " |"
+    rule = "|" + "|".join("---:" for _ in SCIENCEQA_COLUMNS) + "|"
+    return "\n".join([header, rule, "| " + " | ".join(cells) + " |"])

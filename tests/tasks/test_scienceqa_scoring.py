@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from memvp_peft.cli.scienceqa_scoring import format_scores_table, predicted_letter, scienceqa_scores
+from memvp_peft.tasks.scienceqa import format_scores_table, predicted_letter, scienceqa_scores
 
 
 def problem(subject, grade, hint, image, answer=0):

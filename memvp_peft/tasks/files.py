@@ -2,15 +2,16 @@
 
 The loaders check what a file can get wrong -- invalid JSON or UTF-8, JSON nested too deeply to read, a non-object
 entry, a missing field, an image or video path leading outside ``image_folder``, an image file that is missing, not
-an image or over the pixel limit (:mod:`.image_files`) -- and report it with the file and the entry or line, at load
-time rather than hours into training.  So are the images that would never reach the model: an image path in a field
-the collator does not read (``image_path``, ``img``, a capitalised ``Image``; ``image_column=`` names the field to
-read instead), and text that marks another number of images than the record gives
-(:func:`.conversations.check_image_marks`: a LLaVA ``<image>`` with no image).  Image and video paths (``image``,
-``images``, ``video``, ``frames``) are resolved against ``image_folder`` here, so the records go to a
-:class:`MemVPDataCollator` as they are.  The structure of a conversation (human/gpt alternation, non-empty answers)
-is the collator's to check (:func:`memvp_peft.data.conversations.record_dialogue`), for records from any source; each
-record carries its place in the file (:data:`ORIGIN_FIELD`) so that those errors name the dataset line too.
+an image or over the pixel limit (:func:`memvp_peft.data.images.check_image_files`) -- and report it with the file
+and the entry or line, at load time rather than hours into training.  So are the images that would never reach the
+model: an image path in a field the collator does not read (``image_path``, ``img``, a capitalised ``Image``;
+``image_column=`` names the field to read instead), and text that marks another number of images than the record
+gives (:func:`memvp_peft.data.conversations.check_image_marks`: a LLaVA ``<image>`` with no image).  Image and video
+paths (``image``, ``images``, ``video``, ``frames``) are resolved against ``image_folder`` here, so the records go
+to a :class:`MemVPDataCollator` as they are.  The structure of a conversation (human/gpt alternation, non-empty
+answers) is the collator's to check (:func:`memvp_peft.data.conversations.record_dialogue`), for records from any
+source; each record carries its place in the file (:data:`ORIGIN_FIELD`) so that those errors name the dataset line
+too.
 """
 
 from __future__ import annotations
@@ -21,11 +22,17 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any, Optional, Union
 
-from .conversations import ORIGIN_FIELD, check_image_marks, record_dialogue
-from .image_batching import PRECOMPUTED_FIELDS, RAW_IMAGE_FIELDS, image_field
-from .image_files import check_image_files, image_pixel_limit, resolve_image_path
-from .images import PathLike
-from .video import FRAME_FIELDS
+from ..data.conversations import ORIGIN_FIELD, check_image_marks, record_dialogue
+from ..data.images import (
+    PRECOMPUTED_FIELDS,
+    RAW_IMAGE_FIELDS,
+    PathLike,
+    check_image_files,
+    image_field,
+    image_pixel_limit,
+    resolve_image_path,
+)
+from ..data.video import FRAME_FIELDS
 
 __all__ = ["load_jsonl", "load_llava_json"]
 

@@ -1,4 +1,4 @@
-"""Tests of memvp_peft.data.formats: LLaVA JSON and simple JSONL files -> records, and those records collated."""
+"""Tests of memvp_peft.tasks.files: LLaVA JSON and simple JSONL files -> records, and those records collated."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from data_fixtures import (  # noqa: F401  (fixtures are used by name)
     tokenizer,
 )
 
-from memvp_peft.data import IGNORE_INDEX, MemVPDataCollator, build_prompt, load_jsonl, load_llava_json
+from memvp_peft.data import IGNORE_INDEX, MemVPDataCollator, build_prompt
+from memvp_peft.tasks import load_jsonl, load_llava_json
 
 
 # ---------------------------------------------------------------------------------------------------------- LLaVA

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from memvp_peft.data.scienceqa import is_scienceqa_dataset, load_scienceqa
+from memvp_peft.tasks.scienceqa import is_scienceqa_dataset, load_scienceqa
 from scienceqa_fixture import problems, repository, write_hub_layout  # noqa: F401  (fixtures, found by name)
 
 

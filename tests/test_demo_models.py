@@ -1,6 +1,6 @@
 """The locally built tiny models and tokenizers that the demo, the benchmark, the recipe and the tests share."""
 
-from memvp_peft.local_models import FixedVocabTokenizer, tiny_llama, tiny_llama_config
+from memvp_peft.demo_models import FixedVocabTokenizer, tiny_llama, tiny_llama_config
 
 
 def test_fixed_vocab_tokenizer_ids_follow_the_word_list_after_the_specials():
@@ -29,3 +29,12 @@ def test_tiny_llama_takes_vocabulary_and_special_ids_from_the_tokenizer():
     model = tiny_llama(tokenizer, hidden_size=32)
     assert model.config.vocab_size == len(tokenizer) == 7
     assert model.get_input_embeddings().padding_idx == tokenizer.pad_token_id
+
+
+def test_the_local_models_import_path_is_a_shim_for_demo_models():
+    """`memvp_peft.local_models`, the path earlier docs and user code import, gives the very same objects."""
+    import memvp_peft.demo_models as demo_models
+    import memvp_peft.local_models as local_models
+
+    assert local_models.__all__ == demo_models.__all__
+    assert all(getattr(local_models, name) is getattr(demo_models, name) for name in demo_models.__all__)

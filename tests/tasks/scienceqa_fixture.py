@@ -116,7 +116,7 @@ def write_hub_layout(folder: Path, problems: dict[str, dict]) -> Path:
 def fixture_tokenizer(problems: dict[str, dict]):
     """A word-level tokenizer knowing every word of the fixture's prompts and targets (a tiny local base's)."""
     from memvp_peft.data.multiple_choice import multiple_choice_prompt
-    from memvp_peft.local_models import build_word_tokenizer
+    from memvp_peft.demo_models import build_word_tokenizer
 
     corpus = [multiple_choice_prompt(p["question"], p["choices"], p["hint"], "A handwritten digit.")
               for p in problems.values()]
@@ -125,7 +125,7 @@ def fixture_tokenizer(problems: dict[str, dict]):
 
 def write_fixture_base(folder: Path, problems: dict[str, dict], hidden_size: int = 128, seed: int = 0) -> Path:
     """A tiny random Llama with `fixture_tokenizer`, saved as a local checkpoint folder (`--model_name_or_path`)."""
-    from memvp_peft.local_models import tiny_llama
+    from memvp_peft.demo_models import tiny_llama
 
     tokenizer = fixture_tokenizer(problems)
     # initializer_range 0.1 and untied embeddings, as the embedded digits base: a random lm_head with LlamaConfig's
@@ -137,7 +137,7 @@ def write_fixture_base(folder: Path, problems: dict[str, dict], hidden_size: int
     return folder
 
 
-if __name__ == "__main__":  # the fixture docs/benchmarks.md measures: python tests/data/scienceqa_fixture.py OUT
+if __name__ == "__main__":  # the fixture docs/benchmarks.md measures: python tests/tasks/scienceqa_fixture.py OUT
     import sys
 
     out = Path(sys.argv[1])

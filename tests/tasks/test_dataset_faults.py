@@ -17,8 +17,9 @@ import pytest
 from data_fixtures import collator, digits, image_dir, image_processor, tokenizer  # noqa: F401  (fixtures by name)
 
 from memvp_peft.cli.train import main as train_main
-from memvp_peft.data import MemVPDataCollator, load_jsonl, load_llava_json
-from memvp_peft.data.tasks import load_task
+from memvp_peft.data import MemVPDataCollator
+from memvp_peft.tasks import load_jsonl, load_llava_json
+from memvp_peft.tasks.catalogue import load_task
 
 QA = {"question": "What digit is shown in the image ?", "answer": "four"}
 
@@ -194,7 +195,7 @@ def test_a_video_path_leading_outside_the_folder_is_refused_unless_allowed(video
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     """A local vision encoder, so that the runs below get as far as their dataset whatever is checked first."""
-    from memvp_peft.local_models import tiny_clip
+    from memvp_peft.demo_models import tiny_clip
 
     folder = tmp_path_factory.mktemp("clip")
     tiny_clip(hidden_size=32).save_pretrained(folder)

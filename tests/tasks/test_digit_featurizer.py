@@ -1,4 +1,4 @@
-"""The built-in digits task's featurizer (`memvp_peft.data.digits`) reads a digit in either polarity: real
+"""The built-in digits task's featurizer (`memvp_peft.tasks.digits`) reads a digit in either polarity: real
 scikit-learn scans (light ink on dark) and digits drawn dark on light give the same visual tokens."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from memvp_peft.data.digits import DigitPatchFeaturizer, digit_patch_tokens, digit_scan_tokens
+from memvp_peft.tasks.digits import DigitPatchFeaturizer, digit_patch_tokens, digit_scan_tokens
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 
 `load_task` turns `--dataset` into train and held-out records; `reference_answer` and `normalise_answer` are how
 generated answers are scored against them. Give `--vision_model_name_or_path` and the digits go through that
-encoder; otherwise the embedded model reads them as patch tokens (`memvp_peft.data.digits`).
+encoder; otherwise the embedded model reads them as patch tokens (`.digits`).
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .conversations import ORIGIN_FIELD, first_answer
-from .digit_layouts import DIGIT_LAYOUT_TASKS, digit_layout_task
-from .digits import DIGIT_QUESTION
-from .formats import load_jsonl, load_llava_json
-from .image_batching import PRECOMPUTED_FIELDS, RAW_IMAGE_FIELDS
+from ..data.conversations import ORIGIN_FIELD, first_answer
+from ..data.images import PRECOMPUTED_FIELDS, RAW_IMAGE_FIELDS
+from ..data.video import FRAME_FIELDS
+from .digits import DIGIT_LAYOUT_TASKS, DIGIT_QUESTION, digit_layout_task
+from .files import load_jsonl, load_llava_json
 from .scienceqa import is_scienceqa_dataset, load_scienceqa_training
 from .sources import load_source, source_kind
-from .video import FRAME_FIELDS
 
 #: The held-out fraction of a dataset without a held-out split of its own (`--eval_fraction`'s default).
 DEFAULT_EVAL_FRACTION = 0.2
@@ -143,7 +142,7 @@ def load_task(
         raise ValueError(f"--image_column does not apply to the built-in {dataset!r} task: drop it.")
     if dataset == "digits":
         return load_digits_task(eval_fraction, seed)
-    if dataset in DIGIT_LAYOUT_TASKS:  # digits-grid, digits-grid-3x3, digits-sequence (digit_layouts.py)
+    if dataset in DIGIT_LAYOUT_TASKS:  # digits-grid, digits-grid-3x3, digits-sequence (digits.py)
         return Task(dataset, *digit_layout_task(dataset, eval_fraction, seed), array_value_range=(0.0, 16.0))
     if dataset.endswith(".json") or dataset.endswith(".jsonl"):
         if not os.path.isfile(dataset):

@@ -9,10 +9,10 @@ without rows, a glob that matches nothing, a Hub id that cannot be had -- and im
 model: a `datasets.Image` column under another name than `image`/`images` (`--image_column NAME` reads it instead).
 
 Image and video paths given as strings (an `image`/`images`/`video`/`frames` column of str) follow the loaders' one
-rule (`image_files.resolve_image_path`): relative to the dataset's folder (the data files' folder, the save_to_disk
-folder, the data folder, the Hub snapshot), never outside it unless `--allow_outside_image_folder`, each image file
-checked as it loads; the column is replaced by the resolved paths. A `datasets.Image` column embeds its bytes and
-needs no rule.
+rule (`memvp_peft.data.images.resolve_image_path`): relative to the dataset's folder (the data files' folder, the
+save_to_disk folder, the data folder, the Hub snapshot), never outside it unless `--allow_outside_image_folder`, each
+image file checked as it loads; the column is replaced by the resolved paths. A `datasets.Image` column embeds its
+bytes and needs no rule.
 
 How a Hub id resolves (read from datasets 5.2 / huggingface_hub 2.4): online, `datasets.load_dataset(ID)` downloads
 the repo's data files into the hub cache (`HF_HUB_CACHE/datasets--org--name/snapshots/<commit>/`) and prepares
@@ -36,9 +36,8 @@ import re
 from typing import Any, Optional
 
 from ..hub import is_hub_id, is_offline, not_resolved_message
-from .conversations import ORIGIN_FIELD
-from .image_batching import RAW_IMAGE_FIELDS
-from .image_files import check_image_files, image_pixel_limit, resolve_image_path
+from ..data.conversations import ORIGIN_FIELD
+from ..data.images import RAW_IMAGE_FIELDS, check_image_files, image_pixel_limit, resolve_image_path
 
 __all__ = ["TABLE_SUFFIXES", "load_source", "source_kind"]
 

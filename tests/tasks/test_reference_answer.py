@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from memvp_peft.cli.answering import accuracy
-from memvp_peft.data.tasks import reference_answer
+from memvp_peft.tasks.catalogue import reference_answer
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""`--dataset` sources the `datasets` library reads (memvp_peft.data.sources through load_task): save_to_disk folders,
+"""`--dataset` sources the `datasets` library reads (memvp_peft.tasks.sources through load_task): save_to_disk folders,
 parquet and arrow files and globs, data folders with configurations -- and the refusals: unknown split or
 configuration (with the ones that exist), an empty split, a glob matching nothing, options that do not apply.
 
@@ -16,7 +16,7 @@ from data_fixtures import digit_scans, image_processor, tokenizer  # noqa: F401 
 
 from memvp_peft.data import MemVPDataCollator
 from memvp_peft.data.conversations import ORIGIN_FIELD
-from memvp_peft.data.tasks import load_task
+from memvp_peft.tasks.catalogue import load_task
 
 QUESTION = "What digit is shown in the image ?"
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
