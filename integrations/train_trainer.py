@@ -49,8 +49,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
     import memvp_peft  # noqa: F401
 
 from memvp_peft import MemVPConfig  # noqa: E402
-from memvp_peft.cli.reporting import logged_losses  # noqa: E402
-from memvp_peft.demo_models import tiny_llama_config  # noqa: E402
+from memvp_peft.cli.train import logged_losses  # noqa: E402
 from memvp_peft.distributed import run_then_leave_process_group  # noqa: E402
 from memvp_peft.tuner.save_load import atomic_saves  # noqa: E402
 

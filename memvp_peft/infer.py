@@ -1,7 +1,8 @@
-"""`python -m memvp_peft.infer`: the same program as `memvp-infer` (which lives in `memvp_peft.cli.infer`).
+"""Shim for `python -m memvp_peft.infer`: the same program as `memvp-infer`, which lives in `memvp_peft.cli.infer`.
 
-Why this module exists: `python -m memvp_peft.infer` is the documented way to run inference without the console
-script (from a source checkout), and it keeps working after the command-line code moved into `memvp_peft.cli`.
+Why this module exists: `python -m memvp_peft.infer` is the documented way to run inference without the console script
+(from a source checkout, where no console script is installed); the short path keeps that command as short as the
+console script's name.
 """
 
 import sys

@@ -1,8 +1,9 @@
-"""`python -m memvp_peft.train`: the same program as `memvp-train` (which lives in `memvp_peft.cli.train`).
+"""Shim for `python -m memvp_peft.train`: the same program as `memvp-train`, which lives in `memvp_peft.cli.train`.
 
 Why this module exists: `python -m memvp_peft.train` and `torchrun -m memvp_peft.train` are the documented ways to run
-training without the console script (from a source checkout, under a launcher), and they keep working after the
-command-line code moved into `memvp_peft.cli`.
+training without the console script -- from a source checkout, where no console script is installed, and under a
+launcher, which starts a module rather than a script (docs/training.md, docs/scaling.md). The short path keeps those
+commands as short as the console script's name.
 """
 
 import sys

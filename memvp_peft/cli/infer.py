@@ -8,9 +8,10 @@
 The base defaults to the one the adapter records (`base_model_name_or_path` in adapter_config.json, at the `revision`
 it records; the embedded demo model is saved next to its adapter): a local folder or a Hub id, resolved as
 `from_pretrained` does (downloaded when online, the Hugging Face cache offline). How images become the adapter's
-visual input (vision encoder, VLM tower, or the built-in digit patches) is read from `memvp_cli.json`, written by
-`memvp-train`, and so is how the questions were prompted. `--dataset scienceqa:DIR` scores ScienceQA as the MemVP
-authors did (`cli.scienceqa_eval`): one line per problem, `scores.json` with the paper's columns, the table printed.
+visual input (vision encoder, VLM tower, or the built-in digit patches) is read from the run manifest
+`memvp_cli.json`, written by `memvp-train`, and so is how the questions were prompted. `--dataset scienceqa:DIR`
+scores ScienceQA as the MemVP authors did (`cli.scienceqa_eval`): one line per problem, `scores.json` with the paper's
+columns, the table printed.
 """
 
 from __future__ import annotations
@@ -25,11 +26,9 @@ from ..tuner.save_load import CONFIG_NAME, check_adapter_folder
 from ..data.conversations import ORIGIN_FIELD
 from .answering import asked_question, generate_answers
 from ..hub import MODEL_SOURCE, check_model_source, is_hub_id, is_offline
-from .base_loading import load_base
-from .collating import collator_from_record, encoder_image_processor
+from .model_loading import RUN_MANIFEST, load_base, read_adapter_config, read_run_manifest, without_peft_probe_warning
 from .options import InferOptions, run_command
-from .record import CLI_RECORD, read_adapter_config, read_cli_record
-from .reporting import without_peft_probe_warning
+from .visual_input import collator_from_manifest, encoder_image_processor
 
 
 #: `--image digits:INDEX` (and `"image": "digits:INDEX"` in an --input_file): scikit-learn's digit scan INDEX
@@ -220,10 +219,10 @@ def load_for_inference(options: InferOptions):
     adapter = _adapter_folder(options.adapter)
     check_adapter_folder(adapter)
     config = read_adapter_config(adapter)  # both files are checked before the base loads
-    record = read_cli_record(adapter)
+    manifest = read_run_manifest(adapter)
     base_path, revision, what = _base_path(options, adapter, config.base_model_name_or_path, config.revision)
-    vision = record.get("vision_model_name_or_path")
-    if vision and record.get("featurizer") is None and is_hub_id(vision):  # offline: in the cache, before any load
+    vision = manifest.get("vision_model_name_or_path")
+    if vision and manifest.get("featurizer") is None and is_hub_id(vision):  # offline: in the cache, before any load
         check_model_source(vision, "the vision encoder the adapter was trained with,")
     model, tokenizer, kind = load_base(base_path, load_in_4bit=False, bf16=False, revision=revision,
                                        trust_remote_code=options.trust_remote_code, what=what)
@@ -234,8 +233,8 @@ def load_for_inference(options: InferOptions):
         raise ValueError(f"the adapter {options.adapter} does not fit the base {base_path}: {error}") from error
     peft_model.to("cuda" if torch.cuda.is_available() else "cpu")  # the base loads on the CPU
     input_name = "pixel_values"
-    normalization = record.get("image_normalization", "encoder")
-    if record.get("featurizer") == "digit_patches":
+    normalization = manifest.get("image_normalization", "encoder")
+    if manifest.get("featurizer") == "digit_patches":
         processor, input_name = DigitPatchFeaturizer(), "image_features"
     elif vision:  # an external encoder wins over a VLM's own tower, as in memvp-train
         attached = peft_model.base_model.vision_encoder
@@ -246,14 +245,14 @@ def load_for_inference(options: InferOptions):
         processor = encoder_image_processor(base_path, model.config.vision_config, normalization, revision=revision,
                                             trust_remote_code=options.trust_remote_code)
     else:
-        why = (f"its {CLI_RECORD} names no vision encoder" if record
-               else f"no {CLI_RECORD}; it was not trained by memvp-train")
+        why = (f"its {RUN_MANIFEST} names no vision encoder" if manifest
+               else f"no {RUN_MANIFEST}; it was not trained by memvp-train")
         raise ValueError(
             f"{options.adapter} does not say how to turn images into features ({why}) -- use the Python API with "
             "image_features or pixel_values, or pass --vision_encoder when converting the authors' checkpoint."
         )
-    collator = collator_from_record(tokenizer, processor, record, input_name=input_name, kind=kind,
-                                    prompt_template=options.prompt_template)  # --input_file paths: load_jsonl
+    collator = collator_from_manifest(tokenizer, processor, manifest, input_name=input_name, kind=kind,
+                                      prompt_template=options.prompt_template)  # --input_file paths: load_jsonl
     return peft_model, tokenizer, collator, kind
 
 

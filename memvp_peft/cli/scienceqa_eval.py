@@ -7,7 +7,7 @@ reported accuracy is the one the scoring command gives.
 
 What `memvp-infer` writes: `--output_file` with one line per problem, `{"id", "prompt", "prediction", "answer"}` --
 the prompt exactly as the tokenizer was given it (its BOS is the tokenizer's own) -- and `scores.json` next to it
-with the paper's columns (`scienceqa_scoring`).
+with the paper's columns (`tasks.scienceqa`).
 """
 
 from __future__ import annotations

@@ -12,18 +12,18 @@ from PIL import Image
 
 import memvp_peft  # noqa: F401  (registers MEMVP)
 from memvp_peft import MemVPConfig
-from memvp_peft.cli.collating import (
+from memvp_peft.cli.infer import load_for_inference
+from memvp_peft.cli.model_loading import read_run_manifest, write_run_manifest
+from memvp_peft.cli.options import InferOptions
+from memvp_peft.cli.visual_input import (
     build_collator,
     chat_template_choice,
-    collation_record,
-    collator_from_record,
+    collation_manifest,
+    collator_from_manifest,
     encoder_image_processor,
 )
-from memvp_peft.cli.infer import load_for_inference
-from memvp_peft.cli.options import InferOptions
-from memvp_peft.cli.record import read_cli_record, write_cli_record
-from memvp_peft.demo_models import build_word_tokenizer, clip_image_processor, tiny_clip, tiny_llama
 from memvp_peft.tasks.digits import DIGIT_QUESTION
+from memvp_peft.demo_models import build_word_tokenizer, clip_image_processor, tiny_clip, tiny_llama
 from memvp_peft.vision import IMAGENET_MEAN, IMAGENET_STD, imagenet_image_processor
 
 WORDS = ["user", "assistant", "Question", "Answer", "What", "digit", "is", "shown", "?", ":", "Q", "A", "seven"]
@@ -71,11 +71,11 @@ def test_a_prompt_template_renders_the_questions_instead_of_the_chat_template():
 
 
 def test_the_record_keeps_the_template_the_chat_choice_and_the_normalization():
-    record = collation_record(collator_for("data.jsonl", prompt_template="Q: {question} A:"), "Q: {question} A:",
-                              "imagenet")
+    record = collation_manifest(collator_for("data.jsonl", prompt_template="Q: {question} A:"), "Q: {question} A:",
+                                "imagenet")
     assert {k: record[k] for k in ("prompt_template", "chat_template", "image_normalization")} == {
         "prompt_template": "Q: {question} A:", "chat_template": False, "image_normalization": "imagenet"}
-    assert collation_record(collator_for("data.jsonl"), None, "encoder")["chat_template"] is True
+    assert collation_manifest(collator_for("data.jsonl"), None, "encoder")["chat_template"] is True
 
 
 @pytest.mark.parametrize("trained_with", [{"prompt_template": "Q: {question} A:", "chat_template": False},
@@ -83,7 +83,7 @@ def test_the_record_keeps_the_template_the_chat_choice_and_the_normalization():
                                           {"prompt_template": None, "chat_template": False}])
 def test_memvp_infer_rebuilds_the_recorded_prompt(trained_with):
     tokenizer = word_tokenizer(chat=True)
-    rebuilt = collator_from_record(tokenizer, None, trained_with, input_name="pixel_values", kind="causal")
+    rebuilt = collator_from_manifest(tokenizer, None, trained_with, input_name="pixel_values", kind="causal")
     trained = build_collator(tokenizer, None, input_name="pixel_values", kind="causal", **trained_with)
     question = [{"question": "What digit is shown ?"}]
     assert rebuilt.uses_chat_template == trained_with["chat_template"]
@@ -91,23 +91,23 @@ def test_memvp_infer_rebuilds_the_recorded_prompt(trained_with):
 
 
 def test_a_record_older_than_these_keys_keeps_the_collators_own_rule():
-    assert collator_from_record(word_tokenizer(chat=True), None, {}, input_name="pixel_values",
-                                kind="causal").uses_chat_template
-    assert not collator_from_record(word_tokenizer(chat=False), None, {}, input_name="pixel_values",
-                                    kind="causal").uses_chat_template
+    assert collator_from_manifest(word_tokenizer(chat=True), None, {}, input_name="pixel_values",
+                                  kind="causal").uses_chat_template
+    assert not collator_from_manifest(word_tokenizer(chat=False), None, {}, input_name="pixel_values",
+                                      kind="causal").uses_chat_template
 
 
 def test_a_prompt_template_given_to_memvp_infer_wins_over_the_recorded_chat_template():
-    rebuilt = collator_from_record(word_tokenizer(chat=True), None, {"chat_template": True}, input_name="pixel_values",
-                                   kind="causal", prompt_template="Q: {question} A:")
+    rebuilt = collator_from_manifest(word_tokenizer(chat=True), None, {"chat_template": True}, input_name="pixel_values",
+                                     kind="causal", prompt_template="Q: {question} A:")
     assert not rebuilt.uses_chat_template and rebuilt.prompt_template == "Q: {question} A:"
 
 
 def test_a_recorded_chat_template_the_base_lacks_is_refused_naming_the_record():
     with pytest.raises(ValueError, match=r"memvp_cli.json says its rows were built with .*chat_template=True.*"
                                          r"neither the tokenizer nor the processor has a chat template"):
-        collator_from_record(word_tokenizer(chat=False), None, {"chat_template": True}, input_name="pixel_values",
-                             kind="causal")
+        collator_from_manifest(word_tokenizer(chat=False), None, {"chat_template": True}, input_name="pixel_values",
+                               kind="causal")
 
 
 @pytest.mark.parametrize("key, value, expected", [
@@ -116,9 +116,9 @@ def test_a_recorded_chat_template_the_base_lacks_is_refused_naming_the_record():
     ("chat_template", "yes", "'chat_template' must be true, false or null"),
 ])
 def test_a_damaged_record_value_is_refused_naming_the_file(tmp_path, key, value, expected):
-    write_cli_record(str(tmp_path), {key: value})
+    write_run_manifest(str(tmp_path), {key: value})
     with pytest.raises(ValueError, match=rf"memvp_cli.json: {expected}"):
-        read_cli_record(str(tmp_path))
+        read_run_manifest(str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -164,7 +164,7 @@ def adapter_with_clip(tmp_path):
 @pytest.mark.parametrize("normalization", ["imagenet", "encoder"])
 def test_memvp_infer_feeds_pixels_with_the_recorded_normalization(adapter_with_clip, normalization):
     adapter, record = adapter_with_clip
-    write_cli_record(str(adapter), {**record, "image_normalization": normalization})
+    write_run_manifest(str(adapter), {**record, "image_normalization": normalization})
     _, _, collator, _ = load_for_inference(InferOptions(adapter=str(adapter)))
     digit = Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8))
     pixels = collator.prompts([{"question": "What digit is shown ?", "image": digit}])["pixel_values"][0].numpy()
@@ -175,7 +175,7 @@ def test_memvp_infer_feeds_pixels_with_the_recorded_normalization(adapter_with_c
 
 def test_memvp_infer_prompts_with_the_recorded_template(adapter_with_clip):
     adapter, record = adapter_with_clip
-    write_cli_record(str(adapter), {**record, "prompt_template": "Q: {question} A:", "chat_template": False})
+    write_run_manifest(str(adapter), {**record, "prompt_template": "Q: {question} A:", "chat_template": False})
     _, tokenizer, collator, _ = load_for_inference(InferOptions(adapter=str(adapter)))
     ids = collator.prompts([{"question": "What digit is shown ?"}])["input_ids"][0].tolist()
     assert ids == tokenizer("Q: What digit is shown ? A:")["input_ids"]
@@ -184,7 +184,7 @@ def test_memvp_infer_prompts_with_the_recorded_template(adapter_with_clip):
 def test_a_converted_authors_checkpoint_records_their_image_normalization(tmp_path):
     import torch
 
-    from memvp_peft.convert import convert_authors_checkpoint
+    from memvp_peft.cli.convert import convert_authors_checkpoint
 
     torch.save({"model": {"adapter_proj.fc1.weight": torch.randn(8, 32), "adapter_proj.fc1.bias": torch.zeros(8),
                           "adapter_proj.fc2.weight": torch.randn(64, 8), "adapter_proj.fc2.bias": torch.zeros(64),
@@ -196,7 +196,7 @@ def test_a_converted_authors_checkpoint_records_their_image_normalization(tmp_pa
     record = json.loads((tmp_path / "adapter" / "memvp_cli.json").read_text())
     assert record["image_normalization"] == "imagenet" and record["chat_template"] is False
     assert record["vision_model_name_or_path"] == str(tmp_path / "clip") and record["kind"] == "causal"
-    assert read_cli_record(str(tmp_path / "adapter")) == record  # valid as memvp-infer reads it
+    assert read_run_manifest(str(tmp_path / "adapter")) == record  # valid as memvp-infer reads it
 
 
 # ------------------------------------------------------------------------------------------------ real runs

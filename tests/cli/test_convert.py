@@ -7,7 +7,7 @@ from peft import PeftModel
 from reference_memvp import reference_logits
 
 import memvp_peft
-from memvp_peft.convert import convert_authors_checkpoint, main
+from memvp_peft.cli.convert import convert_authors_checkpoint, main
 
 
 def synthetic_checkpoint(path, n=8, d=32, h=8, dv=VISUAL_DIM, blocks=2, adapter_dim=3, half=True):

@@ -294,7 +294,7 @@ def python_api(hf_home, tmp_path_factory):
         results["recorded_missing_attached"] = gone.base_model.vision_encoder is not None
         results["recorded_missing_warnings"] = [str(w.message) for w in caught if "org/no-clip" in str(w.message)]
         from transformers import CLIPVisionConfig
-        from memvp_peft.cli.base_loading import image_processor_for
+        from memvp_peft.cli.model_loading import image_processor_for
         processor = image_processor_for("org/clip", CLIPVisionConfig(image_size=48))
         results["repo_processor_size"] = processor.crop_size["height"]
         try:

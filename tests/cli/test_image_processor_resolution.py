@@ -3,7 +3,7 @@
 import pytest
 from transformers import CLIPImageProcessor, CLIPVisionConfig, LlavaProcessor
 
-from memvp_peft.cli.base_loading import image_processor_for
+from memvp_peft.cli.model_loading import image_processor_for
 from memvp_peft.demo_models import build_word_tokenizer
 
 SAVED_MEAN, SAVED_STD = (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)

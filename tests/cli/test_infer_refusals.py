@@ -14,9 +14,9 @@ from peft import get_peft_model
 
 from memvp_peft import MemVPConfig
 from memvp_peft.cli.infer import main as infer_main
-from memvp_peft.cli.record import write_cli_record
-from memvp_peft.demo_models import build_word_tokenizer, tiny_llama
+from memvp_peft.cli.model_loading import write_run_manifest
 from memvp_peft.tasks.digits import DIGIT_PATCH_DIM
+from memvp_peft.demo_models import build_word_tokenizer, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,8 @@ def trained_folder(tmp_path_factory):
     model.name_or_path = str(base)
     get_peft_model(model, MemVPConfig(visual_dim=DIGIT_PATCH_DIM, num_memory_slots=20, projector_hidden_dim=8)
                    ).save_pretrained(folder)
-    write_cli_record(str(folder), {"featurizer": "digit_patches", "vision_model_name_or_path": None,
-                                   "array_value_range": [0, 16], "kind": "causal"})
+    write_run_manifest(str(folder), {"featurizer": "digit_patches", "vision_model_name_or_path": None,
+                                     "array_value_range": [0, 16], "kind": "causal"})
     return folder
 
 

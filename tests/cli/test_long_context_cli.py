@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from memvp_peft.cli.infer import main as infer_main
-from memvp_peft.cli.long_context import embedded_corpus
+from memvp_peft.cli.visual_input import embedded_corpus
 from memvp_peft.cli.train import build_embedded_base
 from memvp_peft.cli.train import main as train_main
 

@@ -17,8 +17,8 @@ from process_launch import launcher_env
 from safetensors.torch import save_file
 from transformers.trainer_utils import get_last_checkpoint
 
-from memvp_peft.cli.long_context import embedded_corpus
-from memvp_peft.cli.run_writes import write_failure
+from memvp_peft.cli.visual_input import embedded_corpus
+from memvp_peft.cli.run_folder import write_failure
 from memvp_peft.cli.train import build_embedded_base
 from memvp_peft.cli.train import main as train_main
 

@@ -192,12 +192,12 @@ def test_checkpoint_missing_a_tensor_is_rejected(good):
 
 
 def test_crash_mid_cli_record_write_keeps_the_previous_record(tmp_path):
-    from memvp_peft.cli.record import read_cli_record, write_cli_record
+    from memvp_peft.cli.model_loading import read_run_manifest, write_run_manifest
 
-    write_cli_record(str(tmp_path), {"featurizer": "digit_patches", "kind": "causal"})
+    write_run_manifest(str(tmp_path), {"featurizer": "digit_patches", "kind": "causal"})
     with pytest.raises(TypeError):  # json.dump fails half-way through: an object it cannot serialise
-        write_cli_record(str(tmp_path), {"kind": "causal", "vision_model_name_or_path": object()})
-    assert read_cli_record(str(tmp_path)) == {"featurizer": "digit_patches", "kind": "causal"}
+        write_run_manifest(str(tmp_path), {"kind": "causal", "vision_model_name_or_path": object()})
+    assert read_run_manifest(str(tmp_path)) == {"featurizer": "digit_patches", "kind": "causal"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memvp_cli.json"]  # no partial file left behind
 
 
@@ -252,10 +252,10 @@ def test_saving_safetensors_over_a_bin_adapter_leaves_one_weights_file(tmp_path,
 def test_memvp_infer_answers_with_a_bin_adapter(tmp_path, capsys):
     from memvp_peft import MemVPConfig
     from memvp_peft.cli.infer import main as infer_main
-    from memvp_peft.cli.record import write_cli_record
+    from memvp_peft.cli.model_loading import write_run_manifest
+    from memvp_peft.tasks.digits import DIGIT_PATCH_DIM
     from memvp_peft.demo_models import build_word_tokenizer
     from memvp_peft.demo_models import tiny_llama as word_llama
-    from memvp_peft.tasks.digits import DIGIT_PATCH_DIM
 
     tokenizer = build_word_tokenizer(["Question: What digit is shown ?\nAnswer:"], [str(d) for d in range(10)])
     base = word_llama(tokenizer, hidden_size=32)
@@ -264,7 +264,7 @@ def test_memvp_infer_answers_with_a_bin_adapter(tmp_path, capsys):
     base.name_or_path = str(tmp_path / "base")
     pm = get_peft_model(base, MemVPConfig(visual_dim=DIGIT_PATCH_DIM, num_memory_slots=24))
     save_adapter(pm, tmp_path / "adapter", safe_serialization=False)
-    write_cli_record(str(tmp_path / "adapter"), {"featurizer": "digit_patches", "kind": "causal"})
+    write_run_manifest(str(tmp_path / "adapter"), {"featurizer": "digit_patches", "kind": "causal"})
     capsys.readouterr()
     assert infer_main(["--adapter", str(tmp_path / "adapter"), "--image", "digits:0", "--max_new_tokens", "1"]) == 0
     assert "digits:0" in capsys.readouterr().out
