@@ -52,7 +52,7 @@ from .base_model import DEFAULT_MODEL, MODEL_SHAPES, QUICK_MODEL, build_base_mod
 from .cli import DESCRIPTION, main, parse_args, run
 from .decode import run_decode_compare
 from .depth_fit import fit_depths
-from .flops import flop_model, forward_flops_per_token, memory_form_flops
+from .cost_model import flop_model, forward_flops_per_token, memory_form_flops
 from .long_context import LONG_CONTEXT_TARGETS, check_long_context_targets, long_context_ratios, parse_layout
 from .long_context_report import long_context_markdown, plot_long_context
 from .measure import cache_nbytes, peak_allocated_bytes, time_generate, time_prefill, time_train_step

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from ..tuner.config import MemVPConfig
-from .flops import flop_model
+from .cost_model import flop_model
 from .methods import MEMVP_FORMS, METHOD_LABELS, MemVPMethod
 from .ratios import paired_ratio
 

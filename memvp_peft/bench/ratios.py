@@ -13,7 +13,7 @@ import argparse
 import statistics
 from typing import Any, Optional
 
-from .flops import flop_model
+from .cost_model import flop_model
 from .methods import METHODS
 
 

@@ -9,7 +9,7 @@ import torch
 
 from memvp_peft import bench
 from memvp_peft.bench.base_model import build_base_model
-from memvp_peft.bench.flops import flop_model, memory_form_flops
+from memvp_peft.bench.cost_model import flop_model, memory_form_flops
 from memvp_peft.bench.long_context import build_memvp_method, form_slots, parse_layout
 from memvp_peft.bench.methods import ALL_METHODS, make_batch
 from memvp_peft.bench.sweep import _probe
