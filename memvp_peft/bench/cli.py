@@ -26,9 +26,9 @@ from .methods import ALL_METHODS, DEFAULT_LAYOUTS, METHODS, MODEL_SHAPES, QUICK_
 from .profiling import decode_compare_markdown, profile_point, run_decode_compare
 from .sweep import long_context_markdown, markdown_report, plot_long_context, plot_report, run_sweep
 
-#: what ``--help`` prints above the options (the first line of the package docstring)
 #: where results go unless --output_dir says otherwise (beside memvp-train's outputs/memvp-* run folders)
 DEFAULT_OUTPUT_DIR = "outputs/memvp-bench"
+#: what ``--help`` prints above the options (the first line of the package docstring)
 DESCRIPTION = "Benchmark MemVP against input-space visual prompting + LoRA (LLaVA style) and text-only + LoRA."
 
 DEVICES = ("cpu", "cuda")

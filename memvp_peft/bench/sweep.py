@@ -31,9 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .cost_model import (
-    FLOP_EFFICIENCY, RATIO_DEFS, TARGETS_BY_DEVICE, check_targets, compute_ratios, fit_depths,
-)
+from .cost_model import FLOP_EFFICIENCY, RATIO_DEFS, TARGETS_BY_DEVICE, check_targets, compute_ratios, fit_depths
 from .measure import (
     cpu_name, device_name, load_average, median, package_version, peak_allocated_bytes, time_generate, time_prefill,
     time_train_step,
@@ -42,13 +40,6 @@ from .methods import (
     ALL_METHODS, MEMVP_FORMS, METHOD_LABELS, METHODS, Batch, LoRAMethod, Method, build_base_model, build_memvp_method,
     describe_layout, describe_model, full_depth, layout_for, make_batch,
 )
-
-
-def _free(device: torch.device) -> None:
-    """Give the previous depth's models back before the next depth is built (matters for 7B-class layers)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
@@ -196,6 +187,41 @@ def _methods_on(base: nn.Module, args: argparse.Namespace, methods_wanted: list[
     return method_for
 
 
+def _probe(methods: list[Method], batch: Any, cap_s: Optional[float]) -> tuple[dict[str, str], dict[str, float]]:
+    """With a time cap: one untimed training step per method first (beside the warm-up); which ran past the cap or
+    out of memory (a status per method name), and how long the step took. Without a cap nothing runs."""
+    status: dict[str, str] = {}
+    probe_ms: dict[str, float] = {}
+    if cap_s is None:
+        return status, probe_ms
+    for method in methods:
+        try:
+            wall = time_train_step(method, batch)["wall"]
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+            if isinstance(error, RuntimeError) and not _is_oom(error):
+                raise
+            method.zero_grad()
+            status[method.name] = "out of memory"
+            continue
+        probe_ms[method.name] = 1e3 * wall
+        if wall > cap_s:
+            status[method.name] = f"over the {cap_s:g} s time cap (one training step: {wall:.1f} s)"
+    gc.collect()
+    return status, probe_ms
+
+
+def _is_oom(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+
+
+def _free(device: torch.device) -> None:
+    """Give the previous depth's models back before the next depth is built (matters for 7B-class layers)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _warm_up(methods: list[Method], batch: Batch, args: argparse.Namespace, progress: Any) -> dict[str, int]:
     """``--warmup`` untimed calls of every phase per method, so that no timed call pays a first call's costs (CUDA:
     kernels, cuBLAS handles, the allocator's pool); the KV-cache bytes each prefill built, by method name."""
@@ -307,34 +333,6 @@ def _result_row(method: Method, batch: Batch, args: argparse.Namespace, info: di
     if status is not None:  # not measured: no number rather than a NaN that reads like one
         row.update({key: None for key, value in row.items() if isinstance(value, float) and value != value})
     return row
-
-
-def _probe(methods: list[Method], batch: Any, cap_s: Optional[float]) -> tuple[dict[str, str], dict[str, float]]:
-    """With a time cap: one untimed training step per method first (beside the warm-up); which ran past the cap or
-    out of memory (a status per method name), and how long the step took. Without a cap nothing runs."""
-    status: dict[str, str] = {}
-    probe_ms: dict[str, float] = {}
-    if cap_s is None:
-        return status, probe_ms
-    for method in methods:
-        try:
-            wall = time_train_step(method, batch)["wall"]
-        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
-            if isinstance(error, RuntimeError) and not _is_oom(error):
-                raise
-            method.zero_grad()
-            status[method.name] = "out of memory"
-            continue
-        probe_ms[method.name] = 1e3 * wall
-        if wall > cap_s:
-            status[method.name] = f"over the {cap_s:g} s time cap (one training step: {wall:.1f} s)"
-    gc.collect()
-    return status, probe_ms
-
-
-def _is_oom(error: BaseException) -> bool:
-    text = str(error).lower()
-    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
 
 
 def _mib_or_na(value: Optional[int]) -> str:
