@@ -4,10 +4,10 @@
     python -m memvp_peft.bench --quick               # CI smoke: tiny model, one point, one repeat (< 30 s)
     python -m memvp_peft.bench --accuracy            # accuracy at equal budget on scikit-learn's real digits
     python -m memvp_peft.bench --profile             # + torch.profiler tables of MemVP vs text-only (one point)
-    python -m memvp_peft.bench --decode_compare      # decode step: MemVP's read path before/after issue 16 vs text
-    python -m memvp_peft.bench --long_context        # cost vs memory size N up to 4,096 (tiles, frames; issue 15)
+    python -m memvp_peft.bench --decode_compare      # decode step: MemVP vs text only, its memory read's products
+    python -m memvp_peft.bench --long_context        # cost vs memory size N up to 4,096 (tiles, frames)
     python -m memvp_peft.bench --device cuda --dtype bfloat16 --model_shape llama-7b --layers 1 2   # on a GPU
-    bash memvp_peft/bench/gpu.sh                     # issue 16's prepared GPU run (< 8 min on one H200)
+    bash memvp_peft/bench/gpu.sh                     # the prepared GPU run at the GPU targets (< 8 min, one H200)
 
 (also installed as the console script ``memvp-bench``). Three methods on ONE frozen base model, built and measured
 in one process, interleaved (each repeat runs A, B, C back to back per phase, the first method rotating: A, B, C,
@@ -37,30 +37,29 @@ decode steps with an event per step, peaks with ``torch.cuda.max_memory_allocate
 random base of LLaMA-7B's, LLaMA-13B's or Qwen2.5-7B's exact shape with ``--layers K`` decoder layers, and two or
 more depths give per-layer times, from which a full-depth figure is an extrapolation that the report labels as such.
 
-The modules follow one run: `methods` (the three methods behind one interface, their batches), `base_model` (the
-frozen base they share, the real models' shapes), `device` (what may run where), `measure` (timers, peak memory,
-cache bytes, on CPU and CUDA), `sweep` (the interleaved repeats, once per depth), `flops` and `ratios` (what FLOPs
-predict, the paired ratios, the CPU and GPU targets), `depth_fit` (per-layer times, the full-depth extrapolation),
-`report` (markdown, plot, files), `long_context` / `long_context_report` (``--long_context``: N up to 4,096 for
-MemVP, MemVP pooled 2x2 and the ADEM-VL form through their `MemVPConfig` options, with capped rows), `profiling` (``--profile``), `decode` (``--decode_compare``), `accuracy`
-(``--accuracy``), `gpu_plan` (the prepared GPU run behind ``gpu.sh``), `machine` (what the run ran on) and `cli`
-(the options, ``main``).
+The modules follow one run: `cli` (the options, what cannot run here, which mode runs, the files it writes,
+``main``), `methods` (the frozen base the methods share and the real models' shapes, the methods behind one
+interface -- MemVP's pooled and ADEM-VL forms through their `MemVPConfig` options --, the batches and their image
+layouts), `measure` (timers, peak memory, cache bytes on CPU and CUDA, and what the run ran on), `sweep` (the
+interleaved repeats at every point, once per depth, and the markdown and plots of the N x T grid and of
+``--long_context``'s N up to 4,096, capped rows included), `cost_model` (what FLOPs predict, the paired ratios, the
+CPU, GPU and long-context targets, per-layer times and the full-depth extrapolation), `profiling` (``--profile``
+and ``--decode_compare``), `accuracy` (``--accuracy``) and `gpu_plan` (the prepared GPU run behind ``gpu.sh``).
 """
 
 from .accuracy import DIGIT_WORDS, PROMPT, accuracy_markdown, plot_accuracy, run_accuracy
-from .base_model import DEFAULT_MODEL, MODEL_SHAPES, QUICK_MODEL, build_base_model, describe_model, shape_config
-from .cli import DESCRIPTION, main, parse_args, run
-from .decode import run_decode_compare
-from .depth_fit import fit_depths
-from .flops import flop_model, forward_flops_per_token, memory_form_flops
-from .long_context import LONG_CONTEXT_TARGETS, check_long_context_targets, long_context_ratios, parse_layout
-from .long_context_report import long_context_markdown, plot_long_context
+from .cli import DESCRIPTION, main, parse_args, run, write_outputs
+from .cost_model import (
+    FLOP_PREDICTION, GPU_TARGETS, LONG_CONTEXT_TARGETS, RATIO_DEFS, TARGETS, check_long_context_targets, check_targets,
+    compute_ratios, fit_depths, flop_model, forward_flops_per_token, long_context_ratios, memory_form_flops,
+)
 from .measure import cache_nbytes, peak_allocated_bytes, time_generate, time_prefill, time_train_step
-from .methods import ALL_METHODS, MEMVP_FORMS, METHOD_LABELS, METHODS, Batch, LoRAMethod, MemVPMethod, Method, count_trainable, make_batch
-from .profiling import profile_point
-from .ratios import FLOP_PREDICTION, GPU_TARGETS, RATIO_DEFS, TARGETS, check_targets, compute_ratios
-from .report import markdown_report, plot_report, write_outputs
-from .sweep import run_sweep
+from .methods import (
+    ALL_METHODS, DEFAULT_MODEL, MEMVP_FORMS, METHOD_LABELS, METHODS, MODEL_SHAPES, QUICK_MODEL, Batch, LoRAMethod,
+    MemVPMethod, Method, build_base_model, count_trainable, describe_model, make_batch, parse_layout, shape_config,
+)
+from .profiling import profile_point, run_decode_compare
+from .sweep import long_context_markdown, markdown_report, plot_long_context, plot_report, run_sweep
 
 __all__ = [
     "ALL_METHODS",

@@ -1,36 +1,38 @@
-"""`memvp-bench` / `python -m memvp_peft.bench`: the options, and which mode runs (sweep, profile, accuracy).
+"""`memvp-bench` / `python -m memvp_peft.bench`: the options, which mode runs (sweep, long context, profile, decode
+comparison, accuracy), and the files it writes.
 
 Defaults depend on the mode (``--quick`` shrinks the model and the grid, ``--accuracy`` uses one thread), so they
-are resolved here, once, and every mode reads the finished namespace.
+are resolved here, once, and every mode reads the finished namespace. What cannot run is refused here too, before a
+model is built: the CUDA branches of the timers cannot run on a machine without a GPU, so whether ``--device`` /
+``--dtype`` can be had (and which modes exist only on CPU) is decided from the options alone, testable anywhere.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from .accuracy import accuracy_markdown, plot_accuracy, run_accuracy
-from .base_model import MODEL_SHAPES
-from .decode import decode_compare_markdown, run_decode_compare
-from .device import DEVICES, DTYPES, check_modes, device_problem
-from .long_context import DEFAULT_LAYOUTS, QUICK_LAYOUTS, check_long_context_targets, long_context_ratios, parse_layout
-from .long_context_report import long_context_markdown, plot_long_context
-from .methods import ALL_METHODS, METHODS
-from .profiling import profile_point
-from .report import markdown_report, plot_report, write_outputs
-from .sweep import run_sweep
+from .cost_model import check_long_context_targets, long_context_ratios
+from .methods import ALL_METHODS, DEFAULT_LAYOUTS, METHODS, MODEL_SHAPES, QUICK_LAYOUTS, parse_layout
+from .profiling import decode_compare_markdown, profile_point, run_decode_compare
+from .sweep import long_context_markdown, markdown_report, plot_long_context, plot_report, run_sweep
 
-#: what ``--help`` prints above the options (the first line of the package docstring)
 #: where results go unless --output_dir says otherwise (beside memvp-train's outputs/memvp-* run folders)
 DEFAULT_OUTPUT_DIR = "outputs/memvp-bench"
+#: what ``--help`` prints above the options (the first line of the package docstring)
 DESCRIPTION = "Benchmark MemVP against input-space visual prompting + LoRA (LLaVA style) and text-only + LoRA."
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -83,9 +85,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="also write torch.profiler op tables of MemVP vs text-only + LoRA at --profile_point")
     parser.add_argument("--profile_point", type=int, nargs=2, default=(256, 64), metavar=("N", "T"))
     parser.add_argument("--decode_compare", action="store_true",
-                        help="instead of the sweep: decode per token of MemVP's read path before and after issue 16 "
-                             "vs text-only + LoRA, interleaved in one process, at --profile_point")
-    long = parser.add_argument_group("cost against memory size N (--long_context, issue 15)")
+                        help="instead of the sweep: decode per token of MemVP vs text-only + LoRA, interleaved in "
+                             "one process, and MemVP's memory-read products timed alone, at --profile_point")
+    long = parser.add_argument_group("cost against memory size N (--long_context)")
     long.add_argument("--long_context", action="store_true",
                       help="instead of the N x T grid: sweep the memory size N over --layouts at one text length "
                            "(default T=64) for MemVP, MemVP pooled 2x2, the ADEM-VL form, input-space and text-only")
@@ -179,6 +181,35 @@ def _shape_problem(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
+def device_problem(device: str, dtype: str) -> Optional[str]:
+    """Why `--device device --dtype dtype` cannot run here (None when it can)."""
+    if device not in DEVICES:
+        return f"--device must be one of {', '.join(DEVICES)}, got {device!r}"
+    if dtype not in DTYPES:
+        return f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            built = torch.version.cuda
+            why = (f"this torch ({torch.__version__}) is a CPU-only build" if built is None
+                   else f"this torch was built with CUDA {built} but no GPU is visible (CUDA_VISIBLE_DEVICES, driver)")
+            return f"--device cuda was asked for, but CUDA is not available: {why}. Use --device cpu."
+        if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+            return f"--dtype bfloat16 is not supported on {torch.cuda.get_device_name()}; use --dtype float16."
+    return None
+
+
+def check_modes(args: argparse.Namespace) -> Optional[str]:
+    """Modes that only exist on CPU (None when the combination is fine)."""
+    if args.device == "cpu":
+        return None
+    if args.profile:
+        return ("--profile attributes torch.profiler's self CPU time per op and runs on --device cpu only; on a GPU "
+                "profile with torch.profiler (ProfilerActivity.CUDA) or Nsight Systems around `memvp-bench`")
+    if args.accuracy:
+        return "--accuracy trains tiny digit models and runs on --device cpu only"
+    return None
+
+
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run the chosen mode, write its JSON / markdown / PNG (and profiler files), print the markdown; the report
     (with the written ``paths``) is returned for callers such as the tests."""
@@ -225,6 +256,24 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print("wrote " + ", ".join(paths.values()))
     report["paths"] = paths
     return report
+
+
+def write_outputs(report: dict[str, Any], output_dir: Path, stem: str, markdown: str,
+                  plot: Optional[Callable[[dict, Path], None]]) -> dict[str, str]:
+    """Write ``<stem>.json`` and ``<stem>.md`` (and ``<stem>.png`` where matplotlib is installed); the written paths."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": output_dir / f"{stem}.json", "markdown": output_dir / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["markdown"].write_text(markdown)
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("matplotlib is not installed: no PNG written (pip install matplotlib)")
+        else:
+            paths["png"] = output_dir / f"{stem}.png"
+            plot(report, paths["png"])
+    return {k: str(v) for k, v in paths.items()}
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The prepared GPU benchmark of issue 16: MemVP vs input-space + LoRA vs text-only + LoRA on one CUDA GPU, bf16,
-# random bases of the LLaMA-7B / Qwen2.5-7B / LLaMA-13B shapes at 1 and 2 layers (per-layer times, full depth as a
-# labelled extrapolation), N = 256 and 2,304 visual tokens, T = 64, B = 4 and 16. Budgeted to finish in under
-# 8 minutes on one H200 (420 s for the runs; each run has its own limit; see memvp_peft/bench/gpu_plan.py).
+# The prepared GPU benchmark at the GPU targets' points: MemVP vs input-space + LoRA vs text-only + LoRA on one
+# CUDA GPU, bf16, random bases of the LLaMA-7B / Qwen2.5-7B / LLaMA-13B shapes at 1 and 2 layers (per-layer times,
+# full depth as a labelled extrapolation), N = 256 and 2,304 visual tokens, T = 64, B = 4 and 16. Budgeted to finish
+# in under 8 minutes on one H200 (420 s for the runs; each run has its own limit; see memvp_peft/bench/gpu_plan.py).
 #
 #   bash memvp_peft/bench/gpu.sh [OUTPUT_DIR]        # default outputs/memvp-bench-gpu
 #

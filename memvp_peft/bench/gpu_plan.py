@@ -1,4 +1,4 @@
-"""The prepared GPU benchmark (`memvp_peft/bench/gpu.sh`): issue 16's target points on one CUDA device, in a budget.
+"""The prepared GPU benchmark (`memvp_peft/bench/gpu.sh`): the GPU targets' points on one CUDA device, in a budget.
 
     python -m memvp_peft.bench.gpu_plan --output_dir outputs/memvp-bench-gpu     # what gpu.sh runs
     python -m memvp_peft.bench.gpu_plan --smoke --output_dir /tmp/plan           # the same plan on CPU, tiny
@@ -6,9 +6,9 @@
 Each run is one `memvp-bench` process (CUDA, bf16, SDPA, random bases of the real models' shapes at 1 and 2 layers,
 so that per-layer times and a labelled full-depth extrapolation come out), in order of importance: LLaMA-7B at
 N = 256 and 2,304 with T = 64 for B = 4 and B = 16, then Qwen2.5-7B (grouped-query attention, 152k vocabulary) and
-LLaMA-13B at the main point. Every run has its own time limit and the plan a total budget (default 420 s, under
-issue 16's 8 minutes on one H200 with room for start-up): a run that would start after the budget is skipped and
-says so, a run past its limit is stopped and says so, and the summary is written whatever happened.
+LLaMA-13B at the main point. Every run has its own time limit and the plan a total budget (default 420 s: the whole
+script must finish in under 8 minutes on one H200, with room for start-up): a run that would start after the budget
+is skipped and says so, a run past its limit is stopped and says so, and the summary is written whatever happened.
 
 Outputs: one folder per run (benchmark.json / .md / .png) and `summary.md` + `summary.json` with each run's status,
 wall time and its targets (measured at the deepest depth run, with the full-depth extrapolation beside).
@@ -54,7 +54,7 @@ def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def summary_markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """Every run's status and targets as one markdown page (the measured value, the extrapolated one beside)."""
-    lines = ["# memvp-bench on a GPU: issue 16's target points", "",
+    lines = ["# memvp-bench on a GPU: the GPU targets' points", "",
              f"Device: {meta.get('device_name')}; torch {meta.get('torch')}; plan budget {meta['budget_s']} s, "
              f"took {meta['wall_s']:.0f} s. Each run: `python -m memvp_peft.bench <flags>` (flags below).", ""]
     for run in runs:
@@ -120,7 +120,7 @@ def run_plan(output_dir: Path, smoke: bool, budget_s: float, only: Optional[list
 def main(argv: Optional[list[str]] = None) -> int:
     """`python -m memvp_peft.bench.gpu_plan`: run the plan, print the summary; exit 1 when a run did not finish."""
     parser = argparse.ArgumentParser(prog="python -m memvp_peft.bench.gpu_plan", allow_abbrev=False,
-                                     description="issue 16's GPU benchmark plan (see memvp_peft/bench/gpu.sh)")
+                                     description="the prepared GPU benchmark plan (see memvp_peft/bench/gpu.sh)")
     parser.add_argument("--output_dir", default="outputs/memvp-bench-gpu")
     parser.add_argument("--budget_s", type=float, default=DEFAULT_BUDGET_S,
                         help=f"total seconds for all runs (default {DEFAULT_BUDGET_S})")

@@ -1,28 +1,74 @@
-"""How one call is measured: wall and CPU timers, the decode step clock, peak allocator bytes, KV-cache bytes.
+"""How one call is measured, and on what: wall and CPU timers, the decode step clock, peak allocator bytes, KV-cache
+bytes -- and the device, processor, load and package versions that every report records beside its numbers.
 
 Apart from the sweep so that the sweep and the profiler time the very same calls, and so that what lies inside a
-timed region (and what does not: gradient resets, mode switches) is visible in one place.
+timed region (and what does not: gradient resets, mode switches) is visible in one place. Timings mean little
+without the machine and its load, so the same place says what the calls ran on.
 
 On CUDA the host only queues kernels, so a host clock around a call measures how fast Python enqueues, not how long
 the GPU works. There every timed call starts on an idle device (`synchronize`), is bracketed by CUDA events and
 ends with a synchronisation; "wall" is the events' elapsed time (first queued kernel to the last one finished) and
 "cpu" the host process's CPU time, which shows how launch-bound a phase is. Decode steps are timestamped by an
-event recorded on the stream at every step, and peaks come from `torch.cuda.max_memory_allocated`.
+event recorded on the stream at every step, and peaks come from `torch.cuda.max_memory_allocated`. What may run
+where is decided before anything is built (`cli.device_problem`).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import sys
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from .device import synchronize
 from .methods import Batch, Method
+
+
+def package_version(package: str) -> Optional[str]:
+    """The installed version of `package`, or None where its metadata is missing."""
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:  # pragma: no cover
+        return None
+
+
+def load_average() -> Optional[list[float]]:
+    """The 1/5/15-minute load average (None where the platform has none): how busy the machine was."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):  # pragma: no cover
+        return None
+
+
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux, else what `platform` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def device_name(device: str) -> str:
+    """What the numbers were measured on: the GPU's name for CUDA (the CPU is recorded separately)."""
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "cpu"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for all queued work on `device` (a no-op on CPU, where every op has finished when it returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def cache_nbytes(cache: Any) -> int:

@@ -61,7 +61,7 @@ def run_seeds(argv: Sequence[str]) -> dict[str, Any]:
     """Train each seed in turn, then write and print the spread."""
     import torch
 
-    from ..bench.machine import cpu_name
+    from ..bench.measure import cpu_name
     from .train import train
 
     folder, runs = seed_runs(argv)

@@ -5,10 +5,10 @@ import argparse
 import pytest
 import torch
 
-from memvp_peft.bench.base_model import MODEL_SHAPES, build_base_model, describe_model, instantiate, shape_config
-from memvp_peft.bench.cli import parse_args
-from memvp_peft.bench.device import check_modes
-from memvp_peft.bench.methods import make_batch
+from memvp_peft.bench.cli import check_modes, parse_args
+from memvp_peft.bench.methods import (
+    MODEL_SHAPES, build_base_model, describe_model, instantiate, make_batch, shape_config,
+)
 
 # (width, attention heads, KV heads, FFN, vocab, full depth) as the real models' config.json files give them
 REAL_SHAPES = {

@@ -1,5 +1,5 @@
-"""The prepared GPU benchmark (memvp_peft/bench/gpu.sh + gpu_plan): its runs are issue 16's points, it keeps to its
-budget, and the whole script runs end to end on CPU in --smoke mode."""
+"""The prepared GPU benchmark (memvp_peft/bench/gpu.sh + gpu_plan): its runs are the GPU targets' points, it keeps to
+its budget, and the whole script runs end to end on CPU in --smoke mode."""
 
 import json
 import os
@@ -23,7 +23,7 @@ def _parsed(flags):
     return parse_args(argv)
 
 
-def test_planned_runs_cover_issue_16s_points_in_bf16_sdpa_at_two_depths():
+def test_planned_runs_cover_the_gpu_target_points_in_bf16_sdpa_at_two_depths():
     runs = [_parsed(flags) for _, flags, _ in gpu_plan.PLAN]
     assert all((a.dtype, a.attn_implementation, a.num_layers, a.text_lengths) == ("bfloat16", "sdpa", [1, 2], [64])
                for a in runs)
@@ -33,7 +33,7 @@ def test_planned_runs_cover_issue_16s_points_in_bf16_sdpa_at_two_depths():
     assert all(a.warmup >= 2 and a.repeats >= 5 for a in runs)
 
 
-def test_plan_fits_issue_16s_eight_minutes_and_skips_what_its_budget_does_not_allow(tmp_path):
+def test_plan_fits_eight_minutes_on_one_h200_and_skips_what_its_budget_does_not_allow(tmp_path):
     assert gpu_plan.DEFAULT_BUDGET_S <= 8 * 60 - 60  # a minute left for start-up, nvidia-smi and the tarball
     assert all(limit <= gpu_plan.DEFAULT_BUDGET_S for _, _, limit in gpu_plan.PLAN)
     summary = gpu_plan.run_plan(tmp_path, smoke=True, budget_s=0)

@@ -1,4 +1,4 @@
-"""`memvp-bench --long_context` (issue 15): cost against memory size N for MemVP, its pooled and ADEM-VL forms,
+"""`memvp-bench --long_context`: cost against memory size N for MemVP, its pooled and ADEM-VL forms,
 input-space + LoRA and text-only; every ratio beside its FLOP prediction; capped rows reported, not omitted."""
 
 import copy
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from memvp_peft import bench
-from memvp_peft.bench.base_model import build_base_model
-from memvp_peft.bench.flops import flop_model, memory_form_flops
-from memvp_peft.bench.long_context import build_memvp_method, form_slots, parse_layout
-from memvp_peft.bench.methods import ALL_METHODS, make_batch
+from memvp_peft.bench.cost_model import flop_model, memory_form_flops
+from memvp_peft.bench.methods import (
+    ALL_METHODS, build_base_model, build_memvp_method, form_slots, make_batch, parse_layout,
+)
 from memvp_peft.bench.sweep import _probe
 
 

@@ -1,5 +1,6 @@
 """memvp-infer rebuilds the collator memvp-train used: the image normalisation, the prompt template and whether the
-base's chat template rendered the rows come back from `memvp_cli.json` (issue 13's follow-ups, issue 14 item 4)."""
+base's chat template rendered the rows come back from `memvp_cli.json`, so that a model is asked the way it was
+trained."""
 
 from __future__ import annotations
 

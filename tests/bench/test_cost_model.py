@@ -5,8 +5,8 @@ import json
 import pytest
 
 from memvp_peft import bench
-from memvp_peft.bench.depth_fit import depth_fit_markdown, fit_depths, fit_line
-from memvp_peft.bench.ratios import GPU_TARGETS, TARGETS_BY_DEVICE, check_targets
+from memvp_peft.bench.cost_model import GPU_TARGETS, TARGETS_BY_DEVICE, check_targets, fit_depths, fit_line
+from memvp_peft.bench.sweep import depth_fit_markdown
 
 
 def _row(method, layers, train, prefill, decode, n=256, t=64):
