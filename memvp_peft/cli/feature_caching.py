@@ -1,6 +1,6 @@
 """`memvp-train --cache_image_features [DIR]`: the checks and the collator of a run whose encoder features are cached.
 
-The cache (`memvp_peft.vision_cache`) is only right when the features of an image cannot change during training:
+The cache (`memvp_peft.vision.feature_cache`) is only right when the features of an image cannot change during training:
 vision adapters train inside the encoder, so with `--vision_adapter_dim > 0` the flag is refused; a run without a
 vision encoder (the built-in digits' 2x2-pixel patches) has nothing to cache and is refused too, rather than the
 flag doing nothing without a word. The cache is written as training reaches images it does not hold yet, so a folder
@@ -19,7 +19,7 @@ from .run_folder import writable_folder_problem
 
 def cache_folder(options: TrainOptions) -> Optional[str]:
     """The cache folder the options ask for ('auto' is the user cache), or None without the flag."""
-    from ..vision_cache import default_cache_dir
+    from ..vision.feature_cache import default_cache_dir
 
     value = options.cache_image_features
     if value is None:
@@ -55,7 +55,7 @@ def _unwritable(folder: str, problem: str) -> str:
 
 def cached_collator(options: TrainOptions, peft_model: Any, collator: Any, processor: Any, input_name: str) -> Any:
     """`collator`, or with the flag the `CachedFeatureCollator` around it reading the attached encoder's cache."""
-    from ..vision_cache import CachedFeatureCollator, FeatureCache, encoder_settings
+    from ..vision.feature_cache import CachedFeatureCollator, FeatureCache, encoder_settings
 
     folder = cache_folder(options)
     if folder is None:
@@ -82,7 +82,7 @@ def encode_in_training_precision(train_collator: Any, trainer: Any) -> None:
     `trainer.accelerator.autocast()` (bf16 under `--bf16`, fp16 under `--fp16`), so the uncached run's encoder runs
     in it; features computed outside it would be other numbers, and the run's losses with them. Nothing for a run
     without the cache."""
-    from ..vision_cache import CachedFeatureCollator
+    from ..vision.feature_cache import CachedFeatureCollator
 
     if isinstance(train_collator, CachedFeatureCollator):
         train_collator.precision = trainer.accelerator.autocast

@@ -15,7 +15,7 @@ import math
 from typing import Any, Optional
 
 from ..data.digit_layouts import layout_of, layout_prompts
-from ..data.tiling import check_grid
+from ..vision.tiling import check_grid
 
 #: datasets the embedded model reads as 2x2-pixel digit patches (`data.digits.DigitPatchFeaturizer`)
 DIGIT_PATCH_DATASETS = ("digits", "digits-grid", "digits-grid-3x3", "digits-sequence")
@@ -143,7 +143,7 @@ def preset_fields(options: Any, tokens_per_image: int, tokenizer: Any, kind: str
     the CLS token after the tokenizer's 'Image: ' ('Image: N/A' without an image); `num_memory_slots` then defaults
     to exactly the visual slots, as ADEM-VL sizes its memory (no +25%)."""
     from ..tuner.input_tokens import adem_vl_prefix_ids
-    from ..tuner.visual_layout import square_side
+    from ..tuner.visual_inputs import square_side
 
     if options.preset is None:
         return {}

@@ -48,7 +48,7 @@ from .image_batching import (
 )
 from .images import PathLike
 from .precomputed import precomputed_images
-from .tiling import check_grid, tile_image
+from ..vision.tiling import check_grid, tile_image
 from .video import FRAME_FIELDS, record_frames
 from .prompts import DEFAULT_PROMPT_TEMPLATE, IMAGE_PLACEHOLDER, build_prompt
 from .tokenization import (
@@ -131,7 +131,7 @@ class MemVPDataCollator:
             kind.
         seq2seq: encoder-decoder layout: a training batch is the prompt as encoder input and the answer (+EOS) as
             ``labels`` (see :meth:`seq2seq_batch`); :meth:`prompts` gives the same right-padded encoder input.
-        image_grid: ``(rows, cols)`` or ``"RxC"``: AnyRes tiling (:mod:`.tiling`); every raw image becomes the whole
+        image_grid: ``(rows, cols)`` or ``"RxC"``: AnyRes tiling (:mod:`memvp_peft.vision.tiling`); every raw image becomes the whole
             image plus rows x cols crops, row by row, each processed as an image (``1 + rows*cols`` slots per image,
             always the 5-D layout). The layout of ``MemVPConfig(image_grid=...)``. Precomputed tensors are taken as
             given (already tiles).

@@ -32,7 +32,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .read_forms import adem_scores, drop_lowest_scores
-from .scope import MemoryRuntime
+from .runtime import MemoryRuntime
 
 MERGE_ERROR = (
     "MemVP cannot be merged into the base weights: its keys and values are computed from each input's image, so "

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..vision import VisionBottleneck
-from .input_checks import check_cast_finite
 from .read_forms import adem_keys
 
 
@@ -113,7 +112,6 @@ class VisualMemory(nn.Module):
             unused = self.projector(weight.new_zeros(1, 1, self.visual_dim)).sum() * 0.0
             return MemoryState(self.key_pos + unused, self.value_pos + unused)
         features = image_features.to(weight.dtype)
-        check_cast_finite(features, image_features.dtype, "image_features")
         projected = self.projector(features) * self.visual_scale
         if image_mask is not None:  # (B,) per sample or (B, N) per visual token
             mask = image_mask.to(device=projected.device, dtype=projected.dtype)
@@ -127,7 +125,6 @@ class VisualMemory(nn.Module):
         lambda nor masked (rows without an image get no CLS token at all)."""
         weight = self.cls_projector[0].weight
         features = cls_features.to(weight.dtype)
-        check_cast_finite(features, cls_features.dtype, "the encoder's CLS feature")
         return self.cls_projector(features)[:, None, :]
 
 

@@ -33,7 +33,7 @@ from .entry import (
 )
 from .config import MemVPConfig, mark_injected, record_built_field
 from .layer import MERGE_ERROR, FFNMemoryLayer, KeyMemoryLayer, MemVPLayer, ValueMemoryLayer
-from .scope import MemoryRuntime
+from .runtime import MemoryRuntime
 from ..vision import VisionEncoder, blocks_before_feature_layer
 from .memory import VisualMemory
 from .save_load import begin_in_place_save, refuse_partitioned_tensors

@@ -1,9 +1,11 @@
-"""The per-call visual memory: one `CallMemory` per forward / `generate()` call, visible only inside that call.
+"""The runtime of a MemVP tuner: the per-call visual memory, and gradient checkpointing that keeps it alive.
 
-The memory is a side input of the forward pass (it depends on the image), but HF decoder layers only hand the hidden
-states to their MLP. Instead of threading a new argument through every architecture, the entry point of a call
-(`entry.py`) computes the keys/values of every active adapter once and *activates* them for the duration of the call;
-the FFN layers read the active call from here.
+**The per-call memory.** One `CallMemory` per forward / `generate()` call, visible only inside that call. The memory
+is a side input of the forward pass (it depends on the image), but HF decoder layers only hand the hidden states to
+their MLP. Instead of threading a new argument through every architecture, the entry point of a call (`entry.py`)
+has `MemoryRuntime.build` compute the keys/values of every active adapter once -- from the call's visual inputs,
+checked and laid out on their way (`visual_inputs.py`) -- and *activates* them for the duration of the call; the FFN
+layers read the active call from here.
 
 Three rules make that safe:
 
@@ -18,34 +20,42 @@ Three rules make that safe:
   to each of its own decode steps explicitly (`entry.CALL_KWARG`), so a text-only forward a `LogitsProcessor` makes
   in between is text-only.
 
-Gradient checkpointing recomputes layers inside backward, after the call returned (possibly on an autograd thread):
-`checkpointing.py` captures the active call at forward time and re-activates it around the recomputation.
+**Gradient checkpointing.** transformers (>= 5) checkpoints a layer by calling
+`layer._gradient_checkpointing_func(partial(forward, **kwargs), *args)`; the recomputation runs inside backward,
+after the call returned, possibly on an autograd thread, and possibly after another call ran. Two kinds of layers
+read state of the running call that is gone by then:
+
+* the decoder/encoder layers holding MemVP layers read the call's visual memory (`MemoryRuntime.active`);
+* the blocks of the vision encoder (a VLM's own tower, which `gradient_checkpointing_enable` on the VLM checkpoints
+  too, or an encoder the user checkpoints) have their vision adapters added by forward hooks that read the adapters
+  of the running `VisionEncoder.features()` call (`VisionEncoder.running_adapters`).
+
+`wrap_checkpoint_function` wraps a layer's checkpoint function so that
+
+* that state of *this* forward is captured and re-activated around the recomputation (two forwards before one
+  backward stay correct, and a thread that never saw the call still reads its memory and adds its adapters), and
+* the tensors the layer's gradients must reach are explicit inputs of the checkpoint: the memory tensors, so
+  reentrant checkpointing returns their gradients to the shared projector graph instead of back-propagating through
+  it once per layer ("backward through the graph a second time"); and the trainable vision-adapter weights, so that
+  reentrant checkpointing of a frozen encoder's block -- whose hidden states need no gradient -- still runs its
+  backward (a reentrant checkpoint without an input that requires a gradient returns an output that has none, and
+  the adapters would get no gradient, silently). The weights are read as they are (they are leaves: the
+  recomputation's backward accumulates into their `.grad`); as inputs they only put the block on the gradient path.
+
+The wrapper is installed lazily at a call's entry (`entry.wrap_layer_checkpointing`).
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
 
-from ..vision import unread_tower_message
-from .input_checks import validate_pixel_values, validate_visual_inputs
 from .input_tokens import ClsInput, cls_input_for
 from .memory import MemoryState
-from .visual_layout import arrange_visual_tokens, tile_for_adapter
-
-
-def feature_selection(config: Any) -> dict[str, Any]:
-    """Which features of the encoder an adapter reads, as `VisionEncoder.features` takes them. Passed on every
-    call: adapters sharing one encoder may each read another hidden state, while the `VisionEncoder` keeps only the
-    selection it was built with (that of the adapter it was attached for)."""
-    return {
-        "feature_layer": config.vision_feature_layer,
-        "select_strategy": config.vision_feature_select_strategy,
-        "layernorm": config.vision_feature_layernorm,
-    }
+from .visual_inputs import VisualInputs
 
 
 class CallMemory:
@@ -127,8 +137,8 @@ class MemoryRuntime:
 
     def layers_reading_the_call(self) -> list:
         """Every layer whose gradient-checkpointing recomputation must see the state of the call that ran it
-        (`checkpointing.py`): the layers holding MemVP layers (the call's memory) and the blocks of the attached
-        vision encoder (the call's vision adapters, added by hooks)."""
+        (`wrap_checkpoint_function`): the layers holding MemVP layers (the call's memory) and the blocks of the
+        attached vision encoder (the call's vision adapters, added by hooks)."""
         return [*self.checkpointed_layers, *(self.vision.layers if self.vision is not None else ())]
 
     # ------------------------------------------------------------------------------------------ building the memory
@@ -141,91 +151,28 @@ class MemoryRuntime:
         pixel_values: Optional[torch.Tensor],
         batch_size: Optional[int],
     ) -> CallMemory:
-        """Validate the visual inputs of a call and compute K/V once for every active adapter.
+        """Compute K/V once for every active adapter from the call's visual inputs, which reach each memory checked
+        and laid out for its adapter (`visual_inputs.VisualInputs`).
 
         `memories` is passed by the caller (the tuner's own ModuleDict): an `nn.DataParallel` replica of the tuner
         computes with its replica's parameters, on its device.
         """
-        if pixel_values is not None and image_features is not None:
-            raise ValueError("MemVP: pass either `pixel_values` or `image_features`, not both.")
-        shared_features = {}  # adapters tiling alike and selecting the same features share one encoding
+        inputs = VisualInputs(image_features, image_mask, pixel_values, batch_size, self.vision,
+                              self.unread_vlm_class)
         states = {}
         cls_input = None
         active = [name for name in self.active_adapters if name in memories]
         for name in active:
             config, memory = self.configs[name], memories[name]
-            features, mask = image_features, image_mask
-            cls_embeddings = None
-            if getattr(config, "cls_token", False):
-                features, cls_embeddings = self._with_cls_token(name, active, memory, features, pixel_values,
-                                                                batch_size)
-            elif pixel_values is not None:
-                pixels, mask = tile_for_adapter(pixel_values, image_mask, config, self.vision)  # visual_layout.py
-                if memory.vision_adapters is not None:
-                    features = self._encode(pixels, batch_size, config, memory.vision_adapters)
-                else:
-                    key = (tuple(config.image_grid or ()), *feature_selection(config).values())
-                    if key not in shared_features:
-                        shared_features[key] = self._encode(pixels, batch_size, config, None)
-                    features = shared_features[key]
-            features, mask = arrange_visual_tokens(features, mask, config)  # frames, tiles, compression
-            features, mask = validate_visual_inputs(
-                features, mask, batch_size, config.visual_dim, config.num_memory_slots
-            )
-            states[name] = memory(features, mask)
+            visual = inputs.for_adapter(name, active, config, memory)
+            cls_embeddings = None if visual.cls_features is None else memory.project_cls(visual.cls_features)
+            states[name] = memory(visual.features, visual.mask)
             if getattr(config, "cls_token", False):  # the rows with an image: the checked per-token mask's first
                 unused = None if cls_embeddings is not None else memory.project_cls(
                     memory.cls_projector[0].weight.new_zeros(1, config.visual_dim)).sum() * 0.0
-                cls_input = cls_input_for(config, cls_embeddings, None if mask is None else mask[:, 0], unused)
+                cls_input = cls_input_for(config, cls_embeddings, None if visual.mask is None else visual.mask[:, 0],
+                                          unused)
         return CallMemory(states, cls_input)
-
-    def _with_cls_token(self, name: str, active: list[str], memory: nn.Module, image_features: Any,
-                        pixel_values: Any, batch_size: Optional[int]) -> tuple[Any, Optional[torch.Tensor]]:
-        """The patch features of an adapter with `cls_token` and its projected CLS features (B, 1, d) from the same
-        encoding (`input_tokens.py`); (None, None) without visual inputs (every row then gets the text-only prefix)."""
-        config = self.configs[name]
-        if len(active) > 1:
-            raise ValueError(
-                f"MemVP: adapter {name!r} has cls_token=True, which changes the input sequence, and {len(active)} "
-                f"adapters are active ({active}); their calls cannot share one input layout. Activate one adapter."
-            )
-        if image_features is not None:
-            raise ValueError(
-                f"MemVP: adapter {name!r} has cls_token=True, which reads the encoder's CLS token; `image_features` "
-                "carry patch features only. Pass `pixel_values` (with the vision encoder attached)."
-            )
-        if pixel_values is None:
-            return None, None
-        if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 5 and pixel_values.shape[1] != 1:
-            raise ValueError(
-                f"MemVP: adapter {name!r} has cls_token=True, which places one image's CLS token per row; "
-                f"pixel_values hold {pixel_values.shape[1]} images per row."
-            )
-        features, cls = self._encode(pixel_values, batch_size, config, memory.vision_adapters, with_cls=True)
-        return features, memory.project_cls(cls)
-
-    def _encode(
-        self, pixel_values: torch.Tensor, batch_size: Optional[int], config: Any, adapters: Optional[nn.ModuleList],
-        with_cls: bool = False,
-    ) -> Any:
-        """`config`'s features of `pixel_values` (the hidden state, CLS selection and layernorm it names), with
-        `adapters` (its vision adapters, at its scale) added to the encoder's blocks."""
-        if self.vision is None and self.unread_vlm_class is not None:
-            raise ValueError(f"MemVP: `pixel_values` were given, but no vision encoder reads them: "
-                             f"{unread_tower_message(self.unread_vlm_class)}")
-        if self.vision is None:
-            raise ValueError(
-                "MemVP: `pixel_values` were given but no vision encoder is attached. Set "
-                "`MemVPConfig(vision_encoder=<CLIP/SigLIP model or local path>)`, call "
-                "`memvp_peft.attach_vision_encoder(peft_model, encoder)`, or pass `image_features`."
-            )
-        pixels, images = validate_pixel_values(pixel_values, batch_size)
-        scale = config.vision_adapter_scale if adapters is not None else 0.0
-        features = self.vision.features(pixels, adapters, scale, with_cls=with_cls, **feature_selection(config))
-        features, cls = features if with_cls else (features, None)
-        if pixel_values.dim() == 5:
-            features = features.reshape(pixel_values.shape[0], images, *features.shape[1:])
-        return (features, cls) if with_cls else features
 
     # ------------------------------------------------------------------------------------------------ copy / pickle
 
@@ -237,3 +184,44 @@ class MemoryRuntime:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
+
+
+# ------------------------------------------------------------------------------------------ gradient checkpointing
+
+
+def wrap_checkpoint_function(original: Callable, runtime: MemoryRuntime) -> Callable:
+    """`original` (a layer's `_gradient_checkpointing_func`) re-activating, around the recomputation, the call
+    memory and vision adapters its forward ran with, which it takes as explicit inputs (module docstring)."""
+    def checkpoint_with_memory(function: Callable, *args: Any) -> Any:
+        active = runtime.active()
+        active = active if active is not None and active.memory.states else None
+        vision = runtime.vision
+        adapters = vision.running_adapters() if vision is not None else None
+        if active is None and adapters is None:
+            return original(function, *args)
+        names = list(active.memory.states) if active is not None else []
+        tensors = active.memory.tensors() if active is not None else []
+        adapter_weights = [p for p in adapters.bottlenecks.parameters() if p.requires_grad] if adapters else []
+        extra = len(tensors) + len(adapter_weights)
+
+        def run(*all_args: Any) -> Any:
+            layer_args = all_args[: len(all_args) - extra]
+            memory = all_args[len(layer_args) : len(layer_args) + len(tensors)]
+            previous = None
+            if active is not None:
+                states = {name: MemoryState(memory[2 * i], memory[2 * i + 1]) for i, name in enumerate(names)}
+                replay = CallMemory(states)
+                previous = runtime.activate(ActiveCall(replay, active.batch_size))
+            previous_adapters = vision.run_adapters(adapters) if adapters is not None else None
+            try:
+                return function(*layer_args)
+            finally:
+                if adapters is not None:
+                    vision.run_adapters(previous_adapters)
+                if active is not None:
+                    runtime.restore(previous)
+
+        return original(run, *args, *tensors, *adapter_weights)
+
+    checkpoint_with_memory.__wrapped__ = original
+    return checkpoint_with_memory
