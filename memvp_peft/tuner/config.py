@@ -2,10 +2,12 @@
 
 Every field carries a `metadata={"help": ...}` like peft's own tuner configs. The defaults are the values of the
 authors' released LLaMA-7B recipe except `num_memory_slots` (256 here; the authors use 320 for 256 CLIP patches) and
-the vision-encoder adapters (off here; 12 in their code) -- `docs/index.md` lists the paper value of every field. Validation happens here,
-at construction, so a typo fails before any model is touched -- all of it: each field's own range, and how fields go
-together (`check_long_context`: tiles, frames, compression and the read form; `check_cls_token`: ADEM-VL's CLS input
-token). What needs the model is checked at injection.
+the vision-encoder adapters (off here; 12 in their code) -- `docs/index.md` lists the paper value of every field.
+
+All of the config's validation happens here, at construction (and at every assignment), so a typo fails before any
+model is touched: each field's own range, and how the fields go together (`check_long_context`: tiles, frames,
+compression and the read form; `check_cls_token`: ADEM-VL's CLS input token). What needs the model is checked at
+injection.
 
 **The peft type.** peft's in-tree tuners own a member of `PeftType` declared in peft's source. An out-of-tree tuner
 cannot edit that enum, and `peft.utils.register_peft_method` only accepts names that are already members. So this

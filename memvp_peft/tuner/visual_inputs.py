@@ -210,6 +210,8 @@ def cast_checked(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.T
         f"projector's dtype {str(cast.dtype).replace('torch.', '')} (magnitudes above "
         f"{torch.finfo(cast.dtype).max:.3g} overflow to inf); rescale the features."
     )
+
+
 def _check_mask(image_mask: Any, batch: int, images: int) -> Optional[torch.Tensor]:
     """`image_mask` as a (B, images) bool tensor; accepts (B,) (one flag per sample) and, for several images, (B, I)."""
     if image_mask is None:

@@ -10,6 +10,10 @@ records which encoder, layer and width it expects.
 The authors also train small bottleneck adapters inside every encoder block (dim 12, GELU, scale 0.1, zero-initialised
 up-projection). `VisionBottleneck` is that adapter; they live in the MemVP adapter's `VisualMemory` (and so are saved
 with it) and are added in parallel to each encoder MLP by forward hooks while that adapter computes its features.
+
+Every adapter may select other features of the same encoder (`feature_selection`). `pixel_features` is the one place
+where pixels become the features an adapter reads: the tuner's runtime and the feature cache both call it, so the two
+can never compute them differently.
 """
 
 from __future__ import annotations
