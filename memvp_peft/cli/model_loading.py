@@ -221,7 +221,7 @@ def read_adapter_config(adapter: str) -> Any:
     file can be wrong: peft's own reader answers a list or null with a TypeError, a missing `peft_type` with a
     TypeError and another method's config by loading that method (which then fails on the MemVP weights)."""
     from ..tuner.config import MemVPConfig
-    from ..tuner.peft_type import MEMVP_NAME, is_memvp_peft_type
+    from ..tuner.config import MEMVP_NAME, is_memvp_peft_type
 
     path = os.path.join(adapter, ADAPTER_CONFIG)
     data = _read_json_object(path, "a peft adapter config")

@@ -15,7 +15,7 @@ visual input is made here, and what training chose is written to the run manifes
   (`collation_manifest`) and come back out of it (`collator_from_manifest`). A manifest written before these keys
   existed reads as what training did then: the encoder's processor, the default template, the collator's own
   chat-template rule;
-* the feature cache (`memvp_peft.vision_cache`), which is only right when the features of an image cannot change
+* the feature cache (`memvp_peft.vision.feature_cache`), which is only right when the features of an image cannot change
   during training: vision adapters train inside the encoder, so with `--vision_adapter_dim > 0` the flag is refused; a
   run without a vision encoder (the built-in digits' 2x2-pixel patches) has nothing to cache and is refused too,
   rather than the flag doing nothing without a word. The cache is written as training reaches images it does not hold
@@ -32,8 +32,8 @@ from typing import Any, Optional
 
 from ..tasks.digits import layout_of, layout_prompts
 from ..tasks.scienceqa import is_scienceqa_dataset
-from ..data.tiling import check_grid
 from ..vision import imagenet_image_processor
+from ..vision.tiling import check_grid
 from .model_loading import RUN_MANIFEST, image_processor_for
 from .options import TrainOptions
 
@@ -166,7 +166,7 @@ def preset_fields(options: Any, tokens_per_image: int, tokenizer: Any, kind: str
     the CLS token after the tokenizer's 'Image: ' ('Image: N/A' without an image); `num_memory_slots` then defaults
     to exactly the visual slots, as ADEM-VL sizes its memory (no +25%)."""
     from ..tuner.input_tokens import adem_vl_prefix_ids
-    from ..tuner.visual_layout import square_side
+    from ..tuner.visual_inputs import square_side
 
     if options.preset is None:
         return {}
@@ -255,7 +255,7 @@ def collator_from_manifest(tokenizer: Any, processor: Any, manifest: dict[str, A
 
 def cache_folder(options: TrainOptions) -> Optional[str]:
     """The cache folder the options ask for ('auto' is the user cache), or None without the flag."""
-    from ..vision_cache import default_cache_dir
+    from ..vision.feature_cache import default_cache_dir
 
     value = options.cache_image_features
     if value is None:
@@ -293,7 +293,7 @@ def _unwritable(folder: str, problem: str) -> str:
 
 def cached_collator(options: TrainOptions, peft_model: Any, collator: Any, processor: Any, input_name: str) -> Any:
     """`collator`, or with the flag the `CachedFeatureCollator` around it reading the attached encoder's cache."""
-    from ..vision_cache import CachedFeatureCollator, FeatureCache, encoder_settings
+    from ..vision.feature_cache import CachedFeatureCollator, FeatureCache, encoder_settings
     from .run_folder import writable_folder_problem
 
     folder = cache_folder(options)
@@ -321,7 +321,7 @@ def encode_in_training_precision(train_collator: Any, trainer: Any) -> None:
     `trainer.accelerator.autocast()` (bf16 under `--bf16`, fp16 under `--fp16`), so the uncached run's encoder runs
     in it; features computed outside it would be other numbers, and the run's losses with them. Nothing for a run
     without the cache."""
-    from ..vision_cache import CachedFeatureCollator
+    from ..vision.feature_cache import CachedFeatureCollator
 
     if isinstance(train_collator, CachedFeatureCollator):
         train_collator.precision = trainer.accelerator.autocast

@@ -47,7 +47,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..vision_tiling import blocks_per_image
+from ..vision.tiling import blocks_per_image, check_grid, tile_image
 from .chat_template import ChatTemplateRenderer, chat_template_of
 from .conversations import (
     DEFAULT_PROMPT_TEMPLATE,
@@ -68,7 +68,6 @@ from .images import (
     process_images,
     record_images,
 )
-from .tiling import check_grid, tile_image
 from .video import FRAME_FIELDS, record_frames
 from .tokenization import (
     count_leading_special_tokens,
@@ -150,7 +149,7 @@ class MemVPDataCollator:
             kind.
         seq2seq: encoder-decoder layout: a training batch is the prompt as encoder input and the answer (+EOS) as
             ``labels`` (see :meth:`seq2seq_batch`); :meth:`prompts` gives the same right-padded encoder input.
-        image_grid: ``(rows, cols)`` or ``"RxC"``: AnyRes tiling (:mod:`.tiling`); every raw image becomes the whole
+        image_grid: ``(rows, cols)`` or ``"RxC"``: AnyRes tiling (:mod:`memvp_peft.vision.tiling`); every raw image becomes the whole
             image plus rows x cols crops, row by row, each processed as an image (``1 + rows*cols`` slots per image,
             always the 5-D layout). The layout of ``MemVPConfig(image_grid=...)``. Precomputed tensors are taken as
             given (already tiles).

@@ -8,16 +8,15 @@ Nothing else in the process changes: peft's classes are not patched.
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import register_peft_method
 
-from .config import MemVPConfig
+from .config import MEMVP_NAME, MEMVP_PEFT_TYPE, MEMVP_STORED_NAME, MemVPConfig
 from .layer import FFNMemoryLayer, KeyMemoryLayer, MemVPLayer, ValueMemoryLayer
 from .memory import MemoryState, VisualMemory
 from .model import MemVPModel, attach_vision_encoder, memvp_parameters
-from .peft_type import MEMVP_NAME, MEMVP_PEFT_TYPE, MEMVP_STORED_NAME
 
 
 def register_memvp() -> None:
     """Register `MemVPConfig`/`MemVPModel` with peft (idempotent: a second call changes nothing), under the peft type
-    and under the self-explaining name `adapter_config.json` stores it as (`peft_type.MEMVP_STORED_NAME`)."""
+    and under the self-explaining name `adapter_config.json` stores it as (`config.MEMVP_STORED_NAME`)."""
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(MEMVP_PEFT_TYPE) is not MemVPConfig:
         register_peft_method(
             name=MEMVP_NAME.lower(), config_cls=MemVPConfig, model_cls=MemVPModel, prefix=MemVPModel.prefix

@@ -1,9 +1,19 @@
-"""`MemVPConfig`: the documented dataclass that describes one MemVP adapter.
+"""`MemVPConfig`: the documented dataclass that describes one MemVP adapter, and the `MEMVP` peft type it declares.
 
 Every field carries a `metadata={"help": ...}` like peft's own tuner configs. The defaults are the values of the
 authors' released LLaMA-7B recipe except `num_memory_slots` (256 here; the authors use 320 for 256 CLIP patches) and
-the vision-encoder adapters (off here; 12 in their code) -- `docs/index.md` lists the paper value of every field. Validation happens here,
-at construction, so a typo fails before any model is touched.
+the vision-encoder adapters (off here; 12 in their code) -- `docs/index.md` lists the paper value of every field.
+
+All of the config's validation happens here, at construction (and at every assignment), so a typo fails before any
+model is touched: each field's own range, and how the fields go together (`check_long_context`: tiles, frames,
+compression and the read form; `check_cls_token`: ADEM-VL's CLS input token). What needs the model is checked at
+injection.
+
+**The peft type.** peft's in-tree tuners own a member of `PeftType` declared in peft's source. An out-of-tree tuner
+cannot edit that enum, and `peft.utils.register_peft_method` only accepts names that are already members. So this
+module adds the one member to the live enum (the same bookkeeping `EnumType.__new__` does for members declared in the
+class body) before the config that declares it is defined. The registration itself happens in
+`memvp_peft/tuner/__init__.py`, the way `peft/tuners/lora/__init__.py` registers LoRA.
 """
 
 from __future__ import annotations
@@ -19,16 +29,54 @@ from typing import Any, Optional, Union
 
 from peft import LoraConfig
 from peft.config import PeftConfig
+from peft.utils.peft_types import PeftType
 from torch import nn
 
 from .targets import MEMORY_SIDES
-from .visual_layout import check_long_context, memory_tokens, parse_grid
-from .input_tokens import adem_vl_prefix_ids, check_cls_token
-from .peft_type import MEMVP_PEFT_TYPE, MEMVP_STORED_NAME
+from .input_tokens import ADEM_VL_IMAGE_PREFIX, ADEM_VL_TEXT_ONLY_PREFIX, adem_vl_prefix_ids
+from .layer import MEMORY_READS
+from .visual_inputs import memory_tokens, square_side
 from .save_load import (CONFIG_NAME, finish_in_place_save, recover_adapter_folder, replace_file,
                         staging_folder_inside, write_model_card)
 from ..hub import resolvable_name
 from ..vision import SharedModuleRef, describe_encoder
+from ..vision.tiling import is_grid, parse_grid
+
+# ------------------------------------------------------------------------------------------------------ the peft type
+
+MEMVP_NAME = "MEMVP"
+
+#: The peft type as `adapter_config.json` stores it. peft looks a folder's `peft_type` up in a plain dict, so a
+#: process that loads a MemVP adapter without `import memvp_peft` fails with `KeyError(<the stored name>)` -- the only
+#: message peft lets a tuner word. Stored as the bare "MEMVP", that error says nothing; stored as this, it says what
+#: to install and import. Both names are registered, so adapters saved either way load.
+MEMVP_STORED_NAME = "MEMVP (pip install memvp-peft, then import memvp_peft before loading this adapter)"
+
+
+def _add_peft_type_member(name: str) -> PeftType:
+    """Return `PeftType[name]`, adding it to the live enum first when this peft release does not know it."""
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__init__(name)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    type.__setattr__(PeftType, name, member)
+    return member
+
+
+MEMVP_PEFT_TYPE = _add_peft_type_member(MEMVP_NAME)
+
+
+def is_memvp_peft_type(stored: object) -> bool:
+    """Whether an `adapter_config.json`'s `peft_type` names MemVP (either name it may be stored under)."""
+    return stored in (MEMVP_NAME, MEMVP_STORED_NAME)
+
+
+# ------------------------------------------------------------------------------------------------------ the config
 
 _FLOAT32_MAX = 3.4028234663852886e38
 # the fields that hold a real number (the others of a number type hold a count or an index)
@@ -434,7 +482,7 @@ class MemVPConfig(PeftConfig):
         """peft's `adapter_config.json`, then what only MemVP knows to write. peft calls this last in every
         `PeftModel.save_pretrained` (after its model card and the weights), so whatever saved the adapter:
 
-        * `peft_type` is stored under its self-explaining name (`peft_type.MEMVP_STORED_NAME`): a process loading the
+        * `peft_type` is stored under its self-explaining name (`MEMVP_STORED_NAME`): a process loading the
           folder without `import memvp_peft` fails in peft's lookup of that name, and the `KeyError` then says what
           to install and import instead of a bare `'MEMVP'`;
         * the model card gets its MemVP section (`save_load.write_model_card`): what the adapter is, how to load it,
@@ -578,6 +626,99 @@ class MemVPConfig(PeftConfig):
                 raise ValueError(
                     f"MemVPConfig.layers_to_transform must hold non-negative layer indices, got {self.layers_to_transform!r}."
                 )
+
+
+# ------------------------------------------------------------------------------------ how the fields go together
+
+
+def positive_ints(value: Any, length: Optional[int] = None) -> bool:
+    """Whether `value` is a list/tuple of positive ints (of `length` items when given)."""
+    return (
+        isinstance(value, (list, tuple))
+        and (length is None or len(value) == length)
+        and len(value) > 0
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    )
+
+
+def check_long_context(config: Any) -> None:
+    """`MemVPConfig`'s checks of tiling, frames, compression and the read form."""
+    if config.image_grid is not None and not is_grid(config.image_grid):
+        raise ValueError(
+            "MemVPConfig.image_grid must be None or [rows, cols] (or 'RxC') of positive integers with at least "
+            f"2 tiles, e.g. [2, 2]; got {config.image_grid!r}."
+        )
+    if config.num_frames is not None and not positive_ints([config.num_frames]):
+        raise ValueError(f"MemVPConfig.num_frames must be None or a positive integer, got {config.num_frames!r}.")
+    if config.image_grid is not None and config.num_frames is not None:
+        raise ValueError(
+            "MemVPConfig: image_grid and num_frames were both set; a sample is either tiled images or video "
+            "frames: set one of them."
+        )
+    if not positive_ints([config.pool_kernel]):
+        raise ValueError(f"MemVPConfig.pool_kernel must be a positive integer (1 = no pooling), got {config.pool_kernel!r}.")
+    target = config.pool_tokens
+    if target is not None and (not positive_ints([target]) or square_side(target) is None):
+        raise ValueError(f"MemVPConfig.pool_tokens must be None or a perfect square token count (e.g. 64), got {target!r}.")
+    scales = config.multiscale_tokens
+    if scales is not None and (not positive_ints(scales) or any(square_side(count) is None for count in scales)):
+        raise ValueError(
+            "MemVPConfig.multiscale_tokens must be None or a list of perfect square token counts, e.g. [256, 64] "
+            f"(ADEM-VL), got {scales!r}."
+        )
+    compressions = [name for name, on in (("pool_kernel", config.pool_kernel != 1),
+                                           ("pool_tokens", config.pool_tokens is not None),
+                                           ("multiscale_tokens", scales is not None)) if on]
+    if len(compressions) > 1:
+        raise ValueError(
+            f"MemVPConfig: {' and '.join(compressions)} were both set; they are alternative compressions of the "
+            "patch grid: set one."
+        )
+    if config.memory_read not in MEMORY_READS:
+        raise ValueError(f"MemVPConfig.memory_read must be one of {MEMORY_READS}, got {config.memory_read!r}.")
+    if config.memory_read == "adem" and config.activation is not None:
+        raise ValueError(
+            f"MemVPConfig: memory_read='adem' reads silu(x) silu(K)^T, so activation={config.activation!r} would "
+            "not be used: leave activation None."
+        )
+    value = config.drop_ratio
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"MemVPConfig.drop_ratio must be a number in [0, 1), got {value!r}.")
+
+
+def _is_id_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
+
+
+def check_cls_token(config: Any) -> None:
+    """`MemVPConfig`'s checks of the CLS input token fields (`input_tokens.py`; what needs the model is checked at
+    injection)."""
+    if not isinstance(config.cls_token, bool):
+        raise ValueError(f"MemVPConfig.cls_token must be True or False, got {config.cls_token!r}.")
+    names = ("cls_token_prefix_ids", "cls_token_text_only_prefix_ids")
+    if not config.cls_token:
+        given = [name for name in names if getattr(config, name) is not None]
+        if given:
+            raise ValueError(f"MemVPConfig: {given} only apply with cls_token=True; set cls_token=True or drop them.")
+        return
+    for name in names:
+        if not _is_id_list(getattr(config, name)):
+            raise ValueError(
+                f"MemVPConfig.{name} must be a list of token ids (>= 0) when cls_token=True -- the base tokenizer's "
+                f"ids of the text before the CLS token (ADEM-VL: {ADEM_VL_IMAGE_PREFIX!r} for rows with an image, "
+                f"{ADEM_VL_TEXT_ONLY_PREFIX!r} for rows without; memvp_peft.tuner.input_tokens.adem_vl_prefix_ids"
+                f"(tokenizer) gives both), [] for none; got {getattr(config, name)!r}."
+            )
+    layouts = [name for name in ("image_grid", "num_frames") if getattr(config, name) is not None]
+    if layouts:
+        raise ValueError(
+            f"MemVPConfig: cls_token=True places one image's CLS feature into the text; {layouts[0]} brings several "
+            "images (tiles or frames) per sample. Use one of them."
+        )
+    if getattr(config, "task_type", None) == "SEQ_2_SEQ_LM":
+        raise ValueError("MemVPConfig: cls_token=True places the CLS token after the BOS token of a decoder-only "
+                         "model's input; encoder-decoder models (task_type='SEQ_2_SEQ_LM') are not supported.")
 
 
 #: Fields the model reads at every call (tiling, frames, compression, the vision adapters' scale): changing them after

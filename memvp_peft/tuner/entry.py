@@ -28,10 +28,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .checkpointing import wrap_checkpoint_function
-from .input_checks import VISUAL_INPUT_NAMES, infer_batch_size, reject_vlm_image_path_inputs, values_checkable
 from .input_tokens import generate_grown, grown_call
-from .scope import ActiveCall, CallMemory, MemoryRuntime
+from .runtime import ActiveCall, CallMemory, MemoryRuntime, wrap_checkpoint_function
+from .visual_inputs import VISUAL_INPUT_NAMES, infer_batch_size, reject_vlm_image_path_inputs, values_checkable
 
 CALL_KWARG = "memvp_call"
 _ENTRY_MARK = "_memvp_entry"
@@ -310,7 +309,7 @@ def make_layer_pre_hook(runtime: MemoryRuntime) -> Callable:
 
 def wrap_layer_checkpointing(module: nn.Module, runtime: MemoryRuntime) -> None:
     """Wrap `module`'s checkpoint function (once) so its recomputation re-activates the memory (or the vision
-    adapters) of the call that ran the forward (`checkpointing.py`). Installed at a call's entry, before any layer
+    adapters) of the call that ran the forward (`runtime.py`). Installed at a call's entry, before any layer
     runs: transformers before 5.20 checkpoints a layer's whole `__call__`, so its pre-hook runs *inside* the
     checkpoint -- too late to wrap the very checkpoint that is running, and the first step's recomputation would read
     the text-only memory. The layer pre-hook wraps too, for checkpointing enabled on a layer after the call began."""

@@ -36,7 +36,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
-from .input_checks import values_checkable
+from .visual_inputs import values_checkable
 
 #: the texts ADEM-VL puts before the CLS token (rows with an image) and instead of it (rows without)
 ADEM_VL_IMAGE_PREFIX = "Image: "
@@ -53,40 +53,6 @@ def adem_vl_prefix_ids(tokenizer: Any) -> dict[str, list[int]]:
 
     return {"cls_token_prefix_ids": ids(ADEM_VL_IMAGE_PREFIX),
             "cls_token_text_only_prefix_ids": ids(ADEM_VL_TEXT_ONLY_PREFIX)}
-
-
-def _is_id_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(
-        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
-
-
-def check_cls_token(config: Any) -> None:
-    """`MemVPConfig`'s checks of the CLS input token fields (what needs the model is checked at injection)."""
-    if not isinstance(config.cls_token, bool):
-        raise ValueError(f"MemVPConfig.cls_token must be True or False, got {config.cls_token!r}.")
-    names = ("cls_token_prefix_ids", "cls_token_text_only_prefix_ids")
-    if not config.cls_token:
-        given = [name for name in names if getattr(config, name) is not None]
-        if given:
-            raise ValueError(f"MemVPConfig: {given} only apply with cls_token=True; set cls_token=True or drop them.")
-        return
-    for name in names:
-        if not _is_id_list(getattr(config, name)):
-            raise ValueError(
-                f"MemVPConfig.{name} must be a list of token ids (>= 0) when cls_token=True -- the base tokenizer's "
-                f"ids of the text before the CLS token (ADEM-VL: {ADEM_VL_IMAGE_PREFIX!r} for rows with an image, "
-                f"{ADEM_VL_TEXT_ONLY_PREFIX!r} for rows without; memvp_peft.tuner.input_tokens.adem_vl_prefix_ids"
-                f"(tokenizer) gives both), [] for none; got {getattr(config, name)!r}."
-            )
-    layouts = [name for name in ("image_grid", "num_frames") if getattr(config, name) is not None]
-    if layouts:
-        raise ValueError(
-            f"MemVPConfig: cls_token=True places one image's CLS feature into the text; {layouts[0]} brings several "
-            "images (tiles or frames) per sample. Use one of them."
-        )
-    if getattr(config, "task_type", None) == "SEQ_2_SEQ_LM":
-        raise ValueError("MemVPConfig: cls_token=True places the CLS token after the BOS token of a decoder-only "
-                         "model's input; encoder-decoder models (task_type='SEQ_2_SEQ_LM') are not supported.")
 
 
 def check_cls_token_base(model: nn.Module, config: Any) -> None:
@@ -153,7 +119,7 @@ def grow_inputs(cls_input: ClsInput, embedding: nn.Module, input_ids: torch.Tens
     """Every row with its insertion after its first attended token (BOS), the shorter insertions padded on the left.
 
     Built with gathers over index tensors, on the device: no value is read on the host (the BOS check runs where
-    value checks may, `input_checks.values_checkable`)."""
+    value checks may, `visual_inputs.values_checkable`)."""
     batch, length = input_ids.shape
     device = input_ids.device
     width = cls_input.width

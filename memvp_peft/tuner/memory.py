@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..vision import VisionBottleneck
-from .input_checks import check_cast_finite
 
 
 def init_projector(projector: nn.Sequential) -> None:
@@ -64,7 +63,7 @@ class VisualMemory(nn.Module):
         self.value_pos = nn.Parameter(torch.empty(num_slots, model_dim))
         self.key_init_std = key_init_std
         self._reset_position_embeddings()
-        # The authors' bottleneck adapters inside the vision encoder blocks (optional; see vision.py).
+        # The authors' bottleneck adapters inside the vision encoder blocks (optional; see vision/encoder.py).
         self.vision_adapters = (
             nn.ModuleList(
                 VisionBottleneck(visual_dim, vision_adapter_dim, vision_adapter_dropout) for _ in range(vision_layers)
@@ -112,7 +111,6 @@ class VisualMemory(nn.Module):
             unused = self.projector(weight.new_zeros(1, 1, self.visual_dim)).sum() * 0.0
             return MemoryState(self.key_pos + unused, self.value_pos + unused)
         features = image_features.to(weight.dtype)
-        check_cast_finite(features, image_features.dtype, "image_features")
         projected = self.projector(features) * self.visual_scale
         if image_mask is not None:  # (B,) per sample or (B, N) per visual token
             mask = image_mask.to(device=projected.device, dtype=projected.dtype)
@@ -126,7 +124,6 @@ class VisualMemory(nn.Module):
         lambda nor masked (rows without an image get no CLS token at all)."""
         weight = self.cls_projector[0].weight
         features = cls_features.to(weight.dtype)
-        check_cast_finite(features, cls_features.dtype, "the encoder's CLS feature")
         return self.cls_projector(features)[:, None, :]
 
 

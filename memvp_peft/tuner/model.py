@@ -5,8 +5,8 @@ What this class adds on top of peft's `BaseTuner`:
 * one `VisualMemory` per adapter in the `memvp_memory` ModuleDict (projector + p_k + p_v, shared by all layers),
   with its own trainability handling (peft's generic code only walks the wrapped model);
 * `forward` / `generate` entry points that turn a call's visual inputs into that call's memory (`entry.py`,
-  `scope.py`), and entry wrappers on the base model for the paths that reach it directly;
-* gradient checkpointing support (`checkpointing.py`), save/load rules (`save_load.py`, `guards.py`), merge
+  `runtime.py`), and entry wrappers on the base model for the paths that reach it directly;
+* gradient checkpointing support (`runtime.py`), save/load rules (`save_load.py`, `guards.py`), merge
   refusal, and `unload()` that restores the base model;
 * all-or-nothing injection and loading: what can be checked first is, what fails later is rolled back (both
   `guards.py`), so a refused call leaves the caller's model exactly as it was;
@@ -46,7 +46,7 @@ from .entry import (
 )
 from .config import MemVPConfig, mark_injected, record_built_field
 from .layer import MERGE_ERROR, FFNMemoryLayer, KeyMemoryLayer, MemVPLayer, ValueMemoryLayer
-from .scope import MemoryRuntime
+from .runtime import MemoryRuntime
 from ..vision import VisionEncoder, blocks_before_feature_layer, vlm_modules_outside_language_model
 from .memory import VisualMemory
 from .save_load import begin_in_place_save, refuse_partitioned_tensors

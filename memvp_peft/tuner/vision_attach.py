@@ -28,7 +28,7 @@ from ..vision import (VisionEncoder, describe_encoder, has_own_vision_model, is_
 from .config import MemVPConfig, record_built_field
 from .entry import unwrap_checkpoint_function
 from .guards import is_recorded
-from .scope import MemoryRuntime
+from .runtime import MemoryRuntime
 
 
 def image_token_id(model: nn.Module) -> Optional[int]:

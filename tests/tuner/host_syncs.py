@@ -6,8 +6,8 @@ a hot path unnoticed. `SyncCounter` intercepts them for real while a model runs 
 a `TorchFunctionMode`, aten-level ones (`_local_scalar_dense`, `nonzero`, ...) through a `TorchDispatchMode`, so
 C++ code paths such as autograd formulas are seen too -- and attributes each one to the code that made it: the
 first frame outside torch, `memvp_peft` or anything else (transformers, peft, the test). A sync made inside MemVP's
-input validation (`tuner/input_checks.py`, the placeholder check of `tuner/entry.py`) is marked as such: those are
-the value checks that run once per call, at its entry, on CPU tensors.
+input validation (the checks of `tuner/visual_inputs.py`, the placeholder check of `tuner/entry.py`) is marked as
+such: those are the value checks that run once per call, at its entry, on CPU tensors.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import memvp_peft
 TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 PACKAGE_DIR = os.path.dirname(memvp_peft.__file__) + os.sep
 HERE = os.path.abspath(__file__)
-VALIDATION_FILE = os.path.join(PACKAGE_DIR, "tuner", "input_checks.py")
+VALIDATION_FILE = os.path.join(PACKAGE_DIR, "tuner", "visual_inputs.py")
+#: the checks of VALIDATION_FILE (the rest of it lays the inputs out and has them encoded: no validation)
+VALIDATION_CHECKS = {"check_pixel_values", "validate_visual_inputs", "cast_checked"}
 VALIDATION_FUNCTIONS = {"_reject_image_placeholders"}
 
 T = torch.Tensor
@@ -60,7 +62,9 @@ def _caller() -> tuple[str, bool, bool]:
     in_validation = False
     while frame is not None:
         path = os.path.abspath(frame.f_code.co_filename)
-        if path == VALIDATION_FILE or (frame.f_code.co_name in VALIDATION_FUNCTIONS and path.startswith(PACKAGE_DIR)):
+        name = frame.f_code.co_name
+        if (path == VALIDATION_FILE and name in VALIDATION_CHECKS) or (
+                name in VALIDATION_FUNCTIONS and path.startswith(PACKAGE_DIR)):
             in_validation = True
         if found is None and not path.startswith(TORCH_DIR) and path != HERE:
             found = (f"{os.path.relpath(path)}:{frame.f_lineno} {frame.f_code.co_name}", path.startswith(PACKAGE_DIR))

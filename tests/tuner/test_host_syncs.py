@@ -1,7 +1,7 @@
 """No host-device synchronisation on MemVP's hot path.
 
 What "the first validation of a call" means here: the value checks at a call's entry -- finite features/pixels,
-a 0/1 integer mask, no VLM placeholder in the text (`tuner/input_checks.py`, `entry._reject_image_placeholders`) --
+a 0/1 integer mask, no VLM placeholder in the text (`tuner/visual_inputs.py`, `entry._reject_image_placeholders`) --
 which run on CPU tensors, once per forward and once per `generate()` call (on accelerator tensors only with
 MEMVP_CHECK_VALUES=1). After them, nothing MemVP runs -- building the memory, every layer's read, the backward, every
 decode step, the batch-size bookkeeping -- reads a tensor value on the host, and MemVP makes the base model read

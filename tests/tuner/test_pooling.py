@@ -13,7 +13,7 @@ from reference_adem import reference_form_logits
 from reference_memvp import adapter_state
 
 from memvp_peft import MemVPConfig
-from memvp_peft.tuner.visual_layout import compress_grid
+from memvp_peft.tuner.visual_inputs import compress_grid
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 

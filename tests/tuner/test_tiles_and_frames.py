@@ -14,7 +14,7 @@ from reference_memvp import adapter_state, reference_logits
 
 from memvp_peft import MemVPConfig
 from memvp_peft.demo_models import tiny_clip
-from memvp_peft.vision_tiling import tile_pixel_values
+from memvp_peft.vision.tiling import tile_pixel_values
 
 NEW_FIELDS = ("image_grid", "num_frames", "pool_kernel", "pool_tokens", "multiscale_tokens", "memory_read",
               "drop_ratio")

@@ -7,7 +7,7 @@ from conftest import memvp_config, randomize_memory, tiny_llama
 from peft import get_peft_model
 
 import memvp_peft
-from memvp_peft.vision import _encoder_layers
+from memvp_peft.vision.encoder import _encoder_layers
 
 
 def clip(hidden_size=16, layers=2, seed=0):

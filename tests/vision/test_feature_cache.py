@@ -1,4 +1,4 @@
-"""The feature cache of a frozen encoder (`memvp_peft.vision_cache`, `memvp-train --cache_image_features`).
+"""The feature cache of a frozen encoder (`memvp_peft.vision.feature_cache`, `memvp-train --cache_image_features`).
 
 Real pieces throughout: scikit-learn digits through the run's collator, a tiny CLIP built from a config, a MemVP
 adapter on a tiny Llama; the encoder's work is counted by a forward hook on the CLIP model itself.
@@ -17,7 +17,7 @@ from memvp_peft.cli.train import main as train_main
 from memvp_peft.data import MemVPDataCollator
 from memvp_peft.demo_models import build_word_tokenizer, clip_image_processor, tiny_clip, tiny_llama
 from memvp_peft.vision import VisionEncoder, imagenet_image_processor
-from memvp_peft.vision_cache import CachedFeatureCollator, FeatureCache, encoder_settings, tensor_digest
+from memvp_peft.vision.feature_cache import CachedFeatureCollator, FeatureCache, encoder_settings, tensor_digest
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 

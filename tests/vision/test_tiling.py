@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memvp_peft.vision_tiling import blocks_per_image, encoder_image_size, tile_pixel_values
+from memvp_peft.vision.tiling import blocks_per_image, encoder_image_size, tile_pixel_values
 
 
 def quadrants(size: int = 4) -> torch.Tensor:

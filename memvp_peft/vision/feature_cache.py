@@ -30,10 +30,11 @@ What it does *not* protect against: someone who may write the folder and knows t
 digests that match (the digest is a checksum, not a signature -- there is no secret key). Keep the folder as private
 as the training data it stands for.
 
-Features are computed as `MemoryRuntime.build` computes them (the adapter's `image_grid` tiling first, then
-`VisionEncoder.features` without adapters) and under the autocast the model's forward runs under
-(`CachedFeatureCollator.precision`: `memvp-train` gives it the Trainer's `accelerator.autocast`, which wraps the model's
-forward under `--bf16`/`--fp16`), so a cached run trains on the same numbers as an uncached one.
+Features are computed by the functions the model computes them with (`tiling.tile_for_adapter` for the adapter's
+`image_grid`, then `encoder.pixel_features` without vision adapters, reading the features the encoder was attached
+to read) and under the autocast the model's forward runs under (`CachedFeatureCollator.precision`: `memvp-train`
+gives it the Trainer's `accelerator.autocast`, which wraps the model's forward under `--bf16`/`--fp16`), so a cached
+run trains on the same numbers as an uncached one.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ from typing import Any, Callable, ContextManager, Optional
 
 import torch
 
-from .tuner.visual_layout import tile_for_adapter
-from .vision import VisionEncoder, describe_encoder, tensor_digest, weights_digest
+from .encoder import VisionEncoder, describe_encoder, pixel_features, tensor_digest, weights_digest
+from .tiling import tile_for_adapter
 
 __all__ = ["CachedFeatureCollator", "FeatureCache", "autocast_regime", "default_cache_dir", "encoder_settings",
            "tensor_digest"]
@@ -190,7 +191,7 @@ class FeatureCache:
         """Features of `pixels` on the CPU (encoded on `device`), noting the shape and dtype this encoder gives."""
         if device is not None:
             pixels = pixels.to(device)
-        encoded = self.vision.features(pixels).detach().cpu().contiguous()
+        encoded = pixel_features(self.vision, pixels).detach().cpu().contiguous()
         self._outputs[(tuple(pixels.shape[1:]), regime)] = (encoded.shape[1:], encoded.dtype)
         return encoded
 

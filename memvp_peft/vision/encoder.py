@@ -10,6 +10,10 @@ records which encoder, layer and width it expects.
 The authors also train small bottleneck adapters inside every encoder block (dim 12, GELU, scale 0.1, zero-initialised
 up-projection). `VisionBottleneck` is that adapter; they live in the MemVP adapter's `VisualMemory` (and so are saved
 with it) and are added in parallel to each encoder MLP by forward hooks while that adapter computes its features.
+
+Every adapter may select other features of the same encoder (`feature_selection`). `pixel_features` is the one place
+where pixels become the features an adapter reads: the tuner's runtime and the feature cache both call it, so the two
+can never compute them differently.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ def load_vision_encoder(name_or_path: str, *, revision: Optional[str] = None,
     """
     from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
 
-    from .hub import check_model_source, hub_errors
+    from ..hub import check_model_source, hub_errors
 
     what = "MemVP: vision encoder"
     check_model_source(name_or_path, what, revision)
@@ -105,7 +109,7 @@ def _hub_commit(name: str, revision: Optional[str]) -> Optional[str]:
     when it cannot be resolved (the load then fails or falls back the way transformers does)."""
     from huggingface_hub import resolve_revision
 
-    from .hub import is_hub_id, is_offline
+    from ..hub import is_hub_id, is_offline
 
     if not is_hub_id(name):
         return None
@@ -237,7 +241,7 @@ class VisionEncoder:
         """Make `adapters` the ones the block hooks add in this thread; returns the previous ones, to put back.
 
         Gradient checkpointing of the encoder's blocks recomputes a block inside backward, after `features()`
-        returned (possibly on an autograd thread): the tuner's checkpoint wrapper (`tuner/checkpointing.py`)
+        returned (possibly on an autograd thread): the tuner's checkpoint wrapper (`tuner/runtime.py`)
         captures the running adapters at forward time and re-runs the block with them, so the recomputation adds the
         same adapters the forward did."""
         previous = self.running_adapters()
@@ -302,6 +306,37 @@ class VisionEncoder:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._call = threading.local()
+
+
+def feature_selection(config: Any) -> dict[str, Any]:
+    """Which features of the encoder an adapter's config (`MemVPConfig`) reads, as `VisionEncoder.features` takes
+    them. Passed on every call: adapters sharing one encoder may each read another hidden state, while the
+    `VisionEncoder` keeps only the selection it was built with (that of the adapter it was attached for)."""
+    return {
+        "feature_layer": config.vision_feature_layer,
+        "select_strategy": config.vision_feature_select_strategy,
+        "layernorm": config.vision_feature_layernorm,
+    }
+
+
+def pixel_features(vision: VisionEncoder, pixel_values: torch.Tensor, config: Any = None,
+                   adapters: Optional[nn.ModuleList] = None, *, with_cls: bool = False) -> Any:
+    """`(B, C, H, W)` or `(B, I, C, H, W)` pixel values -> `(B, N, hidden)` or `(B, I, N, hidden)` features: every
+    image through the encoder on its own, reading the features `config` selects (`feature_selection`; without a
+    config, the encoder's own selection) with `adapters` (`config`'s vision adapters) added at
+    `config.vision_adapter_scale`. `with_cls`: also the images' CLS features, `(B*I, hidden)`
+    (`VisionEncoder.features`).
+
+    The one place where pixels become features: the tuner's runtime calls it for a call's `pixel_values` (tiled for
+    the adapter by `tiling.tile_for_adapter`, then checked), and the feature cache for the images it has not seen
+    (tiled the same way), so cached features are the numbers the model itself computes."""
+    flat = pixel_values.reshape(-1, *pixel_values.shape[-3:])
+    scale = config.vision_adapter_scale if adapters is not None else 0.0
+    selection = feature_selection(config) if config is not None else {}
+    features = vision.features(flat, adapters, scale, with_cls=with_cls, **selection)
+    features, cls = features if with_cls else (features, None)
+    features = features.reshape(*pixel_values.shape[:-3], *features.shape[1:])
+    return (features, cls) if with_cls else features
 
 
 def blocks_before_feature_layer(feature_layer: int, num_layers: int) -> int:
