@@ -176,7 +176,7 @@ def _issue_numbers(paths) -> list[str]:
 
 
 def test_no_issue_numbers_in_code():
-    """A reader cannot look up "issue 16": code and scripts say what a number stood for."""
+    """A reader cannot look up an issue by its number: code and scripts say what the number stood for."""
     places = [PACKAGE, ROOT / "memvp_peft_console", ROOT / "examples", ROOT / "integrations", TESTS]
     paths = [p for place in places for p in place.rglob("*") if p.suffix in (".py", ".sh", ".yaml", ".json") and p.is_file()]
     paths += [ROOT / "README.md", ROOT / ".ci" / "run"]
@@ -185,11 +185,11 @@ def test_no_issue_numbers_in_code():
 
 def test_the_issue_number_check_sees_one(tmp_path):
     path = tmp_path / "m.py"
-    path.write_text("x = 1\n# kept for " + "Issue 16" + " compatibility\n# issued to 3 users\n")
+    path.write_text("x = 1\n# kept for " + "Issue " + "16" + " compatibility\n# issued to 3 users\n")
     global ROOT
     saved, ROOT = ROOT, tmp_path
     try:
-        assert _issue_numbers([path]) == ["m.py:2: # kept for " + "Issue 16" + " compatibility"]
+        assert _issue_numbers([path]) == ["m.py:2: # kept for " + "Issue " + "16" + " compatibility"]
     finally:
         ROOT = saved
 
