@@ -17,8 +17,10 @@ beside it as ``pixel_values`` plus an ``image_mask``.  The modules follow a reco
 * ``collator``      -- ``MemVPDataCollator``, which puts those together for the ``Trainer`` and for ``generate``
   (precomputed ``pixel_values``/``image_features`` columns too).
 
-Where records come from -- dataset files (``load_jsonl``, ``load_llava_json``), the sources ``datasets`` reads,
-ScienceQA, the built-in digit tasks -- is :mod:`memvp_peft.tasks`, one layer up: it builds records for this one.
+Where records come from -- dataset files, the sources ``datasets`` reads, ScienceQA, the built-in digit tasks -- is
+:mod:`memvp_peft.tasks`, one layer up: it builds records for this one.  Its two file loaders, ``load_jsonl`` and
+``load_llava_json``, are re-exported here because user code that builds a collator reads its records with them
+through ``memvp_peft.data``, the name the API documentation shows.
 """
 
 from .collator import MemVPDataCollator
@@ -38,6 +40,9 @@ from .multiple_choice import ANSWER_PHRASE, multiple_choice_prompt, multiple_cho
 from .tokenization import IGNORE_INDEX
 from .video import sample_frame_indices
 
+# the one import of the layer above: the documented public names of the file loaders (see the docstring)
+from ..tasks.files import load_jsonl, load_llava_json  # noqa: E402
+
 __all__ = [
     "ANSWER_PHRASE",
     "DEFAULT_PROMPT_TEMPLATE",
@@ -49,6 +54,8 @@ __all__ = [
     "MemVPDataCollator",
     "build_prompt",
     "first_answer",
+    "load_jsonl",
+    "load_llava_json",
     "multiple_choice_prompt",
     "multiple_choice_target",
     "record_dialogue",

@@ -134,3 +134,11 @@ def test_load_jsonl_errors(tmp_path, image_dir, bad_line, message):
     path.write_text(good + "\n" + good + "\n" + bad_line + "\n")
     with pytest.raises(ValueError, match=r"data\.jsonl: " + message):
         load_jsonl(path, image_dir)
+
+
+def test_the_file_loaders_keep_their_documented_names_in_memvp_peft_data():
+    import memvp_peft.data
+    import memvp_peft.tasks
+
+    assert memvp_peft.data.load_jsonl is memvp_peft.tasks.load_jsonl
+    assert memvp_peft.data.load_llava_json is memvp_peft.tasks.load_llava_json
