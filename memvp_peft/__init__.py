@@ -11,9 +11,10 @@ entry points work:
 
 Loading a saved MemVP adapter requires this import first; without it peft raises `KeyError: 'MEMVP'`.
 
-The package reads like the data flow: `vision` (frozen encoder -> patch features), `data` (records -> batches),
-`tuner` (the peft tuner: config, memory, layers, injection), `cli` (memvp-train / memvp-infer), `bench`
-(memvp-bench) and `convert` (the authors' checkpoints).
+The package reads like the data flow: `vision` (frozen encoder -> patch features), `tuner` (the peft tuner: config,
+runtime, visual inputs, memory, layers, injection), `data` (records -> batches), `tasks` (the command line's datasets),
+`processing` and `trainers` (TRL's trainers), `cli` (memvp-train / memvp-infer / the checkpoint converter) and `bench`
+(memvp-bench). docs/architecture.md draws the map and an image's path through it.
 """
 
 from .tuner import (

@@ -7,7 +7,7 @@ to huggingface.co, which does not say which of a run's several names (base, visi
 what to do. :func:`check_model_source` runs before anything loads, so that `memvp-train` can refuse a name before it
 writes or trains anything; :func:`hub_errors` turns a failure during the load itself into the same kind of message.
 
-A leaf module: it imports no other part of the package (``vision``, ``data`` and ``cli`` use it).
+A leaf module: it imports no other part of the package (``vision``, ``tuner``, ``tasks`` and ``cli`` use it).
 """
 
 from __future__ import annotations

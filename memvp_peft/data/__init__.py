@@ -12,8 +12,9 @@ beside it as ``pixel_values`` plus an ``image_mask``.  The modules follow a reco
 * ``chat_template`` -- the same through the base's chat template, loss on the assistant turns;
 * ``images``        -- any image form -> an RGB PIL image (``to_rgb_image``), a dataset's image files checked as it
   loads, and a batch's images -> ``pixel_values``/``image_features`` and ``image_mask``;
-* ``tiling``, ``video`` -- a high-resolution image as the overview plus a grid of tiles (``image_grid``), a video file
-  or frame list sampled to ``num_frames`` (``sample_frame_indices``): several images of the multi-image layout;
+* ``video``         -- a video file or frame list sampled to ``num_frames`` (``sample_frame_indices``): several
+  images of the multi-image layout, like the tiles of a high-resolution image (``image_grid``, tiled by
+  :mod:`memvp_peft.vision.tiling`, the one home of tiling for the model and the collator alike);
 * ``collator``      -- ``MemVPDataCollator``, which puts those together for the ``Trainer`` and for ``generate``
   (precomputed ``pixel_values``/``image_features`` columns too).
 

@@ -15,7 +15,9 @@ run does with the answers:
 * ``digits``    -- scikit-learn's digit scans as the `digits` task and its long-context layouts, and the patch-token
   featurizer the embedded model reads them with (``DigitPatchFeaturizer``).
 
-The folder sits above ``data`` (it builds records for the collator), so ``data`` never imports it.
+The folder sits above ``data`` (it builds records for the collator).  The one import from below is
+``memvp_peft.data`` re-exporting the two file loaders under the names the API documentation shows; nothing in
+``data`` uses them.
 """
 
 from .catalogue import Task, load_task, normalise_answer, reference_answer
