@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..vision import VisionBottleneck
+from .visual_inputs import cast_checked
 
 
 def init_projector(projector: nn.Sequential) -> None:
@@ -110,7 +111,10 @@ class VisualMemory(nn.Module):
             # parameters in the same order (their gradient all-reduces then match).
             unused = self.projector(weight.new_zeros(1, 1, self.visual_dim)).sum() * 0.0
             return MemoryState(self.key_pos + unused, self.value_pos + unused)
-        features = image_features.to(weight.dtype)
+        # The cast to the projector's dtype and its check happen here, in the forward, where ZeRO-3 has gathered the
+        # projector: reading its weight's dtype outside the forward (on ranks with images only) puts the ranks'
+        # parameter collectives out of step.
+        features = cast_checked(image_features, weight.dtype, "image_features")
         projected = self.projector(features) * self.visual_scale
         if image_mask is not None:  # (B,) per sample or (B, N) per visual token
             mask = image_mask.to(device=projected.device, dtype=projected.dtype)
@@ -123,7 +127,7 @@ class VisualMemory(nn.Module):
         """(B, D_v) CLS features -> (B, 1, d) input embeddings: ADEM-VL's `adapter_proj_cls`, neither scaled by
         lambda nor masked (rows without an image get no CLS token at all)."""
         weight = self.cls_projector[0].weight
-        features = cls_features.to(weight.dtype)
+        features = cast_checked(cls_features, weight.dtype, "the encoder's CLS feature")
         return self.cls_projector(features)[:, None, :]
 
 

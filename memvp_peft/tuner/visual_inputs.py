@@ -7,10 +7,12 @@ per adapter and whose result the memory (`memory.py`) reads as it is:
 
     pixel_values -> tiled for the adapter's image_grid (vision.tiling) -> checked -> encoded with the adapter's
     feature selection and vision adapters (vision.encoder) -> laid out (tiles, frames, compression) -> checked as the
-    tokens the memory reads, (B, T, visual_dim) and a (B, T) mask -> cast to the projector's dtype
+    tokens the memory reads, (B, T, visual_dim) and a (B, T) mask
 
-(`image_features` join at the layout). Everything a user can get wrong about the visual inputs is caught on that way,
-before any state changes, with a `ValueError` that says what was expected and what arrived.
+(`image_features` join at the layout); the memory's forward then casts the tokens to its projector's dtype with
+`cast_checked` -- there, because ZeRO-3 gathers the projector only inside that forward. Everything a user can get
+wrong about the visual inputs is caught on that way, before any state changes, with a `ValueError` that says what
+was expected and what arrived.
 
 **What a check may cost.** Shapes, dtypes and types are metadata: checking them is free. Checking *values* (NaN/inf
 features, a 0/1 integer mask, placeholder tokens in the text) needs a reduction whose result the host reads -- on an
@@ -87,7 +89,8 @@ def infer_batch_size(args: tuple, kwargs: dict[str, Any]) -> Optional[int]:
 
 
 class AdapterInputs(NamedTuple):
-    """What one adapter's memory reads from a call, checked and cast to its projectors' dtype: the visual tokens
+    """What one adapter's memory reads from a call, checked (its forward casts them to its projectors' dtype, with
+    `cast_checked`): the visual tokens
     `(B, T, visual_dim)` and their `(B, T)` bool mask (None and None without visual input), and the encoder's CLS
     features `(B, visual_dim)` for an adapter with `cls_token` (None otherwise, or without `pixel_values`)."""
 
@@ -136,8 +139,6 @@ class VisualInputs:
         features, mask = validate_visual_inputs(
             features, mask, self.batch_size, config.visual_dim, config.num_memory_slots
         )
-        if features is not None:
-            features = cast_checked(features, memory.projector[0].weight.dtype, "image_features")
         return AdapterInputs(features, mask, cls)
 
     def _with_cls_token(self, name: str, active: list[str], config: Any,
@@ -163,7 +164,7 @@ class VisualInputs:
                 f"pixel_values hold {pixel_values.shape[1]} images per row."
             )
         features, cls = self._encode(pixel_values, config, memory.vision_adapters, with_cls=True)
-        return features, cast_checked(cls, memory.cls_projector[0].weight.dtype, "the encoder's CLS feature")
+        return features, cls
 
     def _encode(self, pixel_values: Any, config: Any, adapters: Optional[nn.ModuleList],
                 with_cls: bool = False) -> Any:
