@@ -219,8 +219,9 @@ def test_rows_with_the_drop_read_as_the_reference_reads_each_row_alone(name):
 # -------------------------------------------------------------------------------- generate, training, checkpoints
 
 
-def test_beam_search_gives_every_row_what_it_generates_alone(pm):
-    text, batch = ids(), rows()
+@pytest.mark.parametrize("read", [{}, {"memory_read": "adem", "drop_ratio": 0.25}], ids=["memvp", "adem-drop"])
+def test_beam_search_gives_every_row_what_it_generates_alone(llama, read):
+    pm, text, batch = adapted(llama, **read), ids(), rows()
     settings = dict(max_new_tokens=4, min_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False,
                     pad_token_id=0)
     with torch.no_grad():
