@@ -238,6 +238,17 @@ def test_the_slot_mask_follows_the_samples_a_generate_repeats():
     assert MemoryState(torch.zeros(2, 4), torch.zeros(2, 4)).slots_for_input(4, torch.device("cpu")) is None
 
 
+def test_a_memory_of_rows_keeps_its_slot_mask_through_deepspeeds_output_hooks(pm):
+    """ZeRO-3 passes every tensor of the memory's output through an autograd function that detaches it, and rebuilds
+    the tuple: the slot mask comes back as the same bool mask, beside the keys and values."""
+    zero_utils = pytest.importorskip("deepspeed.runtime.zero.utils")
+    runtime, memories = pm.base_model._memvp_runtime, pm.base_model.memvp_memory
+    state = runtime.build(memories, rows(), None, None, 3).states["default"]
+    rebuilt = zero_utils.apply_to_tensors_only(lambda tensor: tensor.detach(), state)
+    assert isinstance(rebuilt, MemoryState) and torch.equal(rebuilt.slots, state.slots)
+    assert torch.equal(rebuilt.slots_for_input(6, torch.device("cpu")), state.slots.repeat_interleave(2, dim=0))
+
+
 def test_learned_slots_no_row_reads_get_no_gradient(llama):
     model = adapted(llama)
     model.train()
