@@ -732,7 +732,8 @@ def check_memory_slots(rows: Iterable[RowTokens], config: Any) -> int:
 
 
 def _longest_row(rows: Iterable[RowTokens], config: Any) -> tuple[int, int, list[int]]:
-    """(slots, index, its images' slots) of the row needing the most slots (the first of equals; (0, 0, []) for none)."""
+    """(slots, index, its images' slots) of the row needing the most slots: the first of equals, (0, 0, []) for
+    none."""
     best = (0, 0, [])
     for index, row in enumerate(rows):
         counts = [row] if isinstance(row, numbers.Integral) else list(row)

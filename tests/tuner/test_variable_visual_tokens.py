@@ -285,7 +285,8 @@ def test_rows_add_no_host_read_to_a_training_step_or_a_generate(llama):
         with torch.no_grad():
             model.generate(input_ids=ids(), image_features=rows(), max_new_tokens=3, num_beams=2, do_sample=False,
                            pad_token_id=0)
-    assert counter.ours_outside_validation() == [], [f"{s.call} at {s.where}" for s in counter.ours_outside_validation()]
+    reads = counter.ours_outside_validation()
+    assert reads == [], [f"{read.call} at {read.where}" for read in reads]
 
 
 # ------------------------------------------------------------------------------------------- refused, and sizes
