@@ -89,11 +89,13 @@ def reference_form_logits(
     input_ids: torch.Tensor,
     image_features: Optional[torch.Tensor] = None,
     image_mask: Optional[torch.Tensor] = None,
+    own_slots: bool = False,
 ) -> torch.Tensor:
-    """Logits of a Llama-family `base_model` (deep-copied, never modified) with the config's memory form hooked in."""
+    """Logits of a Llama-family `base_model` (deep-copied, never modified) with the config's memory form hooked in;
+    `own_slots`: a memory of exactly the (compressed) features' tokens, as a row of the variable form reads it."""
     model = copy.deepcopy(base_model).eval()
     features = None if image_features is None else compress(image_features, config)
-    keys, values = reference_memory(state, config, features, image_mask)
+    keys, values = reference_memory(state, config, features, image_mask, own_slots)
     for layer in model.model.layers:
         mlp = layer.mlp
 
@@ -105,10 +107,12 @@ def reference_form_logits(
         return model(input_ids=input_ids).logits
 
 
-def reference_gpt2_drop_logits(base_model, state, config, input_ids, image_features) -> torch.Tensor:
-    """GPT-2 (plain FFN) with MemVP's read and the drop: x captured at c_fc, `s drop(gelu(x K^T)) V` added at c_proj."""
+def reference_gpt2_drop_logits(base_model, state, config, input_ids, image_features,
+                               own_slots: bool = False) -> torch.Tensor:
+    """GPT-2 (plain FFN) with MemVP's read and the drop: x captured at c_fc, `s drop(gelu(x K^T)) V` added at c_proj
+    (`own_slots`: a memory of exactly the features' tokens)."""
     model = copy.deepcopy(base_model).eval()
-    keys, values = reference_memory(state, config, image_features)
+    keys, values = reference_memory(state, config, image_features, own_slots=own_slots)
     for block in model.transformer.h:
         captured = {}
 

@@ -8,6 +8,10 @@ its config, `reference_logits` deep-copies the model and registers plain torch f
 
 with f = Linear -> SiLU -> Linear. Text-only batches (no features) use K = p_k, V = p_v for every row.
 
+`own_slots=True` is the memory of a row in the variable form (rows of different lengths): exactly its N tokens' slots,
+`K = lambda * f(z) + p_k[:N]`, `V = lambda * f(z) + p_v[:N]` -- no slot after them (nothing padded, no learned slot).
+The tests compute it one row at a time and compare each row of a padded batch with it.
+
 * GLU FFNs (Llama & co.): a forward hook on the whole `mlp` module; x is the mlp input, the read-out is added to its
   output; act = the mlp's own activation (`act_fn`, Phi3's `activation_fn`) unless `config.activation` overrides it.
 * Plain FFNs (GPT-2 `mlp.c_fc/c_proj`, OPT `fc1/fc2`): deliberately *not* via concatenation -- a hook captures the
@@ -88,8 +92,9 @@ def reference_memory(
     config,
     image_features: Optional[torch.Tensor] = None,
     image_mask: Optional[torch.Tensor] = None,
+    own_slots: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K, V of the spec: (B, n, d) with features, (n, d) without."""
+    """K, V of the spec: (B, n, d) with features, (n, d) without; (B, N, d) with `own_slots` (module docstring)."""
     key_pos = _get(state, "key_pos").float()
     value_pos = _get(state, "value_pos").float()
     if image_features is None:
@@ -103,6 +108,8 @@ def reference_memory(
     else:
         indicator = image_mask.to(torch.float32)
     u = config.visual_scale * projected * indicator[:, None, None]
+    if own_slots:
+        return u + key_pos[:tokens], u + value_pos[:tokens]
     n = config.num_memory_slots
     u = torch.cat([u, torch.zeros(batch, n - tokens, width)], dim=1)
     return u + key_pos, u + value_pos
@@ -121,10 +128,12 @@ def reference_logits(
     image_features: Optional[torch.Tensor] = None,
     image_mask: Optional[torch.Tensor] = None,
     layers: Optional[Sequence[int]] = None,
+    own_slots: bool = False,
 ) -> torch.Tensor:
     """Logits of `base_model` (unadapted; it is deep-copied, never modified) with MemVP added by forward hooks.
 
-    `layers` restricts the memory to these decoder layer indices (default: `config.layers_to_transform`, else all).
+    `layers` restricts the memory to these decoder layer indices (default: `config.layers_to_transform`, else all);
+    `own_slots` reads a memory of exactly the features' tokens (`reference_memory`).
     """
     model = copy.deepcopy(base_model).eval()
     model_type = model.config.model_type
@@ -138,7 +147,7 @@ def reference_logits(
         layers = [layers]
     selected = range(len(stack)) if layers is None else list(layers)
 
-    keys, values = reference_memory(adapter_state, config, image_features, image_mask)
+    keys, values = reference_memory(adapter_state, config, image_features, image_mask, own_slots)
     scale = float(config.memory_scale)
     batch = input_ids.shape[0]
     override = None if config.activation is None else _ACTIVATIONS[config.activation]

@@ -21,6 +21,12 @@ builds it (`resolve_read`, like peft's LoRA variants) and called by the forward 
   set to zero before the product with `V`, so each text token keeps only the visual slots it responds to most. The
   authors' code uses `drop_ratio = 0.1` and applies no dropout to the scores.
 
+**Rows of different lengths.** A memory built from rows of different numbers of visual tokens
+(`visual_inputs.VisualTokens`) has empty slots: keys and values exactly zero (`memory.VisualMemory`), so whatever a
+read scores there, `score * 0` adds exactly nothing -- no read needs to mask anything for that. Only the drop looks
+at the scores themselves: it ranks each row's own slots (`n` = the row's slot count, from the state's slot mask), so a
+row reads in a padded batch exactly as it reads alone.
+
 Both reads share the keys and values of `VisualMemory` (`K = lambda * f(z) + p_k`, `V = lambda * f(z) + p_v`).
 
 The layers own no parameters: keys and values come from the active call of the shared `MemoryRuntime` (one memory
@@ -111,22 +117,44 @@ def dropped_count(num_slots: int, drop_ratio: float) -> int:
     return int(drop_ratio * num_slots)
 
 
-def drop_lowest_scores(scores: torch.Tensor, drop_ratio: float) -> torch.Tensor:
+def drop_lowest_scores(scores: torch.Tensor, drop_ratio: float, slots: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`scores` (..., n) with each row's `floor(drop_ratio * n)` lowest values set to zero (ADEM-VL's drop).
 
     Why `kthvalue` and a comparison, not a sort: the threshold is the k-th smallest score of the row (k = the number
     dropped, 0-based), one selection instead of a full sort, and scores equal to the threshold are kept, exactly like
     the authors' `x < threshold` mask. The mask is not differentiated: gradients reach the kept scores only.
+
+    With a `(B, n)` slot mask (`MemoryState.slots`, scores `(B, T, n)`), each sample's `n` is its own slot count and
+    only its own slots are ranked (`drop_lowest_scores_of_slots`).
     """
     dropped = dropped_count(scores.shape[-1], drop_ratio)
     if dropped == 0:
         return scores
+    if slots is not None:
+        return drop_lowest_scores_of_slots(scores, drop_ratio, slots)
     threshold = scores.kthvalue(dropped + 1, dim=-1, keepdim=True).values
     return scores * (scores >= threshold).to(scores.dtype)
 
 
-def keep_all_scores(scores: torch.Tensor) -> torch.Tensor:
-    """No drop: every score is read with V."""
+def drop_lowest_scores_of_slots(scores: torch.Tensor, drop_ratio: float, slots: torch.Tensor) -> torch.Tensor:
+    """ADEM-VL's drop over each sample's own slots: `scores` (B, T, n), `slots` (B, n) bool. A sample with `c` slots
+    drops `floor(drop_ratio * c)` of its scores, ranked among its own slots, exactly as `drop_lowest_scores` does for
+    a memory of those `c` slots alone; its empty slots are zero (they read nothing either way).
+
+    The number dropped differs per sample, so the threshold is read from a sort (empty slots last, as +inf) at each
+    sample's own index rather than from one `kthvalue`; the count is `floor` in float64 (float32 where the device
+    has no float64), like `int(drop_ratio * c)` on the host, and nothing is read back to the host."""
+    own = slots[:, None, :]
+    count = own.sum(dim=-1, keepdim=True)  # (B, 1, 1)
+    exact = torch.float32 if scores.device.type == "mps" else torch.float64
+    dropped = torch.floor(count.to(exact) * drop_ratio).long()
+    ordered = scores.masked_fill(~own, float("inf")).sort(dim=-1).values
+    threshold = ordered.gather(-1, dropped.expand(*scores.shape[:-1], 1))
+    return scores * ((scores >= threshold) & own).to(scores.dtype)
+
+
+def keep_all_scores(scores: torch.Tensor, slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """No drop: every score is read with V (an empty slot's V is zero: `slots` is not needed)."""
     return scores
 
 
@@ -136,11 +164,12 @@ def keep_all_scores(scores: torch.Tensor) -> torch.Tensor:
 class MemoryRead(abc.ABC):
     """How one adapter reads the memory in one layer: the scores of the FFN input against the keys (`scores`, only
     asked of an `FFNMemoryLayer`; a plain FFN's own W1 and activation make them) and the scores kept for the product
-    with V (`select`: ADEM-VL's drop when `drop_ratio` > 0, else all of them, decided here once)."""
+    with V (`select(scores, slots=...)`: ADEM-VL's drop when `drop_ratio` > 0, else all of them, decided here once;
+    `slots` is the memory's slot mask, None in the fixed form)."""
 
     def __init__(self, drop_ratio: float = 0.0) -> None:
         self.drop_ratio = drop_ratio
-        self.select: Callable[[torch.Tensor], torch.Tensor] = (
+        self.select: Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor] = (
             functools.partial(drop_lowest_scores, drop_ratio=drop_ratio) if drop_ratio else keep_all_scores
         )
 
@@ -236,8 +265,9 @@ class MemVPLayer(nn.Module, BaseTunerLayer):
         self.memvp_num_slots[adapter_name] = int(config.num_memory_slots)
         self.set_adapter(self.active_adapters)
 
-    def _memories(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        """(adapter, keys, values) for every active adapter of this layer, cast to `x`'s dtype and batch.
+    def _memories(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """(adapter, keys, values, slot mask) for every active adapter of this layer, cast to `x`'s dtype and batch
+        (the slot mask, `MemoryState.slots`, is None in the fixed form).
 
         `x` must be batched as `(B, T, ...)`; see `_batched` for FFNs that flatten the tokens. Callers check
         `disable_adapters` first (a disabled layer must not require the running batch size).
@@ -246,8 +276,9 @@ class MemVPLayer(nn.Module, BaseTunerLayer):
         for name in self.active_adapters:
             if name not in self.memvp_scale:
                 continue
-            keys, values = self._memvp_runtime.state_for(name).for_input(x.shape[0], x.dtype, x.device)
-            found.append((name, keys, values))
+            state = self._memvp_runtime.state_for(name)
+            keys, values = state.for_input(x.shape[0], x.dtype, x.device)
+            found.append((name, keys, values, state.slots_for_input(x.shape[0], x.device)))
         return found
 
     def _batched(self, x: torch.Tensor) -> torch.Tensor:
@@ -298,9 +329,9 @@ class FFNMemoryLayer(MemVPLayer):
         if self.disable_adapters:
             return result
         xb = self._batched(x)
-        for name, keys, values in self._memories(xb):
+        for name, keys, values, slots in self._memories(xb):
             read = self.memvp_read[name]
-            scores = read.select(read.scores(self, name, xb, keys))
+            scores = read.select(read.scores(self, name, xb, keys), slots=slots)
             result = add_memory_read(result, self._dropout(name, scores), values, self.memvp_scale[name])
         return result
 
@@ -315,7 +346,7 @@ class KeyMemoryLayer(MemVPLayer):
         xb = self._batched(x)
         scores = [
             memory_scores(xb, keys).reshape(*result.shape[:-1], -1).to(result.dtype)
-            for _, keys, _ in self._memories(xb)
+            for _, keys, _, _ in self._memories(xb)
         ]
         if not scores:
             return result
@@ -334,7 +365,7 @@ class ValueMemoryLayer(MemVPLayer):
 
     def forward(self, h: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         memories = self._memories(self._batched(h)) if not self.disable_adapters else []
-        expected = self.in_features + sum(self.memvp_num_slots[name] for name, _, _ in memories)
+        expected = self.in_features + sum(self.memvp_num_slots[name] for name, _, _, _ in memories)
         if h.shape[-1] != expected:
             raise RuntimeError(
                 f"MemVP value layer expected {expected} input features (FFN width {self.in_features} + memory slots), "
@@ -342,9 +373,9 @@ class ValueMemoryLayer(MemVPLayer):
             )
         result = self.base_layer(h[..., : self.in_features], *args, **kwargs)
         offset = self.in_features
-        for name, _, values in memories:
+        for name, _, values, slots in memories:
             scores = self._batched(h[..., offset : offset + self.memvp_num_slots[name]])
             offset += self.memvp_num_slots[name]
-            scores = self._dropout(name, self.memvp_read[name].select(scores)).to(values.dtype)
+            scores = self._dropout(name, self.memvp_read[name].select(scores, slots=slots)).to(values.dtype)
             result = add_memory_read(result, scores, values, self.memvp_scale[name])
         return result

@@ -38,6 +38,14 @@ class VisualMemory(nn.Module):
     `forward(z, ind)` returns `K = lambda * pad_n(f(z) * ind) + p_k` and `V = lambda * pad_n(f(z) * ind) + p_v`
     (MEMVP_SPEC steps 1-5). Without features it returns the image-independent memory `K = p_k, V = p_v` (step 7),
     without a batch dimension so that it broadcasts over any batch.
+
+    Rows of different lengths (`forward(z, lengths=...)`, the variable form of `visual_inputs.VisualTokens`): row b's
+    first `lengths[b]` slots hold its tokens, `K = lambda * f(z_b) + p_k` there as above; its other slots are *empty*
+    (`K = V = 0`, marked False in the state's slot mask), so they read nothing -- a row's memory is its own tokens,
+    whatever the batch's longest row, and the p_k/p_v of slots past its tokens never reach it. A row of length 0 has
+    no image and reads `K = p_k, V = p_v` in every slot, as a text-only row does in the fixed form. (The fixed form's
+    slots past the N tokens are learned memory read by every row, step 3; in the variable form each row's length is
+    its own, so no slot is past every row's tokens.)
     """
 
     def __init__(
@@ -101,9 +109,14 @@ class VisualMemory(nn.Module):
         nn.init.zeros_(self.value_pos)
 
     def forward(
-        self, image_features: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None
+        self,
+        image_features: Optional[torch.Tensor] = None,
+        image_mask: Optional[torch.Tensor] = None,
+        lengths: Optional[torch.Tensor] = None,
     ) -> "MemoryState":
         weight = self.projector[0].weight
+        if lengths is not None:
+            return self._rows_of_lengths(image_features, lengths)
         if image_features is None:
             # Built like the image branch: `parameter + computed tensor` is a fresh tensor, which ZeRO-3 cannot empty
             # when it re-partitions this module's parameters (to shape (0,)) after the forward returns, and the
@@ -122,6 +135,26 @@ class VisualMemory(nn.Module):
         padded = F.pad(projected, (0, 0, 0, self.num_slots - projected.shape[1]))
         return MemoryState(padded + self.key_pos, padded + self.value_pos)
 
+    def _rows_of_lengths(self, image_features: torch.Tensor, lengths: torch.Tensor) -> "MemoryState":
+        """The memory of `(B, T, visual_dim)` features whose row b holds `lengths[b]` tokens (class docstring).
+
+        What lies past a row's tokens is replaced by zeros before the projector, so no value there (huge, inf, NaN)
+        can reach the memory or its gradient; the empty slots are set with `where`, exact zeros and no gradient."""
+        weight = self.projector[0].weight
+        image_features = cast_checked(image_features.to(weight.device), weight.dtype, "image_features")
+        lengths = lengths.to(weight.device)
+        positions = torch.arange(image_features.shape[1], device=lengths.device)
+        tokens = (positions < lengths[:, None])[..., None]  # (B, T, 1)
+        features = torch.where(tokens, image_features, 0.0)
+        projected = self.projector(features) * self.visual_scale
+        projected = projected * tokens.to(projected.dtype)  # a row's own tokens only, as image_mask does per token
+        padded = F.pad(projected, (0, 0, 0, self.num_slots - projected.shape[1]))
+        slots = torch.arange(self.num_slots, device=lengths.device) < lengths[:, None]
+        slots = slots | (lengths == 0)[:, None]  # a row without image reads the learned memory in every slot
+        filled = slots[..., None]
+        return MemoryState(torch.where(filled, padded + self.key_pos, 0.0),
+                           torch.where(filled, padded + self.value_pos, 0.0), slots=slots)
+
 
     def project_cls(self, cls_features: torch.Tensor) -> torch.Tensor:
         """(B, D_v) CLS features -> (B, 1, d) input embeddings: ADEM-VL's `adapter_proj_cls`, neither scaled by
@@ -135,6 +168,7 @@ class _MemoryStateFields(NamedTuple):
     keys: torch.Tensor
     values: torch.Tensor
     cache: dict
+    slots: Optional[torch.Tensor]
 
 
 class MemoryState(_MemoryStateFields):
@@ -144,6 +178,11 @@ class MemoryState(_MemoryStateFields):
     expanded the batch (beam search, `num_return_sequences`), repeated per sample exactly like HF expands its inputs
     (`repeat_interleave`). Both are cached, so twenty layers pay for them once.
 
+    `slots` is the `(B, n)` bool slot mask of rows of different lengths (`VisualMemory` with `lengths`): False marks
+    an empty slot, whose keys and values are zero, so its read `act(x·0)·0` is exactly zero whatever the read. The
+    reads that rank a row's scores (ADEM-VL's drop) ask for it (`slots_for_input`, expanded like the keys) to rank
+    the row's own slots only. None in the fixed form, where every slot is read.
+
     Why a tuple: `VisualMemory.forward` returns this value, and DeepSpeed ZeRO-3 only registers backward hooks (which
     re-gather the partitioned projector and p_k/p_v before their gradients arrive) on tensors it can find in a module's
     output, i.e. inside tuples, lists and dicts. A dataclass hides them and the backward then reads 0-element
@@ -152,8 +191,9 @@ class MemoryState(_MemoryStateFields):
 
     __slots__ = ()
 
-    def __new__(cls, keys: torch.Tensor, values: torch.Tensor, cache: Optional[dict] = None) -> "MemoryState":
-        return super().__new__(cls, keys, values, {} if cache is None else cache)
+    def __new__(cls, keys: torch.Tensor, values: torch.Tensor, cache: Optional[dict] = None,
+                slots: Optional[torch.Tensor] = None) -> "MemoryState":
+        return super().__new__(cls, keys, values, {} if cache is None else cache, slots)
 
     @property
     def batch_size(self) -> Optional[int]:
@@ -167,18 +207,31 @@ class MemoryState(_MemoryStateFields):
         cached = self.cache.get(key)
         if cached is not None:
             return cached
-        keys, values = self.keys, self.values
-        own = self.batch_size
-        if own is not None and own != batch_size:
-            if batch_size % own != 0:
-                raise ValueError(
-                    f"MemVP: the visual memory was computed for a batch of {own} samples but a layer received a batch "
-                    f"of {batch_size}; the batch can only grow by a whole factor (beam search, num_return_sequences)."
-                )
-            repeats = batch_size // own
-            keys = keys.repeat_interleave(repeats, dim=0)
-            values = values.repeat_interleave(repeats, dim=0)
+        keys, values = self._expanded(self.keys, batch_size), self._expanded(self.values, batch_size)
         keys = keys.to(device=device, dtype=dtype)
         values = values.to(device=device, dtype=dtype)
         self.cache[key] = (keys, values)
         return keys, values
+
+    def slots_for_input(self, batch_size: int, device: torch.device) -> Optional[torch.Tensor]:
+        """The slot mask for a layer's batch (repeated per sample like the keys), or None in the fixed form."""
+        if self.slots is None:
+            return None
+        key = ("slots", batch_size, device)
+        cached = self.cache.get(key)
+        if cached is None:
+            cached = self.cache[key] = self._expanded(self.slots, batch_size).to(device=device)
+        return cached
+
+    def _expanded(self, tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """`tensor` (this state's batch first) for a layer's batch: HF grows the batch of a `generate()` by a whole
+        factor, every sample repeated in place (`repeat_interleave`)."""
+        own = self.batch_size
+        if own is None or own == batch_size:
+            return tensor
+        if batch_size % own != 0:
+            raise ValueError(
+                f"MemVP: the visual memory was computed for a batch of {own} samples but a layer received a batch "
+                f"of {batch_size}; the batch can only grow by a whole factor (beam search, num_return_sequences)."
+            )
+        return tensor.repeat_interleave(batch_size // own, dim=0)

@@ -166,7 +166,7 @@ class MemoryRuntime:
             config, memory = self.configs[name], memories[name]
             visual = inputs.for_adapter(name, active, config, memory)
             cls_embeddings = None if visual.cls_features is None else memory.project_cls(visual.cls_features)
-            states[name] = memory(visual.features, visual.mask)
+            states[name] = memory(visual.features, visual.mask, visual.lengths)
             if getattr(config, "cls_token", False):  # the rows with an image: the checked per-token mask's first
                 unused = None if cls_embeddings is not None else memory.project_cls(
                     memory.cls_projector[0].weight.new_zeros(1, config.visual_dim)).sum() * 0.0
@@ -200,6 +200,7 @@ def wrap_checkpoint_function(original: Callable, runtime: MemoryRuntime) -> Call
         if active is None and adapters is None:
             return original(function, *args)
         names = list(active.memory.states) if active is not None else []
+        slots = [active.memory.states[name].slots for name in names]  # no gradient: read as they are
         tensors = active.memory.tensors() if active is not None else []
         adapter_weights = [p for p in adapters.bottlenecks.parameters() if p.requires_grad] if adapters else []
         extra = len(tensors) + len(adapter_weights)
@@ -209,7 +210,8 @@ def wrap_checkpoint_function(original: Callable, runtime: MemoryRuntime) -> Call
             memory = all_args[len(layer_args) : len(layer_args) + len(tensors)]
             previous = None
             if active is not None:
-                states = {name: MemoryState(memory[2 * i], memory[2 * i + 1]) for i, name in enumerate(names)}
+                states = {name: MemoryState(memory[2 * i], memory[2 * i + 1], slots=slots[i])
+                          for i, name in enumerate(names)}
                 replay = CallMemory(states)
                 previous = runtime.activate(ActiveCall(replay, active.batch_size))
             previous_adapters = vision.run_adapters(adapters) if adapters is not None else None

@@ -36,17 +36,38 @@ own grid:
 Every image (tile, frame) is compressed on its own, so image boundaries and the slot blocks stay intact. The memory
 then holds, per sample: images x blocks per image (`image_grid`: 1 + rows*cols) x compressed tokens per image
 (`memory_tokens`).
+
+**Rows of different lengths.** A VLM with dynamic resolution (Qwen2-VL, LLaVA-NeXT's anyres) gives every image its
+own number of tokens, and a row its own number of images. That is the *variable form* of `image_features`, next to
+the fixed `(B, N, D)` / `(B, I, N, D)` tensors:
+
+* **rows of per-image tensors**: a list with one entry per row -- a list of `(tokens_i, visual_dim)` tensors (its
+  images in order; `[]` or None for a row without image), or one such tensor for a row of one image
+  (`group_images_by_row` makes it from a flat list of images and the count of each row's). Every image is laid out
+  like the fixed form's (compressed on its own grid, counted against `image_grid` and `num_frames`);
+* **`VisualTokens`**, the form the memory reads: a padded `(B, T, visual_dim)` tensor with each row's length, made
+  from a padded tensor and a per-token mask (`VisualTokens.from_padded`, the mask may have holes: each row's tokens
+  are moved to its front in order). It is read as it is (no compression: it has no image boundaries).
+
+Both become one `VisualTokens`, which `memory.VisualMemory` turns into a memory whose row b holds its own tokens in
+its first slots and empty slots after them (read as exactly nothing): a row reads the same alone as in any padded
+batch. A row holding more tokens than `num_memory_slots` is refused naming the row, its images' tokens and the
+option; `required_memory_slots` / `check_memory_slots` make the same check over a whole dataset's token counts
+before training. `image_mask` does not go with the variable form: a row's entries say whether it has images.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 import os
-from typing import Any, NamedTuple, Optional
+from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from ..vision.encoder import feature_selection, pixel_features, unread_tower_message
 from ..vision.tiling import blocks_per_image, tile_for_adapter
@@ -92,11 +113,13 @@ class AdapterInputs(NamedTuple):
     """What one adapter's memory reads from a call, checked (its forward casts them to its projectors' dtype, with
     `cast_checked`): the visual tokens
     `(B, T, visual_dim)` and their `(B, T)` bool mask (None and None without visual input), and the encoder's CLS
-    features `(B, visual_dim)` for an adapter with `cls_token` (None otherwise, or without `pixel_values`)."""
+    features `(B, visual_dim)` for an adapter with `cls_token` (None otherwise, or without `pixel_values`). In the
+    variable form `lengths` `(B,)` holds each row's token count (`VisualTokens`) and `mask` is None."""
 
     features: Optional[torch.Tensor]
     mask: Optional[torch.Tensor]
     cls_features: Optional[torch.Tensor]
+    lengths: Optional[torch.Tensor] = None
 
 
 class VisualInputs:
@@ -135,6 +158,10 @@ class VisualInputs:
                 if key not in self._shared:
                     self._shared[key] = self._encode(pixels, config, None)
                 features = self._shared[key]
+        if is_variable_form(features):
+            tokens = variable_tokens(features, mask, config, self.batch_size)
+            return AdapterInputs(None, None, cls) if tokens is None else AdapterInputs(
+                tokens.features, None, cls, tokens.lengths)
         features, mask = arrange_visual_tokens(features, mask, config)  # frames, tiles, compression
         features, mask = validate_visual_inputs(
             features, mask, self.batch_size, config.visual_dim, config.num_memory_slots
@@ -399,21 +426,7 @@ def arrange_visual_tokens(
     if not isinstance(features, torch.Tensor) or features.dim() not in (3, 4):
         return features, image_mask
     images = features.shape[1] if features.dim() == 4 else 1
-    blocks = blocks_per_image(config.image_grid)
-    if blocks > 1 and images % blocks:
-        rows, cols = config.image_grid
-        raise ValueError(
-            f"MemVP: image_grid={[rows, cols]} makes every image {blocks} blocks of slots (the overview, then "
-            f"{rows * cols} tiles row by row); the visual input holds {images} image(s) per sample, not a multiple of "
-            f"{blocks}. Pass high-resolution pixel_values (tiled here), or tiles from "
-            f"MemVPDataCollator(image_grid={(rows, cols)})."
-        )
-    if config.num_frames is not None and images > config.num_frames:
-        raise ValueError(
-            f"MemVP: the adapter reads num_frames={config.num_frames} frames per sample but the visual input holds "
-            f"{images}; sample them first (MemVPDataCollator(num_frames={config.num_frames}) or "
-            "memvp_peft.data.sample_frame_indices)."
-        )
+    check_image_count(images, config, "per sample")
     compressed = compress_grid(features, config)
     needed = images * compressed.shape[-2]
     if compressed is not features and needed > config.num_memory_slots:
@@ -423,3 +436,320 @@ def arrange_visual_tokens(
             f"{config.num_memory_slots}; num_memory_slots must be >= the compressed visual tokens."
         )
     return compressed, image_mask
+
+
+def check_image_count(images: int, config: Any, where: str) -> None:
+    """Refuse `images` images (tiles, frames) in one row, `where` saying which, that the adapter's `image_grid` (whole
+    images of 1 + rows*cols blocks) or `num_frames` (at most that many) cannot lay out."""
+    blocks = blocks_per_image(config.image_grid)
+    if blocks > 1 and images % blocks:
+        rows, cols = config.image_grid
+        raise ValueError(
+            f"MemVP: image_grid={[rows, cols]} makes every image {blocks} blocks of slots (the overview, then "
+            f"{rows * cols} tiles row by row); the visual input holds {images} image(s) {where}, not a multiple of "
+            f"{blocks}. Pass high-resolution pixel_values (tiled here), or tiles from "
+            f"MemVPDataCollator(image_grid={(rows, cols)})."
+        )
+    if config.num_frames is not None and images > config.num_frames:
+        raise ValueError(
+            f"MemVP: the adapter reads num_frames={config.num_frames} frames per sample but the visual input holds "
+            f"{images} {where}; sample them first (MemVPDataCollator(num_frames={config.num_frames}) or "
+            "memvp_peft.data.sample_frame_indices)."
+        )
+
+
+
+# ------------------------------------------------------------------------------------- rows of different lengths
+
+
+class VisualTokens:
+    """The visual tokens of a batch whose rows hold different numbers of them: what the memory reads in the variable
+    form (module docstring).
+
+    `features` `(B, T, visual_dim)`: row b's tokens in its first `lengths[b]` positions, in order (its images one
+    after the other); what lies after them is padding, never read, whatever its value. `lengths` `(B,)` integer: the
+    tokens of each row; 0 is a row without image, which reads the learned memory p_k/p_v as a text-only row does.
+    `longest`: the largest length where it is known on the host (built from host data or CPU tensors), else None --
+    what lets the runtime refuse a row longer than the memory without reading a device tensor.
+
+    A plain object, neither tuple nor dict, so the `Trainer` hands it to the model untouched; `to` moves it
+    (accelerate's data loaders call it) and the runtime moves it to the projector's device anyway.
+    """
+
+    __slots__ = ("features", "lengths", "longest")
+
+    def __init__(self, features: torch.Tensor, lengths: torch.Tensor, longest: Optional[int] = None) -> None:
+        self.features = features
+        self.lengths = lengths
+        self.longest = longest
+
+    @classmethod
+    def from_padded(cls, features: torch.Tensor, token_mask: torch.Tensor) -> "VisualTokens":
+        """From a padded `(B, T, D)` tensor (or `(B, I, N, D)`: I images of at most N tokens) and its per-token mask
+        `(B, T)` (`(B, I, N)`), True where a token is: each row's tokens move to its front, in order, so holes in
+        the mask (each image padded on its own) are fine; a row with no True is a row without image."""
+        if not isinstance(features, torch.Tensor) or features.dim() not in (3, 4):
+            raise ValueError(
+                "MemVP: VisualTokens.from_padded takes features of shape (batch, tokens, visual_dim) or (batch, "
+                f"images, tokens, visual_dim), got {_describe(features)}."
+            )
+        if not isinstance(token_mask, torch.Tensor) or tuple(token_mask.shape) != tuple(features.shape[:-1]):
+            raise ValueError(
+                f"MemVP: VisualTokens.from_padded takes a token mask of shape {tuple(features.shape[:-1])} (one flag "
+                f"per token of the features {tuple(features.shape)}), got {_describe(token_mask)}."
+            )
+        if token_mask.is_floating_point() or token_mask.is_complex():
+            raise ValueError(f"MemVP: the token mask must be bool (or 0/1 integer), got dtype {token_mask.dtype}.")
+        batch, width = features.shape[0], features.shape[-1]
+        present = token_mask.reshape(batch, -1) != 0
+        flat = features.reshape(batch, -1, width)
+        order = torch.argsort((~present).to(torch.int8), dim=1, stable=True)  # the row's tokens first, in order
+        flat = flat.gather(1, order[..., None].expand(-1, -1, width))
+        lengths = present.sum(dim=1)
+        longest = None
+        if values_checkable(lengths):
+            longest = int(lengths.max()) if batch else 0
+            flat = flat[:, :longest]
+        return cls(flat, lengths, longest)
+
+    def to(self, *args: Any, **kwargs: Any) -> "VisualTokens":
+        """Both tensors moved as `Tensor.to` moves them; the lengths keep their integer dtype."""
+        features = self.features.to(*args, **kwargs)
+        return VisualTokens(features, self.lengths.to(device=features.device), self.longest)
+
+    def token_mask(self) -> torch.Tensor:
+        """`(B, T)` bool: True at each row's own tokens."""
+        positions = torch.arange(self.features.shape[1], device=self.lengths.device)
+        return positions < self.lengths[:, None]
+
+    def __repr__(self) -> str:
+        return f"VisualTokens(features={tuple(self.features.shape)}, longest={self.longest})"
+
+
+#: One row of the variable form: its images' `(tokens, visual_dim)` tensors, one such tensor, or None (no image).
+Row = Union[None, torch.Tensor, Sequence[torch.Tensor]]
+
+
+def is_variable_form(image_features: Any) -> bool:
+    """Whether a call's `image_features` come in the variable form: rows of per-image tensors or `VisualTokens`."""
+    return isinstance(image_features, (list, tuple, VisualTokens))
+
+
+def group_images_by_row(images: Sequence[torch.Tensor], images_per_row: Sequence[int]) -> list[list[torch.Tensor]]:
+    """A flat sequence of per-image `(tokens, visual_dim)` tensors (every row's images, row after row, as a VLM's
+    tower returns them) -> the rows of the variable form, row b taking the next `images_per_row[b]`."""
+    counts = [int(count) for count in images_per_row]
+    if any(count < 0 for count in counts) or sum(counts) != len(images):
+        raise ValueError(
+            f"MemVP: images_per_row={counts} must be non-negative counts adding up to the {len(images)} images given "
+            f"(they add up to {sum(counts)})."
+        )
+    starts = [sum(counts[:row]) for row in range(len(counts))]
+    return [list(images[start:start + count]) for start, count in zip(starts, counts)]
+
+
+def variable_tokens(image_features: Any, image_mask: Any, config: Any,
+                    batch_size: Optional[int]) -> Optional[VisualTokens]:
+    """A call's variable-form `image_features` as the `VisualTokens` an adapter with `config` reads, checked, each
+    row's padding zeroed; None when no row has a token. The memory's forward moves them to its projector's device and
+    dtype (`cast_checked`), where ZeRO-3 has the projector gathered."""
+    if image_mask is not None:
+        raise ValueError(
+            "MemVP: `image_mask` came with `image_features` in the variable form (rows of per-image tensors, or "
+            "VisualTokens), whose rows say themselves which have images (an empty row has none): drop the mask."
+        )
+    if isinstance(image_features, VisualTokens):
+        return _checked_visual_tokens(image_features, config, batch_size)
+    return _laid_out_rows(image_features, config, batch_size)
+
+
+def _laid_out_rows(rows: Sequence[Row], config: Any, batch_size: Optional[int]) -> Optional[VisualTokens]:
+    """Rows of per-image tensors -> `VisualTokens`: every image checked and compressed on its own grid (as the fixed
+    form's are), each row's images counted against `image_grid` / `num_frames`, then concatenated in order (in the
+    widest of their dtypes, on the first image's device: nothing overflows before the memory's checked cast)."""
+    rows = [_row_images(row, index, config.visual_dim) for index, row in enumerate(rows)]
+    if batch_size is not None and len(rows) != batch_size:
+        raise ValueError(
+            f"MemVP: `image_features` as rows of per-image tensors has {len(rows)} rows but the input batch has "
+            f"{batch_size}: give one entry per row ([] for a row without image)."
+        )
+    laid_out = []
+    for index, images in enumerate(rows):
+        check_image_count(len(images), config, f"in row {index}")
+        laid_out.append([compress_grid(image, config) for image in images])
+    lengths = [sum(image.shape[0] for image in images) for images in laid_out]
+    _refuse_long_row(lengths, [[image.shape[0] for image in images] for images in laid_out], config, "of the call")
+    longest = max(lengths, default=0)
+    if longest == 0:
+        return None
+    every_image = [image for images in laid_out for image in images]
+    device = every_image[0].device
+    dtype = functools.reduce(torch.promote_types, (image.dtype for image in every_image))
+    joined = [torch.cat([image.to(device=device, dtype=dtype) for image in images]) if images
+              else torch.zeros(0, config.visual_dim, device=device, dtype=dtype) for images in laid_out]
+    return VisualTokens(pad_sequence(joined, batch_first=True),
+                        torch.tensor(lengths, dtype=torch.long, device=device), longest)
+
+
+def _row_images(row: Row, index: int, visual_dim: int) -> list[torch.Tensor]:
+    """Row `index`'s images as a list of checked `(tokens, visual_dim)` tensors ([] for a row without image)."""
+    if row is None:
+        return []
+    images = [row] if isinstance(row, torch.Tensor) else row
+    if not isinstance(images, (list, tuple)):
+        raise ValueError(
+            f"MemVP: row {index} of `image_features` must be a list of torch.Tensor of shape (tokens, {visual_dim}) "
+            f"(one per image, [] for a row without image) or one such tensor, got {type(row).__name__}."
+        )
+    for position, image in enumerate(images):
+        what = f"image {position} of row {index} of `image_features`"
+        if not isinstance(image, torch.Tensor) or image.dim() != 2:
+            raise ValueError(f"MemVP: {what} must be a torch.Tensor of shape (tokens, {visual_dim}), got "
+                             f"{_describe(image)}.")
+        if not image.is_floating_point():
+            raise ValueError(f"MemVP: {what} must be a floating point tensor, got dtype {image.dtype}.")
+        if image.shape[1] != visual_dim:
+            raise ValueError(
+                f"MemVP: {what} has width {image.shape[1]}, but MemVPConfig.visual_dim={visual_dim} "
+                f"(shape {tuple(image.shape)})."
+            )
+        if image.shape[0] == 0:
+            raise ValueError(f"MemVP: {what} has 0 visual tokens; leave a row without image empty ([]) instead.")
+        if values_checkable(image) and not _all_finite(image):
+            raise ValueError(f"MemVP: {what} contains NaN or inf values.")
+    return list(images)
+
+
+def _checked_visual_tokens(tokens: VisualTokens, config: Any, batch_size: Optional[int]) -> Optional[VisualTokens]:
+    """`VisualTokens` a caller built, checked as the memory reads them (they are not laid out again: compression,
+    tiles and frames need each image's boundaries, which they no longer have)."""
+    layout = _layout_needing_images(config)
+    if layout is not None:
+        raise ValueError(
+            f"MemVP: `image_features` came as VisualTokens, which the memory reads as they are, but the adapter lays "
+            f"each image out ({layout}), which needs each image's own tokens: pass `image_features` as rows of "
+            "per-image tensors instead."
+        )
+    features, lengths, visual_dim = tokens.features, tokens.lengths, config.visual_dim
+    if not isinstance(features, torch.Tensor) or features.dim() != 3 or not features.is_floating_point():
+        raise ValueError(
+            f"MemVP: VisualTokens.features must be a floating point (batch, tokens, {visual_dim}) tensor, got "
+            f"{_describe(features)}."
+        )
+    batch, slots, width = features.shape
+    if width != visual_dim:
+        raise ValueError(f"MemVP: VisualTokens.features width must equal MemVPConfig.visual_dim={visual_dim}, got "
+                         f"{width} (shape {tuple(features.shape)}).")
+    if batch_size is not None and batch != batch_size:
+        raise ValueError(f"MemVP: VisualTokens batch ({batch}) must equal the input batch ({batch_size}).")
+    if (not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (batch,) or lengths.is_floating_point()
+            or lengths.is_complex() or lengths.dtype == torch.bool):
+        raise ValueError(f"MemVP: VisualTokens.lengths must be an integer tensor of shape ({batch},), one token count "
+                         f"per row, got {_describe(lengths)}.")
+    longest = tokens.longest
+    if values_checkable(lengths):
+        if bool(((lengths < 0) | (lengths > slots)).any()):
+            raise ValueError(f"MemVP: VisualTokens.lengths must lie in [0, {slots}] (the features' tokens per row), "
+                             f"got {lengths.tolist()}.")
+        longest = int(lengths.max()) if batch else 0
+        _refuse_long_row(lengths.tolist(), None, config, "of the call")
+    elif longest is not None:
+        _refuse_long_row([longest], None, config, "of the call")
+    elif slots > config.num_memory_slots:
+        raise ValueError(
+            f"MemVP: VisualTokens hold up to {slots} tokens per row but MemVPConfig.num_memory_slots="
+            f"{config.num_memory_slots}, and their lengths live on {lengths.device}, where checking them would stall "
+            "the device: build them on the CPU (VisualTokens.from_padded in the collator), at most "
+            "num_memory_slots wide, or set MEMVP_CHECK_VALUES=1."
+        )
+    if longest == 0:
+        return None
+    features = features[:, : min(slots, longest if longest is not None else slots)]
+    lengths = lengths.to(device=features.device, dtype=torch.long)
+    mask = (torch.arange(features.shape[1], device=features.device) < lengths[:, None])[..., None]
+    features = torch.where(mask, features, 0.0)  # the padding is never read, whatever it holds
+    if values_checkable(features) and not _all_finite(features):
+        raise ValueError("MemVP: VisualTokens.features contain NaN or inf values within the rows' lengths.")
+    return VisualTokens(features, lengths, longest)
+
+
+def _layout_needing_images(config: Any) -> Optional[str]:
+    """The first of the adapter's layout options that needs each image's own tokens, as `name=value`, or None."""
+    if config.image_grid:
+        return f"image_grid={list(config.image_grid)}"
+    if config.num_frames is not None:
+        return f"num_frames={config.num_frames}"
+    if config.pool_kernel > 1 or config.pool_tokens is not None or config.multiscale_tokens:
+        return _compression_name(config)
+    return None
+
+
+def _refuse_long_row(lengths: Sequence[int], per_image: Optional[Sequence[Sequence[int]]], config: Any,
+                     where: str) -> None:
+    """Refuse the longest of the rows' `lengths` when it holds more tokens than the memory has slots."""
+    if lengths and max(lengths) > config.num_memory_slots:
+        row = max(range(len(lengths)), key=lambda index: lengths[index])
+        raise ValueError(_long_row_message(row, lengths[row], None if per_image is None else per_image[row], config,
+                                           where))
+
+
+def _long_row_message(row: int, needed: int, per_image: Optional[Sequence[int]], config: Any, where: str) -> str:
+    """What a row too long for the memory is told: the row, the slots it needs (its images' tokens where known) and
+    the option to set."""
+    detail = "" if per_image is None else (
+        f" ({len(per_image)} image(s): {' + '.join(str(count) for count in per_image)} tokens)")
+    return (
+        f"MemVP: row {row} {where} needs {needed} memory slots{detail}, but MemVPConfig.num_memory_slots="
+        f"{config.num_memory_slots}: each of a row's visual tokens takes one slot. Set num_memory_slots >= {needed} "
+        "(memvp_peft.tuner.visual_inputs.required_memory_slots finds what a whole dataset needs)."
+    )
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+# ------------------------------------------------------------------------------------- what a dataset needs
+
+
+#: One row of a dataset's token counts: its images' visual token counts, or one count for a row of one image.
+RowTokens = Union[int, Sequence[int]]
+
+
+def required_memory_slots(rows: Iterable[RowTokens], config: Any = None) -> int:
+    """The memory slots the longest row of a dataset needs: `rows` holds, per row, the visual tokens of each of its
+    images as the encoder gives them (an int for a row of one image, [] for a row without image), one pass over the
+    dataset's image sizes; with a `MemVPConfig`, each image's tokens as its compression leaves them
+    (`pool_kernel`, `pool_tokens`, `multiscale_tokens`)."""
+    return _longest_row(rows, config)[0]
+
+
+def check_memory_slots(rows: Iterable[RowTokens], config: Any) -> int:
+    """`required_memory_slots(rows, config)`, refused before training with a `ValueError` naming
+    `num_memory_slots`, the size needed and the row that needs it when the config's memory is smaller."""
+    needed, row, per_image = _longest_row(rows, config)
+    if needed > config.num_memory_slots:
+        raise ValueError(_long_row_message(row, needed, per_image, config, "of the dataset"))
+    return needed
+
+
+def _longest_row(rows: Iterable[RowTokens], config: Any) -> tuple[int, int, list[int]]:
+    """(slots, index, its images' slots) of the row needing the most slots: the first of equals, (0, 0, []) for
+    none."""
+    best = (0, 0, [])
+    for index, row in enumerate(rows):
+        counts = [row] if isinstance(row, numbers.Integral) else list(row)
+        if any(isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1 for count in counts):
+            raise ValueError(
+                f"MemVP: row {index} of the token counts must be a positive int (one image) or a list of them (one per "
+                f"image, [] for a row without image), got {row!r}."
+            )
+        if config is not None:
+            check_image_count(len(counts), config, f"in row {index}")
+            counts = [compressed_tokens(config, int(count)) for count in counts]
+        counts = [int(count) for count in counts]
+        if sum(counts) > best[0]:
+            best = (sum(counts), index, counts)
+    return best

@@ -27,7 +27,8 @@ PACKAGE_DIR = os.path.dirname(memvp_peft.__file__) + os.sep
 HERE = os.path.abspath(__file__)
 VALIDATION_FILE = os.path.join(PACKAGE_DIR, "tuner", "visual_inputs.py")
 #: the checks of VALIDATION_FILE (the rest of it lays the inputs out and has them encoded: no validation)
-VALIDATION_CHECKS = {"check_pixel_values", "validate_visual_inputs", "cast_checked"}
+VALIDATION_CHECKS = {"check_pixel_values", "validate_visual_inputs", "cast_checked", "_row_images",
+                     "_checked_visual_tokens"}
 VALIDATION_FUNCTIONS = {"_reject_image_placeholders"}
 
 T = torch.Tensor
