@@ -275,6 +275,10 @@ def gemma3(seed: int = 0):
         boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"],
     )
     model = _build(_transformers_class("Gemma3ForConditionalGeneration"), config, seed)
+    # Gemma 3 initialises its projector's matrix to zeros (a checkpoint brings trained weights): every image would be
+    # the same zero embedding, so the fixture draws it at random, at the scale of the normalised vision features.
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=32 ** -0.5)
     processor = _transformers_class("Gemma3Processor")(
         image_processor=_image_processor("Gemma3ImageProcessor")(size={"height": 32, "width": 32}),
         tokenizer=tokenizer, image_seq_length=GEMMA3_TOKENS_PER_IMAGE, chat_template=GEMMA3_TEMPLATE,
@@ -302,7 +306,7 @@ def _idefics3_parts(config_name: str):
         text_config=dict(_text(tokenizer), model_type="llama"),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=IDEFICS3_CROP, patch_size=8),
-        scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id,
     )
     return tokenizer, config
 
@@ -432,14 +436,10 @@ MISTRAL3_TEMPLATE = chat_template("[IMG]", start="<bos>", user=("[INST]", "[/INS
 MISTRAL3_PATCH = 4  # Pixtral's 4-pixel patches, merged 2 x 2 by the projector
 
 
-def mistral3(seed: int = 0):
-    """Mistral 3 (Mistral-Small-3.1): Pixtral (`model.model.vision_tower`) over the image at its own size (longest
-    side 32, `image_sizes`), patches merged 2 x 2 by the projector; the processor writes `[IMG]` per merged token,
-    `[IMG_BREAK]` after each row but the last, `[IMG_END]` after it. `PixtralProcessor` imports torchvision."""
-    from transformers.utils import is_torchvision_available
-
-    if not is_torchvision_available():
-        pytest.skip("PixtralProcessor (Mistral3's processor) imports torchvision, which is not installed")
+def mistral3_model(seed: int = 0):
+    """Mistral 3's model and tokenizer without the processor: Pixtral (`model.model.vision_tower`) over the image at
+    its own size (`image_sizes`), 4-pixel patches merged 2 x 2 by the projector. Builds without torchvision, for
+    tests of the tower alone."""
     tokenizer = word_tokenizer({"image_token": "[IMG]"}, MISTRAL3_SPECIALS, MISTRAL3_TEMPLATE)
     config = _transformers_class("Mistral3Config")(
         text_config=dict(_text(tokenizer), model_type="mistral", head_dim=TEXT_WIDTH // 4, sliding_window=None),
@@ -447,11 +447,27 @@ def mistral3(seed: int = 0):
                            num_attention_heads=2, image_size=32, patch_size=MISTRAL3_PATCH, head_dim=16),
         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2, vision_feature_layer=-1,
     )
-    model = _build(_transformers_class("Mistral3ForConditionalGeneration"), config, seed)
+    return _build(_transformers_class("Mistral3ForConditionalGeneration"), config, seed), tokenizer
+
+
+def mistral3_image_processor():
+    """Pixtral's image processor for `mistral3_model`: longest side 32, sides rounded to the merged patch (8)."""
+    return _image_processor("PixtralImageProcessor")(
+        size={"longest_edge": 32}, patch_size={"height": 2 * MISTRAL3_PATCH, "width": 2 * MISTRAL3_PATCH})
+
+
+def mistral3(seed: int = 0):
+    """Mistral 3 (Mistral-Small-3.1) with `PixtralProcessor`, which writes `[IMG]` per merged token, `[IMG_BREAK]`
+    after each row but the last and `[IMG_END]` after it, and returns `image_sizes`. The processor's module imports
+    torchvision: without it the test skips (`mistral3_model` still builds)."""
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available():
+        pytest.skip("PixtralProcessor (Mistral3's processor) imports torchvision, which is not installed")
+    model, tokenizer = mistral3_model(seed)
     processor = _transformers_class("PixtralProcessor")(
-        image_processor=_image_processor("PixtralImageProcessor")(
-            size={"longest_edge": 32}, patch_size={"height": MISTRAL3_PATCH, "width": MISTRAL3_PATCH}),
-        tokenizer=tokenizer, patch_size=MISTRAL3_PATCH, spatial_merge_size=2, chat_template=MISTRAL3_TEMPLATE,
+        image_processor=mistral3_image_processor(), tokenizer=tokenizer, patch_size=MISTRAL3_PATCH,
+        spatial_merge_size=2, chat_template=MISTRAL3_TEMPLATE,
     )
     return model, processor
 
@@ -474,12 +490,14 @@ def image_messages(question: str = QUESTION, answer: Optional[str] = None, image
     return messages
 
 
-def chat_batch(processor, images: list, answers: Optional[list[str]] = None, question: str = QUESTION) -> dict:
+def chat_batch(processor, images: list, answers: Optional[list[str]] = None, question: str = QUESTION,
+               **processor_kwargs) -> dict:
     """A padded batch as a VLM's processor makes it from chats: one row per image, `question` about it (and its
     answer when `answers` is given, else the generation prompt), rendered by the processor's chat template, then
-    `processor(text=..., images=...)`."""
+    `processor(text=..., images=..., **processor_kwargs)` (e.g. `padding_side="left"` to generate)."""
     conversations = [image_messages(question, None if answers is None else answers[i]) for i in range(len(images))]
     texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=answers is None)
              for c in conversations]
     texts = [text[0] if isinstance(text, list) else text for text in texts]
-    return processor(text=texts, images=[[image] for image in images], padding=True, return_tensors="pt")
+    return processor(text=texts, images=[[image] for image in images], padding=True, return_tensors="pt",
+                     **processor_kwargs)
