@@ -1,11 +1,11 @@
 """Tiny VLMs of every family MemVP supports, each with the family's own processor, built offline.
 
-One function per family returns `(model, processor)`: the model is the family's `...ForConditionalGeneration` from a
-tiny config (hidden size 64, 2 text layers, 2 vision layers, a vocabulary of about a hundred words, images of a few
-dozen pixels: a forward takes milliseconds), random but seeded, in eval mode; the processor is the family's own
-processor class around the family's own image processor (sized for those images) and a word-level tokenizer that
-holds the family's special tokens under the ids the model's config names, with a chat template in the family's
-layout. So a batch is what the family's processor makes of a chat -- image placeholders expanded to the number of
+One function per family returns `(model, processor)`. The model is the family's `...ForConditionalGeneration` from
+a tiny config (text width 64, 2 text layers, 2 vision layers of width 32, a vocabulary of a few dozen words, images
+of a few dozen pixels: a forward of two rows takes tens of milliseconds on a CPU), random but seeded, in eval mode.
+The processor is the family's own processor class around the family's own image processor (sized for those images)
+and a word-level tokenizer that holds the family's special tokens under the ids the model's config names, with a
+chat template in the family's layout. So a batch is what the family's processor makes of a chat -- image placeholders expanded to the number of
 tokens the model's tower gives an image -- and `model(**batch)` is the family's own forward. Nothing is downloaded.
 
 Where this machine lacks what a family's processor needs outside transformers, the builder skips the test that asked
@@ -14,6 +14,8 @@ for it, saying what is missing: Mistral3's `PixtralProcessor` imports torchvisio
 which needs torchvision: without it they are built image-only (`image_only`), the same class without its video
 processor, which the image path never touches.
 
+Beside the builders (and `FAMILIES`, name -> builder): `digit_images` (real images of two sizes), `chat_batch` (a
+batch as the family's processor makes it from TRL-layout chats), `mistral3_model` (Mistral3 without its processor).
 Imported by name (`from vlm_fixtures import ...`), like tests/trainers/trl_fixtures.py.
 """
 
@@ -81,8 +83,8 @@ def word_tokenizer(named_specials: dict[str, str], specials: tuple[str, ...] = (
     return tokenizer
 
 
-def chat_template(image: str, user: tuple[str, str], assistant: tuple[str, str], system: Optional[tuple[str, str]] = None,
-                  start: str = "") -> str:
+def chat_template(image: str, user: tuple[str, str], assistant: tuple[str, str],
+                  system: Optional[tuple[str, str]] = None, start: str = "") -> str:
     """A chat template in a family's layout: `start`, then each turn between its role's (opening, closing) text, an
     image entry of a typed content written as the family's `image` marker (what its processor expands), the
     assistant turns inside `{% generation %}` (so `return_assistant_tokens_mask` works), and the assistant's opening
@@ -171,7 +173,8 @@ def _transformers_class(name: str):
 
 QWEN_SPECIALS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
-QWEN_TEMPLATE = chat_template("<|vision_start|><|image_pad|><|vision_end|>", user=("<|im_start|>user\n", "<|im_end|>\n"),
+QWEN_TEMPLATE = chat_template("<|vision_start|><|image_pad|><|vision_end|>",
+                              user=("<|im_start|>user\n", "<|im_end|>\n"),
                               assistant=("<|im_start|>assistant\n", "<|im_end|>\n"),
                               system=("<|im_start|>system\n", "<|im_end|>\n"))
 # Patches of 4 pixels merged 2 x 2 into one token: a 32 x 32 image is 8 x 8 patches, 16 tokens; 48 x 24 is 18.
@@ -182,9 +185,9 @@ def _qwen_tokenizer():
     return word_tokenizer(QWEN_SPECIALS, ("<|im_start|>", "<|im_end|>"), QWEN_TEMPLATE)
 
 
-def _qwen_image_processor(**fields):
+def _qwen_image_processor():
     return _image_processor("Qwen2VLImageProcessor")(
-        patch_size=QWEN_PATCH, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=48 * 48, **fields)
+        patch_size=QWEN_PATCH, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=48 * 48)
 
 
 def _qwen_ids(tokenizer) -> dict:
