@@ -5,8 +5,9 @@ a tiny config (text width 64, 2 text layers, 2 vision layers of width 32, a voca
 of a few dozen pixels: a forward of two rows takes tens of milliseconds on a CPU), random but seeded, in eval mode.
 The processor is the family's own processor class around the family's own image processor (sized for those images)
 and a word-level tokenizer that holds the family's special tokens under the ids the model's config names, with a
-chat template in the family's layout. So a batch is what the family's processor makes of a chat -- image placeholders expanded to the number of
-tokens the model's tower gives an image -- and `model(**batch)` is the family's own forward. Nothing is downloaded.
+chat template in the family's layout. So a batch is what the family's processor makes of a chat -- image
+placeholders expanded to the number of tokens the model's tower gives an image -- and `model(**batch)` is the
+family's own forward. Nothing is downloaded.
 
 Where this machine lacks what a family's processor needs outside transformers, the builder skips the test that asked
 for it, saying what is missing: Mistral3's `PixtralProcessor` imports torchvision; SmolVLM's processor needs
