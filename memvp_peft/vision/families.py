@@ -253,9 +253,9 @@ class VLMFamily(abc.ABC):
             if total != tokens:
                 raise ValueError(
                     f"MemVP: row {row} of `input_ids` holds {tokens} image placeholder tokens (id "
-                    f"{self.image_token_id}), which do not add up to whole images: the {self.name} images of the call "
-                    f"stand for {counts} tokens each (in order), and this row's images for {total}. The text's "
-                    "placeholders must match its images: build text and images with the same processor call."
+                    f"{self.image_token_id}), which do not add up to whole images: the call's {self.name} images stand "
+                    f"for {counts} tokens (in order), this row's for {total}. The text's placeholders must match its "
+                    "images: build text and images with the same processor call."
                 )
             rows.append(indices)
         if taken != len(counts):

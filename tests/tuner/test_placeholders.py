@@ -1,0 +1,253 @@
+"""A batch of a VLM's own processor, read by MemVP (`tuner/placeholders.py`): its image placeholders leave the
+sequence -- the language model sees exactly the tokens MemVPProcessor builds for the same text -- and its images go
+to each row's memory. Training, evaluation and generate() work with the family's processor; what cannot be matched
+is refused."""
+
+import pytest
+import torch
+from conftest import randomize_memory
+from llava_family_fixtures import (
+    LLAVA_TEMPLATE,
+    TOKENS_PER_TILE,
+    flipped,
+    image_token,
+    llava_next_processor,
+    llava_processor,
+    memvp_config,
+    processor_batch,
+    sized_images,
+    tiny_llava,
+    tiny_llava_next,
+    vlm_tokenizer,
+)
+from peft import PeftModel, get_peft_model
+from trl_fixtures import digit_images
+
+from memvp_peft import MemVPProcessor
+from memvp_peft.demo_models import clip_image_processor
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return vlm_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return digit_images(3)[0]
+
+
+def adapted(base, **fields):
+    model = get_peft_model(base, memvp_config(**fields))
+    randomize_memory(model, scale=1.0)
+    return model.eval()
+
+
+@pytest.fixture
+def llava(tokenizer):
+    return adapted(tiny_llava(tokenizer))
+
+
+def memvp_processor(tokenizer):
+    return MemVPProcessor(clip_image_processor(32), tokenizer, chat_template=LLAVA_TEMPLATE)
+
+
+def memvp_batch(tokenizer, images_per_row, padding_side="right"):
+    """What MemVPProcessor builds for the same conversations as `processor_batch`: the text without placeholders."""
+    processor = memvp_processor(tokenizer)
+    texts = processor.apply_chat_template(
+        [[*conversation_of(bool(images), row)] for row, images in enumerate(images_per_row)], tokenize=False)
+    return processor(images=images_per_row, text=texts, return_tensors="pt", padding=True, padding_side=padding_side)
+
+
+def conversation_of(image, row):
+    from llava_family_fixtures import NAMES, conversation
+
+    return conversation(image, NAMES[row % 10])
+
+
+def with_labels(batch):
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    return {**batch, "labels": labels}
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+# ---------------------------------------------------------------------------------------------- the text it reads
+
+
+def test_the_language_model_reads_the_tokens_and_logits_of_a_memvp_processor_batch(tokenizer, llava, images):
+    rows = [[images[0]], [], [images[2]]]
+    theirs = processor_batch(llava_processor(tokenizer), rows)
+    ours = memvp_batch(tokenizer, rows)
+    assert theirs["input_ids"].shape[1] > ours["input_ids"].shape[1] + TOKENS_PER_TILE - 1  # 16 placeholders a row
+    torch.testing.assert_close(logits(llava, theirs), logits(llava, ours), rtol=0, atol=0)
+
+
+def test_the_decoder_layers_see_only_the_text_tokens(tokenizer, llava, images):
+    rows = [[images[0]], [images[1]]]
+    theirs = processor_batch(llava_processor(tokenizer), rows)
+    text_tokens = memvp_batch(tokenizer, rows)["input_ids"].shape[1]
+    lengths = []
+    for layer in llava.get_base_model().model.language_model.layers:
+        layer.register_forward_pre_hook(
+            lambda module, args, kwargs: lengths.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
+            with_kwargs=True)
+    logits(llava, theirs)
+    assert lengths == [text_tokens] * 2
+    assert (theirs["input_ids"] == image_token(tokenizer)).sum() == 2 * TOKENS_PER_TILE
+
+
+def test_the_processor_batch_gives_the_image_conditioned_loss(tokenizer, llava, images):
+    processor = llava_processor(tokenizer)
+    rows = [[images[0]], [images[1]]]
+    with torch.no_grad():
+        loss = llava(**with_labels(processor_batch(processor, rows))).loss
+        other_images = llava(**with_labels(processor_batch(processor, [[flipped(images)[0]], [flipped(images)[1]]]))).loss
+        memvp = llava(**with_labels(memvp_batch(tokenizer, rows))).loss
+    torch.testing.assert_close(loss, memvp, rtol=0, atol=0)
+    assert abs(float(loss) - float(other_images)) > 1e-3
+
+
+def test_a_text_only_row_in_the_batch_reads_only_the_learned_memory(tokenizer, llava, images):
+    processor = llava_processor(tokenizer)
+    mixed = processor_batch(processor, [[images[0]], []], answers=["one", "two"])
+    alone = processor_batch(processor, [[]], answers=["two"])
+    width = alone["input_ids"].shape[1]
+    with torch.no_grad():
+        text_only = llava(**alone).logits[0]  # no visual input at all: K = p_k, V = p_v
+    torch.testing.assert_close(logits(llava, mixed)[1, :width], text_only, rtol=1e-5, atol=1e-6)
+
+
+def test_given_position_ids_are_dropped_so_the_model_counts_the_text_alone(tokenizer, llava, images):
+    batch = processor_batch(llava_processor(tokenizer), [[images[0]], [images[1]]])
+    positions = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+    torch.testing.assert_close(logits(llava, {**batch, "position_ids": positions}), logits(llava, batch))
+
+
+def test_llava_next_reads_each_images_real_tiles_into_its_rows_memory(tokenizer):
+    """A wide and a tall image: each is the overview plus a 1x2 / 2x1 grid (3 tiles; the processor pads to its
+    batch's most), one row each, plus a text-only row."""
+    model = adapted(tiny_llava_next(tokenizer), num_memory_slots=3 * TOKENS_PER_TILE)
+    wide, tall = sized_images()
+    theirs = processor_batch(llava_next_processor(tokenizer), [[wide], [], [tall]])
+    ours = memvp_batch(tokenizer, [[], [], []])
+    tiles = theirs["pixel_values"]
+    pixel_values = torch.stack([tiles[0, :3], torch.zeros_like(tiles[0, :3]), tiles[1, :3]])
+    image_mask = torch.tensor([[True] * 3, [False] * 3, [True] * 3])
+    want = logits(model, {"input_ids": ours["input_ids"], "attention_mask": ours["attention_mask"],
+                          "pixel_values": pixel_values, "image_mask": image_mask})
+    torch.testing.assert_close(logits(model, theirs), want, rtol=0, atol=0)
+
+
+# -------------------------------------------------------------------------------------------------------- generate
+
+
+def test_generate_strips_the_prompt_once_and_returns_it_without_placeholders(tokenizer, llava, images):
+    rows = [[images[0]], [], [images[2]]]
+    prompt = processor_batch(llava_processor(tokenizer), rows, padding_side="left")
+    ours = memvp_batch(tokenizer, rows, padding_side="left")
+    with torch.no_grad():
+        out = llava.generate(**prompt, max_new_tokens=4, do_sample=False)
+        want = llava.generate(**ours, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, want)
+    assert torch.equal(out[:, : ours["input_ids"].shape[1]], ours["input_ids"])
+
+
+@pytest.mark.parametrize("options", [{"use_cache": False}, {"num_beams": 2}, {"num_beams": 2, "num_return_sequences": 2}],
+                         ids=["without_cache", "beams", "beams_returning_two"])
+def test_generate_with_the_kv_cache_equals_generate_without_and_beams_follow_the_memory(tokenizer, llava, images,
+                                                                                       options):
+    rows = [[images[0]], [images[1]]]
+    prompt = processor_batch(llava_processor(tokenizer), rows, padding_side="left")
+    ours = memvp_batch(tokenizer, rows, padding_side="left")
+    with torch.no_grad():
+        out = llava.generate(**prompt, max_new_tokens=4, do_sample=False, **options)
+        want = llava.generate(**ours, max_new_tokens=4, do_sample=False, **options)
+        cached = llava.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, want)
+    if options == {"use_cache": False}:
+        assert torch.equal(out, cached)
+
+
+# ---------------------------------------------------------------------------------------------------- save / load
+
+
+def test_a_saved_adapter_reloads_to_the_same_logits_on_the_processor_batch(tokenizer, llava, images, tmp_path):
+    batch = processor_batch(llava_processor(tokenizer), [[images[0]], [images[1]]])
+    before = logits(llava, batch)
+    llava.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llava(tokenizer), tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded, batch), before, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ what is refused
+
+
+def test_placeholders_without_pixel_values_are_refused_naming_the_family(tokenizer, llava, images):
+    batch = processor_batch(llava_processor(tokenizer), [[images[0]]])
+    del batch["pixel_values"]
+    with pytest.raises(ValueError, match=r"contain the Llava image placeholder token \(id \d+\), but no `pixel_values` "
+                                         r"came with them"):
+        llava(**batch)
+
+
+def test_placeholders_with_image_features_are_refused(tokenizer, llava, images):
+    batch = processor_batch(llava_processor(tokenizer), [[images[0]]])
+    del batch["pixel_values"]
+    with pytest.raises(ValueError, match=r"but they came with `image_features` / an `image_mask`"):
+        llava(**batch, image_features=torch.randn(1, TOKENS_PER_TILE, 32))
+
+
+def test_more_images_than_the_placeholders_stand_for_are_refused(tokenizer, llava, images):
+    batch = processor_batch(llava_processor(tokenizer), [[images[0]], [images[1]]])
+    batch["pixel_values"] = torch.cat([batch["pixel_values"], batch["pixel_values"][:1]])
+    with pytest.raises(ValueError, match=r"the call brings 3 images but the placeholders of `input_ids` stand for 2"):
+        llava(**batch)
+
+
+def test_fewer_images_than_placeholders_are_refused(tokenizer, llava, images):
+    batch = processor_batch(llava_processor(tokenizer), [[images[0]], [images[1]]])
+    batch["pixel_values"] = batch["pixel_values"][:1]
+    with pytest.raises(ValueError, match=r"row 1 of `input_ids` holds 16 image placeholder tokens"):
+        llava(**batch)
+
+
+def test_image_sizes_without_placeholders_are_refused(tokenizer):
+    model = adapted(tiny_llava_next(tokenizer), num_memory_slots=3 * TOKENS_PER_TILE)
+    ours = memvp_batch(tokenizer, [[]])
+    with pytest.raises(ValueError, match=r"\['image_sizes'\] came without the LLaVA-NeXT processor's image "
+                                         r"placeholders"):
+        model(**ours, pixel_values=torch.randn(1, 3, 32, 32), image_mask=torch.tensor([True]),
+              image_sizes=torch.tensor([[32, 32]]))
+
+
+def test_a_batch_padded_on_both_sides_is_refused(tokenizer, llava, images):
+    batch = processor_batch(llava_processor(tokenizer), [[images[0]], [images[1]]])
+    batch["attention_mask"][0, 0] = 0
+    batch["attention_mask"][1, -1] = 0
+    with pytest.raises(ValueError, match=r"pads some rows on the left and others on the right"):
+        llava(**batch)
+
+
+def test_an_adapter_that_tiles_itself_refuses_llava_next_tiles(tokenizer):
+    model = adapted(tiny_llava_next(tokenizer), num_memory_slots=5 * TOKENS_PER_TILE, image_grid=[2, 2])
+    batch = processor_batch(llava_next_processor(tokenizer), [[sized_images()[0]]])
+    with pytest.raises(ValueError, match=r"the LLaVA-NeXT processor tiles each image itself, but an active adapter "
+                                         r"has image_grid=\[2, 2\]"):
+        model(**batch)
+
+
+# ------------------------------------------------------------------------------------------- what a trainer counts
+
+
+def test_a_family_base_tells_the_trainer_not_to_count_label_tokens_before_the_call(tokenizer, llava):
+    """The Trainer would count the placeholders' labels, which the call takes out, and divide the loss by them."""
+    base = llava.get_base_model()
+    assert base.accepts_loss_kwargs is False
+    llava.unload()
+    assert "accepts_loss_kwargs" not in vars(base)
