@@ -8,7 +8,9 @@ import torch
 from conftest import randomize_memory
 from llava_family_fixtures import (
     LLAVA_TEMPLATE,
+    SHORT_QUESTION,
     TOKENS_PER_TILE,
+    chat_texts,
     flipped,
     image_token,
     llava_next_processor,
@@ -45,25 +47,18 @@ def adapted(base, **fields):
 
 @pytest.fixture
 def llava(tokenizer):
-    return adapted(tiny_llava(tokenizer))
+    return adapted(tiny_llava(tokenizer), num_memory_slots=2 * TOKENS_PER_TILE)
 
 
 def memvp_processor(tokenizer):
     return MemVPProcessor(clip_image_processor(32), tokenizer, chat_template=LLAVA_TEMPLATE)
 
 
-def memvp_batch(tokenizer, images_per_row, padding_side="right"):
+def memvp_batch(tokenizer, images_per_row, padding_side="right", questions=None):
     """What MemVPProcessor builds for the same conversations as `processor_batch`: the text without placeholders."""
     processor = memvp_processor(tokenizer)
-    texts = processor.apply_chat_template(
-        [[*conversation_of(bool(images), row)] for row, images in enumerate(images_per_row)], tokenize=False)
+    texts = chat_texts(processor, images_per_row, questions=questions)
     return processor(images=images_per_row, text=texts, return_tensors="pt", padding=True, padding_side=padding_side)
-
-
-def conversation_of(image, row):
-    from llava_family_fixtures import NAMES, conversation
-
-    return conversation(image, NAMES[row % 10])
 
 
 def with_labels(batch):
@@ -80,11 +75,21 @@ def logits(model, batch):
 # ---------------------------------------------------------------------------------------------- the text it reads
 
 
-def test_the_language_model_reads_the_tokens_and_logits_of_a_memvp_processor_batch(tokenizer, llava, images):
-    rows = [[images[0]], [], [images[2]]]
-    theirs = processor_batch(llava_processor(tokenizer), rows)
-    ours = memvp_batch(tokenizer, rows)
-    assert theirs["input_ids"].shape[1] > ours["input_ids"].shape[1] + TOKENS_PER_TILE - 1  # 16 placeholders a row
+#: Rows that lose 16, 0, 16 and 32 placeholders, with a longer and a shorter question: padded before and after.
+ROWS = (([0], QUESTION), ([], SHORT_QUESTION), ([2], SHORT_QUESTION), ([0, 1], QUESTION))
+
+
+def rows_of(images):
+    return [[images[i] for i in indices] for indices, _ in ROWS], [question for _, question in ROWS]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_the_language_model_reads_the_tokens_and_logits_of_a_memvp_processor_batch(tokenizer, llava, images, side):
+    rows, questions = rows_of(images)
+    theirs = processor_batch(llava_processor(tokenizer), rows, side, questions=questions)
+    ours = memvp_batch(tokenizer, rows, side, questions=questions)
+    assert theirs["input_ids"].shape[1] == ours["input_ids"].shape[1] + 2 * TOKENS_PER_TILE
+    assert not ours["attention_mask"].all()
     torch.testing.assert_close(logits(llava, theirs), logits(llava, ours), rtol=0, atol=0)
 
 
@@ -148,9 +153,9 @@ def test_llava_next_reads_each_images_real_tiles_into_its_rows_memory(tokenizer)
 
 
 def test_generate_strips_the_prompt_once_and_returns_it_without_placeholders(tokenizer, llava, images):
-    rows = [[images[0]], [], [images[2]]]
-    prompt = processor_batch(llava_processor(tokenizer), rows, padding_side="left")
-    ours = memvp_batch(tokenizer, rows, padding_side="left")
+    rows, questions = rows_of(images)
+    prompt = processor_batch(llava_processor(tokenizer), rows, padding_side="left", questions=questions)
+    ours = memvp_batch(tokenizer, rows, padding_side="left", questions=questions)
     with torch.no_grad():
         out = llava.generate(**prompt, max_new_tokens=4, do_sample=False)
         want = llava.generate(**ours, max_new_tokens=4, do_sample=False)
@@ -162,9 +167,9 @@ def test_generate_strips_the_prompt_once_and_returns_it_without_placeholders(tok
                          ids=["without_cache", "beams", "beams_returning_two"])
 def test_generate_with_the_kv_cache_equals_generate_without_and_beams_follow_the_memory(tokenizer, llava, images,
                                                                                        options):
-    rows = [[images[0]], [images[1]]]
-    prompt = processor_batch(llava_processor(tokenizer), rows, padding_side="left")
-    ours = memvp_batch(tokenizer, rows, padding_side="left")
+    rows, questions = rows_of(images)
+    prompt = processor_batch(llava_processor(tokenizer), rows, padding_side="left", questions=questions)
+    ours = memvp_batch(tokenizer, rows, padding_side="left", questions=questions)
     with torch.no_grad():
         out = llava.generate(**prompt, max_new_tokens=4, do_sample=False, **options)
         want = llava.generate(**ours, max_new_tokens=4, do_sample=False, **options)

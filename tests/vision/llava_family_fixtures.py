@@ -117,17 +117,28 @@ def sized_images():
     return [wide, tall]
 
 
-def conversation(image: bool, answer: str = "one"):
-    """One user turn (with an image entry or not) and the assistant's answer, as TRL hands them to a processor."""
-    user = ([{"type": "image"}] if image else []) + [{"type": "text", "text": QUESTION}]
+#: A shorter question than QUESTION: rows of other lengths, so a batch without placeholders is padded too.
+SHORT_QUESTION = "What digit ?"
+
+
+def conversation(images: int, answer: str = "one", question: str = QUESTION):
+    """One user turn (with `images` image entries) and the assistant's answer, as TRL hands them to a processor."""
+    user = [{"type": "image"}] * images + [{"type": "text", "text": question}]
     return [{"role": "user", "content": user}, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
 
 
-def processor_batch(processor, images_per_row, padding_side: str = "right", answers=None):
-    """The family processor's batch for rows with the given images (a list per row, maybe empty)."""
+def chat_texts(processor, images_per_row, answers=None, questions=None):
+    """The rendered conversations of rows with the given images (a list per row, maybe empty)."""
     answers = answers or [NAMES[row % 10] for row in range(len(images_per_row))]
-    texts = processor.apply_chat_template(
-        [conversation(bool(images), answer) for images, answer in zip(images_per_row, answers)], tokenize=False)
+    questions = questions or [QUESTION] * len(images_per_row)
+    return processor.apply_chat_template(
+        [conversation(len(images), answer, question)
+         for images, answer, question in zip(images_per_row, answers, questions)], tokenize=False)
+
+
+def processor_batch(processor, images_per_row, padding_side: str = "right", answers=None, questions=None):
+    """The family processor's batch for rows with the given images (a list per row, maybe empty)."""
+    texts = chat_texts(processor, images_per_row, answers, questions)
     flat = [image for images in images_per_row for image in images]
     return processor(images=flat or None, text=texts, return_tensors="pt", padding=True, padding_side=padding_side)
 
