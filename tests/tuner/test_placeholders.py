@@ -23,7 +23,7 @@ from llava_family_fixtures import (
     vlm_tokenizer,
 )
 from peft import PeftModel, get_peft_model
-from trl_fixtures import digit_images
+from trl_fixtures import QUESTION, digit_images
 
 from memvp_peft import MemVPProcessor
 from memvp_peft.demo_models import clip_image_processor
