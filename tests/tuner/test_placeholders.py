@@ -16,10 +16,12 @@ from llava_family_fixtures import (
     llava_next_processor,
     llava_processor,
     memvp_config,
+    onevision_image_processor,
     processor_batch,
     sized_images,
     tiny_llava,
     tiny_llava_next,
+    tiny_llava_onevision,
     vlm_tokenizer,
 )
 from peft import PeftModel, get_peft_model
@@ -147,6 +149,38 @@ def test_llava_next_reads_each_images_real_tiles_into_its_rows_memory(tokenizer)
     want = logits(model, {"input_ids": ours["input_ids"], "attention_mask": ours["attention_mask"],
                           "pixel_values": pixel_values, "image_mask": image_mask})
     torch.testing.assert_close(logits(model, theirs), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["one_image_a_row", "two_images_in_a_row"])
+def test_llava_onevision_reads_its_image_processors_batch(tokenizer, grouped):
+    """OneVision's processor cannot be built here (its video processor needs torchvision): its image processor's
+    batch, with the text its processor writes -- the counts its model checks -- built by hand."""
+    model = adapted(tiny_llava_onevision(tokenizer), num_memory_slots=3 * TOKENS_PER_TILE)
+    wide, tall = sized_images()
+    processed = onevision_image_processor()(images=[[wide, tall]] if grouped else [[wide], [tall]],
+                                            return_tensors="pt")
+    counts = [17, 17] if grouped else [52, 46]  # the overview and a newline / the unpadded grid with its newlines
+    rows = [counts] if grouped else [[counts[0]], [counts[1]]]
+    texts = ["USER: " + "".join("<image>" * count for count in row) + " What digit ?" for row in rows]
+    theirs = tokenizer(texts, return_tensors="pt", padding=True)
+    ours = tokenizer(["USER: What digit ?"] * len(rows), return_tensors="pt")
+    tiles = processed["pixel_values"]
+    pixel_values = tiles[:, 0][None] if grouped else tiles[:, :3]
+    with torch.no_grad():
+        got = model(**theirs, pixel_values=tiles, image_sizes=processed["image_sizes"],
+                    batch_num_images=processed["batch_num_images"]).logits
+        want = model(**ours, pixel_values=pixel_values, image_mask=torch.ones(pixel_values.shape[:2], dtype=torch.bool)
+                     ).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_disabled_adapter_hands_the_vlm_its_processors_whole_batch(tokenizer):
+    base = tiny_llava_next(tokenizer)
+    batch = processor_batch(llava_next_processor(tokenizer), [[sized_images()[0]], [sized_images()[1]]])
+    want = logits(base, batch)
+    model = adapted(base, num_memory_slots=3 * TOKENS_PER_TILE)
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, batch), want, rtol=0, atol=0)
 
 
 # -------------------------------------------------------------------------------------------------------- generate
