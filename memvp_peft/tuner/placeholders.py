@@ -35,6 +35,8 @@ from typing import Any, Optional
 
 import torch
 
+from ..vision.families import VLMFamily
+
 #: Per-token inputs that follow `input_ids` (padding value for the positions the re-padding adds).
 PER_TOKEN_INPUTS = {"attention_mask": 0, "labels": -100, "token_type_ids": 0, "mm_token_type_ids": 0}
 #: Inputs that count the placeholders' positions: dropped, so the model computes them for the text alone.
@@ -47,13 +49,13 @@ def input_ids_of(args: tuple, kwargs: dict[str, Any]) -> Optional[torch.Tensor]:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def has_placeholders(family: Any, input_ids: torch.Tensor) -> bool:
+def has_placeholders(family: VLMFamily, input_ids: torch.Tensor) -> bool:
     """Whether `input_ids` hold the family's image placeholder token (a value read: one host-device sync)."""
     return bool((input_ids == family.image_token_id).any())
 
 
 def images_out_of_the_sequence(
-    family: Any, pixel_values: torch.Tensor, args: tuple, kwargs: dict[str, Any], pad_token_id: Optional[int],
+    family: VLMFamily, pixel_values: torch.Tensor, args: tuple, kwargs: dict[str, Any], pad_token_id: Optional[int],
     default_side: str, configs: list[Any],
 ) -> tuple[tuple, dict[str, Any], dict[str, torch.Tensor]]:
     """The call of a VLM processor's batch as MemVP reads it (module docstring): `(args, kwargs, visual)` with the

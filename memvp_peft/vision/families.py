@@ -159,6 +159,8 @@ class VLMFamily(abc.ABC):
     image_keywords: ClassVar[tuple[str, ...]] = ()
     #: Keywords the processor may add that MemVP does not read (videos, ...): refused, so nothing is silently dropped.
     refused_keywords: ClassVar[tuple[str, ...]] = ()
+    #: Why those are refused, as the message says it.
+    refused_because: ClassVar[str] = ""
     #: Whether the processor tiles high-resolution images itself (then an adapter's own `image_grid` tiling is refused).
     tiles_images: ClassVar[bool] = False
     #: Config attributes of the tokens around an image (begin / end of image), removed with the placeholders.
@@ -218,10 +220,7 @@ class VLMFamily(abc.ABC):
         refuse the keywords MemVP does not read."""
         refused = [name for name in self.refused_keywords if kwargs.get(name) is not None]
         if refused:
-            raise ValueError(
-                f"MemVP: {refused} came with the call: the {self.name} processor's video inputs, which MemVP does not "
-                "read (its memory holds the call's images). Build the batch from images only."
-            )
+            raise ValueError(f"MemVP: {refused} came with the call: {self.refused_because}")
         if not isinstance(pixel_values, torch.Tensor):
             raise ValueError(f"MemVP: `pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}.")
         return ProcessorImages(pixel_values, {name: kwargs.pop(name) for name in self.image_keywords if name in kwargs})
@@ -322,6 +321,8 @@ class LlavaFamily(LlavaLayoutFamily):
     name = "Llava"
     model_types = ("llava",)
     refused_keywords = ("image_sizes",)
+    refused_because = ("Llava passes `image_sizes` only to a Pixtral tower, for images of other sizes; MemVP reads "
+                       "Llava's images as whole images of one size. Build the batch without them.")
 
     def image_tiles(self, images: ProcessorImages) -> list[torch.Tensor]:
         pixel_values = images.pixel_values
@@ -411,6 +412,8 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     model_types = ("llava_onevision",)
     image_keywords = ("image_sizes", "batch_num_images")
     refused_keywords = ("pixel_values_videos", "image_sizes_videos")
+    refused_because = ("the LLaVA-OneVision processor's video inputs, which MemVP does not read (its memory holds "
+                       "the call's images). Build the batch from images only.")
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

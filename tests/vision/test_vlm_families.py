@@ -132,7 +132,7 @@ def test_placeholders_at_padded_positions_are_not_counted(tokenizer):
 @pytest.mark.parametrize("name", ["pixel_values_videos", "image_sizes_videos"])
 def test_onevisions_video_inputs_are_refused_by_name(tokenizer, name):
     family = family_of(tiny_llava_onevision(tokenizer))
-    with pytest.raises(ValueError, match=rf"\['{name}'\] came with the call: the LLaVA-OneVision processor's video"):
+    with pytest.raises(ValueError, match=rf"\[{name!r}\] came with the call: the LLaVA-OneVision processor.s video"):
         family.take_image_inputs(torch.zeros(1, 1, 3, 32, 32), {name: torch.zeros(1)})
 
 
@@ -143,7 +143,8 @@ def test_video_placeholders_are_refused(tokenizer):
 
 
 def test_llava_refuses_image_sizes_its_tower_would_not_read(tokenizer):
-    with pytest.raises(ValueError, match=r"\['image_sizes'\] came with the call"):
+    with pytest.raises(ValueError, match=r"\['image_sizes'\] came with the call: Llava passes .image_sizes. only to "
+                                         r"a Pixtral tower"):
         family_of(tiny_llava(tokenizer)).take_image_inputs(torch.zeros(1, 3, 32, 32), {"image_sizes": [[32, 32]]})
 
 
