@@ -14,7 +14,7 @@ at the entry of `generate()`, for the prompt) `images_out_of_the_sequence`:
   row to the batch's new longest, on the side the batch was padded (read from `attention_mask`: left for a
   generation prompt, right for training). Rows lose different numbers of tokens, so a batch without padding may come
   out padded (an `attention_mask` is then added);
-* drops `position_ids` and `cache_position`: they count the placeholders. The model computes them again for the
+* drops `position_ids`, `cache_position` (and M-RoPE's `rope_deltas`): they count the placeholders. The model computes them again for the
   text-only sequence, as it does for a text-only prompt (for M-RoPE models, too: from `input_ids` alone).
 
 `generate()` strips the prompt once; its decode steps are text. The ids it returns start with the prompt *as the
@@ -39,8 +39,9 @@ from ..vision.families import VLMFamily
 
 #: Per-token inputs that follow `input_ids` (padding value for the positions the re-padding adds).
 PER_TOKEN_INPUTS = {"attention_mask": 0, "labels": -100, "token_type_ids": 0, "mm_token_type_ids": 0}
-#: Inputs that count the placeholders' positions: dropped, so the model computes them for the text alone.
-POSITION_INPUTS = ("position_ids", "cache_position")
+#: Inputs that count the placeholders' positions: dropped, so the model computes them for the text alone (M-RoPE
+#: models' `rope_deltas` included).
+POSITION_INPUTS = ("position_ids", "cache_position", "rope_deltas")
 
 
 def input_ids_of(args: tuple, kwargs: dict[str, Any]) -> Optional[torch.Tensor]:
