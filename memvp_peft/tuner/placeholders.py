@@ -14,8 +14,9 @@ at the entry of `generate()`, for the prompt) `images_out_of_the_sequence`:
   row to the batch's new longest, on the side the batch was padded (read from `attention_mask`: left for a
   generation prompt, right for training). Rows lose different numbers of tokens, so a batch without padding may come
   out padded (an `attention_mask` is then added);
-* drops `position_ids`, `cache_position` (and M-RoPE's `rope_deltas`): they count the placeholders. The model computes them again for the
-  text-only sequence, as it does for a text-only prompt (for M-RoPE models, too: from `input_ids` alone).
+* drops `position_ids`, `cache_position` (and M-RoPE's `rope_deltas`): they count the placeholders. The model
+  computes them again for the text-only sequence, as it does for a text-only prompt (for M-RoPE models, too: from
+  `input_ids` alone).
 
 `generate()` strips the prompt once; its decode steps are text. The ids it returns start with the prompt *as the
 language model saw it*: without placeholders (decode `out[:, prompt.shape[1]:]` of the stripped prompt, or skip

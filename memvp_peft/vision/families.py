@@ -176,9 +176,8 @@ class VLMFamily(abc.ABC):
                 "(image_token_id / image_token_index): the placeholders its processor writes cannot be found."
             )
         self.video_token_id = config_token_id(config, "video_token_id", "video_token_index")
-        self.boundary_token_ids = tuple(
-            token for token in (config_token_id(config, name) for name in self.boundary_token_names) if token is not None
-        )
+        boundaries = (config_token_id(config, name) for name in self.boundary_token_names)
+        self.boundary_token_ids = tuple(token for token in boundaries if token is not None)
 
     @classmethod
     def covers(cls, model: nn.Module) -> bool:
@@ -358,8 +357,8 @@ class LlavaNextFamily(LlavaLayoutFamily):
         sizes = images.keywords.get("image_sizes")
         pixel_values = images.pixel_values
         if sizes is None:
-            raise ValueError(f"MemVP: the {self.name} processor's `image_sizes` are needed with its `pixel_values` (which "
-                             "tiles of each image are real depends on its size); the call has none.")
+            raise ValueError(f"MemVP: the {self.name} processor's `image_sizes` are needed with its `pixel_values` "
+                             "(which tiles of each image are real depends on its size); the call has none.")
         sizes = torch.as_tensor(sizes).tolist()
         if pixel_values.dim() != 5 or len(sizes) != pixel_values.shape[0] or any(len(s) != 2 for s in sizes):
             raise ValueError(
@@ -372,7 +371,8 @@ class LlavaNextFamily(LlavaLayoutFamily):
         """The real tiles of each image: the overview plus the grid `select_best_resolution` picks for its size."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-        return [image_size_to_num_patches(size, self.grid_pinpoints, self.tile_size) for size in self._image_sizes(images)]
+        sizes = self._image_sizes(images)
+        return [image_size_to_num_patches(size, self.grid_pinpoints, self.tile_size) for size in sizes]
 
     def image_tiles(self, images: ProcessorImages) -> list[torch.Tensor]:
         counts = self.tiles_per_image(images)

@@ -113,7 +113,8 @@ def test_a_vlm_processor_for_a_base_of_no_supported_family_fails_on_the_first_ba
         model=tiny_vipllava(processor.tokenizer), peft_config=memvp_config(), train_dataset=messages_dataset(),
         processing_class=processor, args=trainer_args(SFTConfig, tmp_path),
     )
-    with pytest.raises(ValueError, match=r"image placeholder token .*supported families.*MemVPProcessor\.from_pretrained"):
+    with pytest.raises(ValueError, match=r"image placeholder token .*supported families.*"
+                                         r"MemVPProcessor\.from_pretrained"):
         trainer.train()
 
 

@@ -114,7 +114,8 @@ def test_the_processor_batch_gives_the_image_conditioned_loss(tokenizer, llava, 
     rows = [[images[0]], [images[1]]]
     with torch.no_grad():
         loss = llava(**with_labels(processor_batch(processor, rows))).loss
-        other_images = llava(**with_labels(processor_batch(processor, [[flipped(images)[0]], [flipped(images)[1]]]))).loss
+        other = processor_batch(processor, [[flipped(images)[0]], [flipped(images)[1]]])
+        other_images = llava(**with_labels(other)).loss
         memvp = llava(**with_labels(memvp_batch(tokenizer, rows))).loss
     torch.testing.assert_close(loss, memvp, rtol=0, atol=0)
     assert abs(float(loss) - float(other_images)) > 1e-3
@@ -197,8 +198,9 @@ def test_generate_strips_the_prompt_once_and_returns_it_without_placeholders(tok
     assert torch.equal(out[:, : ours["input_ids"].shape[1]], ours["input_ids"])
 
 
-@pytest.mark.parametrize("options", [{"use_cache": False}, {"num_beams": 2}, {"num_beams": 2, "num_return_sequences": 2}],
-                         ids=["without_cache", "beams", "beams_returning_two"])
+@pytest.mark.parametrize(
+    "options", [{"use_cache": False}, {"num_beams": 2}, {"num_beams": 2, "num_return_sequences": 2}],
+    ids=["without_cache", "beams", "beams_returning_two"])
 def test_generate_with_the_kv_cache_equals_generate_without_and_beams_follow_the_memory(tokenizer, llava, images,
                                                                                        options):
     rows, questions = rows_of(images)
