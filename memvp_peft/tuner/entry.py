@@ -102,7 +102,14 @@ def _read_vlm_processor_batch(
     family = runtime.family
     input_ids = input_ids_of(args, kwargs)
     processor_batch = (family is not None and pixels is not None and mask is None and features is None
-                       and input_ids is not None and not torch.compiler.is_compiling())
+                       and input_ids is not None)
+    if processor_batch and torch.compiler.is_compiling():
+        raise ValueError(
+            f"MemVP: under torch.compile a {family.name} base's `pixel_values` need an `image_mask`: without one they "
+            "may be the VLM processor's batch, whose placeholders MemVP takes out of `input_ids` -- a sequence length "
+            "that depends on their values, which a compiled graph cannot follow. Run such batches eagerly, or build "
+            "them with memvp_peft.MemVPProcessor / MemVPDataCollator (text without placeholders, an image_mask)."
+        )
     if processor_batch and has_placeholders(family, input_ids):
         configs = [runtime.configs[name] for name in runtime.active_adapters if name in runtime.configs]
         args, kwargs, built = images_out_of_the_sequence(

@@ -24,7 +24,9 @@ special tokens).
 
 What cannot be matched is refused, never guessed: placeholders without the VLM's `pixel_values` (or with
 `image_features` / an `image_mask`, which say nothing of rows), a row whose placeholders are not whole images,
-images without placeholders, a padding side that cannot be read, a batch whose rows would be left without text.
+images without placeholders, a padding side that cannot be read, a batch whose rows would be left without text; and,
+under `torch.compile`, a family base's `pixel_values` without an `image_mask` (the new length depends on values no
+compiled graph can follow: `entry.py` refuses them by their metadata).
 
 Why the count is exact: removing positions keeps every other token in order; a right-padded row then holds its text
 at the same positions a placeholder-free batch would (same logits); a left-padded row ends at the same position.

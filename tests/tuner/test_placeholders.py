@@ -283,6 +283,16 @@ def test_an_adapter_that_tiles_itself_refuses_llava_next_tiles(tokenizer):
         model(**batch)
 
 
+def test_under_torch_compile_a_family_bases_pixel_values_without_an_image_mask_are_refused(tokenizer, llava, images,
+                                                                                           monkeypatch):
+    """Finding the placeholders reads values and changes the sequence length: no compiled graph can follow. Refused
+    by metadata alone (never silently read as words)."""
+    batch = processor_batch(llava_processor(tokenizer), [[images[0]]])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(ValueError, match=r"under torch.compile a Llava base's `pixel_values` need an `image_mask`"):
+        llava(**batch)
+
+
 # ------------------------------------------------------------------------------------------- what a trainer counts
 
 
