@@ -6,7 +6,8 @@ these subclasses add what a user of them would otherwise have to know:
 
 * **Refusals at construction** (the checks at the end of this module): a model that is no MemVP adapter, packing /
   padding-free (one memory per row), Liger kernels (they rebind the FFN forward), a VLM's own processor with TRL's
-  collator (placeholder tokens), precomputed image columns TRL's collators would drop (they read `image`/`images`
+  collator (placeholder tokens) -- except for SFT on a base of a supported VLM family, whose placeholders the model
+  takes out of the sequence --, precomputed image columns TRL's collators would drop (they read `image`/`images`
   only, and the model would train text-only). Each names what it saw and the way out. The model itself refuses what
   reaches its forward (placeholder tokens, packed rows: `tuner/entry.py`), so that plain `SFTTrainer` /
   `DPOTrainer` fail loudly too, on the first batch.
@@ -46,7 +47,7 @@ from .data.images import PRECOMPUTED_FIELDS
 from .processing import MemVPProcessor
 from .tuner.config import MemVPConfig
 from .tuner.model import MemVPModel
-from .vision import IN_MEMORY_PREFIX
+from .vision import IN_MEMORY_PREFIX, VLMFamily, family_of, supported_families
 
 __all__ = ["MemVPDPOTrainer", "MemVPSFTTrainer"]
 
@@ -88,7 +89,7 @@ class MemVPSFTTrainer(SFTTrainer):
             rows = first_rows([train_dataset, eval_dataset])
             if processing_class is None and has_images(rows):  # TRL would load the folder's own (a VLM's) processor
                 processing_class = processor_of_model(SFT_NAME, model, peft_config)
-            check_processor(SFT_NAME, processing_class, rows)
+            check_processor(SFT_NAME, processing_class, rows, reads_vlm_processor=family_base(model) is not None)
             check_no_precomputed_images(
                 SFT_NAME, rows,
                 "Give the images as an 'image'/'images' column, or pass data_collator=MemVPDataCollator(...), "
@@ -243,17 +244,31 @@ def check_sft_modes(args: Any) -> None:
         )
 
 
-def check_processor(trainer: str, processing_class: Any, rows: list[Mapping[str, Any]]) -> None:
+def family_base(model: Any) -> Optional[VLMFamily]:
+    """The VLM family of `model` (a base, or a PeftModel around one) when its own processor's batches are read
+    (`vision.families`); None otherwise, and for a model given by name (not loaded yet)."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return family_of(model.get_base_model() if isinstance(model, PeftModel) else model)
+
+
+def check_processor(trainer: str, processing_class: Any, rows: list[Mapping[str, Any]],
+                    reads_vlm_processor: bool = False) -> None:
     """What TRL's vision collators tokenize with: a VLM's own processor writes its image placeholder tokens into
-    `input_ids` (Llava's: one per patch) and gives no image mask; a plain tokenizer cannot take images at all."""
-    if isinstance(processing_class, ProcessorMixin) and not isinstance(processing_class, MemVPProcessor):
+    `input_ids` (Llava's: one per patch) and gives no image mask -- read as it is on a base of a supported family
+    (`reads_vlm_processor`: the model takes the placeholders out of the sequence), refused otherwise; a plain
+    tokenizer cannot take images at all."""
+    if (isinstance(processing_class, ProcessorMixin) and not isinstance(processing_class, MemVPProcessor)
+            and not reads_vlm_processor):
         raise ValueError(
             f"{trainer}: processing_class is a {type(processing_class).__name__}, which expands each image into "
             "placeholder tokens in input_ids for the VLM's own input-space projector; MemVP reads images from its "
-            "memory. Pass processing_class=MemVPProcessor.from_pretrained(<the same folder or Hub id>) (for a "
+            "memory, and takes such placeholders out of the sequence only for SFT on a base of a supported VLM "
+            f"family ({supported_families()}). Pass "
+            "processing_class=MemVPProcessor.from_pretrained(<the same folder or Hub id>) (for a "
             "language model + separate encoder: MemVPProcessor(image_processor, tokenizer))."
         )
-    if has_images(rows) and not isinstance(processing_class, MemVPProcessor):
+    if has_images(rows) and not isinstance(processing_class, ProcessorMixin):
         raise ValueError(
             f"{trainer}: the dataset has images ('image'/'images') but processing_class is a "
             f"{type(processing_class).__name__}, which cannot process them; pass "

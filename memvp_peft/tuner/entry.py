@@ -28,11 +28,16 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ..vision.families import supported_families
 from .input_tokens import generate_grown, grown_call
+from .placeholders import has_placeholders, images_out_of_the_sequence, input_ids_of
 from .runtime import ActiveCall, CallMemory, MemoryRuntime, wrap_checkpoint_function
 from .visual_inputs import VISUAL_INPUT_NAMES, infer_batch_size, reject_vlm_image_path_inputs, values_checkable
 
 CALL_KWARG = "memvp_call"
+#: What transformers' Trainer reads to count the label tokens itself (`install_entry`); and our mark that we set it.
+LOSS_KWARGS_ATTR = "accepts_loss_kwargs"
+_LOSS_KWARGS_MARK = "_memvp_set_accepts_loss_kwargs"
 _ENTRY_MARK = "_memvp_entry"
 RUNTIME_ATTR = "_memvp_runtime"
 
@@ -41,26 +46,86 @@ def _pop_visual_inputs(kwargs: dict) -> tuple[Any, Any, Any]:
     return tuple(kwargs.pop(name, None) for name in VISUAL_INPUT_NAMES)  # type: ignore[return-value]
 
 
-def _reject_image_placeholders(runtime: MemoryRuntime, args: tuple, kwargs: dict) -> None:
-    """A VLM's placeholder tokens in the text mean a VLM processor built the batch (e.g. TRL's collator with Llava's
-    processor): refuse. On accelerator tensors the check costs a host-device sync, so it runs on the first call there
-    (a wrong processor shows on the first batch) and afterwards only with MEMVP_CHECK_VALUES=1; on CPU, always."""
+def _reject_image_placeholders(runtime: MemoryRuntime, args: tuple, kwargs: dict, given: str) -> None:
+    """Placeholder tokens MemVP cannot match to images: any VLM's without a family (its processor's batch is not
+    read: e.g. TRL's collator with such a VLM's processor), a family's without its processor's `pixel_values`
+    (`given` says what came instead). On accelerator tensors the check costs a host-device sync, so it runs on the
+    first call there (a wrong processor shows on the first batch) and afterwards only with MEMVP_CHECK_VALUES=1; on
+    CPU, always."""
     token = runtime.image_token_id
-    input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-    if token is None or not isinstance(input_ids, torch.Tensor) or torch.compiler.is_compiling():
+    input_ids = input_ids_of(args, kwargs)
+    if token is None or input_ids is None or torch.compiler.is_compiling():
         return
     if not values_checkable(input_ids):
         if runtime.placeholders_checked:
             return
         runtime.placeholders_checked = True
-    if bool((input_ids == token).any()):
+    if not bool((input_ids == token).any()):
+        return
+    family = runtime.family
+    if family is not None:
         raise ValueError(
-            f"MemVP: `input_ids` contain the VLM's image placeholder token (id {token}). MemVP puts the image into the "
-            "FFN memory, not the sequence: build the text without `<image>` placeholders "
-            "(memvp_peft.data.MemVPDataCollator does this; with TRL's trainers, pass "
-            "processing_class=memvp_peft.MemVPProcessor.from_pretrained(<the VLM's folder>) instead of the VLM's own "
-            "processor) and pass the image as `pixel_values`."
+            f"MemVP: `input_ids` contain the {family.name} image placeholder token (id {token}), but {given}. MemVP "
+            "takes the images out of the sequence into its memory and matches each row's placeholders to its images: "
+            "pass the `pixel_values` (and image keywords) the VLM's processor made with this text, in the same call; "
+            "or build the text without placeholders (memvp_peft.MemVPProcessor / MemVPDataCollator)."
         )
+    raise ValueError(
+        f"MemVP: `input_ids` contain the VLM's image placeholder token (id {token}). MemVP puts the image into the "
+        "FFN memory, not the sequence, and reads the placeholders of a VLM's own processor only for the supported "
+        f"families ({supported_families()}): build the text without `<image>` placeholders "
+        "(memvp_peft.data.MemVPDataCollator does this; with TRL's trainers, pass "
+        "processing_class=memvp_peft.MemVPProcessor.from_pretrained(<the VLM's folder>) instead of the VLM's own "
+        "processor) and pass the image as `pixel_values`."
+    )
+
+
+def _pad_token_id(owner: nn.Module) -> Optional[int]:
+    """The base's pad token (its config, its text config, its generation config), for rows the removal re-pads."""
+    config = getattr(owner, "config", None)
+    for source in (config, getattr(config, "text_config", None), getattr(owner, "generation_config", None)):
+        value = getattr(source, "pad_token_id", None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _read_vlm_processor_batch(
+    runtime: MemoryRuntime, args: tuple, kwargs: dict, visual: tuple, owner: nn.Module, default_side: str
+) -> tuple[tuple, dict, tuple]:
+    """The call as MemVP reads it (`placeholders.py`): a batch of the family's own processor -- its `pixel_values`
+    without an `image_mask`, and its placeholders in `input_ids` -- with the images out of the sequence and in
+    `visual` (`(image_features, image_mask, pixel_values)`); any other call as it is, once its placeholders and image
+    keywords are checked. Finding placeholders reads `input_ids`' values: on an accelerator, one sync per call of a
+    family base with `pixel_values` and no `image_mask` (the sequence's new length depends on them anyway)."""
+    features, mask, pixels = visual
+    family = runtime.family
+    input_ids = input_ids_of(args, kwargs)
+    processor_batch = (family is not None and pixels is not None and mask is None and features is None
+                       and input_ids is not None)
+    if processor_batch and torch.compiler.is_compiling():
+        raise ValueError(
+            f"MemVP: under torch.compile a {family.name} base's `pixel_values` need an `image_mask`: without one they "
+            "may be the VLM processor's batch, whose placeholders MemVP takes out of `input_ids` -- a sequence length "
+            "that depends on their values, which a compiled graph cannot follow. Run such batches eagerly, or build "
+            "them with memvp_peft.MemVPProcessor / MemVPDataCollator (text without placeholders, an image_mask)."
+        )
+    if processor_batch and has_placeholders(family, input_ids):
+        configs = [runtime.configs[name] for name in runtime.active_adapters if name in runtime.configs]
+        args, kwargs, built = images_out_of_the_sequence(
+            family, pixels, args, kwargs, _pad_token_id(owner), default_side, configs)
+        return args, kwargs, (built.get("image_features"), built.get("image_mask"), built.get("pixel_values"))
+    given = ("no `pixel_values` came with them" if pixels is None and features is None else
+             "they came with `image_features` / an `image_mask`, which the placeholders cannot be matched against")
+    _reject_image_placeholders(runtime, args, kwargs, given)
+    keywords = [name for name in getattr(family, "image_keywords", ()) if kwargs.get(name) is not None]
+    if keywords:
+        raise ValueError(
+            f"MemVP: {keywords} came without the {family.name} processor's image placeholders in `input_ids` (and "
+            "its `pixel_values` without an `image_mask`): they describe images placed in the sequence, which this "
+            "call has none of. Pass the processor's whole batch, or none of its image keywords."
+        )
+    return args, kwargs, visual
 
 
 #: Keywords of a packed / padding-free batch (TRL's `padding_free`, BFD packing): several samples share one row.
@@ -146,7 +211,8 @@ def call_with_memory(
     elif not has_visual and active is not None:
         memory = active.memory
     else:
-        _reject_image_placeholders(runtime, args, kwargs)
+        args, kwargs, (features, mask, pixels) = _read_vlm_processor_batch(
+            runtime, args, kwargs, (features, mask, pixels), owner, "right")
         if not has_visual:
             _warn_if_training_without_images(runtime, memories)
         memory = runtime.build(memories, features, mask, pixels, batch_size)
@@ -172,8 +238,9 @@ def generate_with_memory(
     if not runtime.enabled:
         return generate(*args, **_disabled_kwargs(runtime, pixels, mask, kwargs))
     reject_vlm_image_path_inputs(kwargs)
-    if pinned is None:
-        _reject_image_placeholders(runtime, args, kwargs)
+    if pinned is None:  # the prompt loses its placeholders here, once; the decode steps are text
+        args, kwargs, (features, mask, pixels) = _read_vlm_processor_batch(
+            runtime, args, kwargs, (features, mask, pixels), owner, "left")
         pinned = runtime.build(memories, features, mask, pixels, infer_batch_size(args, kwargs))
         if pinned.cls_input is not None:  # the prompt grows once, here; the decode steps read it as it is
             return generate_grown(pinned.cls_input, owner, generate, args, {**kwargs, CALL_KWARG: pinned})
@@ -245,6 +312,13 @@ def install_entry(module: nn.Module, runtime: MemoryRuntime, with_generate: bool
     """Give `module` the entry wrappers (idempotent). A forward/generate someone installed before us is kept and
     called inside ours.
 
+    On a VLM base with a family (whose processor's batches lose their placeholders here), the top model also says
+    `accepts_loss_kwargs = False`, the attribute transformers' `Trainer` reads to decide whether to count the batch's
+    label tokens itself (`num_items_in_batch`) and divide the loss by that count: counted before the call, it would
+    include the placeholder positions this call takes out of the labels, and scale every loss (and gradient) down by
+    the share of image tokens. Without it the loss is the mean over the labels the model scored (TRL's SFT loss:
+    over its `label_mask`), per micro-batch.
+
     Re-run at the start of every `generate()`: a trainer may have installed its own forward over ours since (TRL's
     fused LM head does), and the decode steps must enter through ours -- HF's `generate` checks the `memvp_call`
     keyword against the outermost forward's signature, and ours is the one that turns it into the active call.
@@ -253,6 +327,9 @@ def install_entry(module: nn.Module, runtime: MemoryRuntime, with_generate: bool
     _wrap(module, "forward")
     if with_generate and hasattr(type(module), "generate"):
         _wrap(module, "generate")
+    if with_generate and runtime.family is not None and LOSS_KWARGS_ATTR not in module.__dict__:
+        module.__dict__[LOSS_KWARGS_ATTR] = False
+        module.__dict__[_LOSS_KWARGS_MARK] = True
 
 
 def remove_entry(module: nn.Module) -> None:
@@ -267,6 +344,8 @@ def remove_entry(module: nn.Module) -> None:
                 module.__dict__[method] = module.__dict__.pop(inner_key)
             current = module.__dict__.get(method)
     module.__dict__.pop(RUNTIME_ATTR, None)
+    if module.__dict__.pop(_LOSS_KWARGS_MARK, False):
+        module.__dict__.pop(LOSS_KWARGS_ATTR, None)
 
 
 def underlying_forward(module: nn.Module) -> Callable:

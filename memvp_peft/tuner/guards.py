@@ -386,6 +386,7 @@ class InjectionUndo:
         self.memory_trainable = [(p, p.requires_grad) for p in tuner.memvp_memory.parameters()]
         self.vision = runtime.vision
         self.image_token_id = runtime.image_token_id
+        self.family = runtime.family
         self.active_adapters = list(runtime.active_adapters)
         self.hook_handles = list(tuner._memvp_hook_handles)
         self.targeted = (list(tuner.targeted_module_names), list(tuner.targeted_parameter_names))
@@ -406,6 +407,7 @@ class InjectionUndo:
                 self.vision.attach()  # replaced during the injection: its hooks come back (never twice, see attach)
         runtime.vision = self.vision
         runtime.image_token_id = self.image_token_id
+        runtime.family = self.family
         runtime.active_adapters = self.active_adapters
         tuner._memvp_hook_handles = self.hook_handles
         tuner.targeted_module_names[:] = self.targeted[0]

@@ -23,8 +23,9 @@ from peft.utils.integrations import _skip_init_on_device
 from torch import nn
 
 from ..hub import is_hub_id, resolvable_name
-from ..vision import (VisionEncoder, describe_encoder, has_own_vision_model, is_vlm, load_vision_encoder,
+from ..vision import (VisionEncoder, describe_encoder, family_of, has_own_vision_model, is_vlm, load_vision_encoder,
                       loaded_commit, unread_tower_message, vlm_vision_tower, weights_digest)
+from ..vision.families import config_token_id
 from .config import MemVPConfig, record_built_field
 from .entry import unwrap_checkpoint_function
 from .guards import is_recorded
@@ -32,25 +33,23 @@ from .runtime import MemoryRuntime
 
 
 def image_token_id(model: nn.Module) -> Optional[int]:
-    config = getattr(model, "config", None)
-    for attr in ("image_token_id", "image_token_index"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
+    """The image placeholder token a VLM base's processor writes (from its config), None for other models."""
+    return config_token_id(getattr(model, "config", None), "image_token_id", "image_token_index")
 
 
 def configured_encoder(model: nn.Module, runtime: MemoryRuntime, config: MemVPConfig) -> Optional[nn.Module]:
     """The encoder `config` names: a built module, a local folder (loaded once), the VLM base's own tower, or the one
     already attached. None when there is none (features come as `image_features`).
 
-    A VLM base, whichever encoder reads the pixels, gets its image placeholder token recorded (a text holding it was
-    built by the VLM's processor, for the VLM's own image path, which MemVP does not run: refused at the entry). A
-    VLM whose tower MemVP cannot read is recorded by class (for the `pixel_values` refusal), and said once here
-    when no other encoder gives the adapter pixels."""
+    A VLM base, whichever encoder reads the pixels, gets its image placeholder token recorded, and its family
+    (`vision.families.family_of`, picked here once) when it has one: a batch of that family's own processor is then
+    read with the images taken out of the sequence (`placeholders.py`); any other VLM's placeholders are refused at
+    the entry. A VLM whose tower MemVP cannot read is recorded by class (for the `pixel_values` refusal), and said
+    once here when no other encoder gives the adapter pixels."""
     if has_own_vision_model(model):
+        runtime.family = family_of(model)
         runtime.image_token_id = image_token_id(model)
-        if not is_vlm(model):
+        if runtime.family is None and not is_vlm(model):
             runtime.unread_vlm_class = type(model).__name__
     reference = getattr(config, "_vision_encoder_module", None)
     if reference is not None:
@@ -71,8 +70,11 @@ def configured_encoder(model: nn.Module, runtime: MemoryRuntime, config: MemVPCo
             # adapter, as a recorded folder that is gone does not: attach_vision_encoder gives it the encoder
             warnings.warn(f"{error} The adapter loads without it: attach it with "
                           "memvp_peft.attach_vision_encoder(model, encoder).", stacklevel=2)
-    if is_vlm(model):
-        return vlm_vision_tower(model)
+    tower = runtime.family.encoder_tower(model) if runtime.family is not None else None
+    if tower is None and is_vlm(model) and runtime.family is None:
+        tower = vlm_vision_tower(model)
+    if tower is not None:
+        return tower
     if runtime.vision is not None:
         return runtime.vision.model
     if runtime.unread_vlm_class is not None:

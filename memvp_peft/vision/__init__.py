@@ -2,6 +2,9 @@
 
 * `encoder` -- the frozen vision encoder (CLIP / SigLIP, or a VLM's own tower), its feature selection, the authors'
   bottleneck adapters inside it, and `pixel_features`: the one place pixels become features;
+* `families` -- the VLM bases whose own processor's batches MemVP reads (Llava, LLaVA-NeXT, LLaVA-OneVision): one
+  object per family (`family_of`), which knows its placeholder tokens, its image keywords and the tower MemVP reads;
+  and the helpers that tell a VLM base apart (`is_vlm`, `vlm_vision_tower`, `has_own_vision_model`);
 * `tiling` -- AnyRes-style tiling of high-resolution images (the overview plus a grid of encoder-sized tiles) and the
   one parser of a grid (`image_grid`), for the model and the collator alike;
 * `feature_cache` -- a disk cache of a frozen encoder's features (`memvp-train --cache_image_features`).
@@ -23,30 +26,39 @@ from .encoder import (
     clip_style_image_processor,
     describe_encoder,
     feature_selection,
-    has_own_vision_model,
     imagenet_image_processor,
-    is_vlm,
     load_vision_encoder,
     loaded_commit,
     pixel_features,
     tensor_digest,
+    weights_digest,
+)
+from .families import (
+    FAMILIES,
+    VLMFamily,
+    family_of,
+    has_own_vision_model,
+    is_vlm,
+    supported_families,
     unread_tower_message,
     vlm_modules_outside_language_model,
     vlm_vision_tower,
-    weights_digest,
 )
 
 __all__ = [
+    "FAMILIES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IN_MEMORY_PREFIX",
     "RunningAdapters",
     "SharedModuleRef",
     "VisionBottleneck",
+    "VLMFamily",
     "VisionEncoder",
     "blocks_before_feature_layer",
     "clip_style_image_processor",
     "describe_encoder",
+    "family_of",
     "feature_selection",
     "has_own_vision_model",
     "imagenet_image_processor",
@@ -54,6 +66,7 @@ __all__ = [
     "load_vision_encoder",
     "loaded_commit",
     "pixel_features",
+    "supported_families",
     "tensor_digest",
     "unread_tower_message",
     "vlm_modules_outside_language_model",

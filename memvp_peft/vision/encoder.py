@@ -26,6 +26,10 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import nn
 
+# The VLM helpers live with the VLM families; importable from here as before.
+from .families import (has_own_vision_model, is_vlm, unread_tower_message,  # noqa: F401
+                       vlm_modules_outside_language_model, vlm_vision_tower)
+
 
 class VisionBottleneck(nn.Module):
     """`fc2(Dropout(GELU(fc1(x))))`, no biases, `fc2` zero-initialised so training starts from the frozen encoder."""
@@ -378,65 +382,3 @@ def weights_digest(model: nn.Module) -> Optional[str]:
     for name, tensor in named:
         digest.update(f"{name}:{tensor_digest(tensor)};".encode())
     return digest.hexdigest()
-
-
-def vlm_vision_tower(model: nn.Module) -> Optional[nn.Module]:
-    """The vision tower of a Llava-layout VLM (`model.model.vision_tower` / `model.vision_tower`), else None."""
-    for owner in (getattr(model, "model", None), model):
-        tower = getattr(owner, "vision_tower", None)
-        if isinstance(tower, nn.Module):
-            return tower
-    return None
-
-
-def is_vlm(model: Any) -> bool:
-    """A Llava-layout VLM: MemVP reads `pixel_values` through its own tower (`vlm_vision_tower`)."""
-    return vlm_vision_tower(model) is not None and hasattr(model, "get_image_features")
-
-
-def has_own_vision_model(model: Any) -> bool:
-    """Whether the base brings a vision model of its own (its config has a `vision_config`): any VLM, whether or not
-    MemVP can read its tower (`is_vlm`)."""
-    return getattr(getattr(model, "config", None), "vision_config", None) is not None
-
-
-def unread_tower_message(model_class: str) -> str:
-    """What a VLM base whose tower MemVP cannot read (not the Llava layout: Qwen2-VL and kin) gives and takes."""
-    return (
-        f"the base {model_class} is a VLM whose vision tower MemVP does not read yet (it reads the tower of "
-        "Llava-layout VLMs, a `vision_tower` beside the language model): the adapter goes on its language model and "
-        "takes `image_features` (batch, tokens, visual_dim) computed elsewhere, but not this VLM's `pixel_values`. To "
-        "give it images as pixels, set MemVPConfig(vision_encoder=<a CLIP/SigLIP folder or Hub id>) and build batches "
-        "with that encoder's image processor (memvp_peft.MemVPDataCollator / MemVPProcessor), or use a "
-        "Llava-layout VLM."
-    )
-
-
-def vlm_modules_outside_language_model(model: nn.Module) -> list[str]:
-    """Qualified names of the modules of a VLM base that sit beside its language model: the vision tower and the
-    multi-modal projector (every sibling of the language model in the VLM's inner model, the LM head excepted).
-    Empty for any other model.
-
-    Why they matter: MemVP runs a VLM's language model on the text alone; the tower runs frozen, without gradients,
-    to turn `pixel_values` into features (`VisionEncoder`) -- a tower MemVP cannot read (`unread_tower_message`)
-    never runs -- and the VLM's own projector never runs (MemVP's replaces it). Trainable weights placed there would
-    never get a gradient.
-    """
-    tower = vlm_vision_tower(model) if is_vlm(model) else None
-    if tower is None and not has_own_vision_model(model):
-        return []
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    anchor = tower if tower is not None else decoder  # a tower MemVP cannot read never runs: all beside the LM
-    if anchor is None:
-        return []
-    for owner_name, owner in model.named_modules():
-        children = dict(owner.named_children())
-        if any(child is anchor for child in children.values()):
-            prefix = f"{owner_name}." if owner_name else ""
-            if decoder is None or all(child is not decoder for child in children.values()):
-                # the language model is not the tower's sibling: only the tower is known to be outside it
-                return [prefix + name for name, child in children.items() if child is tower]
-            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-            return [prefix + name for name, child in children.items()
-                    if child is not decoder and not any(module is head for module in child.modules())]
-    return []

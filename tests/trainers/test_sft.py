@@ -88,30 +88,47 @@ def test_sft_on_a_llava_base_trains_memvp_and_leaves_llavas_projector_alone(tmp_
     assert all(torch.equal(after[k], v) for k, v in llava_projector.items())
 
 
-def test_llavas_own_processor_with_a_memvp_model_fails_on_the_first_batch_with_plain_sft_trainer(tmp_path):
-    """TRL's collator would expand `<image>` into placeholder tokens: MemVP's guard refuses the batch."""
+def tiny_vipllava(tokenizer):
+    """A Llava-layout VLM of no supported family (VipLlava): MemVP reads its tower, not its processor's batches."""
+    from transformers import CLIPVisionConfig, LlamaConfig, VipLlavaConfig, VipLlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    return VipLlavaForConditionalGeneration(VipLlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layers=[-2, -1]))
+
+
+def test_a_vlm_processor_for_a_base_of_no_supported_family_fails_on_the_first_batch_with_plain_sft_trainer(tmp_path):
+    """TRL's collator expands `<image>` into placeholder tokens, which a VLM of no supported family cannot take out
+    of the sequence: MemVP's guard refuses the batch. (A Llava base with its own processor trains:
+    test_sft_vlm_processor.py.)"""
     from transformers import LlavaProcessor
 
     save_tiny_llava(tmp_path / "llava")
+    processor = LlavaProcessor.from_pretrained(tmp_path / "llava")
     trainer = SFTTrainer(
-        model=LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava"), peft_config=memvp_config(),
-        train_dataset=messages_dataset(), processing_class=LlavaProcessor.from_pretrained(tmp_path / "llava"),
-        args=trainer_args(SFTConfig, tmp_path),
+        model=tiny_vipllava(processor.tokenizer), peft_config=memvp_config(), train_dataset=messages_dataset(),
+        processing_class=processor, args=trainer_args(SFTConfig, tmp_path),
     )
-    with pytest.raises(ValueError, match=r"image placeholder token .*MemVPProcessor\.from_pretrained"):
+    with pytest.raises(ValueError, match=r"image placeholder token .*supported families.*"
+                                         r"MemVPProcessor\.from_pretrained"):
         trainer.train()
 
 
-def test_memvp_sft_trainer_refuses_llavas_own_processor_at_construction(tmp_path):
+def test_memvp_sft_trainer_refuses_a_vlm_processor_for_a_base_of_no_supported_family_at_construction(tmp_path):
     from transformers import LlavaProcessor
 
     save_tiny_llava(tmp_path / "llava")
+    processor = LlavaProcessor.from_pretrained(tmp_path / "llava")
     with pytest.raises(ValueError, match=r"processing_class is a LlavaProcessor, which expands each image into "
-                                         r"placeholder tokens.*MemVPProcessor\.from_pretrained"):
+                                         r"placeholder tokens.*supported VLM family \(Llava \(llava\).*"
+                                         r"MemVPProcessor\.from_pretrained"):
         MemVPSFTTrainer(
-            model=LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava"), peft_config=memvp_config(),
-            train_dataset=messages_dataset(), processing_class=LlavaProcessor.from_pretrained(tmp_path / "llava"),
-            args=trainer_args(SFTConfig, tmp_path),
+            model=tiny_vipllava(processor.tokenizer), peft_config=memvp_config(), train_dataset=messages_dataset(),
+            processing_class=processor, args=trainer_args(SFTConfig, tmp_path),
         )
 
 
@@ -140,16 +157,17 @@ def test_memvp_sft_trainer_gives_the_collator_raw_records_and_trl_a_processor(tm
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the first-call check is what runs on accelerator tensors")
-def test_llavas_placeholder_tokens_on_an_accelerator_are_refused_on_the_first_batch(tmp_path):
+def test_llavas_placeholder_tokens_without_pixels_on_an_accelerator_are_refused_on_the_first_batch(tmp_path):
     """Value checks cost a host-device sync on an accelerator, so they are off there -- except this one on the first
-    call: a VLM's own processor shows on the first batch."""
+    call: placeholders whose images are missing show on the first batch."""
     from transformers import LlavaProcessor
 
     save_tiny_llava(tmp_path / "llava")
     model = get_peft_model(LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava"), memvp_config()).cuda()
     batch = LlavaProcessor.from_pretrained(tmp_path / "llava")(
         images=messages_dataset(1)["images"][0], text=["<image>\nWhat digit"], return_tensors="pt").to("cuda")
-    with pytest.raises(ValueError, match=r"image placeholder token"):
+    del batch["pixel_values"]
+    with pytest.raises(ValueError, match=r"image placeholder token .*but no `pixel_values` came"):
         model(**batch)
 
 

@@ -1,7 +1,8 @@
 """A VLM base whose vision tower MemVP cannot read yet (anything but the Llava layout; Qwen2-VL here): the adapter
 goes on its language model and takes `image_features`, said once at injection; its `pixel_values` are refused
 naming the class and what works today; what the VLM's own processor adds (`image_grid_thw`) is refused, never
-dropped; its image placeholder tokens are refused as a Llava's are."""
+dropped; its image placeholder tokens are refused (it has no VLM family whose processor's batches MemVP reads), as
+are any family's placeholders that come without its processor's pixel_values."""
 
 import copy
 import warnings

@@ -247,11 +247,13 @@ def test_vlm_base_runs_language_model_on_text_alone(text, pixels):
     torch.testing.assert_close(out, want)
 
 
-def test_vlm_image_placeholder_tokens_are_rejected_with_guidance(text, pixels):
+def test_vlm_placeholder_tokens_that_are_no_whole_image_are_rejected_with_guidance(text, pixels):
+    """One placeholder where Llava's processor writes one per patch (16): the text does not match its images."""
     pm = get_peft_model(tiny_llava(), memvp_config(num_memory_slots=20))
     ids = text["input_ids"].clone()
     ids[:, 0] = 63
-    with pytest.raises(ValueError, match="placeholder token.*pixel_values"):
+    with pytest.raises(ValueError, match=r"row 0 of `input_ids` holds 1 image placeholder tokens \(id 63\), which do "
+                                         r"not add up to whole images.*same processor call"):
         pm(input_ids=ids, attention_mask=text["attention_mask"], pixel_values=pixels)
 
 

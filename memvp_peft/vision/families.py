@@ -1,0 +1,469 @@
+"""VLM bases and the families whose own processor's batches MemVP reads: one object per family, picked once.
+
+A VLM's processor puts every image into the text as placeholder tokens (hundreds per image) and hands the pixels
+beside it in the family's own layout (Llava: one `(C, H, W)` per image of the whole batch; LLaVA-NeXT: the tiles of
+each image plus its `image_sizes`; Qwen2-VL: flattened patches plus `image_grid_thw`). MemVP puts the image into the
+FFN memory instead, so with such a batch it must (1) take the placeholders out of the sequence and (2) hand each
+row's images to that row's memory. What (1) and (2) need to know is the family's, not the tuner's: which token ids
+the processor writes, how many of them each image stands for, which keywords come beside `pixel_values`, and which
+tower turns the pixels into features. A `VLMFamily` holds exactly that; `family_of(model)` picks it once, when an
+adapter is injected on a VLM base (by `config.model_type`), and the tuner's entry (`tuner/placeholders.py`) asks it,
+never the model's class, so adding a family is adding a subclass here (like peft's LoRA variants).
+
+Token ids are read from the model's config (`image_token_id` / `image_token_index`, `video_token_id`, begin/end of
+image where the family has them), never hard-coded: checkpoints of one family disagree on them.
+
+Which tower MemVP reads, and where: for the Llava-layout families (Llava, LLaVA-NeXT, LLaVA-OneVision) the VLM's own
+`vision_tower`, through `VisionEncoder`, at the hidden state the adapter's config selects -- *before* the VLM's
+multi-modal projector, as MemVP reads CLIP's penultimate block. The VLM's projector maps the tower's features into
+the language model's *input* space for the tokens it puts in the sequence; MemVP's own projector maps them into the
+FFN memory, a different space the VLM's projector never learnt, so it stays frozen and never runs.
+
+The module also keeps the helpers that tell a VLM base from a language model (`has_own_vision_model`), find a
+Llava-layout tower (`vlm_vision_tower`, `is_vlm`: any model with that layout, with or without a family; without one
+the batch must come without placeholders, e.g. from `MemVPProcessor`) and name the modules beside its language model
+(`vlm_modules_outside_language_model`).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+__all__ = [
+    "FAMILIES",
+    "LlavaFamily",
+    "LlavaLayoutFamily",
+    "LlavaNextFamily",
+    "LlavaOnevisionFamily",
+    "ProcessorImages",
+    "VLMFamily",
+    "config_token_id",
+    "family_of",
+    "has_own_vision_model",
+    "is_vlm",
+    "supported_families",
+    "unread_tower_message",
+    "vlm_modules_outside_language_model",
+    "vlm_vision_tower",
+]
+
+
+# ------------------------------------------------------------------------------------------------- VLM bases
+
+
+def config_token_id(config: Any, *names: str) -> Optional[int]:
+    """The first of `names` that `config` sets to an int (transformers maps `image_token_id` to `image_token_index`
+    on some configs and not on others, so both spellings are read)."""
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def vlm_vision_tower(model: nn.Module) -> Optional[nn.Module]:
+    """The vision tower of a Llava-layout VLM (`model.model.vision_tower` / `model.vision_tower`), else None."""
+    for owner in (getattr(model, "model", None), model):
+        tower = getattr(owner, "vision_tower", None)
+        if isinstance(tower, nn.Module):
+            return tower
+    return None
+
+
+def is_vlm(model: Any) -> bool:
+    """A Llava-layout VLM: MemVP reads `pixel_values` through its own tower (`vlm_vision_tower`)."""
+    return vlm_vision_tower(model) is not None and hasattr(model, "get_image_features")
+
+
+def has_own_vision_model(model: Any) -> bool:
+    """Whether the base brings a vision model of its own (its config has a `vision_config`): any VLM, whether or not
+    MemVP can read its tower (`is_vlm`)."""
+    return getattr(getattr(model, "config", None), "vision_config", None) is not None
+
+
+def unread_tower_message(model_class: str) -> str:
+    """What a VLM base whose tower MemVP cannot read (not the Llava layout: Qwen2-VL and kin) gives and takes."""
+    return (
+        f"the base {model_class} is a VLM whose vision tower MemVP does not read yet (it reads the tower of "
+        "Llava-layout VLMs, a `vision_tower` beside the language model): the adapter goes on its language model and "
+        "takes `image_features` (batch, tokens, visual_dim) computed elsewhere, but not this VLM's `pixel_values`. To "
+        "give it images as pixels, set MemVPConfig(vision_encoder=<a CLIP/SigLIP folder or Hub id>) and build batches "
+        "with that encoder's image processor (memvp_peft.MemVPDataCollator / MemVPProcessor), or use a "
+        "Llava-layout VLM."
+    )
+
+
+def vlm_modules_outside_language_model(model: nn.Module) -> list[str]:
+    """Qualified names of the modules of a VLM base that sit beside its language model: the vision tower and the
+    multi-modal projector (every sibling of the language model in the VLM's inner model, the LM head excepted).
+    Empty for any other model.
+
+    Why they matter: MemVP runs a VLM's language model on the text alone; the tower runs frozen, without gradients,
+    to turn `pixel_values` into features (`VisionEncoder`) -- a tower MemVP cannot read (`unread_tower_message`)
+    never runs -- and the VLM's own projector never runs (MemVP's replaces it). Trainable weights placed there would
+    never get a gradient.
+    """
+    tower = vlm_vision_tower(model) if is_vlm(model) else None
+    if tower is None and not has_own_vision_model(model):
+        return []
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    anchor = tower if tower is not None else decoder  # a tower MemVP cannot read never runs: all beside the LM
+    if anchor is None:
+        return []
+    for owner_name, owner in model.named_modules():
+        children = dict(owner.named_children())
+        if any(child is anchor for child in children.values()):
+            prefix = f"{owner_name}." if owner_name else ""
+            if decoder is None or all(child is not decoder for child in children.values()):
+                # the language model is not the tower's sibling: only the tower is known to be outside it
+                return [prefix + name for name, child in children.items() if child is tower]
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            return [prefix + name for name, child in children.items()
+                    if child is not decoder and not any(module is head for module in child.modules())]
+    return []
+
+
+# ------------------------------------------------------------------------------------------------ the families
+
+
+class ProcessorImages(NamedTuple):
+    """The images of one call as the VLM's processor gave them: `pixel_values` in the family's layout and the
+    keywords it adds beside them (`image_sizes`, ...), by name."""
+
+    pixel_values: torch.Tensor
+    keywords: dict[str, Any]
+
+
+class VLMFamily(abc.ABC):
+    """What MemVP must know of one VLM family to read a batch its own processor built (module docstring).
+
+    A subclass names the family (`name`), the `config.model_type`s it covers (`model_types`), the keywords its
+    processor adds beside `pixel_values` that MemVP reads (`image_keywords`: taken out of the call) and those it
+    refuses (`refused_keywords`: a ValueError, never dropped), and implements the four abstract methods: which tower
+    MemVP's `VisionEncoder` reads (`encoder_tower`), how many placeholder tokens each image stands for
+    (`image_token_counts`), and how the images of each row become MemVP's visual inputs (`memvp_visual_inputs`).
+    Everything that is the same for every family -- the token ids from the config, assigning images to rows by their
+    placeholders, the checks -- is here, so a family that differs overrides it (e.g. `images_of_rows` for a processor
+    that already groups images by row).
+    """
+
+    #: The family's name, as messages and docs say it.
+    name: ClassVar[str]
+    #: The `config.model_type`s this family covers.
+    model_types: ClassVar[tuple[str, ...]]
+    #: Keywords the processor adds beside `pixel_values` that MemVP reads; taken out of the call.
+    image_keywords: ClassVar[tuple[str, ...]] = ()
+    #: Keywords the processor may add that MemVP does not read (videos, ...): refused, so nothing is silently dropped.
+    refused_keywords: ClassVar[tuple[str, ...]] = ()
+    #: Why those are refused, as the message says it.
+    refused_because: ClassVar[str] = ""
+    #: Whether the processor tiles high-resolution images itself (then an adapter's own `image_grid` tiling is refused).
+    tiles_images: ClassVar[bool] = False
+    #: Config attributes of the tokens around an image (begin / end of image), removed with the placeholders.
+    boundary_token_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        config = model.config
+        self.model_type: str = config.model_type
+        self.image_token_id = config_token_id(config, "image_token_id", "image_token_index")
+        if self.image_token_id is None:
+            raise ValueError(
+                f"MemVP: the {self.name} base {type(model).__name__} has no image token in its config "
+                "(image_token_id / image_token_index): the placeholders its processor writes cannot be found."
+            )
+        self.video_token_id = config_token_id(config, "video_token_id", "video_token_index")
+        boundaries = (config_token_id(config, name) for name in self.boundary_token_names)
+        self.boundary_token_ids = tuple(token for token in boundaries if token is not None)
+
+    @classmethod
+    def covers(cls, model: nn.Module) -> bool:
+        """Whether `model` belongs to this family (by `config.model_type`)."""
+        return getattr(getattr(model, "config", None), "model_type", None) in cls.model_types
+
+    @property
+    def sequence_token_ids(self) -> tuple[int, ...]:
+        """Every token id MemVP takes out of the sequence: the image placeholder and the tokens around an image."""
+        return (self.image_token_id, *self.boundary_token_ids)
+
+    # ----------------------------------------------------------------------------------------- what a subclass says
+
+    @abc.abstractmethod
+    def encoder_tower(self, model: nn.Module) -> Optional[nn.Module]:
+        """The tower MemVP's `VisionEncoder` reads `pixel_values` with (attached at injection), or None for a family
+        whose `memvp_visual_inputs` computes features itself (a tower `VisionEncoder` cannot read, e.g. Qwen2-VL's
+        `model.model.visual`, which needs `image_grid_thw`: it then returns `image_features`)."""
+
+    @abc.abstractmethod
+    def image_token_counts(self, images: ProcessorImages) -> list[int]:
+        """How many image placeholder tokens each image of the call stands for in `input_ids`, in the order the
+        processor lists the images (the model's own count: Llava's patches, LLaVA-NeXT's unpadded grid with its
+        newlines, Qwen2-VL's `t*h*w / merge**2` of `image_grid_thw`). Checked against the text row by row: a
+        mismatch is refused, never guessed around."""
+
+    @abc.abstractmethod
+    def memvp_visual_inputs(self, images: ProcessorImages, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """The call's images as MemVP's visual inputs, row by row: `rows[b]` lists the indices of row b's images
+        (`images_of_rows`). Returns the keywords `MemoryRuntime.build` takes: `pixel_values` `(B, I, C, H, W)` with
+        an `image_mask` `(B, I)` (the Llava layout: the attached `VisionEncoder` reads them), or `image_features`
+        `(B, T, D)` with an `image_mask` for a family that encodes itself (`encoder_tower` None). Rows with fewer
+        images are padded with masked-out entries; a row without an image has an all-False mask (it reads p_k/p_v)."""
+
+    # --------------------------------------------------------------------------------------------- the same for all
+
+    def take_image_inputs(self, pixel_values: torch.Tensor, kwargs: dict[str, Any]) -> ProcessorImages:
+        """Take the family's image keywords out of the call's `kwargs` (they never reach the language model);
+        refuse the keywords MemVP does not read."""
+        refused = [name for name in self.refused_keywords if kwargs.get(name) is not None]
+        if refused:
+            raise ValueError(f"MemVP: {refused} came with the call: {self.refused_because}")
+        if not isinstance(pixel_values, torch.Tensor):
+            raise ValueError(f"MemVP: `pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}.")
+        return ProcessorImages(pixel_values, {name: kwargs.pop(name) for name in self.image_keywords if name in kwargs})
+
+    def check_unread_tokens(self, input_ids: torch.Tensor) -> None:
+        """Refuse video placeholders: MemVP reads the call's images, and the frames behind these tokens would be
+        dropped with them."""
+        if self.video_token_id is not None and bool((input_ids == self.video_token_id).any()):
+            raise ValueError(
+                f"MemVP: `input_ids` contain the {self.name} video placeholder token (id {self.video_token_id}): "
+                "MemVP takes images out of the sequence, not videos. Build the batch from images only."
+            )
+
+    def images_of_rows(self, input_ids: torch.Tensor, real: torch.Tensor, images: ProcessorImages) -> list[list[int]]:
+        """Which images belong to which row: the processor lists the batch's images in order, and each row's
+        placeholder tokens (at its `real`, not padded, positions) must be exactly the tokens of its images
+        (`image_token_counts`). A row whose tokens do not add up, or images left over or missing, are refused."""
+        counts = self.image_token_counts(images)
+        per_row = ((input_ids == self.image_token_id) & real).sum(dim=1).tolist()
+        rows: list[list[int]] = []
+        taken = 0
+        for row, tokens in enumerate(per_row):
+            indices: list[int] = []
+            total = 0
+            while total < tokens and taken < len(counts):
+                total += counts[taken]
+                indices.append(taken)
+                taken += 1
+            if total != tokens:
+                raise ValueError(
+                    f"MemVP: row {row} of `input_ids` holds {tokens} image placeholder tokens (id "
+                    f"{self.image_token_id}), which do not add up to whole images: the call's {self.name} images stand "
+                    f"for {counts} tokens (in order), this row's for {total}. The text's placeholders must match its "
+                    "images: build text and images with the same processor call."
+                )
+            rows.append(indices)
+        if taken != len(counts):
+            raise ValueError(
+                f"MemVP: the call brings {len(counts)} images but the placeholders of `input_ids` stand for {taken}: "
+                "each image needs its placeholder in the text (the processor writes them for each image of a text)."
+            )
+        return rows
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(image_token_id={self.image_token_id})"
+
+
+class LlavaLayoutFamily(VLMFamily):
+    """Families with Llava's layout: a `vision_tower` beside the language model, read by `VisionEncoder` (before the
+    multi-modal projector: module docstring). Every image is one or more tiles of the tower's input size; the memory
+    holds each row's tiles in order, each tile's patch features as the adapter's config selects them. A subclass says
+    which tiles an image has (`image_tiles`) and how many placeholders it stands for (`image_token_counts`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        config = model.config
+        self.patch_size = int(config.vision_config.patch_size)
+        self.tile_size = int(config.vision_config.image_size)
+        self.select_strategy = getattr(config, "vision_feature_select_strategy", "default")
+        tower = vlm_vision_tower(model)
+        embeddings = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
+        self.has_cls = hasattr(embeddings, "class_embedding")
+
+    def encoder_tower(self, model: nn.Module) -> Optional[nn.Module]:
+        return vlm_vision_tower(model)
+
+    def tokens_per_tile(self, height: int, width: int) -> int:
+        """The tokens the VLM puts in the sequence for one tile of `height` x `width` pixels: its patches, plus the
+        CLS token unless the VLM's `vision_feature_select_strategy` is "default" (which drops the first token)."""
+        return (height // self.patch_size) * (width // self.patch_size) + int(self.has_cls) - int(
+            self.select_strategy == "default")
+
+    @abc.abstractmethod
+    def image_tiles(self, images: ProcessorImages) -> list[torch.Tensor]:
+        """Each image's tiles as the tower reads them, `(tiles, C, H, W)`, in the processor's order (padding tiles
+        the processor added to stack the batch left out)."""
+
+    def memvp_visual_inputs(self, images: ProcessorImages, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        tiles = self.image_tiles(images)
+        per_row = [torch.cat([tiles[i] for i in indices]) if indices else None for indices in rows]
+        longest = max((len(row) for row in per_row if row is not None), default=0)
+        shape = tiles[0].shape[1:] if tiles else images.pixel_values.shape[-3:]
+        reference = images.pixel_values
+        pixel_values = reference.new_zeros(len(rows), max(longest, 1), *shape)
+        image_mask = torch.zeros(len(rows), max(longest, 1), dtype=torch.bool, device=reference.device)
+        for row, row_tiles in enumerate(per_row):
+            if row_tiles is not None:
+                pixel_values[row, : len(row_tiles)] = row_tiles
+                image_mask[row, : len(row_tiles)] = True
+        return {"pixel_values": pixel_values, "image_mask": image_mask}
+
+
+class LlavaFamily(LlavaLayoutFamily):
+    """Llava (`LlavaForConditionalGeneration`): `pixel_values` `(images, C, H, W)` for the whole batch, one tile
+    per image, each standing for its patches (`tokens_per_tile`). `image_sizes` (which Llava passes on only to a
+    Pixtral tower) is refused: MemVP reads whole images of one size."""
+
+    name = "Llava"
+    model_types = ("llava",)
+    refused_keywords = ("image_sizes",)
+    refused_because = ("Llava passes `image_sizes` only to a Pixtral tower, for images of other sizes; MemVP reads "
+                       "Llava's images as whole images of one size. Build the batch without them.")
+
+    def image_tiles(self, images: ProcessorImages) -> list[torch.Tensor]:
+        pixel_values = images.pixel_values
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                "MemVP: a Llava processor's `pixel_values` are (images, channels, height, width), one image after the "
+                f"other for the whole batch; got shape {tuple(pixel_values.shape)}."
+            )
+        return list(pixel_values[:, None])
+
+    def image_token_counts(self, images: ProcessorImages) -> list[int]:
+        self.image_tiles(images)  # the layout checked first
+        height, width = images.pixel_values.shape[-2:]
+        return [self.tokens_per_tile(height, width)] * images.pixel_values.shape[0]
+
+
+class LlavaNextFamily(LlavaLayoutFamily):
+    """LLaVA-NeXT (`LlavaNextForConditionalGeneration`): each image is the overview plus the tiles of the best grid
+    for its size (`image_sizes`), stacked as `(images, most tiles, C, H, W)` with padding tiles. MemVP reads every
+    real tile of an image (the overview first, then the grid row by row, as its own AnyRes tiling lays them out); the
+    text stands for the overview's tokens plus the unpadded grid's, a newline token per grid row."""
+
+    name = "LLaVA-NeXT"
+    model_types = ("llava_next",)
+    image_keywords = ("image_sizes",)
+    tiles_images = True
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.grid_pinpoints = [list(pinpoint) for pinpoint in model.config.image_grid_pinpoints]
+
+    def _image_sizes(self, images: ProcessorImages) -> list[list[int]]:
+        sizes = images.keywords.get("image_sizes")
+        pixel_values = images.pixel_values
+        if sizes is None:
+            raise ValueError(f"MemVP: the {self.name} processor's `image_sizes` are needed with its `pixel_values` "
+                             "(which tiles of each image are real depends on its size); the call has none.")
+        sizes = torch.as_tensor(sizes).tolist()
+        if pixel_values.dim() != 5 or len(sizes) != pixel_values.shape[0] or any(len(s) != 2 for s in sizes):
+            raise ValueError(
+                f"MemVP: the {self.name} processor gives `pixel_values` (images, tiles, channels, height, width) and "
+                f"`image_sizes` (images, 2); got shapes {tuple(pixel_values.shape)} and {len(sizes)} sizes."
+            )
+        return sizes
+
+    def tiles_per_image(self, images: ProcessorImages) -> list[int]:
+        """The real tiles of each image: the overview plus the grid `select_best_resolution` picks for its size."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        sizes = self._image_sizes(images)
+        return [image_size_to_num_patches(size, self.grid_pinpoints, self.tile_size) for size in sizes]
+
+    def image_tiles(self, images: ProcessorImages) -> list[torch.Tensor]:
+        counts = self.tiles_per_image(images)
+        if max(counts, default=0) > images.pixel_values.shape[1]:
+            raise ValueError(
+                f"MemVP: the {self.name} images need up to {max(counts)} tiles by their `image_sizes`, but "
+                f"`pixel_values` hold {images.pixel_values.shape[1]} per image."
+            )
+        return [image[:count] for image, count in zip(images.pixel_values, counts)]
+
+    def grid_tokens(self, size: list[int], patches: int) -> tuple[int, int]:
+        """Rows and columns of an image's tile grid in patches, after the model removes the padding around it."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+        grid_rows, grid_cols = get_anyres_image_grid_shape(size, self.grid_pinpoints, self.tile_size)
+        unpadded = unpad_image(torch.empty(0, grid_rows * patches, grid_cols * patches), size)
+        return unpadded.shape[1], unpadded.shape[2]
+
+    def image_token_counts(self, images: ProcessorImages) -> list[int]:
+        height, width = images.pixel_values.shape[-2:]
+        base = self.tokens_per_tile(height, width)
+        patches = self.tile_size // self.patch_size
+        counts = []
+        for size in self._image_sizes(images):
+            rows, cols = self.grid_tokens(size, patches)
+            counts.append(base + rows * (cols + 1))  # a newline token closes every row of the grid
+        return counts
+
+
+class LlavaOnevisionFamily(LlavaNextFamily):
+    """LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): LLaVA-NeXT's tiles, with two differences the
+    placeholder count follows -- a grid larger than `vision_aspect_ratio` ("anyres_max_N") allows is pooled down,
+    and a row with several images (`batch_num_images`) gives each image only its overview plus one newline. Its
+    videos (`pixel_values_videos`, `image_sizes_videos`, the video token) are refused."""
+
+    name = "LLaVA-OneVision"
+    model_types = ("llava_onevision",)
+    image_keywords = ("image_sizes", "batch_num_images")
+    refused_keywords = ("pixel_values_videos", "image_sizes_videos")
+    refused_because = ("the LLaVA-OneVision processor's video inputs, which MemVP does not read (its memory holds "
+                       "the call's images). Build the batch from images only.")
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.max_tiles = int(str(getattr(model.config, "vision_aspect_ratio", "anyres_max_9")).strip("anyres_max_"))
+
+    def _patched(self, images: ProcessorImages) -> list[bool]:
+        """Per image: whether it is tiled (the only image of its row) or read as its overview alone."""
+        per_row = images.keywords.get("batch_num_images")
+        if per_row is None:
+            return [True] * images.pixel_values.shape[0]
+        per_row = torch.as_tensor(per_row).tolist()
+        return [count == 1 for count in per_row for _ in range(count)]
+
+    def tiles_per_image(self, images: ProcessorImages) -> list[int]:
+        tiles = super().tiles_per_image(images)
+        return [count if patched else 1 for count, patched in zip(tiles, self._patched(images))]
+
+    def image_token_counts(self, images: ProcessorImages) -> list[int]:
+        import math
+
+        height, width = images.pixel_values.shape[-2:]
+        base = self.tokens_per_tile(height, width)
+        patches = self.tile_size // self.patch_size
+        counts = []
+        for size, patched in zip(self._image_sizes(images), self._patched(images)):
+            if not patched:
+                counts.append(base + 1)  # the overview and one newline
+                continue
+            rows, cols = self.grid_tokens(size, patches)
+            ratio = math.sqrt(rows * cols / (self.max_tiles * patches**2))
+            if ratio > 1.1:  # pooled down to at most `max_tiles` tiles' worth (the model interpolates)
+                rows, cols = int(rows // ratio), int(cols // ratio)
+            counts.append(base + rows * (cols + 1))
+        return counts
+
+
+#: The families whose own processor's batches MemVP reads, in the order `family_of` tries them.
+FAMILIES: tuple[type[VLMFamily], ...] = (LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily)
+
+
+def family_of(model: nn.Module) -> Optional[VLMFamily]:
+    """The family object of a VLM base (built once, when an adapter is injected), or None for any other model."""
+    if not has_own_vision_model(model):
+        return None
+    for family in FAMILIES:
+        if family.covers(model):
+            return family(model)
+    return None
+
+
+def supported_families() -> str:
+    """The supported families and their model types, as messages and docs name them."""
+    return ", ".join(f"{family.name} ({', '.join(family.model_types)})" for family in FAMILIES)
