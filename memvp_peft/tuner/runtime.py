@@ -100,7 +100,7 @@ class MemoryRuntime:
         self.enabled = True
         self.vision = None  # VisionEncoder turning pixel_values into features, when one is attached
         self.image_token_id: Optional[int] = None  # VLM bases: the image placeholder token of their processor
-        self.family = None  # a VLM base's family (vision.families): its processor's batches are read (placeholders.py)
+        self.family = None  # a VLM base's family (vision.families): its processor's batches are read (entry.py)
         self.unread_vlm_class: Optional[str] = None  # a VLM base whose tower MemVP cannot read (vision_attach.py)
         self.placeholders_checked = False  # whether that check ran once on accelerator tensors (entry.py)
         self.seen_visual_inputs = False  # a call brought visual inputs; until then a training call warns once

@@ -43,7 +43,7 @@ def configured_encoder(model: nn.Module, runtime: MemoryRuntime, config: MemVPCo
 
     A VLM base, whichever encoder reads the pixels, gets its image placeholder token recorded, and its family
     (`vision.families.family_of`, picked here once) when it has one: a batch of that family's own processor is then
-    read with the images taken out of the sequence (`placeholders.py`); any other VLM's placeholders are refused at
+    read with the images taken out of the sequence (`entry.py`); any other VLM's placeholders are refused at
     the entry. A VLM whose tower MemVP cannot read is recorded by class (for the `pixel_values` refusal), and said
     once here when no other encoder gives the adapter pixels."""
     if has_own_vision_model(model):

@@ -7,7 +7,7 @@ FFN memory instead, so with such a batch it must (1) take the placeholders out o
 row's images to that row's memory. What (1) and (2) need to know is the family's, not the tuner's: which token ids
 the processor writes, how many of them each image stands for, which keywords come beside `pixel_values`, and which
 tower turns the pixels into features. A `VLMFamily` holds exactly that; `family_of(model)` picks it once, when an
-adapter is injected on a VLM base (by `config.model_type`), and the tuner's entry (`tuner/placeholders.py`) asks it,
+adapter is injected on a VLM base (by `config.model_type`), and the tuner's entry (`tuner/entry.py`) asks it,
 never the model's class, so adding a family is adding a subclass here (like peft's LoRA variants).
 
 Token ids are read from the model's config (`image_token_id` / `image_token_index`, `video_token_id`, begin/end of

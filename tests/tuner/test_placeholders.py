@@ -1,4 +1,4 @@
-"""A batch of a VLM's own processor, read by MemVP (`tuner/placeholders.py`): its image placeholders leave the
+"""A batch of a VLM's own processor, read by MemVP (`tuner/entry.py`): its image placeholders leave the
 sequence -- the language model sees exactly the tokens MemVPProcessor builds for the same text -- and its images go
 to each row's memory. Training, evaluation and generate() work with the family's processor; what cannot be matched
 is refused."""
