@@ -46,7 +46,8 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ..hub import is_hub_id
-from ..vision import IN_MEMORY_PREFIX, vlm_modules_outside_language_model
+from ..vision import (FAMILIES, IN_MEMORY_PREFIX, has_own_vision_model, unsupported_vlm_message,
+                      vlm_modules_outside_language_model)
 from .config import MemVPConfig
 from .save_load import CONFIG_NAME, check_adapter_weights
 from .targets import check_ffn_targets, find_layer_stacks
@@ -182,8 +183,25 @@ def matched_targets(tuner: Any, model: nn.Module, config: MemVPConfig) -> list[t
     ]
 
 
+def check_supported_vlm(tuner: Any, model: nn.Module, config: MemVPConfig) -> None:
+    """Refuse a VLM base of no supported family (`vision.families.FAMILIES`) unless a separate encoder reads the
+    adapter's pixels: `config.vision_encoder`, or the encoder already attached for an earlier adapter.
+
+    Without a family MemVP can read neither that VLM's processor's batches nor its tower, so an adapter on it would
+    be accepted and fail (or silently see no image) only when images arrive; refused here, before anything changes,
+    naming the class and the supported families. With a separate encoder the VLM's own image path never runs (its
+    placeholders are refused at the call): the adapter is a language-model adapter fed by that encoder."""
+    if not has_own_vision_model(model) or any(family.covers(model) for family in FAMILIES):
+        return
+    runtime = getattr(tuner, "_memvp_runtime", None)
+    if config.vision_encoder is not None or getattr(runtime, "vision", None) is not None:
+        return
+    raise ValueError(f"MemVP: {unsupported_vlm_message(type(model).__name__)}")
+
+
 def check_before_injection(tuner: Any, model: nn.Module, config: MemVPConfig) -> None:
     """Every check that needs no change to the model, in the order a user would fix them."""
+    check_supported_vlm(tuner, model, config)
     check_vision_encoder_folder(config)
     check_depth(model, config)
     check_layer_selection(model, config)

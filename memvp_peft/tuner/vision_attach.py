@@ -24,7 +24,7 @@ from torch import nn
 
 from ..hub import is_hub_id, resolvable_name
 from ..vision import (VisionEncoder, describe_encoder, family_of, has_own_vision_model, is_vlm, load_vision_encoder,
-                      loaded_commit, unread_tower_message, vlm_vision_tower, weights_digest)
+                      loaded_commit, vlm_vision_tower, weights_digest)
 from ..vision.families import config_token_id
 from .config import MemVPConfig, record_built_field
 from .entry import unwrap_checkpoint_function
@@ -44,8 +44,9 @@ def configured_encoder(model: nn.Module, runtime: MemoryRuntime, config: MemVPCo
     A VLM base, whichever encoder reads the pixels, gets its image placeholder token recorded, and its family
     (`vision.families.family_of`, picked here once) when it has one: a batch of that family's own processor is then
     read with the images taken out of the sequence (`entry.py`); any other VLM's placeholders are refused at
-    the entry. A VLM whose tower MemVP cannot read is recorded by class (for the `pixel_values` refusal), and said
-    once here when no other encoder gives the adapter pixels."""
+    the entry. A VLM of no family reaches here only with a separate encoder (`guards.check_supported_vlm` refused it
+    otherwise); one whose tower MemVP cannot read is recorded by class, for the `pixel_values` refusal should that
+    encoder be missing (a recorded Hub id that cannot be had here)."""
     if has_own_vision_model(model):
         runtime.family = family_of(model)
         runtime.image_token_id = image_token_id(model)
@@ -77,8 +78,6 @@ def configured_encoder(model: nn.Module, runtime: MemoryRuntime, config: MemVPCo
         return tower
     if runtime.vision is not None:
         return runtime.vision.model
-    if runtime.unread_vlm_class is not None:
-        warnings.warn(f"MemVP: {unread_tower_message(runtime.unread_vlm_class)}", stacklevel=2)
     return None
 
 

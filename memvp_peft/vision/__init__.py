@@ -41,6 +41,7 @@ from .families import (
     is_vlm,
     supported_families,
     unread_tower_message,
+    unsupported_vlm_message,
     vlm_modules_outside_language_model,
     vlm_vision_tower,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "supported_families",
     "tensor_digest",
     "unread_tower_message",
+    "unsupported_vlm_message",
     "vlm_modules_outside_language_model",
     "vlm_vision_tower",
     "weights_digest",

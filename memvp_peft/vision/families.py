@@ -47,6 +47,7 @@ __all__ = [
     "is_vlm",
     "supported_families",
     "unread_tower_message",
+    "unsupported_vlm_message",
     "vlm_modules_outside_language_model",
     "vlm_vision_tower",
 ]
@@ -94,6 +95,24 @@ def unread_tower_message(model_class: str) -> str:
         "give it images as pixels, set MemVPConfig(vision_encoder=<a CLIP/SigLIP folder or Hub id>) and build batches "
         "with that encoder's image processor (memvp_peft.MemVPDataCollator / MemVPProcessor), or use a "
         "Llava-layout VLM."
+    )
+
+
+def unsupported_vlm_message(model_class: str) -> str:
+    """Why a VLM base of no supported family is refused at injection, and what to do instead.
+
+    Without a family MemVP knows neither which placeholders that VLM's processor writes nor how its pixels become
+    features, so an adapter on it would only fail once `pixel_values` arrive -- or, worse, train on a batch whose
+    images the memory never sees. A separate encoder (`vision_encoder`) is the one way such a base is taken: the
+    VLM's own image path then never runs (its placeholders are refused at the call), the encoder reads the pixels
+    and `image_features` computed with that same encoder are read as they come."""
+    return (
+        f"the base {model_class} is a VLM of no family MemVP supports (supported families: "
+        f"{supported_families()}), so MemVP cannot read its processor's batches nor its own vision tower. Use a VLM "
+        "of a supported family, or keep this base's language model and give the adapter a separate encoder: "
+        "MemVPConfig(vision_encoder=<a built CLIP/SigLIP vision model, a local folder or a Hub id>), with batches "
+        "from that encoder's image processor (memvp_peft.MemVPProcessor / MemVPDataCollator) or `image_features` "
+        "that encoder computed."
     )
 
 

@@ -89,7 +89,8 @@ def test_sft_on_a_llava_base_trains_memvp_and_leaves_llavas_projector_alone(tmp_
 
 
 def tiny_vipllava(tokenizer):
-    """A Llava-layout VLM of no supported family (VipLlava): MemVP reads its tower, not its processor's batches."""
+    """A Llava-layout VLM of no supported family (VipLlava): refused at injection unless a separate encoder reads the
+    adapter's pixels (tests/tuner/test_unsupported_vlm.py)."""
     from transformers import CLIPVisionConfig, LlamaConfig, VipLlavaConfig, VipLlavaForConditionalGeneration
 
     torch.manual_seed(0)
@@ -101,21 +102,20 @@ def tiny_vipllava(tokenizer):
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layers=[-2, -1]))
 
 
-def test_a_vlm_processor_for_a_base_of_no_supported_family_fails_on_the_first_batch_with_plain_sft_trainer(tmp_path):
-    """TRL's collator expands `<image>` into placeholder tokens, which a VLM of no supported family cannot take out
-    of the sequence: MemVP's guard refuses the batch. (A Llava base with its own processor trains:
+def test_a_base_of_no_supported_family_is_refused_at_construction_with_plain_sft_trainer(tmp_path):
+    """TRL's SFTTrainer builds the adapter (get_peft_model) when it is constructed: a VLM of no supported family is
+    refused there, naming the supported families, before any batch. (A Llava base with its own processor trains:
     test_sft_vlm_processor.py.)"""
     from transformers import LlavaProcessor
 
     save_tiny_llava(tmp_path / "llava")
     processor = LlavaProcessor.from_pretrained(tmp_path / "llava")
-    trainer = SFTTrainer(
-        model=tiny_vipllava(processor.tokenizer), peft_config=memvp_config(), train_dataset=messages_dataset(),
-        processing_class=processor, args=trainer_args(SFTConfig, tmp_path),
-    )
-    with pytest.raises(ValueError, match=r"image placeholder token .*supported families.*"
-                                         r"MemVPProcessor\.from_pretrained"):
-        trainer.train()
+    with pytest.raises(ValueError, match=r"VipLlavaForConditionalGeneration is a VLM of no family MemVP supports "
+                                         r"\(supported families: Llava \(llava\).*vision_encoder="):
+        SFTTrainer(
+            model=tiny_vipllava(processor.tokenizer), peft_config=memvp_config(), train_dataset=messages_dataset(),
+            processing_class=processor, args=trainer_args(SFTConfig, tmp_path),
+        )
 
 
 def test_memvp_sft_trainer_refuses_a_vlm_processor_for_a_base_of_no_supported_family_at_construction(tmp_path):

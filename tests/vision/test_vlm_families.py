@@ -2,8 +2,6 @@
 processor's placeholder tokens (from the config), how many each image stands for (the model's own count), its image
 keywords, and the tower MemVP reads."""
 
-import warnings
-
 import pytest
 import torch
 from llava_family_fixtures import (
@@ -160,10 +158,11 @@ def test_every_family_implements_the_interface_and_is_named_in_the_supported_lis
 
 
 def test_a_vlm_without_a_family_still_refuses_its_processors_placeholders():
-    """Qwen2-VL has no family yet: its placeholders are refused, naming the supported families."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = get_peft_model(tiny_qwen2_vl(), memvp_config(visual_dim=16, num_memory_slots=20))
+    """Qwen2-VL has no family yet (taken only with a separate encoder): its placeholders are refused, naming the
+    supported families."""
+    from test_vision import clip
+
+    model = get_peft_model(tiny_qwen2_vl(), memvp_config(visual_dim=16, num_memory_slots=20, vision_encoder=clip()))
     ids = torch.full((1, 4), 5)
     ids[0, 1] = model.get_base_model().config.image_token_id
     with pytest.raises(ValueError, match=r"supported families \(Llava \(llava\), LLaVA-NeXT"):
