@@ -77,6 +77,19 @@ def test_a_separate_encoder_lets_the_language_model_take_the_adapter_and_its_pix
     assert not torch.allclose(from_features, other)
 
 
+def test_the_vlms_own_tower_named_as_the_encoder_reads_its_pixels(text):
+    """Where the VLM's tower is a CLIP/SigLIP vision model, naming it as `vision_encoder` is the separate encoder."""
+    base = tiny_vipllava()
+    tower = base.model.vision_tower
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    model = get_peft_model(base, memvp_config(num_memory_slots=20, vision_encoder=tower))
+    randomize_memory(model)
+    with torch.no_grad():
+        from_pixels = model.eval()(**text, pixel_values=pixels).logits
+        from_features = model(**text, image_features=manual_features(tower, pixels)).logits
+    torch.testing.assert_close(from_pixels, from_features)
+
+
 def test_with_a_separate_encoder_the_vlms_own_placeholders_are_refused_at_the_call(text):
     model = get_peft_model(tiny_vipllava(), memvp_config(num_memory_slots=20, vision_encoder=clip()))
     ids = text["input_ids"].clone()
