@@ -18,6 +18,10 @@ Which tower MemVP reads, and where: for the Llava-layout families (Llava, LLaVA-
 multi-modal projector, as MemVP reads CLIP's penultimate block. The VLM's projector maps the tower's features into
 the language model's *input* space for the tokens it puts in the sequence; MemVP's own projector maps them into the
 FFN memory, a different space the VLM's projector never learnt, so it stays frozen and never runs.
+Gemma 3 (SigLIP `vision_tower` before its pooling projector) and Idefics3 / SmolVLM (`vision_model` before the
+connector's pixel shuffle) are read the same way; their class docstrings say what that costs in memory slots.
+Markers the config names no id for (Idefics3's crop markers) are found by where they stand
+(`image_marking_tokens`).
 
 The module also keeps the helpers that tell a VLM base from a language model (`has_own_vision_model`), find a
 Llava-layout tower (`vlm_vision_tower`, `is_vlm`: any model with that layout, with or without a family; without one
