@@ -195,3 +195,48 @@ def test_idefics3_crops_padded_inside_are_refused(idefics3, images):
     batch["pixel_attention_mask"][0, 0, :, 16:] = 0
     with pytest.raises(ValueError, match=r"crops are padded inside"):
         model(**batch)
+
+
+# ----------------------------------------------------------------------------------- TRL's SFTTrainer, unchanged
+
+
+def drop_in_trainer(name: str, output_dir):
+    """TRL's documented VLM script with the family's own model and processor, MemVP's config the only change."""
+    from trl import SFTConfig, SFTTrainer
+    from trl_fixtures import messages_dataset, trainer_args
+
+    base, processor = FAMILIES[name](0)
+    trainer = SFTTrainer(model=base, args=trainer_args(SFTConfig, output_dir), train_dataset=messages_dataset(),
+                         processing_class=processor, peft_config=_config(CASES[name][1]))
+    randomize_memory(trainer.model, scale=1.0)
+    return trainer
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_sft_trainers_loss_on_the_processors_batch_is_the_image_conditioned_loss(name, tmp_path):
+    from trl_fixtures import first_batch
+
+    trainer = drop_in_trainer(name, tmp_path)
+    batch = first_batch(trainer)
+    assert (batch["input_ids"] == trainer.model.get_base_model().config.image_token_id).any()
+    flipped = {**batch, "pixel_values": batch["pixel_values"].flip(-2)}
+    with torch.no_grad():
+        trainer_loss = trainer.compute_loss(trainer.model, dict(batch))
+        direct = trainer.model(**batch).loss
+        other = trainer.model(**flipped).loss
+    torch.testing.assert_close(trainer_loss, direct, rtol=1e-5, atol=1e-6)
+    assert abs(float(direct) - float(other)) > 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_sft_trainer_trains_memvp_and_no_image_token_reaches_the_language_model(name, tmp_path):
+    trainer = drop_in_trainer(name, tmp_path)
+    base = trainer.model.get_base_model()
+    token = base.config.image_token_id
+    embedded = []
+    base.get_input_embeddings().register_forward_hook(lambda module, args, output: embedded.append(args[0]))
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "memvp_memory" in k}
+    trainer.train()
+    assert embedded and not any((ids == token).any() for ids in embedded)
+    now = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(now[k], v) for k, v in before.items() if "projector" in k)
