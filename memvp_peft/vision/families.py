@@ -473,7 +473,7 @@ class Gemma3Family(LlavaLayoutFamily):
     FFN memory. The memory thus holds every patch of an image -- (image_size / patch_size)^2 slots, 4096 for the
     896-pixel checkpoints, against the 256 tokens the VLM puts in its sequence: MemVP's memory costs one FFN column per
     slot, not attention over the sequence, so the full patch grid is kept (an adapter that wants fewer reads them
-    through its own pooling/compression settings)."""
+    through `pool_kernel` / `pool_tokens`)."""
 
     name = "Gemma 3"
     model_types = ("gemma3",)

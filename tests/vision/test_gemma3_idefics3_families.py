@@ -240,3 +240,14 @@ def test_sft_trainer_trains_memvp_and_no_image_token_reaches_the_language_model(
     assert embedded and not any((ids == token).any() for ids in embedded)
     now = dict(trainer.model.named_parameters())
     assert any(not torch.equal(now[k], v) for k, v in before.items() if "projector" in k)
+
+
+def test_pooling_shrinks_the_memory_of_idefics3_crops_to_the_slots_it_asks_for(images):
+    """pool_kernel=2 pools each crop's 4 x 4 patches to 2 x 2: five crops need 20 slots, not 80."""
+    base, processor = FAMILIES["idefics3"](0)
+    model = get_peft_model(base, MemVPConfig(**{**_config(5 * 4).to_dict(), "pool_kernel": 2})).eval()
+    batch = chat_batch(processor, images, answers=["one", "two"])
+    assert torch.isfinite(logits(model, batch)).all()
+    unpooled = get_peft_model(FAMILIES["idefics3"](0)[0], _config(5 * 4)).eval()
+    with pytest.raises(ValueError, match=r"got 80 visual tokens per sample \(5 image\(s\) x 16\)"):
+        logits(unpooled, batch)
