@@ -251,3 +251,11 @@ def test_pooling_shrinks_the_memory_of_idefics3_crops_to_the_slots_it_asks_for(i
     unpooled = get_peft_model(FAMILIES["idefics3"](0)[0], _config(5 * 4)).eval()
     with pytest.raises(ValueError, match=r"got 80 visual tokens per sample \(5 image\(s\) x 16\)"):
         logits(unpooled, batch)
+
+
+def test_gemma3_pixel_values_in_another_layout_are_refused(images):
+    model, processor = adapted("gemma3")
+    batch = chat_batch(processor, images, answers=["one", "two"])
+    batch["pixel_values"] = batch["pixel_values"][:, None]
+    with pytest.raises(ValueError, match=r"Gemma 3 processor's `pixel_values` are \(images, channels, height, width\)"):
+        model(**batch)
