@@ -482,7 +482,7 @@ def images_out_of_the_sequence(
     real = _real_positions(input_ids, mask)
     rows = family.images_of_rows(input_ids, real, images)
     visual = family.memvp_visual_inputs(images, rows)
-    keep = real & ~torch.isin(input_ids, torch.tensor(family.sequence_token_ids, device=input_ids.device))
+    keep = real & ~family.image_marking_tokens(input_ids)
     side = padding_side(mask, default_side)
     pad = _pad_value(input_ids, mask, pad_token_id)
     lengths = keep.sum(dim=1)

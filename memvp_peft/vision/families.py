@@ -18,6 +18,10 @@ Which tower MemVP reads, and where: for the Llava-layout families (Llava, LLaVA-
 multi-modal projector, as MemVP reads CLIP's penultimate block. The VLM's projector maps the tower's features into
 the language model's *input* space for the tokens it puts in the sequence; MemVP's own projector maps them into the
 FFN memory, a different space the VLM's projector never learnt, so it stays frozen and never runs.
+Gemma 3 (SigLIP `vision_tower` before its pooling projector) and Idefics3 / SmolVLM (`vision_model` before the
+connector's pixel shuffle) are read the same way; their class docstrings say what that costs in memory slots.
+Markers the config names no id for (Idefics3's crop markers) are found by where they stand
+(`image_marking_tokens`).
 
 The module also keeps the helpers that tell a VLM base from a language model (`has_own_vision_model`), find a
 Llava-layout tower (`vlm_vision_tower`, `is_vlm`: any model with that layout, with or without a family; without one
@@ -35,6 +39,8 @@ from torch import nn
 
 __all__ = [
     "FAMILIES",
+    "Gemma3Family",
+    "Idefics3Family",
     "LlavaFamily",
     "LlavaLayoutFamily",
     "LlavaNextFamily",
@@ -207,6 +213,11 @@ class VLMFamily(abc.ABC):
     def sequence_token_ids(self) -> tuple[int, ...]:
         """Every token id MemVP takes out of the sequence: the image placeholder and the tokens around an image."""
         return (self.image_token_id, *self.boundary_token_ids)
+
+    def image_marking_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Where `input_ids` hold a token that marks an image (True): what MemVP takes out of the sequence with the
+        images. By id (`sequence_token_ids`); a family whose markers have no id in the config finds them otherwise."""
+        return torch.isin(input_ids, torch.tensor(self.sequence_token_ids, device=input_ids.device))
 
     # ----------------------------------------------------------------------------------------- what a subclass says
 
@@ -469,8 +480,150 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         return counts
 
 
+class Gemma3Family(LlavaLayoutFamily):
+    """Gemma 3 (`Gemma3ForConditionalGeneration`): `pixel_values` `(images, C, H, W)` for the whole batch (pan-and-scan
+    crops are images of their own), each written as `<start_of_image>` + `mm_tokens_per_image` image soft tokens +
+    `<end_of_image>`; all three are taken out (the processor's `token_type_ids` follow the text). Its processor's
+    `image_token_id` is the begin-of-image id, so the ids are read from the model's config (`image_token_index`,
+    `boi_token_index`, `eoi_token_index`).
+
+    MemVP reads the SigLIP `vision_tower`'s patches, before the multi-modal projector, as it reads CLIP before
+    Llava's: the projector's average pooling and normed projection learnt the language model's input space, not its
+    FFN memory. The memory thus holds every patch of an image -- (image_size / patch_size)^2 slots, 4096 for the
+    896-pixel checkpoints, against the 256 tokens the VLM puts in its sequence: MemVP's memory costs one FFN column per
+    slot, not attention over the sequence, so the full patch grid is kept (an adapter that wants fewer reads them
+    through `pool_kernel` / `pool_tokens`)."""
+
+    name = "Gemma 3"
+    model_types = ("gemma3",)
+    boundary_token_names = ("boi_token_index", "eoi_token_index")
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.tokens_per_image = int(model.config.mm_tokens_per_image)
+
+    def image_tiles(self, images: ProcessorImages) -> list[torch.Tensor]:
+        pixel_values = images.pixel_values
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                "MemVP: a Gemma 3 processor's `pixel_values` are (images, channels, height, width), one image after "
+                f"the other for the whole batch; got shape {tuple(pixel_values.shape)}."
+            )
+        return list(pixel_values[:, None])
+
+    def image_token_counts(self, images: ProcessorImages) -> list[int]:
+        return [self.tokens_per_image] * len(self.image_tiles(images))
+
+
+class Idefics3Family(LlavaLayoutFamily):
+    """Idefics3 and SmolVLM (`Idefics3ForConditionalGeneration`, `SmolVLMForConditionalGeneration`): the processor
+    splits each image into crops of the tower's size plus a global view and stacks them per row, `pixel_values`
+    `(rows, crops, C, H, W)`, padding crops all zero (`pixel_attention_mask` zero there). Each crop stands for
+    `(image_size / patch_size)^2 / scale_factor^2` image tokens (the connector's pixel shuffle), written as
+    `<fake_token_around_image><row_i_col_j>` + image tokens per crop and `<fake_token_around_image><global-img>` +
+    image tokens + `<fake_token_around_image>` for the global view. MemVP reads every real crop of a row in order
+    (the processor already groups images by row: `images_of_rows`), and takes out the image tokens together with the
+    markers around them: the config names only the image token, so the markers are found by where they stand (the two
+    tokens before each run of image tokens, and the around-image token closing the last run of an image). The
+    newlines the processor writes between crop rows are ordinary text and stay.
+
+    MemVP reads the tower (`model.model.vision_model`) before the connector, as it reads CLIP before Llava's
+    projector: the connector's pixel shuffle folds scale_factor^2 neighbouring patches into one vector of
+    scale_factor^2 times the tower's width only so that its linear map can shorten the *sequence*; MemVP's memory
+    slots cost no attention, and its own projector reads the tower's width. The memory holds every patch of every
+    crop ((image_size / patch_size)^2 per crop). A crop padded inside (a partial `pixel_attention_mask`, from
+    `do_image_splitting=False` with a non-square image) is refused: the tower would read its padding as image."""
+
+    name = "Idefics3"
+    model_types = ("idefics3", "smolvlm")
+    image_keywords = ("pixel_attention_mask",)
+    tiles_images = True
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.tokens_per_crop = (self.tile_size // self.patch_size) ** 2 // int(model.config.scale_factor) ** 2
+
+    def encoder_tower(self, model: nn.Module) -> Optional[nn.Module]:
+        inner = getattr(model, "model", model)
+        tower = getattr(inner, "vision_model", None)
+        return tower if isinstance(tower, nn.Module) else None
+
+    def _crops(self, images: ProcessorImages) -> torch.Tensor:
+        """Which crops of each row are real `(rows, crops)`: those not all zero (the model's own test)."""
+        pixel_values = images.pixel_values
+        if pixel_values.dim() != 5:
+            raise ValueError(
+                f"MemVP: an {self.name} processor's `pixel_values` are (rows, crops, channels, height, width); got "
+                f"shape {tuple(pixel_values.shape)}."
+            )
+        real = (pixel_values != 0).flatten(2).any(dim=2)
+        mask = images.keywords.get("pixel_attention_mask")
+        if mask is not None:
+            mask = torch.as_tensor(mask).bool()
+            if mask.shape != (*pixel_values.shape[:2], *pixel_values.shape[-2:]):
+                raise ValueError(
+                    f"MemVP: `pixel_attention_mask` has shape {tuple(mask.shape)}, but the {self.name} `pixel_values` "
+                    f"{tuple(pixel_values.shape)} need (rows, crops, height, width)."
+                )
+            covered = mask.flatten(2)
+            partial = covered.any(dim=2) & ~covered.all(dim=2)
+            if bool(partial.any()):
+                raise ValueError(
+                    f"MemVP: some {self.name} crops are padded inside (their `pixel_attention_mask` is partly zero): "
+                    "MemVP reads whole crops, and the tower would read the padding as image. Build the batch with "
+                    "do_image_splitting=True (whole crops of the tower's size)."
+                )
+            real = real & covered.any(dim=2)
+        return real
+
+    def image_tiles(self, images: ProcessorImages) -> list[torch.Tensor]:
+        """Every crop of the call, row after row (`images_of_rows` picks the real ones)."""
+        self._crops(images)
+        return list(images.pixel_values.flatten(0, 1)[:, None])
+
+    def image_token_counts(self, images: ProcessorImages) -> list[int]:
+        real = self._crops(images).flatten()
+        return [self.tokens_per_crop if is_real else 0 for is_real in real.tolist()]
+
+    def images_of_rows(self, input_ids: torch.Tensor, real: torch.Tensor, images: ProcessorImages) -> list[list[int]]:
+        crops = self._crops(images)
+        if crops.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"MemVP: the {self.name} processor's `pixel_values` hold the crops of {crops.shape[0]} rows, but "
+                f"`input_ids` has {input_ids.shape[0]} rows: build text and images with the same processor call."
+            )
+        per_row = ((input_ids == self.image_token_id) & real).sum(dim=1).tolist()
+        rows = []
+        for row, tokens in enumerate(per_row):
+            indices = [row * crops.shape[1] + crop for crop in crops[row].nonzero().flatten().tolist()]
+            if tokens != len(indices) * self.tokens_per_crop:
+                raise ValueError(
+                    f"MemVP: row {row} of `input_ids` holds {tokens} image tokens (id {self.image_token_id}), but its "
+                    f"{len(indices)} real crops stand for {len(indices) * self.tokens_per_crop} "
+                    f"({self.tokens_per_crop} each). Build text and images with the same processor call."
+                )
+            rows.append(indices if tokens else [])
+        return rows
+
+    def image_marking_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        image = input_ids == self.image_token_id
+        previous = torch.nn.functional.pad(image[:, :-1], (1, 0), value=False)
+        following = torch.nn.functional.pad(image[:, 1:], (0, 1), value=False)
+        starts, ends = image & ~previous, image & ~following
+        marked = image.clone()
+        before = torch.nn.functional.pad(starts[:, 1:], (0, 1), value=False)  # the crop's row/col or global marker
+        around = torch.nn.functional.pad(starts[:, 2:], (0, 2), value=False)  # the around-image token before it
+        marked |= before | around
+        closing = torch.nn.functional.pad(ends[:, :-1], (1, 0), value=False)
+        around_ids = input_ids[around]
+        if around_ids.numel():
+            marked |= closing & torch.isin(input_ids, around_ids.unique())
+        return marked
+
+
 #: The families whose own processor's batches MemVP reads, in the order `family_of` tries them.
-FAMILIES: tuple[type[VLMFamily], ...] = (LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily)
+FAMILIES: tuple[type[VLMFamily], ...] = (LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, Gemma3Family,
+                                          Idefics3Family)
 
 
 def family_of(model: nn.Module) -> Optional[VLMFamily]:
