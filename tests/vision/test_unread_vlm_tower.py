@@ -1,8 +1,9 @@
-"""A VLM base whose vision tower MemVP cannot read yet (anything but the Llava layout; Qwen2-VL here): the adapter
-goes on its language model and takes `image_features`, said once at injection; its `pixel_values` are refused
-naming the class and what works today; what the VLM's own processor adds (`image_grid_thw`) is refused, never
-dropped; its image placeholder tokens are refused (it has no VLM family whose processor's batches MemVP reads), as
-are any family's placeholders that come without its processor's pixel_values."""
+"""A VLM base whose vision tower MemVP cannot read yet (neither the Llava layout nor a family's: Idefics3 here): the
+adapter goes on its language model and takes `image_features`, said once at injection; its `pixel_values` are
+refused naming the class and what works today; what a VLM's own processor adds (`image_grid_thw`) is refused,
+never dropped; its image placeholder tokens are refused, as are any family's placeholders (Qwen2-VL's, Llava's)
+that come without its processor's pixel_values. A Qwen2-VL base (a family: tests/vision/test_qwen_vl_family.py)
+still takes `image_features`, a separate encoder's pixels, and its own inputs with the adapter disabled."""
 
 import copy
 import warnings
@@ -15,8 +16,16 @@ from peft.tuners.lora import LoraLayer
 from test_vision import clip, manual_features, tiny_llava
 
 IMAGE_TOKEN, VISION_START, VISION_END = 60, 62, 63
-UNREAD = (r"the base Qwen2VLForConditionalGeneration is a VLM whose vision tower MemVP does not read yet.*"
+UNREAD = (r"the base Idefics3ForConditionalGeneration is a VLM whose vision tower MemVP does not read yet.*"
           r"image_features.*vision_encoder=")
+
+
+def tiny_unread_vlm():
+    """Idefics3 (tests/vlm_fixtures.py): its tower `model.vision_model` is neither a Llava `vision_tower` nor a
+    family's."""
+    from vlm_fixtures import idefics3
+
+    return idefics3()[0]
 
 
 def tiny_qwen2_vl(seed=0):
@@ -53,20 +62,20 @@ def text():
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def injected(**fields):
+def injected(make=tiny_qwen2_vl, **fields):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = get_peft_model(tiny_qwen2_vl(), memvp_config(num_memory_slots=20, **fields))
+        model = get_peft_model(make(), memvp_config(num_memory_slots=20, **fields))
     randomize_memory(model)
     return model.eval()
 
 
 def test_injection_says_once_that_the_tower_is_not_read_and_what_works():
     with pytest.warns(UserWarning, match=UNREAD) as caught:
-        model = get_peft_model(tiny_qwen2_vl(), memvp_config(num_memory_slots=20))
+        model = get_peft_model(tiny_unread_vlm(), memvp_config(num_memory_slots=20))
     assert sum("vision tower MemVP does not read" in str(w.message) for w in caught) == 1
     assert sorted(model.peft_config["default"].target_modules) == [
-        "model.language_model.layers.0.mlp", "model.language_model.layers.1.mlp"]
+        "model.text_model.layers.0.mlp", "model.text_model.layers.1.mlp"]
 
 
 def test_image_features_reach_the_memory_of_such_a_vlm(text):
@@ -80,20 +89,24 @@ def test_image_features_reach_the_memory_of_such_a_vlm(text):
 
 @pytest.mark.parametrize("call", ["forward", "generate"])
 def test_pixel_values_of_such_a_vlm_are_refused_naming_the_class_and_the_alternatives(call, text):
-    model = injected()
+    model = injected(tiny_unread_vlm)
     run = model.generate if call == "generate" else model
     with pytest.raises(ValueError, match="`pixel_values` were given, but no vision encoder reads them: " + UNREAD):
         run(**text, pixel_values=torch.randn(2, 3, 32, 32))
 
 
-@pytest.mark.parametrize("inputs", [
-    lambda: qwen2_vl_batch(),
-    lambda: {"input_ids": torch.full((2, 6), 5), "image_features": torch.randn(2, 4, 16),
-             "image_grid_thw": torch.tensor([[1, 4, 4]] * 2)},
-], ids=["the_vlm_processor_batch", "beside_image_features"])
-def test_image_grid_thw_is_refused_not_dropped(inputs):
+def test_image_grid_thw_is_refused_not_dropped():
+    inputs = {"input_ids": torch.full((2, 6), 5), "image_features": torch.randn(2, 4, 16),
+              "image_grid_thw": torch.tensor([[1, 4, 4]] * 2)}
     with pytest.raises(ValueError, match=r"\['image_grid_thw'\] came with the call.*would be dropped"):
-        injected()(**inputs())
+        injected(tiny_unread_vlm)(**inputs)
+
+
+def test_a_qwen2_vl_grid_without_its_placeholders_is_refused_not_dropped():
+    inputs = {"input_ids": torch.full((2, 6), 5), "image_features": torch.randn(2, 4, 16),
+              "image_grid_thw": torch.tensor([[1, 4, 4]] * 2)}
+    with pytest.raises(ValueError, match=r"\['image_grid_thw'\] came without the Qwen-VL processor's image "):
+        injected()(**inputs)
 
 
 def test_a_disabled_adapter_hands_the_vlm_its_own_image_inputs():
@@ -107,10 +120,11 @@ def test_a_disabled_adapter_hands_the_vlm_its_own_image_inputs():
 
 
 @pytest.mark.parametrize("make, fields", [
+    (tiny_unread_vlm, {}),
     (tiny_qwen2_vl, {}),
     (tiny_qwen2_vl, {"vision_encoder": "clip"}),
     (tiny_llava, {"vision_encoder": "clip"}),
-], ids=["qwen2_vl", "qwen2_vl+clip", "llava+clip"])
+], ids=["idefics3", "qwen2_vl", "qwen2_vl+clip", "llava+clip"])
 def test_image_placeholder_tokens_are_refused_whichever_encoder_reads_the_pixels(make, fields, text):
     """The VLM's placeholder token in the text means the VLM's processor built it, for the VLM's own image path,
     which MemVP does not run: the placeholders would be read as words. Refused also when a separate encoder gives
@@ -139,8 +153,9 @@ def test_a_separate_encoder_gives_such_a_vlm_pixels_without_a_warning(text):
     torch.testing.assert_close(from_pixels, from_features)
 
 
-def test_lora_of_the_adapter_stays_out_of_such_a_vlm_tower():
-    """The tower of such a VLM never runs under MemVP: all-linear LoRA covers the language model only."""
+def test_lora_of_the_adapter_stays_out_of_a_qwen2_vl_tower():
+    """The tower of a Qwen2-VL runs frozen, without gradients, under MemVP: all-linear LoRA covers the language
+    model only."""
     lora = LoraConfig(r=2, lora_alpha=4, target_modules="all-linear")
     inner = injected(lora_config=lora).get_base_model().model
     lora_modules = [name for name, m in inner.named_modules() if isinstance(m, LoraLayer)]
