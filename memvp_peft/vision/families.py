@@ -13,7 +13,8 @@ never the model's class, so adding a family is adding a subclass here (like peft
 Token ids are read from the model's config (`image_token_id` / `image_token_index`, `video_token_id`, begin/end of
 image where the family has them), never hard-coded: checkpoints of one family disagree on them.
 
-Which tower MemVP reads, and where: for the Llava-layout families (Llava, LLaVA-NeXT, LLaVA-OneVision) the VLM's own
+Which tower MemVP reads, and where (Qwen-VL, whose tower needs each image's grid and ends in a patch merger, says its
+own in `QwenVLFamily`): for the Llava-layout families (Llava, LLaVA-NeXT, LLaVA-OneVision) the VLM's own
 `vision_tower`, through `VisionEncoder`, at the hidden state the adapter's config selects -- *before* the VLM's
 multi-modal projector, as MemVP reads CLIP's penultimate block. The VLM's projector maps the tower's features into
 the language model's *input* space for the tokens it puts in the sequence; MemVP's own projector maps them into the

@@ -219,3 +219,9 @@ def test_pixel_values_without_their_grid_are_refused(family, images):
     del inputs["image_grid_thw"]
     with pytest.raises(ValueError, match="`image_grid_thw` are needed"):
         model(**inputs)
+
+
+def test_vision_adapters_are_refused_naming_the_family():
+    """MemVP's bottlenecks go into a VisionEncoder's blocks; the Qwen tower is run by its family."""
+    with pytest.raises(ValueError, match="the Qwen-VL base's own tower is run by its family"):
+        get_peft_model(qwen2_vl()[0], memvp_config(vision_adapter_dim=4))
