@@ -21,7 +21,7 @@ from llava_family_fixtures import (
     vlm_tokenizer,
 )
 from peft import get_peft_model
-from test_unread_vlm_tower import tiny_qwen2_vl
+from test_unread_vlm_tower import tiny_qwen2_vl, tiny_unread_vlm
 
 from memvp_peft.demo_models import tiny_llama
 from memvp_peft.vision import FAMILIES, family_of, supported_families
@@ -30,6 +30,7 @@ from memvp_peft.vision.families import (
     LlavaNextFamily,
     LlavaOnevisionFamily,
     ProcessorImages,
+    QwenVLFamily,
     VLMFamily,
 )
 
@@ -41,14 +42,15 @@ def tokenizer():
 
 @pytest.mark.parametrize("build, family", [
     (tiny_llava, LlavaFamily), (tiny_llava_next, LlavaNextFamily), (tiny_llava_onevision, LlavaOnevisionFamily),
-], ids=["llava", "llava_next", "llava_onevision"])
+    (lambda tokenizer: tiny_qwen2_vl(), QwenVLFamily),
+], ids=["llava", "llava_next", "llava_onevision", "qwen2_vl"])
 def test_each_supported_model_type_gets_its_familys_object(tokenizer, build, family):
     assert type(family_of(build(tokenizer))) is family
 
 
 def test_a_language_model_and_a_vlm_without_a_family_get_none(tokenizer):
     assert family_of(tiny_llama(tokenizer, hidden_size=32)) is None
-    assert family_of(tiny_qwen2_vl()) is None
+    assert family_of(tiny_unread_vlm()) is None
 
 
 def test_the_family_is_picked_once_at_injection_and_kept_by_the_runtime(tokenizer):
@@ -156,14 +158,15 @@ def test_llava_next_needs_its_image_sizes(tokenizer):
 
 def test_every_family_implements_the_interface_and_is_named_in_the_supported_list():
     assert all(issubclass(family, VLMFamily) and not family.__abstractmethods__ for family in FAMILIES)
-    assert supported_families() == ("Llava (llava), LLaVA-NeXT (llava_next), LLaVA-OneVision (llava_onevision)")
+    assert supported_families() == ("Llava (llava), LLaVA-NeXT (llava_next), LLaVA-OneVision (llava_onevision), "
+                                    "Qwen-VL (qwen2_vl, qwen2_5_vl, qwen3_vl)")
 
 
 def test_a_vlm_without_a_family_still_refuses_its_processors_placeholders():
-    """Qwen2-VL has no family yet: its placeholders are refused, naming the supported families."""
+    """Idefics3 has no family yet: its placeholders are refused, naming the supported families."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = get_peft_model(tiny_qwen2_vl(), memvp_config(visual_dim=16, num_memory_slots=20))
+        model = get_peft_model(tiny_unread_vlm(), memvp_config(visual_dim=16, num_memory_slots=20))
     ids = torch.full((1, 4), 5)
     ids[0, 1] = model.get_base_model().config.image_token_id
     with pytest.raises(ValueError, match=r"supported families \(Llava \(llava\), LLaVA-NeXT"):
