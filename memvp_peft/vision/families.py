@@ -88,14 +88,16 @@ def has_own_vision_model(model: Any) -> bool:
 
 
 def unread_tower_message(model_class: str) -> str:
-    """What a VLM base whose tower MemVP cannot read (not the Llava layout: Qwen2-VL and kin) gives and takes."""
+    """What a VLM base whose tower MemVP cannot read (neither the Llava layout nor a family's: Idefics3 and kin) gives
+    and takes."""
     return (
         f"the base {model_class} is a VLM whose vision tower MemVP does not read yet (it reads the tower of "
-        "Llava-layout VLMs, a `vision_tower` beside the language model): the adapter goes on its language model and "
+        "Llava-layout VLMs, a `vision_tower` beside the language model, and those of the families "
+        f"{supported_families()}): the adapter goes on its language model and "
         "takes `image_features` (batch, tokens, visual_dim) computed elsewhere, but not this VLM's `pixel_values`. To "
         "give it images as pixels, set MemVPConfig(vision_encoder=<a CLIP/SigLIP folder or Hub id>) and build batches "
         "with that encoder's image processor (memvp_peft.MemVPDataCollator / MemVPProcessor), or use a "
-        "Llava-layout VLM."
+        "VLM of a supported family."
     )
 
 
@@ -211,8 +213,9 @@ class VLMFamily(abc.ABC):
         """The call's images as MemVP's visual inputs, row by row: `rows[b]` lists the indices of row b's images
         (`images_of_rows`). Returns the keywords `MemoryRuntime.build` takes: `pixel_values` `(B, I, C, H, W)` with
         an `image_mask` `(B, I)` (the Llava layout: the attached `VisionEncoder` reads them), or `image_features`
-        `(B, T, D)` with an `image_mask` for a family that encodes itself (`encoder_tower` None). Rows with fewer
-        images are padded with masked-out entries; a row without an image has an all-False mask (it reads p_k/p_v)."""
+        `(B, T, D)` with an `image_mask` -- or in the variable form, one list of `(tokens, visual_dim)` tensors per
+        row -- for a family that encodes itself (`encoder_tower` None). Rows with fewer images are padded with
+        masked-out entries; a row without an image has an all-False mask or an empty list (it reads p_k/p_v)."""
 
     # --------------------------------------------------------------------------------------------- the same for all
 
