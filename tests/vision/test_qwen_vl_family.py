@@ -225,3 +225,11 @@ def test_vision_adapters_are_refused_naming_the_family():
     """MemVP's bottlenecks go into a VisionEncoder's blocks; the Qwen tower is run by its family."""
     with pytest.raises(ValueError, match="the Qwen-VL base's own tower is run by its family"):
         get_peft_model(qwen2_vl()[0], memvp_config(vision_adapter_dim=4))
+
+
+def test_memvps_own_tiling_is_refused_with_the_processors_images(family, images):
+    """Each image is read at its own size; tiling it again into MemVP's image_grid would misread it."""
+    _, build, processor = family
+    model = adapted(build, image_grid=[2, 2])
+    with pytest.raises(ValueError, match="image_grid=None"):
+        model(**batch(processor, [[images[0]]]))
