@@ -224,7 +224,7 @@ def call_with_memory(
     pinned: Optional[CallMemory] = kwargs.pop(CALL_KWARG, None)
     if not runtime.enabled:
         return forward(*args, **_disabled_kwargs(runtime, pixels, mask, kwargs))
-    reject_vlm_image_path_inputs(kwargs)
+    reject_vlm_image_path_inputs(kwargs, family_keywords(runtime.family))
     has_visual = features is not None or mask is not None or pixels is not None
     if has_visual:
         _reject_packed_rows(kwargs)
@@ -267,7 +267,7 @@ def generate_with_memory(
     pinned: Optional[CallMemory] = kwargs.pop(CALL_KWARG, None)
     if not runtime.enabled:
         return generate(*args, **_disabled_kwargs(runtime, pixels, mask, kwargs))
-    reject_vlm_image_path_inputs(kwargs)
+    reject_vlm_image_path_inputs(kwargs, family_keywords(runtime.family))
     if pinned is None:  # the prompt loses its placeholders here, once; the decode steps are text
         args, kwargs, (features, mask, pixels) = _read_vlm_processor_batch(
             runtime, args, kwargs, (features, mask, pixels), owner, "left")
@@ -443,14 +443,20 @@ def unwrap_checkpoint_function(module: nn.Module) -> None:
 #: Per-token inputs that follow `input_ids` (padding value for the positions the re-padding adds).
 PER_TOKEN_INPUTS = {"attention_mask": 0, "labels": -100, "token_type_ids": 0, "mm_token_type_ids": 0}
 #: Inputs that count the placeholders' positions: dropped, so the model computes them for the text alone (M-RoPE
-#: models' `rope_deltas` included).
-POSITION_INPUTS = ("position_ids", "cache_position", "rope_deltas")
+#: models' `rope_deltas` and `mm_token_type_ids`, which mark the tokens whose positions follow an image grid).
+POSITION_INPUTS = ("position_ids", "cache_position", "rope_deltas", "mm_token_type_ids")
 
 
 def input_ids_of(args: tuple, kwargs: dict[str, Any]) -> Optional[torch.Tensor]:
     """The call's `input_ids` (keyword or first positional), or None."""
     value = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
     return value if isinstance(value, torch.Tensor) else None
+
+
+def family_keywords(family: Optional[VLMFamily]) -> tuple[str, ...]:
+    """The image keywords a family base's processor adds that the family itself reads or refuses (with its own
+    message), so the general refusal of a VLM's image-path inputs leaves them to it."""
+    return () if family is None else (*family.image_keywords, *family.refused_keywords)
 
 
 def has_placeholders(family: VLMFamily, input_ids: torch.Tensor) -> bool:

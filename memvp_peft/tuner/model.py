@@ -200,6 +200,15 @@ class MemVPModel(BaseTuner):
         if encoder is not None:
             vision = checked_vision(self._memvp_runtime, encoder, [config])
             replaced = switch_vision(self._memvp_runtime, vision, [config], detach_replaced=False)
+        family = self._memvp_runtime.family
+        if (config.vision_adapter_dim and not config.vision_num_layers and family is not None
+                and family.encoder_tower(self.model) is None):
+            raise ValueError(
+                f"MemVP: vision_adapter_dim > 0 places MemVP's bottleneck adapters in a vision encoder's blocks, but "
+                f"the {family.name} base's own tower is run by its family (with the images' grid, through the VLM's "
+                "get_image_features), not as a VisionEncoder: they cannot go into it. Use vision_adapter_dim=0 with "
+                "this VLM's processor, or pass `vision_encoder=` a CLIP/SigLIP model to read pixels with instead."
+            )
         if config.vision_adapter_dim and not config.vision_num_layers:
             raise ValueError(
                 "MemVP: vision_adapter_dim > 0 needs a vision encoder at injection time (to size one adapter per "

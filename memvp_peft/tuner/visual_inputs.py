@@ -81,10 +81,12 @@ VISUAL_INPUT_NAMES = ("image_features", "image_mask", "pixel_values")
 VLM_IMAGE_PATH_INPUT_NAMES = ("image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
-def reject_vlm_image_path_inputs(kwargs: dict[str, Any]) -> None:
+def reject_vlm_image_path_inputs(kwargs: dict[str, Any], read_by_family: Sequence[str] = ()) -> None:
     """Refuse a call that brings inputs of a VLM's own image path: MemVP would hand them to the language model,
-    which drops them (and with them the images they describe) -- a batch built by a VLM's own processor."""
-    given = [name for name in VLM_IMAGE_PATH_INPUT_NAMES if kwargs.get(name) is not None]
+    which drops them (and with them the images they describe) -- a batch built by a VLM's own processor. Those in
+    `read_by_family` are left to the base's VLM family (`vision.families`), which reads or refuses them."""
+    given = [name for name in VLM_IMAGE_PATH_INPUT_NAMES
+             if kwargs.get(name) is not None and name not in read_by_family]
     if given:
         raise ValueError(
             f"MemVP: {given} came with the call: inputs of a VLM's own image path (a Qwen2-VL-style processor lays "

@@ -13,7 +13,8 @@ never the model's class, so adding a family is adding a subclass here (like peft
 Token ids are read from the model's config (`image_token_id` / `image_token_index`, `video_token_id`, begin/end of
 image where the family has them), never hard-coded: checkpoints of one family disagree on them.
 
-Which tower MemVP reads, and where: for the Llava-layout families (Llava, LLaVA-NeXT, LLaVA-OneVision) the VLM's own
+Which tower MemVP reads, and where (Qwen-VL, whose tower needs each image's grid and ends in a patch merger, says its
+own in `QwenVLFamily`): for the Llava-layout families (Llava, LLaVA-NeXT, LLaVA-OneVision) the VLM's own
 `vision_tower`, through `VisionEncoder`, at the hidden state the adapter's config selects -- *before* the VLM's
 multi-modal projector, as MemVP reads CLIP's penultimate block. The VLM's projector maps the tower's features into
 the language model's *input* space for the tokens it puts in the sequence; MemVP's own projector maps them into the
@@ -46,6 +47,7 @@ __all__ = [
     "LlavaNextFamily",
     "LlavaOnevisionFamily",
     "ProcessorImages",
+    "QwenVLFamily",
     "VLMFamily",
     "config_token_id",
     "family_of",
@@ -93,14 +95,16 @@ def has_own_vision_model(model: Any) -> bool:
 
 
 def unread_tower_message(model_class: str) -> str:
-    """What a VLM base whose tower MemVP cannot read (not the Llava layout: Qwen2-VL and kin) gives and takes."""
+    """What a VLM base whose tower MemVP cannot read (neither the Llava layout nor a family's: Idefics3 and kin) gives
+    and takes."""
     return (
         f"the base {model_class} is a VLM whose vision tower MemVP does not read yet (it reads the tower of "
-        "Llava-layout VLMs, a `vision_tower` beside the language model): the adapter goes on its language model and "
+        "Llava-layout VLMs, a `vision_tower` beside the language model, and those of the families "
+        f"{supported_families()}): the adapter goes on its language model and "
         "takes `image_features` (batch, tokens, visual_dim) computed elsewhere, but not this VLM's `pixel_values`. To "
         "give it images as pixels, set MemVPConfig(vision_encoder=<a CLIP/SigLIP folder or Hub id>) and build batches "
         "with that encoder's image processor (memvp_peft.MemVPDataCollator / MemVPProcessor), or use a "
-        "Llava-layout VLM."
+        "VLM of a supported family."
     )
 
 
@@ -239,8 +243,9 @@ class VLMFamily(abc.ABC):
         """The call's images as MemVP's visual inputs, row by row: `rows[b]` lists the indices of row b's images
         (`images_of_rows`). Returns the keywords `MemoryRuntime.build` takes: `pixel_values` `(B, I, C, H, W)` with
         an `image_mask` `(B, I)` (the Llava layout: the attached `VisionEncoder` reads them), or `image_features`
-        `(B, T, D)` with an `image_mask` for a family that encodes itself (`encoder_tower` None). Rows with fewer
-        images are padded with masked-out entries; a row without an image has an all-False mask (it reads p_k/p_v)."""
+        `(B, T, D)` with an `image_mask` -- or in the variable form, one list of `(tokens, visual_dim)` tensors per
+        row -- for a family that encodes itself (`encoder_tower` None). Rows with fewer images are padded with
+        masked-out entries; a row without an image has an all-False mask or an empty list (it reads p_k/p_v)."""
 
     # --------------------------------------------------------------------------------------------- the same for all
 
@@ -621,9 +626,87 @@ class Idefics3Family(LlavaLayoutFamily):
         return marked
 
 
+class QwenVLFamily(VLMFamily):
+    """Qwen2-VL, Qwen2.5-VL and Qwen3-VL (`Qwen2VLForConditionalGeneration` and kin): dynamic resolution. The
+    processor gives `pixel_values` as the flattened patches of every image of the batch, one after the other, with
+    each image's patch grid in `image_grid_thw` `(images, 3)`; an image stands for `t * h * w / merge**2`
+    placeholders between `<|vision_start|>` and `<|vision_end|>` (both taken out with them). Its videos
+    (`pixel_values_videos`, `video_grid_thw`, the video token) are refused.
+
+    Where MemVP reads: the output of the VLM's own tower `model.model.visual`, run frozen (without gradients) with
+    the images' `grid_thw` -- *after* its patch merger, in the language model's width, the tokens the VLM's
+    placeholders carry. MemVP reads CLIP before the Llava projector because that projector only maps features into
+    the LM's input space; Qwen's merger is more than that: it is where the tower's 2 x 2 neighbouring patches become
+    one token. Reading before it would give the memory 4x the slots (a 448 x 448 image: 1024 patches instead of 256,
+    the dominant cost of a memory read and a limit `num_memory_slots` must cover) in the tower's raw width, in the
+    tower's window order, features the VLM itself never hands on. After it, each image holds as many slots as it has
+    placeholders (`visual_dim` = the text width, e.g. 3584 for Qwen2-VL-7B), and MemVP's own projector maps them
+    into the FFN memory. Qwen3-VL's DeepStack features (added to the first text layers' hidden states) are not read:
+    they belong to the sequence the placeholders are taken out of.
+
+    Every image gives its own number of tokens, so a row's images go to the memory in the variable form (one
+    `(tokens, visual_dim)` tensor per image, in order; a row holding more than `num_memory_slots` tokens is refused,
+    see `check_memory_slots`). The tower is the VLM's, not a `VisionEncoder`, so MemVP's vision adapters (bottlenecks
+    in the encoder's blocks) cannot be placed in it.
+
+    The text positions: M-RoPE positions count the image's grid; without its placeholders the language model must
+    see a text-only prompt's positions, which it computes itself when no position inputs and no `image_grid_thw`
+    reach it (the entry drops `position_ids`, `rope_deltas` and `mm_token_type_ids`). The `rope_deltas` the model
+    caches on its inner model from an earlier call with images are cleared here, so none of them shifts this call's
+    positions.
+    """
+
+    name = "Qwen-VL"
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    image_keywords = ("image_grid_thw",)
+    refused_keywords = ("pixel_values_videos", "video_grid_thw")
+    refused_because = ("the Qwen-VL processor's video inputs, which MemVP does not read (its memory holds the call's "
+                       "images). Build the batch from images only.")
+    tiles_images = True  # dynamic resolution: each image at its own size, never MemVP's image_grid tiles
+    boundary_token_names = ("vision_start_token_id", "vision_end_token_id")
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        inner = getattr(model, "model", None)
+        if not isinstance(getattr(inner, "visual", None), nn.Module) or not hasattr(inner, "get_image_features"):
+            raise ValueError(f"MemVP: the {self.name} base {type(model).__name__} has no `model.visual` tower with "
+                             "`model.get_image_features`: its processor's images cannot be read.")
+        self.inner = inner
+        self.merge = int(model.config.vision_config.spatial_merge_size)
+
+    def encoder_tower(self, model: nn.Module) -> Optional[nn.Module]:
+        return None  # the tower needs `grid_thw`: `memvp_visual_inputs` runs it
+
+    def _grid(self, images: ProcessorImages) -> torch.Tensor:
+        grid = images.keywords.get("image_grid_thw")
+        if grid is None:
+            raise ValueError(f"MemVP: the {self.name} processor's `image_grid_thw` are needed with its `pixel_values` "
+                             "(flattened patches: the grid says which belong to which image); the call has none.")
+        grid = torch.as_tensor(grid)
+        pixel_values = images.pixel_values
+        layout = grid.dim() == 2 and grid.shape[1] == 3 and pixel_values.dim() == 2
+        if not layout or int(grid.prod(-1).sum()) != pixel_values.shape[0]:
+            raise ValueError(
+                f"MemVP: the {self.name} processor gives `pixel_values` (patches, patch_dim) with `image_grid_thw` "
+                f"(images, 3) whose grids add up to the patches; got shapes {tuple(pixel_values.shape)} and "
+                f"{tuple(grid.shape)}."
+            )
+        return grid
+
+    def image_token_counts(self, images: ProcessorImages) -> list[int]:
+        return (self._grid(images).prod(-1) // self.merge**2).tolist()
+
+    def memvp_visual_inputs(self, images: ProcessorImages, rows: list[list[int]]) -> dict[str, Any]:
+        grid = self._grid(images).to(images.pixel_values.device)
+        self.inner.rope_deltas = None  # positions of an earlier call's images must not shift this text-only call's
+        with torch.no_grad():  # the VLM's tower and merger stay frozen: MemVP trains only its own modules
+            features = list(self.inner.get_image_features(images.pixel_values, grid).pooler_output)
+        return {"image_features": [[features[i] for i in indices] for indices in rows]}
+
+
 #: The families whose own processor's batches MemVP reads, in the order `family_of` tries them.
 FAMILIES: tuple[type[VLMFamily], ...] = (LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, Gemma3Family,
-                                          Idefics3Family)
+                                          Idefics3Family, QwenVLFamily)
 
 
 def family_of(model: nn.Module) -> Optional[VLMFamily]:

@@ -92,8 +92,8 @@ CASES = {
     "llava+lora": (tiny_llava, lambda: memvp_config(num_memory_slots=16, lora_config=lora(["q_proj", "v_proj"])),
                    pixels),
     "llava+lora+all-linear": (tiny_llava, lambda: memvp_config(num_memory_slots=16, lora_config=lora()), pixels),
-    # a VLM whose tower MemVP does not read, taken with a separate encoder: LoRA on its language model only
-    "qwen2_vl+clip+lora+all-linear": (tiny_qwen2_vl, lambda: with_encoder(clip(), lora_config=lora()), features),
+    # a Qwen2-VL base given image_features: LoRA on its language model only (its tower runs frozen, without gradients)
+    "qwen2_vl+lora+all-linear": (tiny_qwen2_vl, lambda: memvp_config(lora_config=lora()), features),
     "llava+vision_adapters+lora": (
         tiny_llava, lambda: memvp_config(num_memory_slots=16, vision_adapter_dim=4, lora_config=lora(["q_proj"])),
         pixels,

@@ -18,6 +18,14 @@ from test_vision import clip, manual_features, tiny_llava
 IMAGE_TOKEN, VISION_START, VISION_END = 60, 62, 63
 
 
+def tiny_unread_vlm():
+    """VipLlava (tests/tuner/test_unsupported_vlm.py): a Llava-like layout whose multi-layer tower features no family
+    reads."""
+    from test_unsupported_vlm import tiny_vipllava
+
+    return tiny_vipllava()
+
+
 def tiny_qwen2_vl(seed=0):
     """Qwen2-VL from a config: 2 language layers of width 32; a 1-block tower reading 8x8 images as 2x2 patches."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -69,14 +77,22 @@ def test_image_features_reach_the_memory_of_such_a_vlm(text):
     assert not torch.allclose(with_image, other_image)
 
 
-@pytest.mark.parametrize("inputs", [
-    lambda: qwen2_vl_batch(),
-    lambda: {"input_ids": torch.full((2, 6), 5), "image_features": torch.randn(2, 4, 16),
-             "image_grid_thw": torch.tensor([[1, 4, 4]] * 2)},
-], ids=["the_vlm_processor_batch", "beside_image_features"])
-def test_image_grid_thw_is_refused_not_dropped(inputs):
+def test_image_grid_thw_on_a_vlm_of_no_family_is_refused_not_dropped():
+    """VipLlava (no family, taken with a separate CLIP) given a Qwen-style grid beside its features: refused."""
+    from test_unsupported_vlm import tiny_vipllava
+
+    model = get_peft_model(tiny_vipllava(), memvp_config(num_memory_slots=20, vision_encoder=clip()))
+    inputs = {"input_ids": torch.full((2, 6), 5), "image_features": torch.randn(2, 4, 16),
+              "image_grid_thw": torch.tensor([[1, 4, 4]] * 2)}
     with pytest.raises(ValueError, match=r"\['image_grid_thw'\] came with the call.*would be dropped"):
-        injected()(**inputs())
+        model(**inputs)
+
+
+def test_a_qwen2_vl_grid_without_its_placeholders_is_refused_not_dropped():
+    inputs = {"input_ids": torch.full((2, 6), 5), "image_features": torch.randn(2, 4, 16),
+              "image_grid_thw": torch.tensor([[1, 4, 4]] * 2)}
+    with pytest.raises(ValueError, match=r"\['image_grid_thw'\] came without the Qwen-VL processor's image "):
+        injected()(**inputs)
 
 
 def test_a_disabled_adapter_hands_the_vlm_its_own_image_inputs():
@@ -121,8 +137,9 @@ def test_a_separate_encoder_gives_such_a_vlm_pixels_without_a_warning(text):
     torch.testing.assert_close(from_pixels, from_features)
 
 
-def test_lora_of_the_adapter_stays_out_of_such_a_vlm_tower():
-    """The tower of such a VLM never runs under MemVP: all-linear LoRA covers the language model only."""
+def test_lora_of_the_adapter_stays_out_of_a_qwen2_vl_tower():
+    """The tower of a Qwen2-VL runs frozen, without gradients, under MemVP: all-linear LoRA covers the language
+    model only."""
     lora = LoraConfig(r=2, lora_alpha=4, target_modules="all-linear")
     inner = injected(lora_config=lora).get_base_model().model
     lora_modules = [name for name, m in inner.named_modules() if isinstance(m, LoraLayer)]

@@ -19,7 +19,7 @@ from llava_family_fixtures import (
     vlm_tokenizer,
 )
 from peft import get_peft_model
-from test_unread_vlm_tower import tiny_qwen2_vl
+from test_unread_vlm_tower import tiny_qwen2_vl, tiny_unread_vlm
 
 from memvp_peft.demo_models import tiny_llama
 from memvp_peft.vision import FAMILIES, family_of, supported_families
@@ -28,6 +28,7 @@ from memvp_peft.vision.families import (
     LlavaNextFamily,
     LlavaOnevisionFamily,
     ProcessorImages,
+    QwenVLFamily,
     VLMFamily,
 )
 
@@ -39,14 +40,15 @@ def tokenizer():
 
 @pytest.mark.parametrize("build, family", [
     (tiny_llava, LlavaFamily), (tiny_llava_next, LlavaNextFamily), (tiny_llava_onevision, LlavaOnevisionFamily),
-], ids=["llava", "llava_next", "llava_onevision"])
+    (lambda tokenizer: tiny_qwen2_vl(), QwenVLFamily),
+], ids=["llava", "llava_next", "llava_onevision", "qwen2_vl"])
 def test_each_supported_model_type_gets_its_familys_object(tokenizer, build, family):
     assert type(family_of(build(tokenizer))) is family
 
 
 def test_a_language_model_and_a_vlm_without_a_family_get_none(tokenizer):
     assert family_of(tiny_llama(tokenizer, hidden_size=32)) is None
-    assert family_of(tiny_qwen2_vl()) is None
+    assert family_of(tiny_unread_vlm()) is None
 
 
 def test_the_family_is_picked_once_at_injection_and_kept_by_the_runtime(tokenizer):
@@ -155,15 +157,16 @@ def test_llava_next_needs_its_image_sizes(tokenizer):
 def test_every_family_implements_the_interface_and_is_named_in_the_supported_list():
     assert all(issubclass(family, VLMFamily) and not family.__abstractmethods__ for family in FAMILIES)
     assert supported_families() == ("Llava (llava), LLaVA-NeXT (llava_next), LLaVA-OneVision (llava_onevision), "
-                                    "Gemma 3 (gemma3), Idefics3 (idefics3, smolvlm)")
+                                    "Gemma 3 (gemma3), Idefics3 (idefics3, smolvlm), Qwen-VL (qwen2_vl, qwen2_5_vl, qwen3_vl)")
 
 
 def test_a_vlm_without_a_family_still_refuses_its_processors_placeholders():
-    """Qwen2-VL has no family yet (taken only with a separate encoder): its placeholders are refused, naming the
+    """VipLlava has no family (taken only with a separate encoder): its placeholders are refused, naming the
     supported families."""
+    from test_unsupported_vlm import tiny_vipllava
     from test_vision import clip
 
-    model = get_peft_model(tiny_qwen2_vl(), memvp_config(visual_dim=16, num_memory_slots=20, vision_encoder=clip()))
+    model = get_peft_model(tiny_vipllava(), memvp_config(visual_dim=16, num_memory_slots=20, vision_encoder=clip()))
     ids = torch.full((1, 4), 5)
     ids[0, 1] = model.get_base_model().config.image_token_id
     with pytest.raises(ValueError, match=r"supported families \(Llava \(llava\), LLaVA-NeXT"):
