@@ -123,10 +123,10 @@ def _pad_token_id(owner: nn.Module) -> Optional[int]:
 def _read_vlm_processor_batch(
     runtime: MemoryRuntime, args: tuple, kwargs: dict, visual: tuple, owner: nn.Module, default_side: str
 ) -> tuple[tuple, dict, tuple]:
-    """The call as MemVP reads it (the last section of this module): a batch of the family's own processor -- its `pixel_values`
-    without an `image_mask`, and its placeholders in `input_ids` -- with the images out of the sequence and in
-    `visual` (`(image_features, image_mask, pixel_values)`); any other call as it is, once its placeholders and image
-    keywords are checked. Finding placeholders reads `input_ids`' values: on an accelerator, one sync per call of a
+    """The call as MemVP reads it (the last section of this module): a batch of the family's own processor -- its
+    `pixel_values` without an `image_mask`, and its placeholders in `input_ids` -- with the images out of the sequence
+    and in `visual` (`(image_features, image_mask, pixel_values)`); any other call as it is, once its placeholders
+    and image keywords are checked. Finding placeholders reads `input_ids`' values: on an accelerator, one sync per call of a
     family base with `pixel_values` and no `image_mask` (the sequence's new length depends on them anyway)."""
     features, mask, pixels = visual
     family = runtime.family

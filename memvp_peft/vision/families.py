@@ -332,6 +332,17 @@ class LlavaLayoutFamily(VLMFamily):
         """Each image's tiles as the tower reads them, `(tiles, C, H, W)`, in the processor's order (padding tiles
         the processor added to stack the batch left out)."""
 
+    def whole_images(self, images: ProcessorImages) -> list[torch.Tensor]:
+        """`image_tiles` of a processor that hands each image whole, `(images, C, H, W)` for the whole batch: one
+        tile per image."""
+        pixel_values = images.pixel_values
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"MemVP: a {self.name} processor's `pixel_values` are (images, channels, height, width), one image "
+                f"after the other for the whole batch; got shape {tuple(pixel_values.shape)}."
+            )
+        return list(pixel_values[:, None])
+
     def memvp_visual_inputs(self, images: ProcessorImages, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         tiles = self.image_tiles(images)
         per_row = [torch.cat([tiles[i] for i in indices]) if indices else None for indices in rows]
@@ -359,13 +370,7 @@ class LlavaFamily(LlavaLayoutFamily):
                        "Llava's images as whole images of one size. Build the batch without them.")
 
     def image_tiles(self, images: ProcessorImages) -> list[torch.Tensor]:
-        pixel_values = images.pixel_values
-        if pixel_values.dim() != 4:
-            raise ValueError(
-                "MemVP: a Llava processor's `pixel_values` are (images, channels, height, width), one image after the "
-                f"other for the whole batch; got shape {tuple(pixel_values.shape)}."
-            )
-        return list(pixel_values[:, None])
+        return self.whole_images(images)
 
     def image_token_counts(self, images: ProcessorImages) -> list[int]:
         self.image_tiles(images)  # the layout checked first
@@ -508,13 +513,7 @@ class Gemma3Family(LlavaLayoutFamily):
         self.tokens_per_image = int(model.config.mm_tokens_per_image)
 
     def image_tiles(self, images: ProcessorImages) -> list[torch.Tensor]:
-        pixel_values = images.pixel_values
-        if pixel_values.dim() != 4:
-            raise ValueError(
-                "MemVP: a Gemma 3 processor's `pixel_values` are (images, channels, height, width), one image after "
-                f"the other for the whole batch; got shape {tuple(pixel_values.shape)}."
-            )
-        return list(pixel_values[:, None])
+        return self.whole_images(images)
 
     def image_token_counts(self, images: ProcessorImages) -> list[int]:
         return [self.tokens_per_image] * len(self.image_tiles(images))
