@@ -12,7 +12,7 @@ from process_launch import free_port, launcher_env
 pytestmark = pytest.mark.slow
 
 PROBE = """
-import json, sys
+import json, pathlib, sys
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -32,7 +32,8 @@ try:
 except NonFiniteTrainingError as error:
     result = str(error)
 dist.barrier()
-print(f"RANK{rank} " + json.dumps(result), flush=True)
+# one file per rank: two ranks printing to one pipe at once can interleave their lines
+pathlib.Path(sys.argv[2], f"rank{rank}.json").write_text(json.dumps(result))
 dist.destroy_process_group()
 """
 
@@ -40,10 +41,10 @@ dist.destroy_process_group()
 def test_every_rank_stops_when_one_ranks_weights_are_not_finite(tmp_path):
     (tmp_path / "probe.py").write_text(textwrap.dedent(PROBE))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(tmp_path / "probe.py"), str(tmp_path / "out")]
+               str(free_port()), str(tmp_path / "probe.py"), str(tmp_path / "out"), str(tmp_path)]
     done = subprocess.run(command, env=launcher_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    results = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith("RANK"))
+    results = {f"RANK{rank}": (tmp_path / f"rank{rank}.json").read_text() for rank in (0, 1)}
     assert json.loads(results["RANK1"]).startswith("training stopped at step 3: after that step the parameter weight "
                                                    "holds 1 NaN value(s)")
     assert json.loads(results["RANK0"]).startswith("training stopped at step 3: after that step the parameter of "
