@@ -22,7 +22,10 @@ import torch
 
 from .accuracy import accuracy_markdown, plot_accuracy, run_accuracy
 from .cost_model import check_long_context_targets, long_context_ratios
-from .methods import ALL_METHODS, DEFAULT_LAYOUTS, METHODS, MODEL_SHAPES, QUICK_LAYOUTS, parse_layout
+from .methods import (
+    ALL_METHODS, DEFAULT_IMAGE_SIZE, DEFAULT_LAYOUTS, METHODS, MODEL_SHAPES, QUICK_LAYOUTS, VLM_IMAGE_PROCESSORS,
+    parse_layout, visual_tokens_per_image,
+)
 from .profiling import decode_compare_markdown, profile_point, run_decode_compare
 from .sweep import long_context_markdown, markdown_report, plot_long_context, plot_report, run_sweep
 
@@ -45,6 +48,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--model_shape", choices=tuple(MODEL_SHAPES), default=None,
                         help="a random base of that real model's exact shape (width, heads, KV heads, FFN, vocab), "
                              "with --layers decoder layers (default 1 2: per-layer times from two depths)")
+    parser.add_argument("--image_size", type=int, nargs=2, default=None, metavar=("WIDTH", "HEIGHT"),
+                        help="with a VLM shape (qwen2-vl-7b): N is what its own image processor makes of an image "
+                             f"of this size (default {DEFAULT_IMAGE_SIZE[0]} {DEFAULT_IMAGE_SIZE[1]})")
     parser.add_argument("--device", choices=DEVICES, default="cpu",
                         help="cpu (default) or cuda: CUDA events around synchronised calls, CUDA allocator peaks")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
@@ -123,6 +129,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         parser.error("--layouts and --time_cap_s belong to --long_context; add it (or drop them)")
     if args.methods is None:
         args.methods = list(ALL_METHODS if args.long_context else METHODS)
+    if args.model_shape in VLM_IMAGE_PROCESSORS and args.num_visual_tokens is None:
+        args.image_size = tuple(args.image_size or DEFAULT_IMAGE_SIZE)
+        args.num_visual_tokens = [visual_tokens_per_image(args.model_shape, *args.image_size)]
     if args.num_visual_tokens is None:
         args.num_visual_tokens = [16] if quick else [64, 256, 576]
     if args.text_lengths is None:
@@ -171,6 +180,14 @@ def _shape_problem(args: argparse.Namespace) -> Optional[str]:
                  if getattr(args, name) is not None]
         if given:
             return f"--model_shape {args.model_shape} fixes the model's shape; drop {' '.join(given)}"
+    if args.image_size is not None:
+        if args.model_shape not in VLM_IMAGE_PROCESSORS:
+            return (f"--image_size sizes the images of a VLM shape ({', '.join(VLM_IMAGE_PROCESSORS)}); "
+                    f"--model_shape is {args.model_shape}")
+        if args.num_visual_tokens is not None:
+            return "--image_size sets N from the VLM's image processor; drop -N (or --image_size)"
+        if min(args.image_size) < 1:
+            return f"--image_size needs a positive width and height, got {args.image_size[0]} {args.image_size[1]}"
     if args.num_layers is not None:
         if args.model_name_or_path:
             return "--layers/--num_layers sets the depth of a built model; a --model_name_or_path model keeps its own"

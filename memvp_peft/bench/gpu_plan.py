@@ -34,6 +34,8 @@ PLAN: list[tuple[str, list[str], int]] = [
     ("llama-7b_B16", ["--model_shape", "llama-7b", "-B", "16", "-N", "256", "2304", "-T", "64"], 150),
     ("qwen2.5-7b_B16", ["--model_shape", "qwen2.5-7b", "-B", "16", "-N", "256", "-T", "64"], 90),
     ("llama-13b_B16", ["--model_shape", "llama-13b", "-B", "16", "-N", "256", "-T", "64"], 90),
+    # N from Qwen2-VL's own image processor on a 640 x 480 image (391 tokens), not from -N
+    ("qwen2-vl-7b_B16", ["--model_shape", "qwen2-vl-7b", "-B", "16", "-T", "64"], 90),
 ]
 #: --smoke: the CPU quick model (width 64) at the main target point, so the summary's target table is exercised too
 SMOKE = ["--quick", "--layers", "1", "2", "--repeats", "1", "--no_progress", "-N", "256", "-T", "64"]

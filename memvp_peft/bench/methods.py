@@ -7,9 +7,11 @@ calls, so that no timer branches on the method it times. ``memvp`` is this packa
 LLaVA-style input-space prompting (the same projector, its output prepended as input embeddings) + peft LoRA;
 ``text_lora`` is the same LoRA on the text alone, the floor every visual method pays.
 
-`--model_shape llama-7b` (or `llama-13b`, `qwen2.5-7b`) builds a random base of that model's exact shape -- width,
-heads, KV heads, FFN size, vocabulary -- with only `--layers K` of its decoder layers, so that a 7B-class layer can be
-timed on one accelerator (or on the meta device in a test). Speed does not depend on the weights; the full depth is
+`--model_shape llama-7b` (or `llama-13b`, `qwen2.5-7b`, `qwen2-vl-7b`) builds a random base of that model's exact
+shape -- width, heads, KV heads, FFN size, vocabulary -- with only `--layers K` of its decoder layers, so that a
+7B-class layer can be timed on one accelerator (or on the meta device in a test). A VLM shape takes N from its own
+image processor run on an image of `--image_size` (Qwen2-VL: 391 tokens for 640 x 480), the sample a user of that VLM
+actually sends. Speed does not depend on the weights; the full depth is
 recorded so that a full-depth figure is an explicit extrapolation from per-layer times (`cost_model.fit_depths`).
 
 `--long_context` adds MemVP's compressed memory forms: MemVP pooled 2x2 (`pool_kernel=2`: N/4 slots) and the ADEM-VL
@@ -71,7 +73,42 @@ MODEL_SHAPES: dict[str, dict[str, Any]] = {
     "qwen2.5-7b": dict(architecture="qwen2", vocab_size=152064, hidden_size=3584, num_hidden_layers=28,
                        intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
                        max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False),
+    # Qwen2-VL-7B-Instruct's language model (its text_config); the VLM's 3-D M-RoPE rotates the same head dims, so
+    # the decoder costs what a Qwen2 decoder of this shape costs. Its visual tokens per image come from the VLM's
+    # own image processor (`VLM_IMAGE_PROCESSORS`), not from -N.
+    "qwen2-vl-7b": dict(architecture="qwen2", vocab_size=152064, hidden_size=3584, num_hidden_layers=28,
+                        intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
+                        max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False),
 }
+
+#: the image processors of the VLM-shaped bases, as the models' published preprocessor_config.json set them:
+#: (transformers class in `transformers.models.<module>`, module, constructor arguments)
+VLM_IMAGE_PROCESSORS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "qwen2-vl-7b": ("Qwen2VLImageProcessorPil", "qwen2_vl",
+                    dict(min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2)),
+}
+#: the image a VLM-shaped base is measured with unless --image_size says otherwise (COCO's typical 640 x 480)
+DEFAULT_IMAGE_SIZE = (640, 480)
+
+
+def visual_tokens_per_image(shape: str, width: int, height: int) -> int:
+    """How many visual tokens the VLM `shape`'s own image processor makes of one `width` x `height` image: the
+    number of placeholders its processor puts into ``input_ids`` -- what input-space prompting adds to every sample
+    and MemVP moves into the memory instead. Counted by running transformers' processor on an image of that size
+    (its resize to the patch grid, its min/max pixels, its token merge), not by re-deriving its arithmetic."""
+    if shape not in VLM_IMAGE_PROCESSORS:
+        raise ValueError(f"{shape!r} is not a VLM shape with an image processor; VLM shapes: "
+                         f"{', '.join(VLM_IMAGE_PROCESSORS)}")
+    if width < 1 or height < 1:
+        raise ValueError(f"an image size needs a positive width and height, got {width} x {height}")
+    import importlib
+
+    from PIL import Image
+
+    class_name, module, kwargs = VLM_IMAGE_PROCESSORS[shape]
+    processor = getattr(importlib.import_module(f"transformers.models.{module}"), class_name)(**kwargs)
+    grid = processor(images=[Image.new("RGB", (width, height))], return_tensors="pt")["image_grid_thw"]
+    return int(grid.prod()) // processor.merge_size ** 2
 
 
 def full_depth(shape: Optional[str]) -> Optional[int]:

@@ -95,6 +95,7 @@ def _sweep_meta(args: argparse.Namespace, infos: dict[int, dict[str, Any]], load
             f"random base of the {args.model_shape} shape" if args.model_shape else "built-in LlamaConfig (random init)"
         ),
         "model_shape": args.model_shape,
+        "image_size": list(args.image_size) if getattr(args, "image_size", None) else None,
         "depths": sorted(infos),
         "full_depth": full_depth(args.model_shape),
         "device": args.device,
@@ -364,6 +365,15 @@ def target_line(check: dict[str, Any], measured: str, *, predicted_key: str = "p
     return f"- {'met' if check['met'] else 'NOT met'}: {check['target']} ({inside})"
 
 
+def _image_line(meta: dict[str, Any]) -> list[str]:
+    """For a VLM-shaped base: where N came from (its own image processor on an image of this size)."""
+    if not meta.get("image_size"):
+        return []
+    width, height = meta["image_size"]
+    return [f"Images: {width} x {height}, which {meta['model_shape']}'s own image processor turns into N visual "
+            "tokens per image: an input-space sample is N + T tokens long, MemVP's T (the 'seq len' column)."]
+
+
 def markdown_report(report: dict[str, Any]) -> str:
     """The sweep as markdown: the setup, one row per (N, T, method), the ratios with their predictions, the targets."""
     meta = report["meta"]
@@ -386,6 +396,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"{meta['visual_dim']}, {meta['new_tokens']} new tokens, median of {meta['repeats']} interleaved repeats.",
         f"Machine: {on}{meta['processor']}, {meta['cpu_count']} CPUs, torch {meta['torch']} "
         f"({meta['torch_threads']} threads), transformers {meta['transformers']}, peft {meta['peft']}.",
+        *_image_line(meta),
         f"Timing: {meta['timing']}.",
         f"Memory: {meta['memory']}.",
         "",

@@ -7,7 +7,8 @@ import torch
 
 from memvp_peft.bench.cli import check_modes, parse_args
 from memvp_peft.bench.methods import (
-    MODEL_SHAPES, build_base_model, describe_model, instantiate, make_batch, shape_config,
+    DEFAULT_IMAGE_SIZE, MODEL_SHAPES, VLM_IMAGE_PROCESSORS, build_base_model, describe_model, instantiate, make_batch,
+    shape_config, visual_tokens_per_image,
 )
 
 # (width, attention heads, KV heads, FFN, vocab, full depth) as the real models' config.json files give them
@@ -15,6 +16,7 @@ REAL_SHAPES = {
     "llama-7b": (4096, 32, 32, 11008, 32000, 32),
     "llama-13b": (5120, 40, 40, 13824, 32000, 40),
     "qwen2.5-7b": (3584, 28, 4, 18944, 152064, 28),
+    "qwen2-vl-7b": (3584, 28, 4, 18944, 152064, 28),
 }
 
 
@@ -92,3 +94,30 @@ def test_batch_comes_in_the_compute_dtype_with_the_same_numbers_on_every_device(
     assert bf16.image_features.dtype == torch.bfloat16 and bf16.input_ids.dtype == torch.int64
     assert torch.equal(bf16.input_ids, fp32.input_ids)
     torch.testing.assert_close(bf16.image_features.float(), fp32.image_features, rtol=1e-2, atol=1e-2)
+
+
+def test_vlm_shape_visual_tokens_are_the_placeholders_its_own_processor_puts_in_the_text():
+    """N of the Qwen2-VL-shaped run is exactly what Qwen2-VL's processor (its published resize settings) expands one
+    image to in `input_ids`: the tokens input-space prompting adds to a sample and MemVP keeps out of it."""
+    from PIL import Image
+    from vlm_fixtures import chat_batch, qwen2_vl
+    import transformers
+
+    model, processor = qwen2_vl()
+    class_name, _, kwargs = VLM_IMAGE_PROCESSORS["qwen2-vl-7b"]
+    processor.image_processor = getattr(transformers, class_name)(**kwargs)
+    for width, height in [(640, 480), (448, 448), (300, 700)]:
+        batch = chat_batch(processor, [Image.new("RGB", (width, height), "white")])
+        placeholders = int((batch["input_ids"] == model.config.image_token_id).sum())
+        assert visual_tokens_per_image("qwen2-vl-7b", width, height) == placeholders
+    assert visual_tokens_per_image("qwen2-vl-7b", 640, 480) == 391  # 476 x 644 pixels: 17 x 23 merged patches
+
+
+def test_vlm_shape_takes_n_from_the_image_size_and_refuses_conflicting_flags(capsys):
+    assert parse_args(["--model_shape", "qwen2-vl-7b"]).num_visual_tokens == [
+        visual_tokens_per_image("qwen2-vl-7b", *DEFAULT_IMAGE_SIZE)]
+    assert parse_args(["--model_shape", "qwen2-vl-7b", "--image_size", "448", "448"]).num_visual_tokens == [256]
+    assert parse_args(["--model_shape", "qwen2-vl-7b", "-N", "100"]).num_visual_tokens == [100]
+    assert "drop -N" in _refusal(capsys, ["--model_shape", "qwen2-vl-7b", "-N", "100", "--image_size", "64", "64"])
+    assert "VLM shape" in _refusal(capsys, ["--model_shape", "llama-7b", "--image_size", "64", "64"])
+    assert "positive width" in _refusal(capsys, ["--model_shape", "qwen2-vl-7b", "--image_size", "0", "64"])

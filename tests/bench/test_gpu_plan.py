@@ -29,7 +29,8 @@ def test_planned_runs_cover_the_gpu_target_points_in_bf16_sdpa_at_two_depths():
                for a in runs)
     points = {(a.model_shape, a.batch_size, n) for a in runs for n in a.num_visual_tokens}
     assert {("llama-7b", 4, 256), ("llama-7b", 16, 256), ("llama-7b", 4, 2304), ("llama-7b", 16, 2304)} <= points
-    assert {a.model_shape for a in runs} == {"llama-7b", "qwen2.5-7b", "llama-13b"}
+    assert {a.model_shape for a in runs} == {"llama-7b", "qwen2.5-7b", "llama-13b", "qwen2-vl-7b"}
+    assert ("qwen2-vl-7b", 16, 391) in points  # a 640 x 480 image through Qwen2-VL's own processor
     assert all(a.warmup >= 2 and a.repeats >= 5 for a in runs)
 
 
