@@ -10,14 +10,15 @@ placeholders expanded to the number of tokens the model's tower gives an image -
 family's own forward. Nothing is downloaded.
 
 Where this machine lacks what a family's processor needs outside transformers, the builder skips the test that asked
-for it, saying what is missing: Mistral3's `PixtralProcessor` imports torchvision; SmolVLM's processor needs
-`num2words`. Qwen2-VL, Qwen2.5-VL, Qwen3-VL, SmolVLM and LLaVA-OneVision processors also hold a video processor,
-which needs torchvision: without it they are built image-only (`image_only`), the same class without its video
-processor, which the image path never touches.
+for it, saying what is missing: SmolVLM's processor needs `num2words`. Mistral3's `PixtralProcessor` is built
+without torchvision, which its module imports but it never uses (`pixtral_processor_class` says how). Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL, SmolVLM and LLaVA-OneVision processors also hold a video processor, which needs torchvision:
+without it they are built image-only (`image_only`), the same class without its video processor, which the image
+path never touches.
 
 Beside the builders (and `FAMILIES`, name -> builder): `digit_images` (real images of two sizes), `chat_batch` (a
-batch as the family's processor makes it from TRL-layout chats), `mistral3_model` (Mistral3 without its processor).
-Imported by name (`from vlm_fixtures import ...`), like tests/trainers/trl_fixtures.py.
+batch as the family's processor makes it from TRL-layout chats), `mistral3_model` (Mistral3 without its processor),
+`pixtral_processor_class`. Imported by name (`from vlm_fixtures import ...`), like tests/trainers/trl_fixtures.py.
 """
 
 from __future__ import annotations
@@ -460,16 +461,41 @@ def mistral3_image_processor():
         size={"longest_edge": 32}, patch_size={"height": 2 * MISTRAL3_PATCH, "width": 2 * MISTRAL3_PATCH})
 
 
-def mistral3(seed: int = 0):
-    """Mistral 3 (Mistral-Small-3.1) with `PixtralProcessor`, which writes `[IMG]` per merged token, `[IMG_BREAK]`
-    after each row but the last and `[IMG_END]` after it, and returns `image_sizes`. The processor's module imports
-    torchvision: without it the test skips (`mistral3_model` still builds)."""
+def pixtral_processor_class():
+    """transformers' own `PixtralProcessor` class, also without torchvision.
+
+    Its module imports `get_resize_output_image_size` from the torchvision image processor's module, which imports
+    torchvision, so without it `transformers.PixtralProcessor` is only a placeholder. The processor itself never
+    needs torchvision: it uses that function only to count tokens for serving engines (`_get_num_multimodal_tokens`),
+    and the PIL backend's module defines the same function. So the processor's module is imported once with the PIL
+    module standing in for its torchvision sibling in `sys.modules` (put back right after): the class is
+    transformers' own code, unchanged, and it runs with `PixtralImageProcessorPil`. With torchvision, the class is
+    imported as usual."""
+    import importlib
+    import sys
+
     from transformers.utils import is_torchvision_available
 
-    if not is_torchvision_available():
-        pytest.skip("PixtralProcessor (Mistral3's processor) imports torchvision, which is not installed")
+    if is_torchvision_available():
+        return _transformers_class("PixtralProcessor")
+    sibling = "transformers.models.pixtral.image_processing_pixtral"
+    saved = sys.modules.get(sibling)
+    sys.modules[sibling] = importlib.import_module("transformers.models.pixtral.image_processing_pil_pixtral")
+    try:
+        return importlib.import_module("transformers.models.pixtral.processing_pixtral").PixtralProcessor
+    finally:
+        if saved is None:
+            sys.modules.pop(sibling, None)
+        else:
+            sys.modules[sibling] = saved
+
+
+def mistral3(seed: int = 0):
+    """Mistral 3 (Mistral-Small-3.1) with its own `PixtralProcessor` (`pixtral_processor_class`), which writes
+    `[IMG]` per merged token, `[IMG_BREAK]` after each row but the last and `[IMG_END]` after it, and returns
+    `image_sizes`: a 32 x 32 image is 4 x 4 merged tokens, 48 x 24 (resized to 32 x 16) 4 x 2."""
     model, tokenizer = mistral3_model(seed)
-    processor = _transformers_class("PixtralProcessor")(
+    processor = pixtral_processor_class()(
         image_processor=mistral3_image_processor(), tokenizer=tokenizer, patch_size=MISTRAL3_PATCH,
         spatial_merge_size=2, chat_template=MISTRAL3_TEMPLATE,
     )

@@ -487,7 +487,7 @@ def images_out_of_the_sequence(
     mask = kwargs.get("attention_mask")
     real = _real_positions(input_ids, mask)
     rows = family.images_of_rows(input_ids, real, images)
-    visual = family.memvp_visual_inputs(images, rows)
+    visual = family.memvp_visual_inputs(images, rows, configs)
     keep = real & ~family.image_marking_tokens(input_ids)
     side = padding_side(mask, default_side)
     pad = _pad_value(input_ids, mask, pad_token_id)

@@ -201,13 +201,15 @@ class MemVPModel(BaseTuner):
             vision = checked_vision(self._memvp_runtime, encoder, [config])
             replaced = switch_vision(self._memvp_runtime, vision, [config], detach_replaced=False)
         family = self._memvp_runtime.family
+        if family is not None and encoder is None:  # the family's tower reads the pixels: it checks the config
+            family.check_config(config)
         if (config.vision_adapter_dim and not config.vision_num_layers and family is not None
                 and family.encoder_tower(self.model) is None):
             raise ValueError(
                 f"MemVP: vision_adapter_dim > 0 places MemVP's bottleneck adapters in a vision encoder's blocks, but "
-                f"the {family.name} base's own tower is run by its family (with the images' grid, through the VLM's "
-                "get_image_features), not as a VisionEncoder: they cannot go into it. Use vision_adapter_dim=0 with "
-                "this VLM's processor, or pass `vision_encoder=` a CLIP/SigLIP model to read pixels with instead."
+                f"the {family.name} base's own tower is run by its family (with each image's own grid or size), not "
+                "as a VisionEncoder: they cannot go into it. Use vision_adapter_dim=0 with this VLM's processor, or "
+                "pass `vision_encoder=` a CLIP/SigLIP model to read pixels with instead."
             )
         if config.vision_adapter_dim and not config.vision_num_layers:
             raise ValueError(

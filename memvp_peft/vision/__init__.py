@@ -3,8 +3,8 @@
 * `encoder` -- the frozen vision encoder (CLIP / SigLIP, or a VLM's own tower), its feature selection, the authors'
   bottleneck adapters inside it, and `pixel_features`: the one place pixels become features;
 * `families` -- the VLM bases whose own processor's batches MemVP reads (Llava, LLaVA-NeXT, LLaVA-OneVision,
-  Qwen2-VL / 2.5 / 3): one object per family (`family_of`), which knows its placeholder tokens, its image keywords
-  and the tower MemVP reads;
+  Gemma 3, Idefics3 / SmolVLM, Qwen2-VL / 2.5 / 3, Mistral 3): one object per family (`family_of`), which knows
+  its placeholder tokens, its image keywords and the tower MemVP reads;
   and the helpers that tell a VLM base apart (`is_vlm`, `vlm_vision_tower`, `has_own_vision_model`);
 * `tiling` -- AnyRes-style tiling of high-resolution images (the overview plus a grid of encoder-sized tiles) and the
   one parser of a grid (`image_grid`), for the model and the collator alike;

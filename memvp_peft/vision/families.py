@@ -21,8 +21,9 @@ the language model's *input* space for the tokens it puts in the sequence; MemVP
 FFN memory, a different space the VLM's projector never learnt, so it stays frozen and never runs.
 Gemma 3 (SigLIP `vision_tower` before its pooling projector) and Idefics3 / SmolVLM (`vision_model` before the
 connector's pixel shuffle) are read the same way; their class docstrings say what that costs in memory slots.
-Markers the config names no id for (Idefics3's crop markers) are found by where they stand
-(`image_marking_tokens`).
+Mistral 3's Pixtral tower is read before its projector too (the patch merger is part of that projector), but by the
+family itself, each image at its own size (`Mistral3Family`). Markers the config names no id for (Idefics3's crop
+markers, Mistral 3's row and image ends) are found by where they stand (`image_marking_tokens`).
 
 The module also keeps the helpers that tell a VLM base from a language model (`has_own_vision_model`), find a
 Llava-layout tower (`vlm_vision_tower`, `is_vlm`: any model with that layout, with or without a family; without one
@@ -33,7 +34,7 @@ the batch must come without placeholders, e.g. from `MemVPProcessor`) and name t
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, NamedTuple, Optional
+from typing import Any, ClassVar, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -46,6 +47,7 @@ __all__ = [
     "LlavaLayoutFamily",
     "LlavaNextFamily",
     "LlavaOnevisionFamily",
+    "Mistral3Family",
     "ProcessorImages",
     "QwenVLFamily",
     "VLMFamily",
@@ -177,7 +179,8 @@ class VLMFamily(abc.ABC):
     (`image_token_counts`), and how the images of each row become MemVP's visual inputs (`memvp_visual_inputs`).
     Everything that is the same for every family -- the token ids from the config, assigning images to rows by their
     placeholders, the checks -- is here, so a family that differs overrides it (e.g. `images_of_rows` for a processor
-    that already groups images by row).
+    that already groups images by row). A family whose tower is run by the family itself checks an adapter's config
+    against it at injection (`check_config`).
     """
 
     #: The family's name, as messages and docs say it.
@@ -239,13 +242,20 @@ class VLMFamily(abc.ABC):
         mismatch is refused, never guessed around."""
 
     @abc.abstractmethod
-    def memvp_visual_inputs(self, images: ProcessorImages, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    def memvp_visual_inputs(self, images: ProcessorImages, rows: list[list[int]],
+                            configs: Sequence[Any] = ()) -> dict[str, torch.Tensor]:
         """The call's images as MemVP's visual inputs, row by row: `rows[b]` lists the indices of row b's images
-        (`images_of_rows`). Returns the keywords `MemoryRuntime.build` takes: `pixel_values` `(B, I, C, H, W)` with
-        an `image_mask` `(B, I)` (the Llava layout: the attached `VisionEncoder` reads them), or `image_features`
-        `(B, T, D)` with an `image_mask` -- or in the variable form, one list of `(tokens, visual_dim)` tensors per
-        row -- for a family that encodes itself (`encoder_tower` None). Rows with fewer images are padded with
-        masked-out entries; a row without an image has an all-False mask or an empty list (it reads p_k/p_v)."""
+        (`images_of_rows`); `configs` are the active adapters' configs (a family that runs its tower itself reads
+        the hidden state they select). Returns the keywords `MemoryRuntime.build` takes: `pixel_values`
+        `(B, I, C, H, W)` with an `image_mask` `(B, I)` (the Llava layout: the attached `VisionEncoder` reads them), or
+        `image_features` `(B, T, D)` with an `image_mask` -- or in the variable form, one list of `(tokens,
+        visual_dim)` tensors per row -- for a family that encodes itself (`encoder_tower` None). Rows with fewer
+        images are padded with masked-out entries; a row without an image has an all-False mask or an empty list (it
+        reads p_k/p_v)."""
+
+    def check_config(self, config: Any) -> None:
+        """Refuse, when an adapter is injected, a `MemVPConfig` this family cannot read its tower with (the default
+        checks nothing: a `VisionEncoder` tower is checked by `checked_vision`)."""
 
     # --------------------------------------------------------------------------------------------- the same for all
 
@@ -343,7 +353,8 @@ class LlavaLayoutFamily(VLMFamily):
             )
         return list(pixel_values[:, None])
 
-    def memvp_visual_inputs(self, images: ProcessorImages, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    def memvp_visual_inputs(self, images: ProcessorImages, rows: list[list[int]],
+                            configs: Sequence[Any] = ()) -> dict[str, torch.Tensor]:
         tiles = self.image_tiles(images)
         per_row = [torch.cat([tiles[i] for i in indices]) if indices else None for indices in rows]
         longest = max((len(row) for row in per_row if row is not None), default=0)
@@ -695,7 +706,8 @@ class QwenVLFamily(VLMFamily):
     def image_token_counts(self, images: ProcessorImages) -> list[int]:
         return (self._grid(images).prod(-1) // self.merge**2).tolist()
 
-    def memvp_visual_inputs(self, images: ProcessorImages, rows: list[list[int]]) -> dict[str, Any]:
+    def memvp_visual_inputs(self, images: ProcessorImages, rows: list[list[int]],
+                            configs: Sequence[Any] = ()) -> dict[str, Any]:
         grid = self._grid(images).to(images.pixel_values.device)
         self.inner.rope_deltas = None  # positions of an earlier call's images must not shift this text-only call's
         with torch.no_grad():  # the VLM's tower and merger stay frozen: MemVP trains only its own modules
@@ -703,9 +715,182 @@ class QwenVLFamily(VLMFamily):
         return {"image_features": [[features[i] for i in indices] for indices in rows]}
 
 
+class Mistral3Family(VLMFamily):
+    """Mistral 3 (`Mistral3ForConditionalGeneration`, e.g. Mistral-Small-3.1): a Pixtral tower
+    (`model.model.vision_tower`) reads every image at its own size. The processor resizes each image (longest side
+    at most its `size`, both sides multiples of `patch_size * spatial_merge_size`), pads the batch's images to the
+    largest and gives `pixel_values` `(images, C, H, W)` for the whole batch with each image's real `image_sizes`
+    `(images, 2)`. An image of h x w pixels stands for `(h / m) * (w / m)` `[IMG]` tokens (m = patch_size *
+    spatial_merge_size), written row by row, each row closed by `[IMG_BREAK]` and the last one by `[IMG_END]`
+    instead; both markers leave the text with the `[IMG]` tokens. The config names only `[IMG]`, so the markers are
+    found by where they stand -- the token right after each run of `[IMG]` -- and checked: every run of a row must
+    be one row of its image (`w / m` tokens, `h / m` runs per image), the markers closing an image's rows all one id
+    and those closing its last row another, the same ids for the whole call. A text laid out otherwise is refused,
+    so no text token is ever taken for a marker.
+
+    Where MemVP reads: the Pixtral tower's hidden state the adapter's `vision_feature_layer` selects (-2 by default,
+    the paper's penultimate block; -1 is the output Mistral 3's own projector reads), run frozen with the images'
+    `image_sizes` -- *before* `multi_modal_projector`, as MemVP reads CLIP before Llava's projector. Unlike Qwen-VL's
+    merger, which ends Qwen's tower and whose output is what the tower hands on, Mistral 3's patch merger sits inside
+    the projector, between its RMSNorm and its two-layer MLP: its output is a middle layer of a map learnt, end to
+    end, into the language model's *input* space, a basis that MLP is free to rotate and a space MemVP's memory
+    never reads. MemVP's own projector replaces that whole map (norm, merger and MLP), which stays frozen and never
+    runs. The tower's patches are what the VLM's projector itself starts from.
+
+    What it costs: the memory holds every real patch of an image, `(h / p) * (w / p)` slots (p = patch_size), 4x
+    the `[IMG]` tokens the VLM puts in its sequence: a 448 x 448 image is 1024 slots, a 1540-pixel one (Mistral 3's
+    largest) 12100. A memory slot costs one FFN column, not attention over the sequence; the processor's `size`
+    (`{"longest_edge": ...}`) caps it, and `num_memory_slots` must hold a row's images (else the row is refused:
+    `check_memory_slots`). Each image is its own grid of its own size, so a row's images go to the memory in the
+    variable form (one `(patches, visual_dim)` tensor per image, in order; `visual_dim` = the tower's width);
+    `pool_kernel` / `pool_tokens` read only square grids and refuse the others. The padding the processor adds
+    around smaller images is never read (the tower crops each image to its `image_sizes`). The tower is the VLM's,
+    run by the family rather than as a `VisionEncoder`, so MemVP's vision adapters cannot be placed in it; adapters
+    active together must read the same hidden state (one encoding serves them all)."""
+
+    name = "Mistral 3"
+    model_types = ("mistral3",)
+    image_keywords = ("image_sizes",)
+    tiles_images = True  # each image at its own size, never MemVP's image_grid tiles
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        tower = vlm_vision_tower(model)
+        if tower is None or not hasattr(tower, "patch_size"):
+            raise ValueError(f"MemVP: the {self.name} base {type(model).__name__} has no Pixtral `vision_tower`: its "
+                             "processor's images cannot be read.")
+        self.tower = tower
+        self.patch_size = int(model.config.vision_config.patch_size)
+        self.merged = self.patch_size * int(model.config.spatial_merge_size)
+        self.width = int(model.config.vision_config.hidden_size)
+        self.hidden_states = int(model.config.vision_config.num_hidden_layers) + 1  # the embeddings, then each block
+
+    def encoder_tower(self, model: nn.Module) -> Optional[nn.Module]:
+        return None  # the tower needs each image's `image_sizes`: `memvp_visual_inputs` runs it
+
+    def check_config(self, config: Any) -> None:
+        layer = config.vision_feature_layer
+        if not -self.hidden_states <= layer < self.hidden_states:
+            raise ValueError(
+                f"MemVP: vision_feature_layer={layer} is out of range for the {self.name} base's Pixtral tower, which "
+                f"has {self.hidden_states} hidden states (the embeddings and {self.hidden_states - 1} blocks): use an "
+                f"index in [{-self.hidden_states}, {self.hidden_states - 1}] (-1 = what the VLM's projector reads)."
+            )
+        if config.visual_dim != self.width:
+            raise ValueError(
+                f"MemVP: the {self.name} base's Pixtral tower gives features of width {self.width} (MemVP reads it "
+                f"before the VLM's projector) but MemVPConfig.visual_dim={config.visual_dim}; set visual_dim="
+                f"{self.width} (vlm.config.vision_config.hidden_size)."
+            )
+
+    def _image_sizes(self, images: ProcessorImages) -> list[tuple[int, int]]:
+        """Each image's `(height, width)` in pixels, checked against `pixel_values` and the merged patch size."""
+        sizes = images.keywords.get("image_sizes")
+        pixel_values = images.pixel_values
+        if sizes is None:
+            raise ValueError(f"MemVP: the {self.name} processor's `image_sizes` are needed with its `pixel_values` "
+                             "(each image is read at its own size, padded to the batch's largest); the call has none.")
+        sizes = torch.as_tensor(sizes).tolist()
+        if pixel_values.dim() != 4 or len(sizes) != pixel_values.shape[0] or any(len(s) != 2 for s in sizes):
+            raise ValueError(
+                f"MemVP: the {self.name} processor gives `pixel_values` (images, channels, height, width) and "
+                f"`image_sizes` (images, 2); got shapes {tuple(pixel_values.shape)} and {len(sizes)} sizes."
+            )
+        height, width = pixel_values.shape[-2:]
+        for index, (h, w) in enumerate(sizes):
+            if not (0 < h <= height and 0 < w <= width) or h % self.merged or w % self.merged:
+                raise ValueError(
+                    f"MemVP: image {index} of the {self.name} call has `image_sizes` {[h, w]}, which must lie within "
+                    f"its `pixel_values` ({height} x {width}) and be multiples of patch_size * spatial_merge_size "
+                    f"({self.merged}), as the processor makes them."
+                )
+        return [(int(h), int(w)) for h, w in sizes]
+
+    def image_token_counts(self, images: ProcessorImages) -> list[int]:
+        return [(h // self.merged) * (w // self.merged) for h, w in self._image_sizes(images)]
+
+    def images_of_rows(self, input_ids: torch.Tensor, real: torch.Tensor, images: ProcessorImages) -> list[list[int]]:
+        rows = super().images_of_rows(input_ids, real, images)
+        self._check_layout(input_ids, real, self._image_sizes(images), rows)
+        return rows
+
+    def _check_layout(self, input_ids: torch.Tensor, real: torch.Tensor, sizes: list[tuple[int, int]],
+                      rows: list[list[int]]) -> None:
+        """Refuse a text whose `[IMG]` tokens are not laid out as the processor writes its images (class
+        docstring): the markers are taken out by where they stand, which only that layout makes them."""
+        image = (input_ids == self.image_token_id) & real
+        starts, ends = self._runs(image)
+        closing: dict[str, set[int]] = {"[IMG_BREAK]": set(), "[IMG_END]": set()}
+        for row, indices in enumerate(rows):
+            want = [sizes[i][1] // self.merged for i in indices for _ in range(sizes[i][0] // self.merged)]
+            got = [end - start + 1 for start, end in zip(starts[row], ends[row])]
+            following = [int(input_ids[row, end + 1]) if end + 1 < input_ids.shape[1] and bool(real[row, end + 1])
+                         else None for end in ends[row]]
+            if got != want or None in following:
+                raise ValueError(
+                    f"MemVP: row {row} of `input_ids` holds runs of {got} `[IMG]` tokens (id {self.image_token_id}), "
+                    f"but its {self.name} images stand for rows of {want} tokens, each closed by `[IMG_BREAK]` (the "
+                    "last by `[IMG_END]`): build text and images with the same processor call."
+                )
+            last = 0
+            for i in indices:
+                count = sizes[i][0] // self.merged
+                closing["[IMG_BREAK]"].update(following[last: last + count - 1])
+                closing["[IMG_END]"].add(following[last + count - 1])
+                last += count
+        breaks, image_ends = closing["[IMG_BREAK]"], closing["[IMG_END]"]
+        if len(breaks) > 1 or len(image_ends) > 1 or breaks & image_ends:
+            raise ValueError(
+                f"MemVP: the tokens closing the rows of the call's {self.name} images are {sorted(breaks)} (rows) and "
+                f"{sorted(image_ends)} (images): the processor closes every row with one `[IMG_BREAK]` id and every "
+                "image with one `[IMG_END]` id. Build text and images with the same processor call."
+            )
+
+    @staticmethod
+    def _runs(image: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
+        """Per row, where each run of image tokens starts and ends (inclusive)."""
+        previous = torch.nn.functional.pad(image[:, :-1], (1, 0), value=False)
+        following = torch.nn.functional.pad(image[:, 1:], (0, 1), value=False)
+        starts, ends = image & ~previous, image & ~following
+        return ([row.nonzero().flatten().tolist() for row in starts],
+                [row.nonzero().flatten().tolist() for row in ends])
+
+    def image_marking_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        image = input_ids == self.image_token_id
+        following = torch.nn.functional.pad(image[:, 1:], (0, 1), value=False)
+        closing = torch.nn.functional.pad((image & ~following)[:, :-1], (1, 0), value=False)  # after each run
+        return image | closing
+
+    def feature_layer(self, configs: Sequence[Any]) -> int:
+        """The hidden state the active adapters read (one encoding serves them all, so they must agree)."""
+        layers = sorted({config.vision_feature_layer for config in configs})
+        if not layers:
+            raise ValueError(f"MemVP: the {self.name} tower is read at the active adapters' vision_feature_layer; "
+                             "no adapter is active.")
+        if len(layers) != 1:
+            raise ValueError(
+                f"MemVP: the active adapters read the {self.name} tower at vision_feature_layer={layers}; the tower "
+                "is run once per call for all of them, so they must read the same hidden state. Activate one "
+                "adapter, or give them the same vision_feature_layer."
+            )
+        for config in configs:
+            self.check_config(config)
+        return layers[0]
+
+    def memvp_visual_inputs(self, images: ProcessorImages, rows: list[list[int]],
+                            configs: Sequence[Any] = ()) -> dict[str, Any]:
+        sizes = self._image_sizes(images)
+        layer = self.feature_layer(configs)
+        with torch.no_grad():  # the VLM's tower stays frozen: MemVP trains only its own modules
+            outputs = self.tower(images.pixel_values, image_sizes=torch.tensor(sizes), output_hidden_states=True)
+        patches = [(h // self.patch_size) * (w // self.patch_size) for h, w in sizes]
+        features = outputs.hidden_states[layer].squeeze(0).split(patches)  # each image's real patches, row-major
+        return {"image_features": [[features[i] for i in indices] for indices in rows]}
+
+
 #: The families whose own processor's batches MemVP reads, in the order `family_of` tries them.
 FAMILIES: tuple[type[VLMFamily], ...] = (LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, Gemma3Family,
-                                          Idefics3Family, QwenVLFamily)
+                                          Idefics3Family, QwenVLFamily, Mistral3Family)
 
 
 def family_of(model: nn.Module) -> Optional[VLMFamily]:

@@ -157,7 +157,8 @@ def test_llava_next_needs_its_image_sizes(tokenizer):
 def test_every_family_implements_the_interface_and_is_named_in_the_supported_list():
     assert all(issubclass(family, VLMFamily) and not family.__abstractmethods__ for family in FAMILIES)
     assert supported_families() == ("Llava (llava), LLaVA-NeXT (llava_next), LLaVA-OneVision (llava_onevision), "
-                                    "Gemma 3 (gemma3), Idefics3 (idefics3, smolvlm), Qwen-VL (qwen2_vl, qwen2_5_vl, qwen3_vl)")
+                                    "Gemma 3 (gemma3), Idefics3 (idefics3, smolvlm), Qwen-VL (qwen2_vl, qwen2_5_vl, qwen3_vl), "
+                                    "Mistral 3 (mistral3)")
 
 
 def test_a_vlm_without_a_family_still_refuses_its_processors_placeholders():
