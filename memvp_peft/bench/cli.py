@@ -112,7 +112,22 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     acc.add_argument("--acc_batch_size", type=int, default=32)
     acc.add_argument("--acc_hidden_size", type=int, default=128)
     acc.add_argument("--acc_extra_slots", type=int, default=16, help="MemVP slots beyond the 16 visual tokens")
+    serve = parser.add_argument_group("vLLM serving (--serving; in the serving environment, docs/serving.md)")
+    serve.add_argument("--serving", action="store_true",
+                       help="MemVP vs input-space prompting vs text-only served by vLLM: throughput, time to first "
+                            "token, KV cache per request (defaults: N 576, T 64, 32 output tokens, 3 repeats)")
+    serve.add_argument("--concurrency", type=int, nargs="+", default=None, metavar="C",
+                       help="concurrent closed-loop clients (default 1 8 32)")
+    serve.add_argument("--serving_min_requests", type=int, default=8,
+                       help="requests per timed point at least (every client sends two or more)")
+    serve.add_argument("--kv_cache_gib", type=int, default=1, help="each engine's KV cache (VLLM_CPU_KVCACHE_SPACE)")
     args = parser.parse_args(argv)
+    if args.serving:
+        problem = _serving_problem(args)
+        if problem:
+            parser.error(problem)
+    elif args.concurrency is not None:
+        parser.error("--concurrency belongs to --serving; add it (or drop it)")
     problem = device_problem(args.device, args.dtype) or check_modes(args) or _shape_problem(args)
     if problem:
         parser.error(problem)
@@ -149,6 +164,31 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.extra_slots = min(args.extra_slots, 16)
         args.projector_hidden_dim = min(args.projector_hidden_dim, 32)
     return args
+
+
+def _serving_problem(args: argparse.Namespace) -> Optional[str]:
+    """Fill in --serving's defaults (one N and one T, the concurrency levels); what cannot be combined with it."""
+    others = [flag for flag, on in (("--accuracy", args.accuracy), ("--long_context", args.long_context),
+                                    ("--decode_compare", args.decode_compare), ("--profile", args.profile),
+                                    ("--model_shape", args.model_shape), ("--model_name_or_path",
+                                                                          args.model_name_or_path)) if on]
+    if others:
+        return f"--serving runs a sweep of its own on the built-in Llama shape: drop {' '.join(others)}"
+    if args.device != "cpu":
+        return "--serving runs vLLM's CPU build here; the GPU serving run is the prepared script (docs/serving.md)"
+    for flag, values in (("-N", args.num_visual_tokens), ("-T", args.text_lengths)):
+        if values is not None and len(values) != 1:
+            return f"--serving measures one point: give {flag} one value, got {' '.join(map(str, values))}"
+    args.num_visual_tokens = args.num_visual_tokens or ([16] if args.quick else [576])
+    args.text_lengths = args.text_lengths or ([16] if args.quick else [64])
+    args.concurrency = sorted(set(args.concurrency or ([1, 2] if args.quick else [1, 8, 32])))
+    if min(args.concurrency) < 1 or args.new_tokens < 2:
+        return f"--serving needs concurrency >= 1 and --new_tokens >= 2, got {args.concurrency} / {args.new_tokens}"
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    if args.quick:
+        args.new_tokens = min(args.new_tokens, 8)
+    return None
 
 
 def _long_context_problem(args: argparse.Namespace) -> Optional[str]:
@@ -241,7 +281,14 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     hf_logging.set_verbosity_error()  # generation-config chatter would break the progress bar
     # peft's get_peft_model probes transformers' deprecated `is_gradient_checkpointing`: nothing for a user to act on
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    if args.accuracy:
+    if args.serving:
+        from .serving import plot_serving, run_serving, serving_markdown  # vLLM: the serving environment only
+
+        report = run_serving(args)
+        markdown = serving_markdown(report)
+        paths = write_outputs(report, output_dir, "serving", markdown, plot_serving)
+        print(markdown)
+    elif args.accuracy:
         report = run_accuracy(args)
         markdown = accuracy_markdown(report)
         paths = write_outputs(report, output_dir, "accuracy", markdown, plot_accuracy)
