@@ -1,5 +1,6 @@
-"""The console scripts `memvp-train`, `memvp-infer` and `memvp-bench`: quiet what other libraries print that a user
-cannot act on, then run the program (`memvp_peft.cli.train`, `memvp_peft.cli.infer`, `memvp_peft.bench`).
+"""The console scripts `memvp-train`, `memvp-infer`, `memvp-bench` and `memvp-serve`: quiet what other libraries
+print that a user cannot act on, then run the program (`memvp_peft.cli.train`, `memvp_peft.cli.infer`,
+`memvp_peft.bench`, `memvp_peft.serving.launch`).
 
 Why a package beside `memvp_peft` rather than inside it: part of that output comes while `memvp_peft` imports --
 `import peft` imports bitsandbytes, which on a CPU with AVX-512 BF16 asks the Hugging Face kernel hub for a kernel
@@ -91,3 +92,11 @@ def bench() -> None:
     from memvp_peft.bench import main
 
     main()
+
+
+def serve() -> int:
+    """`memvp-serve` (vLLM's OpenAI-compatible server with a MemVP adapter; needs the `vllm` extra)."""
+    quiet_third_party_output()
+    from memvp_peft.serving.launch import main
+
+    return main()

@@ -108,6 +108,44 @@ def test_the_demo_model_check_sees_a_library_module_importing_them():
     assert _demo_model_offenders(graph) == ["memvp_peft.tuner.model"]
 
 
+# The serving plugin runs in vLLM's processes, in an environment of its own (docs/serving.md): it may use the vision
+# path and the shared loaders, never the training stack.
+SERVING = "memvp_peft.serving"
+SERVING_MAY_IMPORT = ("memvp_peft.serving", "memvp_peft.vision", "memvp_peft.hub", "memvp_peft.data.images",
+                      "memvp_peft.cli.model_loading")
+TRAINING_STACK = ("trl", "deepspeed", "datasets", "bitsandbytes")
+
+
+def _serving_offenders(paths: list[pathlib.Path]) -> list[str]:
+    offenders = []
+    for path in paths:
+        for target in sorted(_imports(path)):
+            if target != "memvp_peft" and not target.startswith(SERVING_MAY_IMPORT):
+                offenders.append(f"{path.name}: {target}")
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in TRAINING_STACK]
+    return offenders
+
+
+def test_the_serving_plugin_imports_nothing_of_the_training_stack():
+    assert not _serving_offenders(sorted((PACKAGE / "serving").rglob("*.py")))
+
+
+def test_the_serving_check_sees_a_training_import(tmp_path):
+    (tmp_path / "memvp_peft" / "serving").mkdir(parents=True)
+    module = tmp_path / "memvp_peft" / "serving" / "bad.py"
+    module.write_text("import trl\nfrom ..trainers import MemVPSFTTrainer\nfrom .bank import MemoryBank\n")
+    global PACKAGE
+    saved, PACKAGE = PACKAGE, tmp_path / "memvp_peft"
+    try:
+        assert _serving_offenders([module]) == ["bad.py: memvp_peft.trainers", "bad.py: memvp_peft.trainers.MemVPSFTTrainer",
+                                                "bad.py: trl"]
+    finally:
+        PACKAGE = saved
+
+
 def test_no_module_imports_the_tests():
     offenders = []
     for path in PACKAGE.rglob("*.py"):
