@@ -531,3 +531,38 @@ def chat_batch(processor, images: list, answers: Optional[list[str]] = None, que
     texts = [text[0] if isinstance(text, list) else text for text in texts]
     return processor(text=texts, images=[[image] for image in images], padding=True, return_tensors="pt",
                      **processor_kwargs)
+
+
+def rows_batch(processor, images_per_row: list, answers: Optional[list[str]] = None, padding_side: str = "right",
+               question: str = QUESTION) -> dict:
+    """The processor's own batch of chats whose row b shows `images_per_row[b]` (a list, maybe empty: a text-only
+    row), answered with `answers` when given, else ending on the generation prompt."""
+    texts = []
+    for row, row_images in enumerate(images_per_row):
+        messages = image_messages(question, None if answers is None else answers[row], images=len(row_images))
+        if not row_images:
+            messages[0]["content"] = messages[0]["content"][-1:]
+        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=answers is None))
+    flat = [image for row_images in images_per_row for image in row_images]
+    out = processor(text=texts, images=flat or None, padding=True, padding_side=padding_side, return_tensors="pt")
+    return dict(out)
+
+
+def text_batch(processor, answers: Optional[list[str]] = None, rows: int = 2, padding_side: str = "right"):
+    """The chats of `chat_batch` without their image entries: the text alone, the sequence the language model must
+    see when MemVP takes the images out of a processor's batch."""
+    texts = [processor.apply_chat_template(image_messages(QUESTION, None if answers is None else answers[i], images=0),
+                                           tokenize=False, add_generation_prompt=answers is None)
+             for i in range(rows)]
+    return processor.tokenizer(texts, padding=True, return_tensors="pt", padding_side=padding_side,
+                               add_special_tokens=False)
+
+
+def with_labels(inputs: dict) -> dict:
+    """`inputs` with every attended token as a label (padding -100)."""
+    return {**inputs, "labels": inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)}
+
+
+def logits(model, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits

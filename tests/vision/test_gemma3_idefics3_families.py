@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import randomize_memory
 from peft import PeftModel, get_peft_model
-from vlm_fixtures import FAMILIES, QUESTION, chat_batch, digit_images, image_messages
+from vlm_fixtures import FAMILIES, chat_batch, digit_images, logits, text_batch, with_labels
 
 from memvp_peft import MemVPConfig
 from memvp_peft.vision.families import Gemma3Family, Idefics3Family, family_of
@@ -42,13 +42,6 @@ def images():
     return digit_images(2)[0]
 
 
-def text_batch(processor, answers=None, rows: int = 2, padding_side: str = "right"):
-    """The same chats as `chat_batch` without their image entries: the text MemVP's own layout reads."""
-    texts = [processor.apply_chat_template(image_messages(QUESTION, None if answers is None else answers[i], images=0),
-                                           tokenize=False, add_generation_prompt=answers is None)
-             for i in range(rows)]
-    return processor.tokenizer(texts, padding=True, return_tensors="pt", padding_side=padding_side,
-                               add_special_tokens=False)
 
 
 def memvp_pixels(name: str, batch) -> dict:
@@ -60,15 +53,8 @@ def memvp_pixels(name: str, batch) -> dict:
     return {"pixel_values": pixels, "image_mask": (pixels != 0).flatten(2).any(dim=2)}
 
 
-def logits(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits
 
 
-def with_labels(batch):
-    labels = batch["input_ids"].clone()
-    labels[batch["attention_mask"] == 0] = -100
-    return {**batch, "labels": labels}
 
 
 def test_each_family_is_picked_by_its_model_type(family):

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import randomize_memory
 from peft import PeftModel, get_peft_model
-from vlm_fixtures import QUESTION, digit_images, image_messages, mistral3
+from vlm_fixtures import digit_images, logits, mistral3, with_labels
+from vlm_fixtures import rows_batch as batch
 
 from memvp_peft import MemVPConfig
 from memvp_peft.vision.families import Mistral3Family, family_of
@@ -47,21 +48,8 @@ def images():
     return digit_images(4)[0]  # 32 x 32, 48 x 24, 32 x 32, 48 x 24
 
 
-def batch(processor, images_per_row, answers=None, padding_side="right"):
-    """The processor's own batch of chats whose row b shows `images_per_row[b]` (a list, maybe empty)."""
-    texts = []
-    for row, row_images in enumerate(images_per_row):
-        messages = image_messages(QUESTION, None if answers is None else answers[row], images=len(row_images))
-        if not row_images:
-            messages[0]["content"] = messages[0]["content"][-1:]
-        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=answers is None))
-    flat = [image for row_images in images_per_row for image in row_images]
-    out = processor(text=texts, images=flat or None, padding=True, padding_side=padding_side, return_tensors="pt")
-    return dict(out)
 
 
-def with_labels(inputs):
-    return {**inputs, "labels": inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)}
 
 
 def text_only(processor, inputs):
@@ -80,9 +68,6 @@ def tower_features(model, inputs, layer=-2):
     return list(hidden.hidden_states[layer].squeeze(0).split(sizes))
 
 
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 # ------------------------------------------------------------------------------------------- what the LM reads

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import randomize_memory
 from peft import PeftModel, get_peft_model
-from vlm_fixtures import QUESTION, digit_images, image_messages, qwen2_5_vl, qwen2_vl, qwen3_vl
+from vlm_fixtures import digit_images, qwen2_5_vl, qwen2_vl, qwen3_vl, with_labels
+from vlm_fixtures import rows_batch as batch
 
 from memvp_peft import MemVPConfig
 
@@ -36,21 +37,8 @@ def adapted(build, **fields):
     return model.eval()
 
 
-def batch(processor, images_per_row, answers=None, padding_side="right", question=QUESTION):
-    """The processor's own batch of chats whose row b shows `images_per_row[b]` (a list, maybe empty)."""
-    texts = []
-    for row, images in enumerate(images_per_row):
-        messages = image_messages(question, None if answers is None else answers[row], images=len(images))
-        if not images:
-            messages[0]["content"] = messages[0]["content"][-1:]
-        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=answers is None))
-    flat = [image for images in images_per_row for image in images]
-    out = processor(text=texts, images=flat or None, padding=True, padding_side=padding_side, return_tensors="pt")
-    return dict(out)
 
 
-def with_labels(inputs):
-    return {**inputs, "labels": inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)}
 
 
 def text_only(processor, inputs):
