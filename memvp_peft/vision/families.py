@@ -226,6 +226,24 @@ class VLMFamily(abc.ABC):
         images. By id (`sequence_token_ids`); a family whose markers have no id in the config finds them otherwise."""
         return torch.isin(input_ids, torch.tensor(self.sequence_token_ids, device=input_ids.device))
 
+    def image_sizes(self, images: ProcessorImages, pixel_layout: str, why: str) -> list[list[int]]:
+        """The processor's `image_sizes` beside its `pixel_values`: one `[height, width]` per image, refused (saying
+        `why` they are needed) when missing, and refused when they do not pair with `pixel_values` laid out as
+        `pixel_layout` (its dimensions' names, e.g. "images, channels, height, width")."""
+        sizes = images.keywords.get("image_sizes")
+        pixel_values = images.pixel_values
+        if sizes is None:
+            raise ValueError(f"MemVP: the {self.name} processor's `image_sizes` are needed with its `pixel_values` "
+                             f"({why}); the call has none.")
+        sizes = torch.as_tensor(sizes).tolist()
+        dims = len(pixel_layout.split(","))
+        if pixel_values.dim() != dims or len(sizes) != pixel_values.shape[0] or any(len(s) != 2 for s in sizes):
+            raise ValueError(
+                f"MemVP: the {self.name} processor gives `pixel_values` ({pixel_layout}) and `image_sizes` (images, "
+                f"2); got shapes {tuple(pixel_values.shape)} and {len(sizes)} sizes."
+            )
+        return sizes
+
     # ----------------------------------------------------------------------------------------- what a subclass says
 
     @abc.abstractmethod
@@ -405,18 +423,8 @@ class LlavaNextFamily(LlavaLayoutFamily):
         self.grid_pinpoints = [list(pinpoint) for pinpoint in model.config.image_grid_pinpoints]
 
     def _image_sizes(self, images: ProcessorImages) -> list[list[int]]:
-        sizes = images.keywords.get("image_sizes")
-        pixel_values = images.pixel_values
-        if sizes is None:
-            raise ValueError(f"MemVP: the {self.name} processor's `image_sizes` are needed with its `pixel_values` "
-                             "(which tiles of each image are real depends on its size); the call has none.")
-        sizes = torch.as_tensor(sizes).tolist()
-        if pixel_values.dim() != 5 or len(sizes) != pixel_values.shape[0] or any(len(s) != 2 for s in sizes):
-            raise ValueError(
-                f"MemVP: the {self.name} processor gives `pixel_values` (images, tiles, channels, height, width) and "
-                f"`image_sizes` (images, 2); got shapes {tuple(pixel_values.shape)} and {len(sizes)} sizes."
-            )
-        return sizes
+        return self.image_sizes(images, "images, tiles, channels, height, width",
+                                "which tiles of each image are real depends on its size")
 
     def tiles_per_image(self, images: ProcessorImages) -> list[int]:
         """The real tiles of each image: the overview plus the grid `select_best_resolution` picks for its size."""
@@ -785,17 +793,9 @@ class Mistral3Family(VLMFamily):
 
     def _image_sizes(self, images: ProcessorImages) -> list[tuple[int, int]]:
         """Each image's `(height, width)` in pixels, checked against `pixel_values` and the merged patch size."""
-        sizes = images.keywords.get("image_sizes")
+        sizes = self.image_sizes(images, "images, channels, height, width",
+                                 "each image is read at its own size, padded to the batch's largest")
         pixel_values = images.pixel_values
-        if sizes is None:
-            raise ValueError(f"MemVP: the {self.name} processor's `image_sizes` are needed with its `pixel_values` "
-                             "(each image is read at its own size, padded to the batch's largest); the call has none.")
-        sizes = torch.as_tensor(sizes).tolist()
-        if pixel_values.dim() != 4 or len(sizes) != pixel_values.shape[0] or any(len(s) != 2 for s in sizes):
-            raise ValueError(
-                f"MemVP: the {self.name} processor gives `pixel_values` (images, channels, height, width) and "
-                f"`image_sizes` (images, 2); got shapes {tuple(pixel_values.shape)} and {len(sizes)} sizes."
-            )
         height, width = pixel_values.shape[-2:]
         for index, (h, w) in enumerate(sizes):
             if not (0 < h <= height and 0 < w <= width) or h % self.merged or w % self.merged:
