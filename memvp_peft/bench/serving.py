@@ -428,10 +428,7 @@ def serving_markdown(report: dict[str, Any]) -> str:
             f"| {r['concurrency']} | {r['label']} | {r['prompt_tokens']} | {r['requests_per_s']:.2f} | "
             f"{r['output_tokens_per_s']:.1f} | {r['ttft_ms']:.1f} | {r['latency_ms']:.1f} | "
             f"{r['decode_ms_per_token']:.2f} | {r['kv_cache_bytes_per_request'] / 1024:.0f} | "
-            f"{bank / 1024:.0f} |" if bank else
-            f"| {r['concurrency']} | {r['label']} | {r['prompt_tokens']} | {r['requests_per_s']:.2f} | "
-            f"{r['output_tokens_per_s']:.1f} | {r['ttft_ms']:.1f} | {r['latency_ms']:.1f} | "
-            f"{r['decode_ms_per_token']:.2f} | {r['kv_cache_bytes_per_request'] / 1024:.0f} | - |")
+            f"{f'{bank / 1024:.0f}' if bank else '-'} |")
     lines += ["", "Ratios (median over the repeats of the per-repeat ratio):", "",
               "| concurrency | requests/s MemVP / input-space | TTFT input-space / MemVP | requests/s text-only / MemVP "
               "| output tokens/s MemVP / input-space |", "|---|---|---|---|---|"]
