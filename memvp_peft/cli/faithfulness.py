@@ -91,7 +91,8 @@ def evaluate_adapter(folder: str, records_wanted: int, steps: int, ig_steps: int
         ig_tokens = integrated_gradients(model, row, ig_steps)
         ig = np.zeros(item.layout.num_slots)
         ig[: len(ig_tokens)] = ig_tokens
-        result = record_curves(model, row, {"read map": mean_map, "integrated gradients": ig}, image_slots,
+        rankings = {"read map": mean_map, "read map (first token)": weights[0], "integrated gradients": ig}
+        result = record_curves(model, row, rankings, image_slots,
                                item.layout.num_slots, steps, rng, draws)
         points = result["read map"]["points"]
         for name, curves in result.items():
@@ -156,7 +157,7 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     lines = ["| task | accuracy | records | ranking | deletion AUC (lower is better) | insertion AUC (higher is better) |",
              "|---|---|---|---|---|---|"]
     for result in results:
-        for name in ("read map", "integrated gradients", "random", "least read"):
+        for name in ("read map", "read map (first token)", "integrated gradients", "random", "least read"):
             auc, sem = result["auc"][name], result["auc_sem"][name]
             lines.append(f"| {result['dataset']} | {100 * result['accuracy']:.1f}% | {result['records']} | {name} | "
                          f"{auc['deletion']:.3f} ± {sem['deletion']:.3f} | {auc['insertion']:.3f} ± "

@@ -29,8 +29,6 @@ from torch import nn
 
 from .answers import answer_log_probs
 
-ORDERS = ("read map", "integrated gradients", "random", "least read")
-
 
 def repeat_row(batch: Mapping[str, Any], rows: int) -> dict[str, Any]:
     """A one-row batch repeated `rows` times along the batch axis."""

@@ -20,6 +20,11 @@ from .layout import SlotLayout, image_maps
 MAP_SIDE = 256
 
 
+def panel_width(panels: int) -> float:
+    """Inches per image panel: narrower for a video's many frames, so a picture stays a screen wide."""
+    return 2.6 if panels <= 4 else 1.5
+
+
 def map_size(image: Any) -> tuple[int, int]:
     """(H, W) of the map drawn over `image`: its aspect, the long side `MAP_SIDE`."""
     width, height = image.size
@@ -55,22 +60,25 @@ def save_read_map(path: str, weights: np.ndarray, layout: SlotLayout, images: Se
         raise ValueError("save_read_map: the row has no image to draw a map on.")
     maps = weight_maps(weights, layout, images)
     top = max(float(maps[index].max()) for index in present) or 1.0
-    figure, axes = plt.subplots(1, len(present), figsize=(2.4 * len(present) + 0.6, 2.9), squeeze=False)
-    shown = None
+    figure, axes = plt.subplots(1, len(present), figsize=(panel_width(len(present)) * len(present) + 0.8, 3.0), squeeze=False)
+    colours = plt.get_cmap("inferno")
     for axis, index in zip(axes[0], present):
         image = np.asarray(images[index].convert("L"), dtype=np.float32)
         height, width = image.shape
         axis.imshow(image, cmap="gray", extent=(0, width, height, 0), interpolation="nearest")
-        shown = axis.imshow(maps[index], cmap="inferno", alpha=0.6, vmin=0.0, vmax=top, extent=(0, width, height, 0),
-                            interpolation="nearest")
+        level = maps[index] / top
+        overlay = colours(level)
+        overlay[..., 3] = 0.8 * level ** 0.5  # where little was read the image shows through
+        axis.imshow(overlay, extent=(0, width, height, 0), interpolation="nearest")
         axis.set_xticks([])
         axis.set_yticks([])
         if labels is not None:
             axis.set_title(labels[index], fontsize=8)
+    shown = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0.0, top), colours)
     figure.colorbar(shown, ax=list(axes[0]), fraction=0.03, pad=0.02, label="read per unit area")
-    figure.suptitle(f"{title}  ({100 * image_share(weights, layout):.0f}% of the read on the image)", fontsize=9)
+    figure.suptitle(f"{title}\n{100 * image_share(weights, layout):.0f}% of the read on the image", fontsize=9)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)
     return path
 
@@ -87,13 +95,13 @@ def save_answer_maps(folder: str, stem: str, explained: Any, layers: Optional[Se
     present = [image for image in images if image is not None]
     labels = [f"frame {index + 1}" if explained.frames else f"image {index + 1}" for index in range(len(images))]
     labels = labels if len(present) > 1 else None
-    figure, axes = plt.subplots(1, len(present), figsize=(2.4 * len(present), 2.6), squeeze=False)
+    figure, axes = plt.subplots(1, len(present), figsize=(panel_width(len(present)) * len(present), 2.6), squeeze=False)
     for axis, image in zip(axes[0], present):
         axis.imshow(np.asarray(image), interpolation="nearest")
         axis.set_xticks([])
         axis.set_yticks([])
     os.makedirs(folder, exist_ok=True)
-    figure.savefig(os.path.join(folder, f"{stem}-image.png"), dpi=100)
+    figure.savefig(os.path.join(folder, f"{stem}-image.png"), dpi=100, bbox_inches="tight")
     plt.close(figure)
     weights = explained.reads.slot_weights(layers)
     tokens = []
