@@ -2,7 +2,8 @@
 
 The reference is written from MEMVP_SPEC, not from the layer code: K, V from `reference_memvp.reference_memory`
 (its own projector), and plain torch hooks on an unadapted copy of the base that compute `a = act(x K^T)` from the
-FFN's input x (GLU: the whole mlp's input; GPT-2: c_fc's input) and add `s * a V` to the FFN's output.
+FFN's input x (GLU: the whole mlp's input; GPT-2: c_fc's input) -- or ADEM-VL's `a = silu(x) silu(K)^T` -- and add
+`s * a V` to the FFN's output.
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ def reference_activations(base, state, config, input_ids, features, kind):
     model = copy.deepcopy(base).eval()
     keys, values = reference_memory(state, config, features)
     scale, found = float(config.memory_scale), []
-    if kind == "glu":
+    if kind in ("glu", "adem"):
         for layer in model.model.layers:
             def hook(module, args, output):
-                a = F.silu(torch.matmul(args[0], keys.transpose(-1, -2)))  # tiny_llama: hidden_act silu
+                if kind == "adem":  # ADEM-VL's read: silu(x) silu(K)^T
+                    a = torch.matmul(F.silu(args[0]), F.silu(keys).transpose(-1, -2))
+                else:  # MemVP's: act(x K^T), tiny_llama's hidden_act silu
+                    a = F.silu(torch.matmul(args[0], keys.transpose(-1, -2)))
                 found.append(a)
                 return output + scale * torch.matmul(a, values)
             layer.mlp.register_forward_hook(hook)
@@ -68,10 +72,10 @@ def inputs(seed=5):
     return torch.randint(3, VOCAB, (2, 6), generator=generator), torch.randn(2, 5, VISUAL_DIM, generator=generator)
 
 
-@pytest.mark.parametrize("kind", ["glu", "gpt2"])
+@pytest.mark.parametrize("kind", ["glu", "gpt2", "adem"])
 def test_recorded_activations_equal_the_spec_formula(kind):
-    base = tiny_llama() if kind == "glu" else tiny_gpt2()
-    model, config = adapted(base)
+    base = tiny_gpt2() if kind == "gpt2" else tiny_llama()
+    model, config = adapted(base, **({"memory_read": "adem"} if kind == "adem" else {}))
     ids, features = inputs()
     with torch.no_grad(), record_reads(model) as record:
         logits = model(input_ids=ids, image_features=features).logits
