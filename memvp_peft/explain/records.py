@@ -14,14 +14,12 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..data.images import image_field, record_images
-from ..data.video import record_frames
+from ..data.images import RAW_IMAGE_FIELDS, image_field, record_images
+from ..data.video import FRAME_FIELDS, record_frames
 from ..vision.encoder import pixel_features
 from ..vision.tiling import blocks_per_image, encoder_image_size, tile_pixel_values
 from .answers import AnswerReads, explain
 from .layout import ImageGeometry, SlotLayout, image_view_for, slot_layout
-
-FRAME_FIELDS = ("video", "frames")
 
 
 @dataclass
@@ -50,14 +48,17 @@ def adapter_config(model: nn.Module, adapter: Optional[str] = None) -> Any:
 
 
 def record_sources(record: Mapping[str, Any], collator: Any, where: str = "record") -> tuple[list[Optional[Any]], bool]:
-    """The record's images as the user gave them (module docstring) and whether they are a video's frames."""
+    """The record's images as the user gave them (module docstring) and whether they are a video's frames; none for
+    a record of precomputed `pixel_values` / `image_features`, whose pixels are not at hand."""
     field = image_field(record, where, read_video=collator.num_frames is not None)
-    if field is None:
+    if field is None or collator.image_processor is None:  # a text-only collator puts no image into the memory
         return [], False
     if field in FRAME_FIELDS:
         return record_frames(record[field], where, collator.num_frames, image_folder=collator.image_folder,
                              array_value_range=collator.array_value_range), True
-    images, _ = record_images(record[field], where, image_processor=collator.image_processor or object(),
+    if field not in RAW_IMAGE_FIELDS:  # precomputed features: no pixels to draw a map on
+        return [], False
+    images, _ = record_images(record[field], where, image_processor=collator.image_processor,
                               image_folder=collator.image_folder, array_value_range=collator.array_value_range)
     return images, False
 
