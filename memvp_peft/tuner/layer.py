@@ -21,6 +21,11 @@ builds it (`resolve_read`, like peft's LoRA variants) and called by the forward 
   set to zero before the product with `V`, so each text token keeps only the visual slots it responds to most. The
   authors' code uses `drop_ratio = 0.1` and applies no dropout to the scores.
 
+**Observing the reads.** A reading layer hands the scores it keeps (after the read and the drop, before the
+dropout) to its `memvp_observer` when one is set -- `memvp_peft.explain.record_reads` records them, `exclude_slots`
+zeroes chosen slots -- and otherwise pays one None check: a class-level None, set on instances only inside those
+context managers.
+
 **Rows of different lengths.** A memory built from rows of different numbers of visual tokens
 (`visual_inputs.VisualTokens`) has empty slots: keys and values exactly zero (`memory.VisualMemory`), so whatever a
 read scores there, `score * 0` adds exactly nothing -- no read needs to mask anything for that. Only the drop looks
