@@ -3,6 +3,7 @@
     memvp-infer --adapter outputs/memvp-digits --image digits:0 digits:1 photo.png
     memvp-infer --adapter out --input_file questions.jsonl --output_file answers.jsonl
     memvp-infer --adapter out --dataset scienceqa:data/scienceqa --split test --output_file preds.jsonl
+    memvp-infer --adapter outputs/memvp-digits --image digits:0 digits:1 --explain read-maps   # + read maps
     python -m memvp_peft.infer --help
 
 The base defaults to the one the adapter records (`base_model_name_or_path` in adapter_config.json, at the `revision`
@@ -25,6 +26,7 @@ from typing import Any, Optional, Sequence
 from ..tuner.save_load import CONFIG_NAME, check_adapter_folder
 from ..data.conversations import ORIGIN_FIELD
 from .answering import asked_question, generate_answers
+from .explaining import check_explain_request, write_read_maps
 from ..hub import MODEL_SOURCE, check_model_source, is_hub_id, is_offline
 from .model_loading import RUN_MANIFEST, load_base, read_adapter_config, read_run_manifest, without_peft_probe_warning
 from .options import InferOptions, run_command
@@ -262,6 +264,7 @@ def infer(options: InferOptions) -> list[dict[str, Any]]:
     from ..tasks.files import load_jsonl
 
     _check_output_file(options)
+    check_explain_request(options)
     if options.dataset is not None:
         return score_dataset(options)
     if options.input_file:
@@ -279,6 +282,9 @@ def infer(options: InferOptions) -> list[dict[str, Any]]:
     else:
         raise ValueError("nothing to answer: pass --image FILE [FILE ...] (or digits:INDEX) or --input_file.")
     model, tokenizer, collator, kind = load_for_inference(options)
+    if options.explain and kind == "seq2seq":
+        raise ValueError("--explain draws the reads of decoder-only bases; this adapter's base is an encoder-decoder "
+                         "model.")
     answers = generate_answers(model, collator, records, kind, tokenizer, options.max_new_tokens or 16,
                                batch_size=options.batch_size, progress=len(records) > options.batch_size)
     results = [answer_row(record, answer) for record, answer in zip(records, answers)]
@@ -286,6 +292,9 @@ def infer(options: InferOptions) -> list[dict[str, Any]]:
         print(f"{_shown_source(row)}: {row['question']} -> {row['answer']}")
     if options.output_file:
         _write_answers(options.output_file, results)
+    if options.explain:
+        page = write_read_maps(options, model, tokenizer, collator, records, answers, results)
+        print(f"wrote the read maps and {page}")
     return results
 
 

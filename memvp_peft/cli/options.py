@@ -277,6 +277,8 @@ class InferOptions:
     batch_size: int = field(default=16, metadata={"help": "Images answered per batch."})
     max_new_tokens: Optional[int] = field(default=None, metadata={"help": "Maximum answer length in tokens (default: 16; 1 for --dataset scienceqa, whose answer is the letter after 'The answer is', as the authors score it)."})
     output_file: Optional[str] = field(default=None, metadata={"help": "Write the answers as JSONL here."})
+    explain: Optional[str] = field(default=None, metadata={"help": "Write read maps into this folder (new or empty): for every answered image, heat maps of what each answer token's FFNs read from the memory, over the image, and an index.html showing them all (opens offline). Decoder-only bases; not with --dataset."})
+    explain_layers: Optional[str] = field(default=None, metadata={"help": "With --explain: the reading layers (depth indices, comma-separated, e.g. 0,1) whose reads the maps add up (default: all)."})
 
     def __post_init__(self) -> None:
         _check_ranges(self, {"batch_size": (_positive, "> 0"), "max_new_tokens": (_positive, "> 0"),

@@ -21,6 +21,11 @@ builds it (`resolve_read`, like peft's LoRA variants) and called by the forward 
   set to zero before the product with `V`, so each text token keeps only the visual slots it responds to most. The
   authors' code uses `drop_ratio = 0.1` and applies no dropout to the scores.
 
+**Observing the reads.** A reading layer hands the scores it keeps (after the read and the drop, before the
+dropout) to its `memvp_observer` when one is set -- `memvp_peft.explain.record_reads` records them, `exclude_slots`
+zeroes chosen slots -- and otherwise pays one None check: a class-level None, set on instances only inside those
+context managers.
+
 **Rows of different lengths.** A memory built from rows of different numbers of visual tokens
 (`visual_inputs.VisualTokens`) has empty slots: keys and values exactly zero (`memory.VisualMemory`), so whatever a
 read scores there, `score * 0` adds exactly nothing -- no read needs to mask anything for that. Only the drop looks
@@ -158,6 +163,16 @@ def keep_all_scores(scores: torch.Tensor, slots: Optional[torch.Tensor] = None) 
     return scores
 
 
+class ReadObserver(Protocol):
+    """What a layer's `memvp_observer` is: called once per active adapter and forward of a reading layer
+    (`FFNMemoryLayer`, `ValueMemoryLayer`) with the layer, the adapter, the kept scores `a` (B, T, n) and the values
+    V it reads them with ((B, n, d), or the shared (n, d)); returns the scores to read V with -- the same tensor to
+    observe, another (same shape) to intervene, e.g. to exclude slots from the read."""
+
+    def __call__(self, layer: "MemVPLayer", adapter_name: str, scores: torch.Tensor,
+                 values: torch.Tensor) -> torch.Tensor: ...
+
+
 # ---------------------------------------------------------------------------------------------------- the reads
 
 
@@ -242,6 +257,12 @@ class MemVPLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("memvp_dropout",)
     other_param_names = ("memvp_scale", "memvp_num_slots", "memvp_read")
+
+    #: An optional `ReadObserver` (`memvp_peft.explain`): called with the scores each read keeps, after the read's
+    #: activation (and ADEM-VL's drop) and before the dropout, and returning the scores to read V with. A class-level
+    #: None, so "off" is one attribute lookup and one None check on the hot path; `explain.record_reads` sets it on
+    #: the instances it observes and deletes it again on exit.
+    memvp_observer: Optional["ReadObserver"] = None
 
     def __init__(self, base_layer: nn.Module, runtime: MemorySource) -> None:
         super().__init__()
@@ -332,6 +353,8 @@ class FFNMemoryLayer(MemVPLayer):
         for name, keys, values, slots in self._memories(xb):
             read = self.memvp_read[name]
             scores = read.select(read.scores(self, name, xb, keys), slots=slots)
+            if self.memvp_observer is not None:
+                scores = self.memvp_observer(self, name, scores, values)
             result = add_memory_read(result, self._dropout(name, scores), values, self.memvp_scale[name])
         return result
 
@@ -376,6 +399,9 @@ class ValueMemoryLayer(MemVPLayer):
         for name, _, values, slots in memories:
             scores = self._batched(h[..., offset : offset + self.memvp_num_slots[name]])
             offset += self.memvp_num_slots[name]
-            scores = self._dropout(name, self.memvp_read[name].select(scores, slots=slots)).to(values.dtype)
+            scores = self.memvp_read[name].select(scores, slots=slots)
+            if self.memvp_observer is not None:
+                scores = self.memvp_observer(self, name, scores, values)
+            scores = self._dropout(name, scores).to(values.dtype)
             result = add_memory_read(result, scores, values, self.memvp_scale[name])
         return result

@@ -50,6 +50,8 @@ NOT_RUN = {
                                      "with --quick)",
     "memvp_peft/bench/gpu.sh": "the prepared GPU run: needs a CUDA GPU",
     "/tmp/fc/": "the feature-cache timings: a CLIP folder the section's text makes, absolute /tmp paths",
+    "memvp_peft.cli.faithfulness": "a minutes-long measurement that writes docs/explain on fully trained adapters "
+                                   "(tests/explain/test_faithfulness.py checks the read maps' faithfulness on a small one)",
 }
 #: pages whose commands use an adapter a command on another page made -> that command, run first
 PAGE_SETUP = {"docs/inference.md": ["memvp-train"]}
