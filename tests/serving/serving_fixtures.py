@@ -47,8 +47,9 @@ def qwen2_base(tokenizer: Any) -> Any:
     return model
 
 
-def build_models(root: str, base: Callable[[Any], Any] = llama_base) -> dict[str, str]:
-    """Base folder (`base(tokenizer)` saved), vision tower folder and adapter folder under `root`; their paths."""
+def build_models(root: str, base: Callable[[Any], Any] = llama_base, memory_std: float = 2.0) -> dict[str, str]:
+    """Base folder (`base(tokenizer)` saved), vision tower folder and adapter folder (memory tensors of standard
+    deviation `memory_std`) under `root`; their paths."""
     from peft import get_peft_model
 
     from memvp_peft import MemVPConfig
@@ -71,7 +72,7 @@ def build_models(root: str, base: Callable[[Any], Any] = llama_base) -> dict[str
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "memvp_memory" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 2.0)
+                param.copy_(torch.randn(param.shape, generator=generator) * memory_std)
     peft_model.save_pretrained(paths["adapter"])
     with open(os.path.join(paths["adapter"], "memvp_cli.json"), "w") as handle:
         json.dump({"vision_model_name_or_path": paths["clip"], "featurizer": None, "kind": "causal",
