@@ -13,13 +13,20 @@ the bank is `(max_num_seqs + 1, n, d)` for K and for V, allocated once (static s
   their features when they return. A batch never holds more than `max_num_seqs` requests, so a slot is always found.
 * The runner's request-removal hook frees a finished request's slot.
 
+Tensor parallelism shards the memory slots the way vLLM shards an FFN's intermediate neurons (`SlotShard`): the read
+`s * act(x K^T) V` is an FFN whose first matrix is K and second is V, with an elementwise activation, so each of `tp`
+ranks holds `ceil(n / tp)` slots of every K and V (and of `p_k`, `p_v`), projects only the visual tokens that land on
+them, and its partial read sums exactly with the others' -- in the all-reduce of `down_proj`'s partial sums
+(`model.py`). When `tp` does not divide `n`, the last rank's extra slots are padding with K = V = 0: their read
+`act(x 0^T) 0` is exactly zero for any activation.
+
 The keys and values are computed exactly as `tuner.memory.VisualMemory` computes them (the projector in float32,
 `* lambda`, zero-padded to n slots, `+ p_k` / `+ p_v`), then cast to the model's dtype, as the HF layers cast them.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +38,31 @@ from .adapter import ServingAdapter
 PREFIX = "memvp_bank"
 
 
+class SlotShard(NamedTuple):
+    """Which of the memory's `n` slots one tensor-parallel rank holds: `[start, start + size)` of `ceil(n / tp)`."""
+
+    rank: int
+    world_size: int
+
+    def size(self, num_slots: int) -> int:
+        """Slots per rank (the last rank's beyond `num_slots` are zero padding)."""
+        return -(-num_slots // self.world_size)
+
+    def start(self, num_slots: int) -> int:
+        """The first slot this rank holds."""
+        return self.rank * self.size(num_slots)
+
+    def rows(self, tensor: torch.Tensor, num_slots: int) -> torch.Tensor:
+        """This rank's rows of a `(rows <= num_slots, d)` tensor, zero-padded to `size(num_slots)` rows."""
+        start, size = self.start(num_slots), self.size(num_slots)
+        own = tensor[start:start + size]
+        return F.pad(own, (0, 0, 0, size - own.shape[0]))
+
+
+#: one device, all slots
+WHOLE = SlotShard(0, 1)
+
+
 class MemoryBank(nn.Module):
     """Projector, position embeddings and the `(slots, n, d)` keys/values of the running requests (module docstring).
 
@@ -38,33 +70,41 @@ class MemoryBank(nn.Module):
     filling the slots of requests seen for the first time (or evicted since)."""
 
     def __init__(self, adapter: ServingAdapter, max_num_seqs: int, dtype: torch.dtype,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, shard: SlotShard = WHOLE) -> None:
         super().__init__()
+        if not 0 <= shard.rank < shard.world_size:
+            raise ValueError(f"MemVP: tensor-parallel rank {shard.rank} of {shard.world_size} ranks.")
         self.visual_dim = adapter.visual_dim
         self.num_slots = adapter.num_slots
+        self.shard = shard
+        self.local_slots = shard.size(adapter.num_slots)
         self.visual_scale = adapter.visual_scale
         hidden = adapter.tensors["projector.0.weight"].shape[0]
         self.projector = nn.Sequential(nn.Linear(adapter.visual_dim, hidden), nn.SiLU(),
                                        nn.Linear(hidden, adapter.model_dim)).to(device=device, dtype=torch.float32)
-        self.key_pos = nn.Parameter(torch.zeros(adapter.num_slots, adapter.model_dim, device=device),
+        self.key_pos = nn.Parameter(torch.zeros(self.local_slots, adapter.model_dim, device=device),
                                     requires_grad=False)
-        self.value_pos = nn.Parameter(torch.zeros(adapter.num_slots, adapter.model_dim, device=device),
+        self.value_pos = nn.Parameter(torch.zeros(self.local_slots, adapter.model_dim, device=device),
                                       requires_grad=False)
         self.projector.requires_grad_(False)
-        shape = (max_num_seqs + 1, adapter.num_slots, adapter.model_dim)
+        shape = (max_num_seqs + 1, self.local_slots, adapter.model_dim)
         self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self._slot_of: dict[str, int] = {}
         self._free = list(range(max_num_seqs, 0, -1))  # popped from the end: slot 1 first
 
     def load_adapter(self, adapter: ServingAdapter) -> set[str]:
-        """Copy the adapter's tensors in and write the text-only memory into slot 0; the loaded parameter names."""
+        """Copy the adapter's tensors in (of `p_k`, `p_v` this rank's slots) and write the text-only memory into slot
+        0; the loaded parameter names."""
         own = {"projector.0.weight": self.projector[0].weight, "projector.0.bias": self.projector[0].bias,
                "projector.2.weight": self.projector[2].weight, "projector.2.bias": self.projector[2].bias,
                "key_pos": self.key_pos, "value_pos": self.value_pos}
         with torch.no_grad():
             for name, parameter in own.items():
-                parameter.copy_(adapter.tensors[name].to(torch.float32))
+                tensor = adapter.tensors[name].to(torch.float32)
+                if name in ("key_pos", "value_pos"):
+                    tensor = self.shard.rows(tensor, self.num_slots)
+                parameter.copy_(tensor)
             self.keys[0].copy_(self.key_pos)
             self.values[0].copy_(self.value_pos)
         return {f"{PREFIX}.{name}" for name in own}
@@ -116,11 +156,13 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def memory_of(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(K, V)` of one request, `(n, d)` in float32, from its `(tokens, visual_dim)` features."""
+        """`(K, V)` of one request, of this rank's slots (`(n, d)` on one device) in float32, from its
+        `(tokens, visual_dim)` features: token i fills slot i, so a rank projects only the tokens of its slots."""
         weight = self.projector[0].weight
-        features = features.to(device=weight.device, dtype=weight.dtype)
-        projected = self.projector(features[None]) * self.visual_scale
-        padded = F.pad(projected, (0, 0, 0, self.num_slots - projected.shape[1]))[0]
+        start = self.shard.start(self.num_slots)
+        own = features.to(device=weight.device, dtype=weight.dtype)[start:start + self.local_slots]
+        projected = self.projector(own[None]) * self.visual_scale  # (1, tokens on this rank, d); may be 0 tokens
+        padded = F.pad(projected, (0, 0, 0, self.local_slots - own.shape[0]))[0]
         return padded + self.key_pos, padded + self.value_pos
 
     def _fill(self, slot: int, features: torch.Tensor) -> None:

@@ -18,19 +18,25 @@ Why the model runs its own loop over the decoder layers instead of calling the b
 the read needs the plan, which is Python state of this forward; vLLM's `support_torch_compile` (and CUDA graphs)
 would freeze it into the traced graph and replay one batch's slots for every later batch -- silently wrong. The loop
 calls the layers' own submodules in the order their `forward` does (`LAYER_STEPS`, checked by a guard test), so the
-model runs eagerly and stays exact. Pipeline and tensor parallelism are refused (docs/serving.md: the sharded read
-design).
+model runs eagerly and stays exact.
+
+Tensor parallelism: the read is an FFN whose neurons are the memory slots (K its first matrix, V its second, the
+activation elementwise per slot), so it is sharded as vLLM shards the FFN's intermediate neurons. Each rank holds its
+`ceil(n / tp)` slots of the bank (`bank.SlotShard`), adds its partial read `s * act(x K_r^T) V_r` to `down_proj`'s
+partial sum, and the layer all-reduces once: `down_proj` is told not to reduce (`reduce_results=False`, a
+RowParallelLinear option it reads at every forward) and the model reduces the sum of both. Exact, no extra
+communication, the bank's memory divided by tp. Pipeline parallelism is refused.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, NamedTuple, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from .adapter import check_base
-from .bank import PREFIX, MemoryBank
+from .bank import PREFIX, MemoryBank, SlotShard
 from .processor import FEATURES_KEY, adapter_folder_of, build_processor_classes, served_adapter
 from .runner_hook import check_runner, install_runner_hook
 
@@ -84,13 +90,38 @@ def add_memory_read(x: torch.Tensor, out: torch.Tensor, plan: ReadPlan, bank: Me
     return out
 
 
-def _refuse_parallelism() -> None:
-    from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+def _slot_shard() -> SlotShard:
+    """This worker's share of the memory slots (its tensor-parallel rank); pipeline parallelism is refused."""
+    from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
-    tp, pp = get_tensor_model_parallel_world_size(), get_pp_group().world_size
-    if tp > 1 or pp > 1:
-        raise ValueError(f"MemVP serving runs on one device (tensor_parallel_size={tp}, pipeline_parallel_size={pp} "
-                         "asked): the sharded memory read is designed (docs/serving.md) but not implemented.")
+    pp = get_pp_group().world_size
+    if pp > 1:
+        raise ValueError(f"MemVP serving does not implement pipeline parallelism (pipeline_parallel_size={pp} asked): "
+                         "use tensor_parallel_size instead, or one device.")
+    return SlotShard(get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+
+
+def _unreduced(partial_sum: torch.Tensor) -> torch.Tensor:
+    """One device: the FFN's output plus the read is already whole."""
+    return partial_sum
+
+
+def ffn_reduce(layers: Iterable[nn.Module], world_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """How a layer completes `MLP(x) + read` across ranks: with tp > 1 every layer's `down_proj` stops reducing its
+    partial sum (the read is added to it first) and the returned all-reduce does it once, after the addition."""
+    if world_size == 1:
+        return _unreduced
+    from vllm.distributed import tensor_model_parallel_all_reduce
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    downs = [getattr(getattr(layer, "mlp", None), "down_proj", None) for layer in layers]
+    for index, down in enumerate(downs):
+        if not isinstance(down, RowParallelLinear) or not down.reduce_results:
+            raise ValueError(f"MemVP serving with tensor parallelism needs every layer's FFN to end in a reducing "
+                             f"RowParallelLinear `mlp.down_proj`; layer {index} has {type(down).__name__}.")
+    for down in downs:  # its bias (if any) is added on rank 0 only: the one all-reduce after the read adds it once
+        down.reduce_results = False
+    return tensor_model_parallel_all_reduce
 
 
 def _refuse_cudagraphs(vllm_config: Any) -> None:
@@ -114,7 +145,7 @@ class MemVPMixin:
 
         check_runner()
         install_runner_hook()  # normally done by the plugin; raises on an untested vLLM
-        _refuse_parallelism()
+        shard = _slot_shard()
         _refuse_cudagraphs(vllm_config)
         config = vllm_config.model_config.hf_config
         self.memvp_adapter = served_adapter(adapter_folder_of(config))
@@ -126,7 +157,8 @@ class MemVPMixin:
         self.memvp_activation = ACT2FN[self.memvp_adapter.activation or config.hidden_act]
         self.memvp_scale = self.memvp_adapter.memory_scale
         self.memvp_bank = MemoryBank(self.memvp_adapter, vllm_config.scheduler_config.max_num_seqs,
-                                     vllm_config.model_config.dtype)
+                                     vllm_config.model_config.dtype, shard=shard)
+        self.memvp_reduce = ffn_reduce(self.model.layers, shard.world_size)
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> Optional[str]:
@@ -163,8 +195,8 @@ class MemVPMixin:
                 hidden, residual = layer.input_layernorm(hidden, residual)
             hidden = layer.self_attn(positions=positions, hidden_states=hidden)
             hidden, residual = layer.post_attention_layernorm(hidden, residual)
-            hidden = add_memory_read(hidden, layer.mlp(hidden), plan, self.memvp_bank, self.memvp_activation,
-                                     self.memvp_scale)
+            hidden = self.memvp_reduce(add_memory_read(hidden, layer.mlp(hidden), plan, self.memvp_bank,
+                                                       self.memvp_activation, self.memvp_scale))
         hidden, _ = model.norm(hidden, residual)
         return hidden
 
@@ -205,4 +237,4 @@ def __getattr__(name: str) -> type:
 
 
 __all__ = ["BASES", "LAYER_STEPS", "MemVPMixin", "ReadPlan", "memvp_architecture", "memvp_model_class", "read_plan",
-           "add_memory_read", "PREFIX"]
+           "add_memory_read", "ffn_reduce", "PREFIX"]

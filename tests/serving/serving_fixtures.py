@@ -1,12 +1,13 @@
-"""What the serving tests serve: a tiny Llama (head_dim 64, which vLLM's CPU attention needs) with a word tokenizer
-and a chat template, a tiny CLIP tower, and a MemVP adapter with trained-like weights (projector, p_k and p_v
-randomised so that the memory changes the answers) -- and the reference: memvp-peft's own HF `generate()`."""
+"""What the serving tests serve: a tiny Llama (head_dim 64, which vLLM's CPU attention needs; or a tiny Qwen2 of the
+same shape, `qwen2_base`) with a word tokenizer and a chat template, a tiny CLIP tower, and a MemVP adapter with
+trained-like weights (projector, p_k and p_v randomised so that the memory changes the answers) -- and the
+reference: memvp-peft's own HF `generate()`."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -19,18 +20,45 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }} : "
                  "{% endif %}{% endfor %}{% endif %} {% endfor %}{% if add_generation_prompt %}assistant : {% endif %}")
 
 
-def build_models(root: str) -> dict[str, str]:
-    """Base folder, vision tower folder and adapter folder under `root`; returns their paths."""
+def llama_base(tokenizer: Any) -> Any:
+    """The tiny Llama: width 128, 2 layers, 2 heads of 64 over 1 key/value head."""
+    from memvp_peft.demo_models import tiny_llama
+
+    return tiny_llama(tokenizer, hidden_size=128, layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=512, seed=3)
+
+
+def qwen2_base(tokenizer: Any) -> Any:
+    """A tiny Qwen2 of the Llama's shape, with Qwen2's q/k/v biases randomised (they start at zero) so that vLLM's
+    loading of them is checked too."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(5)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         tie_word_embeddings=False, initializer_range=0.1, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = Qwen2ForCausalLM(config)
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                projection.bias.copy_(torch.randn(projection.bias.shape, generator=generator) * 0.5)
+    return model
+
+
+def build_models(root: str, base: Callable[[Any], Any] = llama_base, memory_std: float = 2.0) -> dict[str, str]:
+    """Base folder (`base(tokenizer)` saved), vision tower folder and adapter folder (memory tensors of standard
+    deviation `memory_std`) under `root`; their paths."""
     from peft import get_peft_model
 
     from memvp_peft import MemVPConfig
-    from memvp_peft.demo_models import build_word_tokenizer, tiny_clip, tiny_llama
+    from memvp_peft.demo_models import build_word_tokenizer, tiny_clip
 
     paths = {name: os.path.join(root, name) for name in ("base", "clip", "adapter")}
     tokenizer = build_word_tokenizer([" ".join(WORDS), "user assistant system :"])
     tokenizer.chat_template = CHAT_TEMPLATE
-    model = tiny_llama(tokenizer, hidden_size=128, layers=2, num_attention_heads=2, num_key_value_heads=1,
-                       max_position_embeddings=512, seed=3)
+    model = base(tokenizer)
     with torch.no_grad():  # a sharper base: greedy answers depend on the input, not on a flat distribution
         model.lm_head.weight.mul_(8.0)
     model.save_pretrained(paths["base"])
@@ -44,7 +72,7 @@ def build_models(root: str) -> dict[str, str]:
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "memvp_memory" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 2.0)
+                param.copy_(torch.randn(param.shape, generator=generator) * memory_std)
     peft_model.save_pretrained(paths["adapter"])
     with open(os.path.join(paths["adapter"], "memvp_cli.json"), "w") as handle:
         json.dump({"vision_model_name_or_path": paths["clip"], "featurizer": None, "kind": "causal",
@@ -57,13 +85,15 @@ class Reference:
 
     def __init__(self, paths: dict[str, str]) -> None:
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
         import memvp_peft  # noqa: F401  (registers MEMVP)
 
         base = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.float32)
         self.model = PeftModel.from_pretrained(base, paths["adapter"]).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(paths["base"])
+        # the word tokenizer as saved: AutoTokenizer would take a Qwen2 base's own tokenizer class, whose
+        # pre-tokenizer splits the words differently (the engine tests pass token ids, never text)
+        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(paths["base"])
 
     def generate(self, prompt_ids: list[int], features: Optional[list[torch.Tensor]] = None,
                  max_new_tokens: int = 8) -> list[int]:
@@ -105,3 +135,30 @@ def digit_image(index: int):
 
 def random_features(seed: int, tokens: int) -> torch.Tensor:
     return torch.randn(tokens, VISUAL_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def prompt_ids(reference: Reference, seed: int, length: int) -> list[int]:
+    """A prompt of exactly `length` token ids (bos included), different for each seed."""
+    ids = reference.tokenizer.encode(" ".join(f"w{(seed * 13 + 7 * j) % 120}" for j in range(length - 1)))
+    assert len(ids) == length
+    return ids
+
+
+def engine_request(prompt: list[int], images: list) -> dict:
+    """vLLM's request of a prompt with its images' features (none: a text-only request)."""
+    return {"prompt_token_ids": prompt, "multi_modal_data": {"image": images}} if images else \
+        {"prompt_token_ids": prompt}
+
+
+def greedy_answers(llm: Any, requests: list[dict], max_tokens: int = 8) -> list[list[int]]:
+    """vLLM's greedy token ids for each request (one batch), as many as `max_tokens` each."""
+    from vllm import SamplingParams
+
+    outputs = llm.generate(requests, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                           use_tqdm=False)
+    return [list(output.outputs[0].token_ids) for output in outputs]
+
+
+def shut_down(llm: Any) -> None:
+    """Stop the engine's processes now (not at garbage collection), so the next engine has the cores."""
+    llm.llm_engine.engine_core.shutdown()
