@@ -46,7 +46,7 @@ from .measure import cpu_name
 ABLATION_TASKS = ("digits", "digits-grid", "digits-sequence")
 #: `memvp-train`'s learning rate for the digit tasks on the embedded base (`cli.train.default_learning_rate`)
 DEFAULT_LR = 3e-2
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = 200
 QUICK_STEPS = 3
 #: `memvp-train`'s batch, warm-up share and gradient clipping (its options' and the HF Trainer's defaults)
 BATCH_SIZE = 32
@@ -297,7 +297,7 @@ def run_ablations(args: argparse.Namespace) -> dict[str, Any]:
     held_out = QUICK_HELD_OUT if args.quick else None
     jobs: list[Job] = [(task, seed, v.name, steps, lr, held_out)
                        for task in args.ablation_tasks for seed in args.seeds for v in variants]
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     progress = tqdm(total=len(jobs), desc="ablations", unit="run", dynamic_ncols=True, disable=args.no_progress)
     runs = []
     if args.workers > 1:
@@ -317,8 +317,19 @@ def run_ablations(args: argparse.Namespace) -> dict[str, Any]:
     runs.sort(key=lambda r: position[r["task"], r["seed"], r["variant"]])
     meta = _meta(args, variants, steps, lr)
     meta["wall_time_s"] = round(time.perf_counter() - started, 1)
+    meta["cpu_time_s"] = round(_cpu_seconds() - cpu_started, 1)
+    meta["load_average"] = [round(value, 2) for value in os.getloadavg()] if hasattr(os, "getloadavg") else None
     return {"meta": meta, "variants": [_describe(v) for v in variants], "runs": runs,
             "summary": summarise(runs, [v.name for v in variants])}
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its finished workers: what the ablation costs whatever
+    else the machine runs (its wall time on a shared machine depends on the others)."""
+    import resource
+
+    return sum(item.ru_utime + item.ru_stime
+               for item in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def _describe(variant: Variant) -> dict[str, Any]:
@@ -390,7 +401,8 @@ def ablations_markdown(report: dict[str, Any]) -> str:
         f"`{meta['command']}` -- {meta['budget']}; seeds {', '.join(map(str, meta['seeds']))}. Base: {meta['base']}. "
         f"Default MemVP: {meta['default_memvp']}. Accuracy: {meta['scoring']}. {meta['processor']}, "
         f"{meta['workers']} worker process(es) of {meta['torch_threads']} thread(s), torch {meta['torch']}; wall time "
-        f"{meta['wall_time_s']:.0f} s.",
+        f"{meta['wall_time_s']:.0f} s, CPU time {meta['cpu_time_s']:.0f} s (load average at the end: "
+        f"{meta['load_average']}).",
     ]
     for task in meta["tasks"]:
         lines += ["", f"## {task}", "",
