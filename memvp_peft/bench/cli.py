@@ -107,7 +107,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                           f"(default {DEFAULT_STEPS}; quick: {QUICK_STEPS})")
     acc.add_argument("--lr", type=float, nargs="+", default=None,
                      help="peak learning rates tried for both methods (default 0.003 0.01 0.03); validation accuracy "
-                          f"picks one per method. With --ablations: the one lr of every variant (default {DEFAULT_LR})")
+                          "picks one per method. With --ablations: the one lr of every variant "
+                          f"(default {DEFAULT_LR})")
     acc.add_argument("--acc_batch_size", type=int, default=32)
     acc.add_argument("--acc_hidden_size", type=int, default=128)
     acc.add_argument("--acc_extra_slots", type=int, default=16, help="MemVP slots beyond the 16 visual tokens")
