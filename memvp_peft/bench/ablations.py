@@ -10,7 +10,8 @@ the image fills (`pool_kernel=2`: every image's 4x4 patch grid pooled to 2x2) an
 * the task, base, tokenizer, collator, memory size and optimisation of `memvp-train`'s embedded default
   (`cli.train.build_embedded_base`, `cli.visual_input.build_collator` / `memory_slots`; AdamW(0.9, 0.95), weight
   decay 0.02, 10% warm-up then cosine, gradient clipping at 1.0, batch 32), with one learning rate and one number of
-  steps for every variant;
+  steps for every variant (one difference: the decay reaches every trainable tensor, where the HF Trainer spares the
+  projector's two biases);
 * per seed, the seed's split, random base, adapter start and batch order are the same for every variant (the seed
   plays the part it plays in `memvp-train --seed`).
 
