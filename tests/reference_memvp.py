@@ -13,7 +13,8 @@ with f = Linear -> SiLU -> Linear. Text-only batches (no features) use K = p_k, 
 The tests compute it one row at a time and compare each row of a padded batch with it.
 
 * GLU FFNs (Llama & co.): a forward hook on the whole `mlp` module; x is the mlp input, the read-out is added to its
-  output; act = the mlp's own activation (`act_fn`, Phi3's `activation_fn`) unless `config.activation` overrides it.
+  output; act = the mlp's own activation (`act_fn`, Phi3's `activation_fn`) unless `config.activation` overrides it,
+  or no activation at all (`s * (x K^T) V`) when `config.memory_activation` is "identity".
 * Plain FFNs (GPT-2 `mlp.c_fc/c_proj`, OPT `fc1/fc2`): deliberately *not* via concatenation -- a hook captures the
   input x of W1 and another adds `s * act(x K^T) V` to the output of W2, act being the model's activation module
   (GPT-2 `mlp.act`, OPT `layer.activation_fn`). OPT flattens the tokens to (B*T, d) before fc1; the hook reshapes
@@ -115,6 +116,11 @@ def reference_memory(
     return u + key_pos, u + value_pos
 
 
+def _no_activation(scores: torch.Tensor) -> torch.Tensor:
+    """`memory_activation="identity"`: the scores x K^T are read as they are."""
+    return scores
+
+
 def _memory_read(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, act: Callable, scale: float) -> torch.Tensor:
     return scale * torch.matmul(act(torch.matmul(x, keys.transpose(-1, -2))), values)
 
@@ -151,6 +157,8 @@ def reference_logits(
     scale = float(config.memory_scale)
     batch = input_ids.shape[0]
     override = None if config.activation is None else _ACTIVATIONS[config.activation]
+    if getattr(config, "memory_activation", "ffn") == "identity":
+        override = _no_activation
 
     for index in selected:
         layer = stack[index]

@@ -3,6 +3,7 @@
     python -m memvp_peft.bench                       # 3x3 sweep N in {64,256,576} x T in {32,64,256}, B=4
     python -m memvp_peft.bench --quick               # CI smoke: tiny model, one point, one repeat (< 30 s)
     python -m memvp_peft.bench --accuracy            # accuracy at equal budget on scikit-learn's real digits
+    python -m memvp_peft.bench --ablations           # MemVP's knobs one at a time on the digit tasks, 3 seeds
     python -m memvp_peft.bench --profile             # + torch.profiler tables of MemVP vs text-only (one point)
     python -m memvp_peft.bench --decode_compare      # decode step: MemVP vs text only, its memory read's products
     python -m memvp_peft.bench --long_context        # cost vs memory size N up to 4,096 (tiles, frames)
@@ -44,9 +45,11 @@ layouts), `measure` (timers, peak memory, cache bytes on CPU and CUDA, and what 
 interleaved repeats at every point, once per depth, and the markdown and plots of the N x T grid and of
 ``--long_context``'s N up to 4,096, capped rows included), `cost_model` (what FLOPs predict, the paired ratios, the
 CPU, GPU and long-context targets, per-layer times and the full-depth extrapolation), `profiling` (``--profile``
-and ``--decode_compare``), `accuracy` (``--accuracy``) and `gpu_plan` (the prepared GPU run behind ``gpu.sh``).
+and ``--decode_compare``), `accuracy` (``--accuracy``), `ablations` (``--ablations``) and `gpu_plan` (the
+prepared GPU run behind ``gpu.sh``).
 """
 
+from .ablations import VARIANTS, ablations_markdown, plot_ablations, run_ablations
 from .accuracy import DIGIT_WORDS, PROMPT, accuracy_markdown, plot_accuracy, run_accuracy
 from .cli import DESCRIPTION, main, parse_args, run, write_outputs
 from .cost_model import (
@@ -62,6 +65,10 @@ from .profiling import profile_point, run_decode_compare
 from .sweep import long_context_markdown, markdown_report, plot_long_context, plot_report, run_sweep
 
 __all__ = [
+    "VARIANTS",
+    "ablations_markdown",
+    "plot_ablations",
+    "run_ablations",
     "ALL_METHODS",
     "LONG_CONTEXT_TARGETS",
     "MEMVP_FORMS",

@@ -1,5 +1,5 @@
 """`memvp-bench` / `python -m memvp_peft.bench`: the options, which mode runs (sweep, long context, profile, decode
-comparison, accuracy), and the files it writes.
+comparison, accuracy, ablations), and the files it writes.
 
 Defaults depend on the mode (``--quick`` shrinks the model and the grid, ``--accuracy`` uses one thread), so they
 are resolved here, once, and every mode reads the finished namespace. What cannot run is refused here too, before a
@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .ablations import (ABLATION_TASKS, DEFAULT_LR, DEFAULT_STEPS, QUICK_STEPS, VARIANT_NAMES, ablations_markdown,
+                        plot_ablations, run_ablations)
 from .accuracy import accuracy_markdown, plot_accuracy, run_accuracy
 from .cost_model import check_long_context_targets, long_context_ratios
 from .methods import (
@@ -106,9 +108,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     acc = parser.add_argument_group("accuracy at equal budget (--accuracy)")
     acc.add_argument("--accuracy", action="store_true",
                      help="run the digits accuracy comparison (MemVP vs input-space + LoRA) instead of the sweep")
-    acc.add_argument("--steps", type=int, default=None, help="training steps per method (default 1000; quick: 10)")
-    acc.add_argument("--lr", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2],
-                     help="peak learning rates tried for both methods; validation accuracy picks one per method")
+    acc.add_argument("--steps", type=int, default=None,
+                     help="training steps per method (default 1000; quick: 10) or, with --ablations, per variant "
+                          f"(default {DEFAULT_STEPS}; quick: {QUICK_STEPS})")
+    acc.add_argument("--lr", type=float, nargs="+", default=None,
+                     help="peak learning rates tried for both methods (default 0.003 0.01 0.03); validation accuracy "
+                          "picks one per method. With --ablations: the one lr of every variant "
+                          f"(default {DEFAULT_LR})")
     acc.add_argument("--acc_batch_size", type=int, default=32)
     acc.add_argument("--acc_hidden_size", type=int, default=128)
     acc.add_argument("--acc_extra_slots", type=int, default=16, help="MemVP slots beyond the 16 visual tokens")
@@ -121,6 +127,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     serve.add_argument("--serving_min_requests", type=int, default=8,
                        help="requests per timed point at least (every client sends two or more)")
     serve.add_argument("--kv_cache_gib", type=int, default=1, help="each engine's KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    abl = parser.add_argument_group("ablations of MemVP's knobs (--ablations)")
+    abl.add_argument("--ablations", action="store_true",
+                     help="instead of the sweep: train every variant (position embeddings, lambda, s, layers, slots, "
+                          "the read's activation) on the digit tasks at one budget over --seeds; accuracy and cost")
+    abl.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of every variant (default 0 1 2; "
+                     "quick: 0); each picks the split, base, adapter start and batch order, as memvp-train --seed")
+    abl.add_argument("--ablation_tasks", nargs="+", choices=ABLATION_TASKS, default=list(ABLATION_TASKS),
+                     help="the built-in tasks (default: all three)")
+    abl.add_argument("--variants", nargs="+", choices=VARIANT_NAMES, default=list(VARIANT_NAMES),
+                     help="the variants (default: all)")
+    abl.add_argument("--workers", type=int, default=None,
+                     help="processes that take the runs in parallel, --threads each (default: 2 where the machine "
+                          "has 2 cores or more, else 1; quick: 1)")
     args = parser.parse_args(argv)
     if args.serving:
         problem = _serving_problem(args)
@@ -157,7 +176,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.repeats = 1 if quick else 5
     if args.visual_dim is None:
         args.visual_dim = 32 if quick else 1024
-    if args.accuracy:
+    problem = _ablations_problem(args)
+    if problem:
+        parser.error(problem)
+    if args.lr is None:
+        args.lr = [3e-3, 1e-2, 3e-2]
+    if args.accuracy or args.ablations:
         args.threads = args.threads or 1  # tiny matrices: one thread beats two that wait on each other
     elif quick:
         args.threads = args.threads or 1
@@ -170,8 +194,8 @@ def _serving_problem(args: argparse.Namespace) -> Optional[str]:
     """Fill in --serving's defaults (one N and one T, the concurrency levels); what cannot be combined with it."""
     others = [flag for flag, on in (("--accuracy", args.accuracy), ("--long_context", args.long_context),
                                     ("--decode_compare", args.decode_compare), ("--profile", args.profile),
-                                    ("--model_shape", args.model_shape), ("--model_name_or_path",
-                                                                          args.model_name_or_path)) if on]
+                                    ("--ablations", args.ablations), ("--model_shape", args.model_shape),
+                                    ("--model_name_or_path", args.model_name_or_path)) if on]
     if others:
         return f"--serving runs a sweep of its own on the built-in Llama shape: drop {' '.join(others)}"
     if args.device != "cpu":
@@ -188,6 +212,35 @@ def _serving_problem(args: argparse.Namespace) -> Optional[str]:
         args.repeats = 1 if args.quick else 3
     if args.quick:
         args.new_tokens = min(args.new_tokens, 8)
+    return None
+
+
+def _ablations_problem(args: argparse.Namespace) -> Optional[str]:
+    """Fill in --ablations' defaults (steps, one lr, seeds); what cannot be combined with it."""
+    if not args.ablations:
+        given = [flag for flag, on in (("--seeds", args.seeds is not None), ("--workers", args.workers is not None),
+                                       ("--ablation_tasks", args.ablation_tasks != list(ABLATION_TASKS)),
+                                       ("--variants", args.variants != list(VARIANT_NAMES))) if on]
+        return f"{' '.join(given)} belong to --ablations; add it (or drop them)" if given else None
+    others = [flag for flag, on in (("--accuracy", args.accuracy), ("--long_context", args.long_context),
+                                    ("--decode_compare", args.decode_compare), ("--profile", args.profile)) if on]
+    if others:
+        return f"--ablations is a mode of its own: drop {' '.join(others)}"
+    if args.lr is not None and len(args.lr) != 1:
+        return f"--ablations trains every variant at one learning rate; --lr got {len(args.lr)}: give one"
+    args.lr = args.lr or [DEFAULT_LR]
+    args.steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else DEFAULT_STEPS)
+    if args.steps < 1:
+        return f"--steps must be >= 1, got {args.steps}"
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    if len(set(args.seeds)) != len(args.seeds):
+        return f"--seeds must be distinct, got {' '.join(map(str, args.seeds))}"
+    if args.workers is None:
+        args.workers = 1 if args.quick else min(2, os.cpu_count() or 1)
+    if args.workers < 1:
+        return f"--workers must be >= 1, got {args.workers}"
+    args.ablation_tasks = list(dict.fromkeys(args.ablation_tasks))
+    args.variants = list(dict.fromkeys(args.variants))
     return None
 
 
@@ -264,6 +317,8 @@ def check_modes(args: argparse.Namespace) -> Optional[str]:
                 "profile with torch.profiler (ProfilerActivity.CUDA) or Nsight Systems around `memvp-bench`")
     if args.accuracy:
         return "--accuracy trains tiny digit models and runs on --device cpu only"
+    if args.ablations:
+        return "--ablations trains tiny digit models and runs on --device cpu only"
     return None
 
 
@@ -287,6 +342,11 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         report = run_serving(args)
         markdown = serving_markdown(report)
         paths = write_outputs(report, output_dir, "serving", markdown, plot_serving)
+        print(markdown)
+    elif args.ablations:
+        report = run_ablations(args)
+        markdown = ablations_markdown(report)
+        paths = write_outputs(report, output_dir, "ablations", markdown, plot_ablations)
         print(markdown)
     elif args.accuracy:
         report = run_accuracy(args)

@@ -34,7 +34,7 @@ from torch import nn
 
 from .targets import MEMORY_SIDES
 from .input_tokens import ADEM_VL_IMAGE_PREFIX, ADEM_VL_TEXT_ONLY_PREFIX, adem_vl_prefix_ids
-from .layer import MEMORY_READS
+from .layer import MEMORY_ACTIVATIONS, MEMORY_READS
 from .visual_inputs import memory_tokens, square_side
 from .save_load import (CONFIG_NAME, finish_in_place_save, recover_adapter_folder, replace_file,
                         staging_folder_inside, write_model_card)
@@ -321,6 +321,17 @@ class MemVPConfig(PeftConfig):
                 "How every FFN reads the memory: 'memvp' (default, the paper: act(x K^T) V with the FFN's own "
                 "activation) or 'adem' (ADEM-VL: silu(x) silu(K)^T V; needs whole-FFN wrappers, i.e. GLU FFNs such "
                 "as LLaMA's, and no `activation` override)."
+            )
+        },
+    )
+    memory_activation: str = field(
+        default="ffn",
+        metadata={
+            "help": (
+                "What MemVP's read applies to the scores x K^T: 'ffn' (default, the paper: the FFN's own activation, "
+                "or `activation`'s override) or 'identity' (none: s * (x K^T) V, a linear read -- the ablation of "
+                "the activation; needs whole-FFN wrappers, i.e. GLU FFNs such as LLaMA's, since a plain FFN's own "
+                "activation runs over the keys' scores inside W1/W2, and memory_read='memvp' with no `activation`)."
             )
         },
     )
@@ -676,6 +687,16 @@ def check_long_context(config: Any) -> None:
         )
     if config.memory_read not in MEMORY_READS:
         raise ValueError(f"MemVPConfig.memory_read must be one of {MEMORY_READS}, got {config.memory_read!r}.")
+    if config.memory_activation not in MEMORY_ACTIVATIONS:
+        raise ValueError(f"MemVPConfig.memory_activation must be one of {MEMORY_ACTIVATIONS} ('ffn': the FFN's own "
+                         f"activation, the paper; 'identity': none), got {config.memory_activation!r}.")
+    if config.memory_activation == "identity" and (config.memory_read != "memvp" or config.activation is not None):
+        given = (f"memory_read={config.memory_read!r}" if config.memory_read != "memvp"
+                 else f"activation={config.activation!r}")
+        raise ValueError(
+            f"MemVPConfig: memory_activation='identity' reads s * (x K^T) V with no activation at all, so {given} "
+            "would not be used: leave memory_read='memvp' and activation None, or memory_activation='ffn'."
+        )
     if config.memory_read == "adem" and config.activation is not None:
         raise ValueError(
             f"MemVPConfig: memory_read='adem' reads silu(x) silu(K)^T, so activation={config.activation!r} would "

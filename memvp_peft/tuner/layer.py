@@ -13,6 +13,9 @@ How an adapter reads the memory is an object, `MemoryRead`, picked once per adap
 builds it (`resolve_read`, like peft's LoRA variants) and called by the forward without asking which it is:
 
 * `MemVPRead` (the default, MEMVP_SPEC step 6): the scores are `act(x K^T)`, `act` being the FFN's own activation.
+* `IdentityRead` (`MemVPConfig(memory_activation="identity")`): MemVP's read with no activation, `x K^T` as the
+  scores -- the read becomes linear in x (the ablation of the activation). Only `FFNMemoryLayer` can read it: in a
+  plain FFN the FFN's own activation runs over the keys' scores between W1 and W2.
 * `AdemRead` (`MemVPConfig(memory_read="adem")`): ADEM-VL (Hao et al. 2024, arXiv 2410.17779, "adaptive and
   embedded fusion") puts the same projected image into the same place -- a memory read in parallel to every FFN --
   but reads it as a linear-attention-like product of two SiLU feature maps, `silu(x) silu(K)^T`. It needs the FFN's
@@ -206,17 +209,34 @@ class MemVPRead(MemoryRead):
         return layer.memvp_activation[adapter_name](memory_scores(x, keys))
 
 
+def check_whole_ffn(layer: "MemVPLayer", read: str, fix: str) -> None:
+    """Refuse a plain FFN's linear for a read that needs the FFN's input next to the whole FFN (`read` names it,
+    `fix` says what to do instead)."""
+    if not isinstance(layer, FFNMemoryLayer):
+        raise ValueError(
+            f"MemVP: {read} next to the FFN, which needs the whole FFN wrapped (GLU FFNs: Llama, Mistral, Qwen, Gemma, "
+            f"Phi-3, gated T5); {type(layer.base_layer).__name__} is one linear of a plain FFN, whose own activation "
+            f"would run over the memory scores. {fix}"
+        )
+
+
+class IdentityRead(MemoryRead):
+    """MemVP's read without an activation (`memory_activation="identity"`): the scores are `x K^T` as they are."""
+
+    def check_layer(self, layer: "MemVPLayer") -> None:
+        check_whole_ffn(layer, "memory_activation='identity' reads (x K^T) V", "Use memory_activation='ffn', or name "
+                        "the whole FFN modules in target_modules (with activation=...).")
+
+    def scores(self, layer: "FFNMemoryLayer", adapter_name: str, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return memory_scores(x, keys)
+
+
 class AdemRead(MemoryRead):
     """ADEM-VL's read `silu(x) silu(K)^T`, next to the whole FFN (see the module docstring)."""
 
     def check_layer(self, layer: "MemVPLayer") -> None:
-        if not isinstance(layer, FFNMemoryLayer):
-            raise ValueError(
-                "MemVP: memory_read='adem' reads silu(x) silu(K)^T next to the FFN, which needs the whole FFN wrapped "
-                f"(GLU FFNs: Llama, Mistral, Qwen, Gemma, Phi-3, gated T5); {type(layer.base_layer).__name__} is one "
-                "linear of a plain FFN, whose own activation would run over the memory scores. Use "
-                "memory_read='memvp', or name the whole FFN modules in target_modules (with activation=...)."
-            )
+        check_whole_ffn(layer, "memory_read='adem' reads silu(x) silu(K)^T", "Use memory_read='memvp', or name the "
+                        "whole FFN modules in target_modules (with activation=...).")
 
     def scores(self, layer: "FFNMemoryLayer", adapter_name: str, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """`silu(x) silu(K)^T` for x (B, T, d) and `silu(K)` (B, n, d) or the shared (n, d)."""
@@ -242,11 +262,19 @@ class AdemRead(MemoryRead):
 READS: dict[str, type[MemoryRead]] = {"memvp": MemVPRead, "adem": AdemRead}
 #: `MemVPConfig.memory_read` values
 MEMORY_READS = tuple(READS)
+#: `MemVPConfig.memory_activation` -> MemVP's read with that activation of the scores: the FFN's own (the paper) or
+#: none (the config allows 'identity' only with memory_read='memvp')
+ACTIVATED_READS: dict[str, type[MemoryRead]] = {"ffn": MemVPRead, "identity": IdentityRead}
+#: `MemVPConfig.memory_activation` values
+MEMORY_ACTIVATIONS = tuple(ACTIVATED_READS)
 
 
 def resolve_read(config: Any) -> MemoryRead:
-    """The read a `MemVPConfig` asks for (`memory_read`, `drop_ratio`)."""
-    return READS[getattr(config, "memory_read", "memvp")](float(getattr(config, "drop_ratio", 0.0)))
+    """The read a `MemVPConfig` asks for (`memory_read`, `memory_activation`, `drop_ratio`)."""
+    drop_ratio = float(getattr(config, "drop_ratio", 0.0))
+    if getattr(config, "memory_read", "memvp") == "memvp":
+        return ACTIVATED_READS[getattr(config, "memory_activation", "ffn")](drop_ratio)
+    return READS[config.memory_read](drop_ratio)
 
 
 # --------------------------------------------------------------------------------------------------- the layers
