@@ -44,6 +44,7 @@ _IMPLEMENTED = {
     "layers_to_transform": (None, "a memory in only some layers"),
     "exclude_modules": (None, "layers left without memory"),
     "modules_to_save": (None, "trained copies of base modules"),
+    "memory_activation": ("ffn", "the identity read of the ablations (memvp-bench --ablations)"),
 }
 #: what `activation` may name (None: the FFN's own); the names of `tuner.config.SUPPORTED_ACTIVATIONS`
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "relu", "relu2",

@@ -40,6 +40,7 @@ def test_served_pixel_features_equal_memvp_peft_features(models):
     ("pool_kernel", 2, "pool_kernel=2"),
     ("vision_adapter_dim", 12, "vision_adapter_dim=12"),
     ("layers_to_transform", [0], "layers_to_transform=[0]"),
+    ("memory_activation", "identity", "memory_activation='identity'"),
 ])
 def test_an_adapter_option_the_plugin_does_not_implement_is_refused_by_name(models, tmp_path, field, value, named):
     paths, _ = models
