@@ -308,8 +308,7 @@ async def _sweep(args: argparse.Namespace, setup: ServingSetup, progress: Any) -
     finally:
         for engine in engines.values():
             engine.shutdown()
-        engines.clear()  # released here, not by AsyncLLM.__del__ at interpreter exit (it fails there)
-        gc.collect()
+        engines.clear()
     return {"samples": samples, "engine_start_s": started, "methods": methods}
 
 
@@ -331,7 +330,8 @@ def summarize(sweep: dict[str, Any], setup: ServingSetup, args: argparse.Namespa
             runs = samples[(method.name, concurrency)]
             rows.append({
                 "method": method.name, "label": method.label, "concurrency": concurrency,
-                "requests": requests_at(concurrency, args), "prompt_tokens": method.sequence_tokens() - setup.new_tokens,
+                "requests": requests_at(concurrency, args),
+                "prompt_tokens": method.sequence_tokens() - setup.new_tokens,
                 "requests_per_s": _median(runs, "requests_per_s"),
                 "output_tokens_per_s": _median(runs, "output_tokens_per_s"),
                 "ttft_ms": _median(runs, "ttft_ms"), "latency_ms": _median(runs, "latency_ms"),
@@ -389,12 +389,15 @@ def run_serving(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="memvp-bench-serving-") as root:
         setup = ServingSetup(args, Path(root))
         points = args.repeats * len(args.concurrency) * len(SERVED_METHODS)
-        with tqdm(total=len(SERVED_METHODS) + (0 if args.quick else 1) + points, desc="serving", disable=args.no_progress) as progress:
+        engines = len(SERVED_METHODS) + (0 if args.quick else 1)
+        with tqdm(total=engines + points, desc="serving", disable=args.no_progress) as progress:
             sweep = asyncio.run(_sweep(args, setup, progress))
+        gc.collect()  # the engines' last references die with the event loop: release them here, not at exit
         report = summarize(sweep, setup, args)
     report["meta"] = {
         "command": "python -m memvp_peft.bench " + " ".join(args.argv),
-        "vllm": vllm.__version__, "vllm_platform": _platform(), "torch": torch.__version__, "python": platform.python_version(),
+        "vllm": vllm.__version__, "vllm_platform": _platform(), "torch": torch.__version__,
+        "python": platform.python_version(),
         "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "model": {**setup.shape, "architecture": setup.architecture, "dtype": "float32"},
         "N": setup.visual_tokens, "T": setup.text_tokens, "new_tokens": setup.new_tokens,
@@ -438,7 +441,8 @@ def serving_markdown(report: dict[str, Any]) -> str:
             f"{r['decode_ms_per_token']:.2f} | {r['kv_cache_bytes_per_request'] / 1024:.0f} | "
             f"{f'{bank / 1024:.0f}' if bank else '-'} |")
     lines += ["", "Ratios (median over the repeats of the per-repeat ratio):", "",
-              "| concurrency | requests/s MemVP / input-space | TTFT input-space / MemVP | requests/s text-only / MemVP "
+              "| concurrency | requests/s MemVP / input-space | TTFT input-space / MemVP "
+              "| requests/s text-only / MemVP "
               "| output tokens/s MemVP / input-space |", "|---|---|---|---|---|"]
     for r in report["ratios"]:
         lines.append(f"| {r['concurrency']} | {r['throughput_memvp_over_input']:.2f} | "
