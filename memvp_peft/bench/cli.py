@@ -16,7 +16,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
@@ -179,6 +179,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     problem = _ablations_problem(args)
     if problem:
         parser.error(problem)
+    others = [flag for flag, on in (("--accuracy", args.accuracy), ("--long_context", args.long_context),
+                                    ("--decode_compare", args.decode_compare)) if on]
+    if args.profile and others:
+        parser.error(f"--profile profiles the sweep's point; {' '.join(others)} is a mode of its own: drop one")
     if args.lr is None:
         args.lr = [3e-3, 1e-2, 3e-2]
     if args.accuracy or args.ablations:
@@ -323,6 +327,46 @@ def check_modes(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
+class Mode(NamedTuple):
+    """One of memvp-bench's modes: what it measures, how its report reads, its plot, and the files' stem."""
+
+    stem: str
+    measure: Callable[[argparse.Namespace], dict[str, Any]]
+    markdown: Callable[[dict[str, Any]], str]
+    plot: Optional[Callable[[dict[str, Any], Path], None]]
+
+
+def _timed_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    start = time.perf_counter()
+    report = run_sweep(args)
+    report["meta"]["wall_time_s"] = round(time.perf_counter() - start, 1)
+    return report
+
+
+def _long_context_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    report = _timed_sweep(args)
+    ratios = long_context_ratios(report["results"], report["meta"]["model"], args)
+    report["long_context"] = {"ratios": ratios, "targets": check_long_context_targets(ratios)}
+    return report
+
+
+def chosen_mode(args: argparse.Namespace) -> Mode:
+    """The mode the options picked (parse_args has already refused any two together)."""
+    if args.serving:
+        from .serving import plot_serving, run_serving, serving_markdown  # vLLM: the serving environment only
+
+        return Mode("serving", run_serving, serving_markdown, plot_serving)
+    if args.ablations:
+        return Mode("ablations", run_ablations, ablations_markdown, plot_ablations)
+    if args.accuracy:
+        return Mode("accuracy", run_accuracy, accuracy_markdown, plot_accuracy)
+    if args.long_context:
+        return Mode("long_context", _long_context_sweep, long_context_markdown, plot_long_context)
+    if args.decode_compare:
+        return Mode("decode_compare", run_decode_compare, decode_compare_markdown, None)
+    return Mode("benchmark", _timed_sweep, markdown_report, plot_report)
+
+
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run the chosen mode, write its JSON / markdown / PNG (and profiler files), print the markdown; the report
     (with the written ``paths``) is returned for callers such as the tests."""
@@ -337,47 +381,13 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     hf_logging.set_verbosity_error()  # generation-config chatter would break the progress bar
     # peft's get_peft_model probes transformers' deprecated `is_gradient_checkpointing`: nothing for a user to act on
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    if args.serving:
-        from .serving import plot_serving, run_serving, serving_markdown  # vLLM: the serving environment only
-
-        report = run_serving(args)
-        markdown = serving_markdown(report)
-        paths = write_outputs(report, output_dir, "serving", markdown, plot_serving)
-        print(markdown)
-    elif args.ablations:
-        report = run_ablations(args)
-        markdown = ablations_markdown(report)
-        paths = write_outputs(report, output_dir, "ablations", markdown, plot_ablations)
-        print(markdown)
-    elif args.accuracy:
-        report = run_accuracy(args)
-        markdown = accuracy_markdown(report)
-        paths = write_outputs(report, output_dir, "accuracy", markdown, plot_accuracy)
-        print(markdown)
-    elif args.long_context:
-        start = time.perf_counter()
-        report = run_sweep(args)
-        report["meta"]["wall_time_s"] = round(time.perf_counter() - start, 1)
-        info = report["meta"]["model"]
-        ratios = long_context_ratios(report["results"], info, args)
-        report["long_context"] = {"ratios": ratios, "targets": check_long_context_targets(ratios)}
-        markdown = long_context_markdown(report)
-        paths = write_outputs(report, output_dir, "long_context", markdown, plot_long_context)
-        print(markdown)
-    elif args.decode_compare:
-        report = run_decode_compare(args)
-        markdown = decode_compare_markdown(report)
-        paths = write_outputs(report, output_dir, "decode_compare", markdown, None)
-        print(markdown)
-    else:
-        start = time.perf_counter()
-        report = run_sweep(args)
-        report["meta"]["wall_time_s"] = round(time.perf_counter() - start, 1)
-        markdown = markdown_report(report)
-        paths = write_outputs(report, output_dir, "benchmark", markdown, plot_report)
-        print(markdown)
-        if args.profile:
-            paths.update(profile_point(args, output_dir))
+    mode = chosen_mode(args)
+    report = mode.measure(args)
+    markdown = mode.markdown(report)
+    paths = write_outputs(report, output_dir, mode.stem, markdown, mode.plot)
+    print(markdown)
+    if args.profile:
+        paths.update(profile_point(args, output_dir))
     print("wrote " + ", ".join(paths.values()))
     report["paths"] = paths
     return report

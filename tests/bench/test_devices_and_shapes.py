@@ -121,3 +121,8 @@ def test_vlm_shape_takes_n_from_the_image_size_and_refuses_conflicting_flags(cap
     assert "drop -N" in _refusal(capsys, ["--model_shape", "qwen2-vl-7b", "-N", "100", "--image_size", "64", "64"])
     assert "VLM shape" in _refusal(capsys, ["--model_shape", "llama-7b", "--image_size", "64", "64"])
     assert "positive width" in _refusal(capsys, ["--model_shape", "qwen2-vl-7b", "--image_size", "0", "64"])
+
+
+@pytest.mark.parametrize("mode", ["--accuracy", "--long_context", "--decode_compare"])
+def test_profile_is_refused_with_a_mode_that_would_not_profile(capsys, mode):
+    assert f"{mode} is a mode of its own" in _refusal(capsys, ["--profile", mode])
