@@ -50,6 +50,10 @@ NOT_RUN = {
                                      "with --quick)",
     "memvp_peft/bench/gpu.sh": "the prepared GPU run: needs a CUDA GPU",
     "/tmp/fc/": "the feature-cache timings: a CLIP folder the section's text makes, absolute /tmp paths",
+    "memvp-bench --ablations --output_dir": "the full ablations (3 tasks x 11 variants x 3 seeds, ~6 min on two idle "
+                                            "cores) that write docs/benchmarks/ablations; the page's --quick line runs",
+    "--seeds 0 1 2 3 4": "a minutes-long ablation over five seeds (tests/bench/test_ablations.py runs the same code "
+                         "with --quick)",
     "memvp_peft.cli.faithfulness": "a minutes-long measurement that writes docs/explain on fully trained adapters "
                                    "(tests/explain/test_faithfulness.py checks the read maps' faithfulness on a small one)",
 }
