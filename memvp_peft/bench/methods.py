@@ -157,6 +157,21 @@ def longest_sequence(args: argparse.Namespace) -> int:
     return max(args.num_visual_tokens) + max(args.text_lengths) + args.new_tokens + 8
 
 
+def built_in_shape(args: argparse.Namespace, layers: Optional[int] = None,
+                   quick_shape: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The built-in Llama's config fields: `DEFAULT_MODEL` (``--quick``: `quick_shape`, default `QUICK_MODEL`) with
+    ``--hidden_size`` (heads of 64), ``--intermediate_size``, ``--vocab_size`` and `layers` decoder layers."""
+    shape = dict((quick_shape or QUICK_MODEL) if args.quick else DEFAULT_MODEL)
+    for key in ("hidden_size", "intermediate_size", "vocab_size"):
+        if getattr(args, key) is not None:
+            shape[key] = getattr(args, key)
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
+    if args.hidden_size is not None:
+        shape["num_attention_heads"] = shape["num_key_value_heads"] = max(1, args.hidden_size // 64)
+    return shape
+
+
 def build_base_model(args: argparse.Namespace, layers: Optional[int] = None) -> nn.Module:
     """The frozen base on ``args.device`` in ``args.dtype``: a local HF causal LM (``--model_name_or_path``), a random
     base of a real model's shape (``--model_shape``), or a seeded random Llama of the chosen shape -- with `layers`
@@ -179,15 +194,7 @@ def build_base_model(args: argparse.Namespace, layers: Optional[int] = None) -> 
         config = shape_config(args.model_shape, layers or 1, longest_sequence(args), attn)
         model = instantiate(config, device, dtype)
     else:
-        shape = dict(QUICK_MODEL if args.quick else DEFAULT_MODEL)
-        for key, arg in (("hidden_size", "hidden_size"), ("intermediate_size", "intermediate_size"),
-                         ("vocab_size", "vocab_size")):
-            if getattr(args, arg) is not None:
-                shape[key] = getattr(args, arg)
-        if layers is not None:
-            shape["num_hidden_layers"] = layers
-        if args.hidden_size is not None:
-            shape["num_attention_heads"] = shape["num_key_value_heads"] = max(1, args.hidden_size // 64)
+        shape = built_in_shape(args, layers)
         config = LlamaConfig(**shape, max_position_embeddings=max(2048, longest_sequence(args)), pad_token_id=0,
                              bos_token_id=1, eos_token_id=2, attn_implementation=attn)
         if str(device) == "cpu" and dtype == torch.float32:

@@ -41,7 +41,7 @@ from typing import Any, Optional
 
 import torch
 
-from .cost_model import fit_line
+from .cost_model import fit_line, paired_ratio
 
 #: concurrency levels, N, T and generated tokens of the serving sweep unless the options say otherwise
 DEFAULT_CONCURRENCY = (1, 8, 32)
@@ -139,7 +139,7 @@ class ServingSetup:
         from ..demo_models import build_word_tokenizer
         from ..tuner.config import MemVPConfig
         from ..tuner.memory import VisualMemory
-        from .methods import DEFAULT_MODEL
+        from .methods import built_in_shape
 
         self.visual_tokens = args.num_visual_tokens[0]
         self.text_tokens = args.text_lengths[0]
@@ -147,14 +147,7 @@ class ServingSetup:
         self.visual_dim = args.visual_dim
         self.seed = args.seed
         self.slots = self.visual_tokens + args.extra_slots
-        shape = dict(QUICK_SERVING_MODEL if args.quick else DEFAULT_MODEL)
-        if args.hidden_size is not None:
-            shape.update(hidden_size=args.hidden_size, num_attention_heads=max(1, args.hidden_size // 64),
-                         num_key_value_heads=max(1, args.hidden_size // 64))
-        if args.intermediate_size is not None:
-            shape["intermediate_size"] = args.intermediate_size
-        if args.num_layers:
-            shape["num_hidden_layers"] = max(args.num_layers)
+        shape = built_in_shape(args, max(args.num_layers) if args.num_layers else None, QUICK_SERVING_MODEL)
         self.shape = shape
         self.hidden_size = shape["hidden_size"]
         self.layers = shape["num_hidden_layers"]
@@ -316,11 +309,6 @@ def _median(samples: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(s[key] for s in samples))
 
 
-def _paired(numerator: list[dict[str, Any]], denominator: list[dict[str, Any]], key: str) -> float:
-    """Median over the repeats of the per-repeat ratio (the calls of one repeat ran back to back)."""
-    return float(statistics.median(a[key] / b[key] for a, b in zip(numerator, denominator) if b[key] > 0))
-
-
 def summarize(sweep: dict[str, Any], setup: ServingSetup, args: argparse.Namespace) -> dict[str, Any]:
     """Medians per (method, concurrency), the paired ratios, the fixed share of a decode step, the targets."""
     samples = sweep["samples"]
@@ -339,16 +327,19 @@ def summarize(sweep: dict[str, Any], setup: ServingSetup, args: argparse.Namespa
                 "kv_cache_bytes_per_request": setup.kv_bytes(method.sequence_tokens()),
                 "memory_bank_bytes_per_request": method.extra_state_bytes(),
             })
+    def paired(numerator: list[dict[str, Any]], denominator: list[dict[str, Any]], key: str) -> float:
+        return paired_ratio([run[key] for run in numerator], [run[key] for run in denominator])
+
     ratios = []
     for concurrency in args.concurrency:
         memvp, text = samples[("memvp", concurrency)], samples[("text_only", concurrency)]
         inp = samples[("input_space", concurrency)]
         ratios.append({
             "N": setup.visual_tokens, "concurrency": concurrency,
-            "throughput_memvp_over_input": _paired(memvp, inp, "requests_per_s"),
-            "ttft_input_over_memvp": _paired(inp, memvp, "ttft_ms"),
-            "throughput_text_over_memvp": _paired(text, memvp, "requests_per_s"),
-            "output_tokens_memvp_over_input": _paired(memvp, inp, "output_tokens_per_s"),
+            "throughput_memvp_over_input": paired(memvp, inp, "requests_per_s"),
+            "ttft_input_over_memvp": paired(inp, memvp, "ttft_ms"),
+            "throughput_text_over_memvp": paired(text, memvp, "requests_per_s"),
+            "output_tokens_memvp_over_input": paired(memvp, inp, "output_tokens_per_s"),
         })
     overhead = None
     if ("text_only_half", 1) in samples and ("text_only", 1) in samples and setup.half_layers < setup.layers:
